@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Shared set-up for the quick-start commands: a project virtual environment with the package
+# installed (editable, with the OpenTelemetry and development extras) and, when asked, the
+# redis-server binary the Redis tests start on free ports.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${HVOBS_VENV:-$root/.venv}"
+python="${PYTHON:-python3}"
+
+ensure_venv() {
+    if [ ! -x "$venv/bin/python" ]; then
+        "$python" -m venv "$venv"
+    fi
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet -e "$root[otel,dev]"
+}
+
+apt_install() {
+    # Debian's packages; root on these machines, sudo elsewhere when available.
+    local sudo=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_redis_server() {
+    if ! command -v redis-server >/dev/null 2>&1; then
+        echo "bootstrap: installing redis-server from Debian's packages" >&2
+        apt_install redis-server
+    fi
+}

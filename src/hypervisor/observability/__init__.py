@@ -1,0 +1,77 @@
+"""Observability for fleets of autonomous agents: events, causal traces, ring metrics, saga spans.
+
+A drop-in, distributed successor of the published ``hypervisor.observability`` module. Every
+public name is importable from here; implementation modules load on first use, so importing the
+package never imports a backend client (``RedisEventBus`` loads redis-py only when used).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hypervisor.observability.causal_trace import CausalTraceId
+    from hypervisor.observability.errors import (
+        BusClosedError,
+        BusFullError,
+        BusUnavailableError,
+        EventDecodeError,
+        EventEncodeError,
+        HypervisorObservabilityError,
+    )
+    from hypervisor.observability.event_bus import (
+        DEFAULT_MAX_EVENTS,
+        EventHandler,
+        EventType,
+        HypervisorEvent,
+        HypervisorEventBus,
+    )
+    from hypervisor.observability.prometheus_collector import (
+        PrometheusExporterProtocol,
+        RingMetricsCollector,
+    )
+    from hypervisor.observability.redis_bus import RedisEventBus
+    from hypervisor.observability.saga_span_exporter import (
+        SagaSpanExporter,
+        SagaSpanRecord,
+        SpanRecordSink,
+        SpanSink,
+    )
+
+_EXPORTS: dict[str, str] = {
+    "EventType": "event_bus",
+    "HypervisorEvent": "event_bus",
+    "HypervisorEventBus": "event_bus",
+    "EventHandler": "event_bus",
+    "DEFAULT_MAX_EVENTS": "event_bus",
+    "CausalTraceId": "causal_trace",
+    "RingMetricsCollector": "prometheus_collector",
+    "PrometheusExporterProtocol": "prometheus_collector",
+    "SagaSpanExporter": "saga_span_exporter",
+    "SagaSpanRecord": "saga_span_exporter",
+    "SpanSink": "saga_span_exporter",
+    "SpanRecordSink": "saga_span_exporter",
+    "RedisEventBus": "redis_bus",
+    "HypervisorObservabilityError": "errors",
+    "EventEncodeError": "errors",
+    "EventDecodeError": "errors",
+    "BusFullError": "errors",
+    "BusUnavailableError": "errors",
+    "BusClosedError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
