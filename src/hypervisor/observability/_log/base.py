@@ -1,0 +1,292 @@
+"""The backend seam: ``StreamLog``, an async append-only log of encoded entries.
+
+A ``StreamLog`` holds opaque byte entries in append order, each with a Redis-style id
+``"<ms>-<seq>"`` that increases strictly. Readers either tail the log after an id (``read``) or
+share it through consumer groups (``read_group`` / ``ack`` / ``claim_idle``), with a pending
+entries list (PEL) per group exactly as Redis Streams define it. Two implementations keep the same
+contract: ``MemoryStreamLog`` (in process) and ``RedisStreamLog`` (Redis Streams); one contract
+test suite runs against both.
+
+Errors: a backend that cannot be reached raises ``LogUnavailableError`` (transient: the caller
+may retry); every other failure is a ``LogError``. Operations on a group that does not exist raise
+``LogGroupMissingError`` (for Redis: the stream key or group vanished, e.g. after a flush).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Self, runtime_checkable
+
+import msgspec
+
+from hypervisor.observability.errors import HypervisorObservabilityError
+
+__all__ = [
+    "MAX_ID",
+    "MIN_ID",
+    "ClaimResult",
+    "ConsumerPending",
+    "Entry",
+    "GroupInfo",
+    "LogError",
+    "LogGroupMissingError",
+    "LogUnavailableError",
+    "PendingSummary",
+    "StreamLog",
+    "TrimPolicy",
+    "format_id",
+    "next_id",
+    "parse_id",
+]
+
+MIN_ID = "0-0"
+"""An id lower than every entry id: ``read(MIN_ID)`` reads from the oldest retained entry."""
+MAX_ID = f"{2**64 - 1}-{2**64 - 1}"
+"""An id higher than every entry id."""
+
+
+class LogError(HypervisorObservabilityError):
+    """A ``StreamLog`` operation failed."""
+
+
+class LogUnavailableError(LogError):
+    """The backend could not be reached (connection refused, reset, timed out, loading).
+
+    Transient: the same call may succeed when retried later.
+    """
+
+
+class LogGroupMissingError(LogError):
+    """The consumer group (or the whole log) does not exist any more; recreate it."""
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    """Parse an entry id ``"<ms>-<seq>"`` (or a bare ``"<ms>"``) into a comparable tuple.
+
+    Raises:
+        ValueError: not an entry id.
+    """
+    ms, sep, seq = entry_id.partition("-")
+    return int(ms), int(seq) if sep else 0
+
+
+def format_id(ms: int, seq: int) -> str:
+    """Format an id tuple as ``"<ms>-<seq>"``."""
+    return f"{ms}-{seq}"
+
+
+def next_id(entry_id: str) -> str:
+    """Return the smallest id strictly greater than ``entry_id``."""
+    ms, seq = parse_id(entry_id)
+    if seq == 2**64 - 1:
+        return format_id(ms + 1, 0)
+    return format_id(ms, seq + 1)
+
+
+class Entry(msgspec.Struct, frozen=True, gc=False):
+    """One log entry: its id and its bytes; ``data`` is ``None`` for an entry deleted while it
+    was pending in a group (``read_group(pending=True)`` reports such ids with no body)."""
+
+    id: str
+    data: bytes | None
+
+
+class ConsumerPending(msgspec.Struct, frozen=True):
+    """Pending entries held by one consumer of a group."""
+
+    name: str
+    pending: int
+
+
+class PendingSummary(msgspec.Struct, frozen=True):
+    """A group's pending entries list, summarised.
+
+    Attributes:
+        count: entries delivered to some consumer and not yet acknowledged.
+        oldest_id: the lowest pending id, or ``None`` when nothing is pending.
+        newest_id: the highest pending id, or ``None``.
+        oldest_idle_s: seconds since the oldest pending entry was last delivered (0.0 if none).
+        consumers: pending count per consumer that holds any.
+    """
+
+    count: int
+    oldest_id: str | None
+    newest_id: str | None
+    oldest_idle_s: float
+    consumers: tuple[ConsumerPending, ...]
+
+
+class GroupInfo(msgspec.Struct, frozen=True):
+    """One consumer group of the log.
+
+    Attributes:
+        name: the group name.
+        last_delivered_id: the id of the last entry delivered to the group (``"0-0"`` if none).
+        pending: entries delivered and not yet acknowledged.
+        lag: entries in the log after ``last_delivered_id`` (not yet delivered), or ``None``
+            when the backend cannot tell (Redis after deletions inside the range).
+        consumers: how many consumers the group has.
+    """
+
+    name: str
+    last_delivered_id: str
+    pending: int
+    lag: int | None
+    consumers: int
+
+
+class ClaimResult(msgspec.Struct, frozen=True):
+    """What ``claim_idle`` moved to the claiming consumer.
+
+    Attributes:
+        next_start_id: where the next scan should start (``"0-0"`` when the scan wrapped).
+        entries: the claimed entries, with their data, now owned by the claimer.
+        deleted_ids: ids that were pending but are no longer in the log; they were removed from
+            the PEL (Redis 7 does this itself), so the caller only records them.
+    """
+
+    next_start_id: str
+    entries: list[Entry]
+    deleted_ids: list[str]
+
+
+class TrimPolicy(msgspec.Struct, frozen=True):
+    """Retention: keep at most ``max_len`` entries and/or entries younger than ``max_age_s``.
+
+    Trimming never removes an entry that any consumer group has not yet acknowledged (pending,
+    or not yet delivered). ``None`` disables that bound. Trimming may be approximate (Redis
+    ``~``): a few more entries than the bound can remain.
+    """
+
+    max_len: int | None = None
+    max_age_s: float | None = None
+
+
+@runtime_checkable
+class StreamLog(Protocol):
+    """An async append-only log of byte entries with consumer groups (Redis Streams semantics).
+
+    Implementations are async context managers; ``aclose()`` releases connections and wakes
+    blocked readers. Methods may be called concurrently from many tasks.
+    """
+
+    @property
+    def name(self) -> str:
+        """The log's name (the Redis stream key)."""
+        ...
+
+    async def append_many(self, entries: list[bytes]) -> list[str]:
+        """Append entries in order; return their ids once the backend has stored them all.
+
+        Ids are strictly increasing within the call and across calls of this log. On an error
+        some prefix of the entries may have been stored (the call is not atomic); callers that
+        retry accept at-least-once appends.
+        """
+        ...
+
+    async def read(self, after_id: str, count: int, block_s: float | None = None) -> list[Entry]:
+        """Return up to ``count`` entries with ids greater than ``after_id``, oldest first.
+
+        With ``block_s`` set and nothing to return, wait up to that long for new entries;
+        ``None`` returns at once. Entries trimmed away are simply absent.
+        """
+        ...
+
+    async def head_id(self) -> str:
+        """Return the id of the newest entry ever appended (``"0-0"`` for an empty log)."""
+        ...
+
+    async def first_id(self) -> str | None:
+        """Return the id of the oldest retained entry, or ``None`` when the log is empty."""
+        ...
+
+    async def length(self) -> int:
+        """Return the number of retained entries."""
+        ...
+
+    async def ensure_group(self, group: str, start_id: str = "0") -> bool:
+        """Create the consumer group if missing (and the log if it does not exist yet).
+
+        ``start_id`` is the last-delivered id of a new group: ``"0"`` delivers everything
+        retained, ``"$"`` only entries appended after creation. Returns whether it was created.
+        """
+        ...
+
+    async def read_group(
+        self,
+        group: str,
+        consumer: str,
+        count: int,
+        block_s: float | None = None,
+        *,
+        pending: bool = False,
+    ) -> list[Entry]:
+        """Deliver entries to ``consumer`` of ``group``.
+
+        With ``pending=False``: up to ``count`` never-delivered entries (``>``), added to the
+        consumer's PEL; blocks like ``read``. With ``pending=True``: the consumer's own pending
+        entries from the start (never blocks), an entry deleted meanwhile having ``data=None``.
+
+        Raises:
+            LogGroupMissingError: the group or log does not exist.
+        """
+        ...
+
+    async def ack(self, group: str, ids: list[str]) -> int:
+        """Acknowledge entries of ``group``; return how many were pending."""
+        ...
+
+    async def claim_idle(
+        self,
+        group: str,
+        consumer: str,
+        min_idle_s: float,
+        count: int,
+        start_id: str = "0-0",
+    ) -> ClaimResult:
+        """Move up to ``count`` pending entries idle for ``min_idle_s`` or more to ``consumer``.
+
+        Scans the PEL from ``start_id`` (XAUTOCLAIM); claimed entries count one more delivery.
+
+        Raises:
+            LogGroupMissingError: the group or log does not exist.
+        """
+        ...
+
+    async def pending_summary(self, group: str) -> PendingSummary:
+        """Summarise the group's pending entries list.
+
+        Raises:
+            LogGroupMissingError: the group or log does not exist.
+        """
+        ...
+
+    async def delivery_counts(self, group: str, ids: list[str]) -> dict[str, int]:
+        """Return how many times each given pending id was delivered (ids not pending omitted)."""
+        ...
+
+    async def group_info(self) -> list[GroupInfo]:
+        """Return every consumer group of the log (empty if the log does not exist)."""
+        ...
+
+    async def delete_consumer(self, group: str, consumer: str) -> int:
+        """Remove a consumer from a group; return the pending entries it still held (now lost)."""
+        ...
+
+    async def trim(self, policy: TrimPolicy) -> int:
+        """Apply retention without discarding entries any group has not acknowledged.
+
+        Returns the number of entries removed.
+        """
+        ...
+
+    async def server_version(self) -> tuple[int, int, int]:
+        """Return the backend's version (Redis ``INFO server``; the emulated one in memory)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release resources; blocked reads return or raise. Idempotent."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
