@@ -1,0 +1,237 @@
+"""Ring metrics as a pure state machine: transitions, breaches, current rings, elevation time.
+
+``RingMetricsState.apply(event)`` folds one event into the state. Every figure it holds is a
+function of the sequence of events applied, never of the wall clock, so the in-process collector
+and a distributed worker replaying the same stream agree exactly.
+
+Rules (the published ones, with this project's fixes):
+
+* Transitions (``ring.assigned``, ``ring.elevated``, ``ring.demoted``,
+  ``ring.elevation_expired``) are counted per ``(event type value, agent, session)``; breaches
+  (``ring.breach_detected``) per ``(agent, session)``. A missing agent or session is
+  ``"unknown"``.
+* The agent's new ring is ``payload["to_ring"]``, else ``payload["ring"]`` (``None`` counts as
+  absent; ``0`` is a ring, the root ring).
+* A demotion or an elevation expiry that names no new ring returns the agent to the ring it held
+  before its open elevation: the elevation's ``from_ring`` when it carried one, else the ring the
+  agent was at when it was elevated. Without an open elevation the current ring is left as is
+  (the event says which ring was left, not which was entered).
+* A ring value must be a non-negative integer: an ``int`` (not a ``bool``), an integral
+  ``float`` (JSON decoders produce ``1.0``) or a string of decimal digits (the published module
+  accepted ``"2"``). Any present ``to_ring``/``ring``/``from_ring`` that is not is a bad event:
+  it is counted in ``bad_events``, logged at debug level and otherwise ignored, so one malformed
+  payload never half-updates the state nor raises into ``emit()``.
+* Elevation time is event time: ``ring.elevated`` starts the agent's clock (a new elevation
+  restarts it, as published), ``ring.demoted``/``ring.elevation_expired`` stop it and record the
+  difference of the two timestamps (never negative). An elevation still open is measured up to
+  the newest timestamp among all events applied, see :meth:`RingMetricsState.open_elevations`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+from hypervisor.observability._core.events import EventType, HypervisorEvent
+
+__all__ = [
+    "METRIC_RING_BREACHES_TOTAL",
+    "METRIC_RING_CURRENT",
+    "METRIC_RING_ELEVATION_DURATION",
+    "METRIC_RING_TRANSITIONS_TOTAL",
+    "RING_BREACH_EVENTS",
+    "RING_EVENTS",
+    "RING_TRANSITION_EVENTS",
+    "RingMetricsState",
+    "parse_ring",
+]
+
+_log = logging.getLogger("hypervisor.observability.ring")
+
+METRIC_RING_TRANSITIONS_TOTAL: Final = "agent_hypervisor_ring_transitions_total"
+METRIC_RING_BREACHES_TOTAL: Final = "agent_hypervisor_ring_breaches_total"
+METRIC_RING_CURRENT: Final = "agent_hypervisor_ring_current"
+METRIC_RING_ELEVATION_DURATION: Final = "agent_hypervisor_ring_elevation_duration_seconds"
+
+RING_TRANSITION_EVENTS: Final = frozenset(
+    {
+        EventType.RING_ASSIGNED,
+        EventType.RING_ELEVATED,
+        EventType.RING_DEMOTED,
+        EventType.RING_ELEVATION_EXPIRED,
+    }
+)
+RING_BREACH_EVENTS: Final = frozenset({EventType.RING_BREACH_DETECTED})
+RING_EVENTS: Final = RING_TRANSITION_EVENTS | RING_BREACH_EVENTS
+
+_ELEVATED: Final = EventType.RING_ELEVATED
+_BREACH: Final = EventType.RING_BREACH_DETECTED
+_ELEVATION_ENDS: Final = frozenset({EventType.RING_DEMOTED, EventType.RING_ELEVATION_EXPIRED})
+_RING_KEYS: Final = ("to_ring", "ring", "from_ring")
+
+
+class _BadRingError(Exception):
+    """Internal signal: a ring field holds something that is not a ring."""
+
+
+def parse_ring(value: object) -> int | None:
+    """Return ``value`` as a ring number, or ``None`` when it is not one.
+
+    Accepts a non-negative ``int`` (``bool`` excluded), an integral non-negative ``float`` and a
+    string of decimal digits (surrounding blanks allowed).
+    """
+    if type(value) is int:
+        return value if value >= 0 else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):  # int subclasses such as IntEnum members
+        return int(value) if value >= 0 else None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and value >= 0 else None
+    if isinstance(value, str):
+        text = value.strip()
+        return int(text) if text.isascii() and text.isdigit() else None
+    return None
+
+
+def _ring_field(payload: dict[str, Any], key: str) -> int | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    ring = parse_ring(value)
+    if ring is None:
+        raise _BadRingError(key)
+    return ring
+
+
+class RingMetricsState:
+    """The ring metrics of an event stream; feed it with :meth:`apply`.
+
+    Events of other types are ignored (not counted), so a worker can feed it a whole stream.
+    The dictionaries below are the live state: read them, do not mutate them.
+
+    Attributes:
+        transitions: ``(event type value, agent, session) -> count``.
+        breaches: ``(agent, session) -> count``.
+        current_rings: ``agent -> ring``.
+        elevation_durations: ``agent -> seconds`` of the agent's last finished elevation.
+        elevation_starts: ``agent -> epoch seconds`` at which its open elevation began.
+        events_processed: ring events applied, bad ones included.
+        bad_events: ring events ignored because a ring field was not a ring.
+        newest_timestamp: the newest event timestamp applied (epoch seconds), ``None`` if none.
+    """
+
+    __slots__ = (
+        "_elevation_origins",
+        "bad_events",
+        "breaches",
+        "current_rings",
+        "elevation_durations",
+        "elevation_starts",
+        "events_processed",
+        "newest_timestamp",
+        "transitions",
+    )
+
+    def __init__(self) -> None:
+        self.transitions: dict[tuple[str, str, str], int] = {}
+        self.breaches: dict[tuple[str, str], int] = {}
+        self.current_rings: dict[str, int] = {}
+        self.elevation_durations: dict[str, float] = {}
+        self.elevation_starts: dict[str, float] = {}
+        # The ring an agent returns to when its open elevation ends without naming a ring.
+        self._elevation_origins: dict[str, int | None] = {}
+        self.events_processed = 0
+        self.bad_events = 0
+        self.newest_timestamp: float | None = None
+
+    def apply(self, event: HypervisorEvent) -> None:
+        """Fold one event into the state; never raises for a malformed payload."""
+        event_type = event.event_type
+        if event_type not in RING_EVENTS:
+            return
+        if type(event_type) is not EventType:
+            # A plain string value (events are not validated at construction).
+            event_type = EventType(event_type)
+        self.events_processed += 1
+        ts = event.timestamp.timestamp()
+        newest = self.newest_timestamp
+        if newest is None or ts > newest:
+            self.newest_timestamp = ts
+        agent = event.agent_did or "unknown"
+        if event_type is _BREACH:
+            key2 = (agent, event.session_id or "unknown")
+            self.breaches[key2] = self.breaches.get(key2, 0) + 1
+            return
+
+        payload = event.payload
+        try:
+            to_ring = _ring_field(payload, "to_ring")
+            if to_ring is None:
+                to_ring = _ring_field(payload, "ring")
+            from_ring = _ring_field(payload, "from_ring")
+        except _BadRingError as bad:
+            self.bad_events += 1
+            _log.debug(
+                "ignoring %s event %s: %s=%r is not a ring",
+                event_type.value,
+                event.event_id,
+                bad.args[0],
+                payload.get(bad.args[0]),
+            )
+            return
+
+        key3 = (event_type.value, agent, event.session_id or "unknown")
+        self.transitions[key3] = self.transitions.get(key3, 0) + 1
+
+        if event_type is _ELEVATED:
+            origin = from_ring if from_ring is not None else self.current_rings.get(agent)
+            self._elevation_origins[agent] = origin
+            self.elevation_starts[agent] = ts
+        elif event_type in _ELEVATION_ENDS:
+            start = self.elevation_starts.pop(agent, None)
+            origin = self._elevation_origins.pop(agent, None)
+            if start is not None:
+                self.elevation_durations[agent] = max(0.0, ts - start)
+            if to_ring is None:
+                to_ring = origin
+        if to_ring is not None:
+            self.current_rings[agent] = to_ring
+
+    def open_elevations(self) -> dict[str, float]:
+        """Return ``agent -> seconds`` for elevations still open, measured in event time.
+
+        The duration is the newest event timestamp applied minus the elevation's start (never
+        negative): deterministic for a given event sequence, and consistent with finished
+        elevations, which are also differences of event timestamps.
+        """
+        newest = self.newest_timestamp
+        if newest is None:
+            return {}
+        return {agent: max(0.0, newest - start) for agent, start in self.elevation_starts.items()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the published ``collect()`` shape: four metric dicts and ``events_processed``.
+
+        Elevation durations hold finished elevations only, as published; open ones are in
+        :meth:`open_elevations` (and are exported as gauges by the collector).
+        """
+        return {
+            METRIC_RING_TRANSITIONS_TOTAL: dict(self.transitions),
+            METRIC_RING_BREACHES_TOTAL: dict(self.breaches),
+            METRIC_RING_CURRENT: dict(self.current_rings),
+            METRIC_RING_ELEVATION_DURATION: dict(self.elevation_durations),
+            "events_processed": self.events_processed,
+        }
+
+    def reset(self) -> None:
+        """Forget everything, as if no event had been applied."""
+        self.transitions.clear()
+        self.breaches.clear()
+        self.current_rings.clear()
+        self.elevation_durations.clear()
+        self.elevation_starts.clear()
+        self._elevation_origins.clear()
+        self.events_processed = 0
+        self.bad_events = 0
+        self.newest_timestamp = None

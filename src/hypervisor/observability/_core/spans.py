@@ -1,0 +1,476 @@
+"""Saga spans as a pure state machine: saga lifecycle events in, span records out.
+
+``SagaSpanState.apply(event)`` returns the spans the event completed. Spans, their timing and
+their ids are functions of the events alone (never of the wall clock or of randomness), so a
+worker that replays a stream after a crash produces the very same spans.
+
+Published rules:
+
+* ``saga_id`` is ``payload["saga_id"]``, else the event's ``causal_trace_id``, else
+  ``"unknown"``; ``step_action`` is ``payload["action"]``, else ``payload["step_action"]``, else
+  ``""``; a step is keyed by ``(saga_id, step_id or step_action)``.
+* ``saga.step_committed`` / ``saga.step_failed`` close the step opened by
+  ``saga.step_started`` as ``saga.step.<action or step id>`` with status ``ok`` / ``error``; a
+  step that ends without a known start starts where it ends.
+* ``saga.compensating`` gives ``saga.compensate.<action or step id>``, status ``compensating``.
+* ``saga.completed`` / ``saga.escalated`` close the saga opened by ``saga.created`` as
+  ``saga.completed.<saga_id>`` (``ok``) / ``saga.escalated.<saga_id>`` (``error``); without a
+  known ``saga.created`` there is no saga span.
+* Attributes: ``agent.saga.id``, ``agent.saga.step_id``, ``agent.saga.step_action``,
+  ``agent.saga.state``, ``agent.did`` and ``session.id`` when the event has them, and
+  ``agent.saga.error`` / ``reason`` / ``result`` (as strings) when the payload has them.
+
+This project's additions:
+
+* Bounded buffers: completed spans, open steps and open sagas each have a cap; the oldest entry
+  is evicted first and every eviction is counted (``evicted_spans``, ``evicted_open_steps``,
+  ``evicted_open_sagas``).
+* Ids. Each span has a W3C ``trace_id`` (32 hex), ``span_id`` (16 hex) and ``parent_span_id``.
+  A saga's trace id is that of the ``causal_trace_id`` of its ``saga.created`` event (mapped with
+  ``CausalTraceId.to_traceparent``), else a hash of the saga id; the saga span's parent is the
+  span of that causal id (``None`` without one). Span ids hash stable inputs with BLAKE2b: the
+  saga id and its ``saga.created`` event id for the saga span; the saga id, the step key and the
+  id of the event that opened the span for a step or compensation. Step and compensation spans
+  are children of their saga's span; for a saga that is not open (never seen created, evicted,
+  or already closed) they use the trace id of their own event's causal id (else the saga-id
+  hash) and have no parent.
+* A compensation span is not instantaneous: it starts where the failure it compensates happened,
+  at the end of the saga's most recent failed step, or at the end of the previous compensation
+  when compensations follow each other; with neither (or if that point is later than the
+  compensating event) it starts and ends at the compensating event, as published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol, runtime_checkable
+
+from hypervisor.observability._core.events import EventType, HypervisorEvent
+from hypervisor.observability._core.trace import CausalTraceId
+
+__all__ = [
+    "DEFAULT_MAX_OPEN_SAGAS",
+    "DEFAULT_MAX_OPEN_STEPS",
+    "DEFAULT_MAX_SPANS",
+    "SAGA_SPAN_EVENTS",
+    "SagaSpanRecord",
+    "SagaSpanState",
+    "SpanRecordSink",
+    "SpanSink",
+    "span_id_for",
+    "trace_id_for_saga",
+]
+
+_log = logging.getLogger("hypervisor.observability.spans")
+
+DEFAULT_MAX_SPANS: Final = 10_000
+"""Completed spans kept in memory by default (the oldest are evicted first)."""
+DEFAULT_MAX_OPEN_STEPS: Final = 10_000
+"""Steps started and not yet ended, tracked by default."""
+DEFAULT_MAX_OPEN_SAGAS: Final = 10_000
+"""Sagas created and not yet completed or escalated, tracked by default."""
+
+SAGA_SPAN_EVENTS: Final = frozenset(
+    {
+        EventType.SAGA_CREATED,
+        EventType.SAGA_STEP_STARTED,
+        EventType.SAGA_STEP_COMMITTED,
+        EventType.SAGA_STEP_FAILED,
+        EventType.SAGA_COMPENSATING,
+        EventType.SAGA_COMPLETED,
+        EventType.SAGA_ESCALATED,
+    }
+)
+
+_CREATED: Final = EventType.SAGA_CREATED
+_STARTED: Final = EventType.SAGA_STEP_STARTED
+_COMMITTED: Final = EventType.SAGA_STEP_COMMITTED
+_FAILED: Final = EventType.SAGA_STEP_FAILED
+_COMPENSATING: Final = EventType.SAGA_COMPENSATING
+_COMPLETED: Final = EventType.SAGA_COMPLETED
+_ESCALATED: Final = EventType.SAGA_ESCALATED
+_EXTRA_KEYS: Final = ("error", "reason", "result")
+
+
+def _digest(width: int, *parts: str) -> str:
+    """``width`` hex characters of BLAKE2b over ``parts`` (NUL-separated), never all zeros."""
+    value = hashlib.blake2b("\0".join(parts).encode(), digest_size=width // 2).hexdigest()
+    if value == "0" * width:
+        return value[:-1] + "1"
+    return value
+
+
+def trace_id_for_saga(saga_id: str, causal_trace_id: str | None) -> tuple[str, str | None]:
+    """Return ``(W3C trace id, W3C span id of the causal span or None)`` for a saga.
+
+    The causal trace id, when it parses, gives both (via ``CausalTraceId.to_traceparent``), so a
+    saga's spans join the trace of the agents that ran it; otherwise the trace id is a hash of
+    the saga id and there is no parent.
+    """
+    if causal_trace_id:
+        try:
+            causal = CausalTraceId.from_string(causal_trace_id)
+        except ValueError:
+            pass
+        else:
+            _, trace, span, _ = causal.to_traceparent().split("-")
+            return trace, span
+    return _digest(32, "saga-trace", saga_id), None
+
+
+def span_id_for(kind: str, saga_id: str, key: str, opening_event_id: str) -> str:
+    """Return the 16-hex span id of a ``kind`` span, derived from stable inputs only."""
+    return _digest(16, kind, saga_id, key, opening_event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SagaSpanRecord:
+    """An immutable, completed saga span.
+
+    The first eight fields are the published ones, in the published order. Times are epoch
+    seconds (float). ``status`` is ``"ok"``, ``"error"`` or ``"compensating"``.
+
+    Attributes:
+        trace_id: W3C trace id (32 lowercase hex).
+        span_id: W3C span id (16 lowercase hex).
+        parent_span_id: the parent's W3C span id, ``None`` for a root span.
+
+    A record built by hand without ids gets ids derived from its saga id, step id, name and
+    start time, so every record is a valid W3C span.
+    """
+
+    name: str
+    saga_id: str
+    step_id: str
+    step_action: str
+    start_time: float
+    end_time: float
+    status: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+    trace_id: str = ""
+    span_id: str = ""
+    parent_span_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.trace_id:
+            object.__setattr__(self, "trace_id", _digest(32, "saga-trace", self.saga_id))
+        if not self.span_id:
+            object.__setattr__(
+                self,
+                "span_id",
+                _digest(16, "record", self.saga_id, self.step_id, self.name, repr(self.start_time)),
+            )
+
+    @property
+    def duration_seconds(self) -> float:
+        """``end_time - start_time`` in seconds."""
+        return self.end_time - self.start_time
+
+
+@runtime_checkable
+class SpanSink(Protocol):
+    """Receives completed spans (the published protocol); called with keyword arguments."""
+
+    def record_span(
+        self,
+        name: str,
+        start_time: float,
+        end_time: float,
+        attributes: dict[str, Any],
+        status: str,
+    ) -> None:
+        """Receive one completed span."""
+        ...
+
+
+@runtime_checkable
+class SpanRecordSink(Protocol):
+    """Receives whole :class:`SagaSpanRecord` objects, ids included.
+
+    A sink with ``export_span`` is given records through it instead of ``record_span``.
+    """
+
+    def export_span(self, record: SagaSpanRecord) -> None:
+        """Receive one completed span record."""
+        ...
+
+
+class _OpenSaga:
+    __slots__ = ("anchor", "parent_span_id", "span_id", "start", "trace_id")
+
+    def __init__(
+        self, start: float, trace_id: str, span_id: str, parent_span_id: str | None
+    ) -> None:
+        self.start = start
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_span_id = parent_span_id
+        # Where the next compensation starts: the last failure or the last compensation's end.
+        self.anchor: float | None = None
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+class SagaSpanState:
+    """The saga spans of an event stream; feed it with :meth:`apply`.
+
+    Events of other types are ignored (not counted), so a worker can feed it a whole stream.
+
+    Args:
+        max_spans: completed spans kept in :attr:`completed_spans`; ``0`` keeps none (a worker
+            that only forwards the spans ``apply`` returns).
+        max_open_steps: steps started and not yet ended that are tracked.
+        max_open_sagas: sagas created and not yet closed that are tracked.
+
+    Raises:
+        ValueError: a cap is negative (or zero for the open buffers).
+    """
+
+    __slots__ = (
+        "_open_sagas",
+        "_open_steps",
+        "_spans",
+        "events_processed",
+        "evicted_open_sagas",
+        "evicted_open_steps",
+        "evicted_spans",
+        "max_open_sagas",
+        "max_open_steps",
+        "max_spans",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_spans: int = DEFAULT_MAX_SPANS,
+        max_open_steps: int = DEFAULT_MAX_OPEN_STEPS,
+        max_open_sagas: int = DEFAULT_MAX_OPEN_SAGAS,
+    ) -> None:
+        if max_spans < 0:
+            raise ValueError(f"max_spans must be >= 0, got {max_spans}")
+        if max_open_steps < 1 or max_open_sagas < 1:
+            raise ValueError("max_open_steps and max_open_sagas must be >= 1")
+        self.max_spans = max_spans
+        self.max_open_steps = max_open_steps
+        self.max_open_sagas = max_open_sagas
+        self._spans: deque[SagaSpanRecord] = deque(maxlen=max_spans)
+        # Insertion-ordered: the first key is the oldest, evicted first.
+        self._open_steps: dict[tuple[str, str], tuple[float, str]] = {}
+        self._open_sagas: dict[str, _OpenSaga] = {}
+        self.events_processed = 0
+        self.evicted_spans = 0
+        self.evicted_open_steps = 0
+        self.evicted_open_sagas = 0
+
+    @property
+    def completed_spans(self) -> list[SagaSpanRecord]:
+        """A copy of the buffered completed spans, oldest first."""
+        return list(self._spans)
+
+    @property
+    def open_step_count(self) -> int:
+        """Steps started and not yet ended."""
+        return len(self._open_steps)
+
+    @property
+    def open_saga_count(self) -> int:
+        """Sagas created and not yet completed or escalated."""
+        return len(self._open_sagas)
+
+    def reset(self) -> None:
+        """Forget every span, open step, open saga and counter."""
+        self._spans.clear()
+        self._open_steps.clear()
+        self._open_sagas.clear()
+        self.events_processed = 0
+        self.evicted_spans = 0
+        self.evicted_open_steps = 0
+        self.evicted_open_sagas = 0
+
+    def apply(self, event: HypervisorEvent) -> list[SagaSpanRecord]:
+        """Fold one event into the state and return the spans it completed (zero or one)."""
+        event_type = event.event_type
+        if event_type not in SAGA_SPAN_EVENTS:
+            return []
+        if type(event_type) is not EventType:
+            event_type = EventType(event_type)
+        self.events_processed += 1
+        payload = event.payload
+        saga_id = _text(payload.get("saga_id")) or event.causal_trace_id or "unknown"
+        step_id = _text(payload.get("step_id")) or ""
+        action = _text(payload.get("action"))
+        step_action = action if action is not None else (_text(payload.get("step_action")) or "")
+        ts = event.timestamp.timestamp()
+
+        if event_type is _CREATED:
+            self._open_saga(saga_id, event, ts)
+            return []
+        step_key = step_id or step_action
+        if event_type is _STARTED:
+            steps = self._open_steps
+            key = (saga_id, step_key)
+            steps.pop(key, None)  # a restart re-opens the step as the newest entry
+            steps[key] = (ts, event.event_id)
+            if len(steps) > self.max_open_steps:
+                del steps[next(iter(steps))]
+                self.evicted_open_steps += 1
+            return []
+        if event_type is _COMMITTED or event_type is _FAILED:
+            status = "ok" if event_type is _COMMITTED else "error"
+            opened = self._open_steps.pop((saga_id, step_key), None)
+            start, opening_id = opened if opened is not None else (ts, event.event_id)
+            saga = self._open_sagas.get(saga_id)
+            if status == "error" and saga is not None:
+                saga.anchor = ts
+            return self._emit(
+                event,
+                f"saga.step.{step_action or step_key}",
+                saga_id,
+                step_key,
+                step_action,
+                start,
+                ts,
+                status,
+                saga,
+                span_id_for("step", saga_id, step_key, opening_id),
+            )
+        if event_type is _COMPENSATING:
+            saga = self._open_sagas.get(saga_id)
+            start = ts
+            if saga is not None:
+                if saga.anchor is not None and saga.anchor <= ts:
+                    start = saga.anchor
+                saga.anchor = ts
+            return self._emit(
+                event,
+                f"saga.compensate.{step_action or step_id}",
+                saga_id,
+                step_id or "compensation",
+                step_action or "compensate",
+                start,
+                ts,
+                "compensating",
+                saga,
+                span_id_for("compensate", saga_id, step_id or step_action, event.event_id),
+            )
+        # saga.completed or saga.escalated
+        closed = self._open_sagas.pop(saga_id, None)
+        if closed is None:
+            return []
+        completed = event_type is _COMPLETED
+        record = self._record(
+            event,
+            f"saga.{'completed' if completed else 'escalated'}.{saga_id}",
+            saga_id,
+            "",
+            "complete" if completed else "escalate",
+            closed.start,
+            ts,
+            "ok" if completed else "error",
+            closed.trace_id,
+            closed.span_id,
+            closed.parent_span_id,
+        )
+        self._keep(record)
+        return [record]
+
+    def _open_saga(self, saga_id: str, event: HypervisorEvent, ts: float) -> None:
+        trace_id, parent = trace_id_for_saga(saga_id, event.causal_trace_id)
+        sagas = self._open_sagas
+        sagas.pop(saga_id, None)
+        sagas[saga_id] = _OpenSaga(
+            ts, trace_id, span_id_for("saga", saga_id, "", event.event_id), parent
+        )
+        if len(sagas) > self.max_open_sagas:
+            del sagas[next(iter(sagas))]
+            self.evicted_open_sagas += 1
+
+    def _emit(
+        self,
+        event: HypervisorEvent,
+        name: str,
+        saga_id: str,
+        step_id: str,
+        step_action: str,
+        start: float,
+        end: float,
+        status: str,
+        saga: _OpenSaga | None,
+        span_id: str,
+    ) -> list[SagaSpanRecord]:
+        if saga is not None:
+            trace_id, parent = saga.trace_id, saga.span_id
+        else:
+            trace_id, parent = trace_id_for_saga(saga_id, event.causal_trace_id)[0], None
+        record = self._record(
+            event,
+            name,
+            saga_id,
+            step_id,
+            step_action,
+            start,
+            end,
+            status,
+            trace_id,
+            span_id,
+            parent,
+        )
+        self._keep(record)
+        return [record]
+
+    @staticmethod
+    def _record(
+        event: HypervisorEvent,
+        name: str,
+        saga_id: str,
+        step_id: str,
+        step_action: str,
+        start: float,
+        end: float,
+        status: str,
+        trace_id: str,
+        span_id: str,
+        parent_span_id: str | None,
+    ) -> SagaSpanRecord:
+        attributes: dict[str, Any] = {
+            "agent.saga.id": saga_id,
+            "agent.saga.step_id": step_id,
+            "agent.saga.step_action": step_action,
+            "agent.saga.state": status,
+        }
+        if event.agent_did:
+            attributes["agent.did"] = event.agent_did
+        if event.session_id:
+            attributes["session.id"] = event.session_id
+        payload = event.payload
+        for key in _EXTRA_KEYS:
+            if key in payload:
+                attributes[f"agent.saga.{key}"] = str(payload[key])
+        return SagaSpanRecord(
+            name,
+            saga_id,
+            step_id,
+            step_action,
+            start,
+            end,
+            status,
+            attributes,
+            trace_id,
+            span_id,
+            parent_span_id,
+        )
+
+    def _keep(self, record: SagaSpanRecord) -> None:
+        spans = self._spans
+        if self.max_spans == 0:
+            return
+        if len(spans) == self.max_spans:
+            self.evicted_spans += 1
+        spans.append(record)
