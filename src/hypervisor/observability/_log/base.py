@@ -14,6 +14,7 @@ may retry); every other failure is a ``LogError``. Operations on a group that do
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
 import msgspec
@@ -154,11 +155,12 @@ class TrimPolicy(msgspec.Struct, frozen=True):
 
     Trimming never removes an entry that any consumer group has not yet acknowledged (pending,
     or not yet delivered). ``None`` disables that bound. Trimming may be approximate (Redis
-    ``~``): a few more entries than the bound can remain.
+    ``~``): a few more entries than the bound can remain, unless ``approximate`` is false.
     """
 
     max_len: int | None = None
     max_age_s: float | None = None
+    approximate: bool = True
 
 
 @runtime_checkable
@@ -289,4 +291,9 @@ class StreamLog(Protocol):
 
     async def __aenter__(self) -> Self: ...
 
-    async def __aexit__(self, *exc_info: object) -> None: ...
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

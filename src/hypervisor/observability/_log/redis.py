@@ -1,0 +1,502 @@
+"""``RedisStreamLog``: the ``StreamLog`` contract on one Redis stream (the only redis importer).
+
+Three clients share one URL: a writer (appends are pipelined, ``transaction=False``), a reader
+for blocking reads (its socket timeout stays above the longest ``BLOCK`` so redis-py 8's default
+of 5 s cannot break them) and a control client for group management, acks and trimming. Response
+callbacks are switched off so replies arrive raw (hiredis-parsed lists and bytes) and their shape
+does not depend on the redis-py version. Every redis-py error is translated where it is caught:
+connection failures become ``LogUnavailableError``, ``NOGROUP`` becomes ``LogGroupMissingError``.
+
+Retention never removes entries a consumer group still needs. On Redis 8.2 and later the server
+does that itself (``XTRIM ... ACKED``); on older servers a Lua script computes the safe point
+(the lowest of every group's oldest pending id and the successor of its last-delivered id)
+and trims with ``MINID`` up to it, atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Self
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from hypervisor.observability._log.base import (
+    ClaimResult,
+    ConsumerPending,
+    Entry,
+    GroupInfo,
+    LogError,
+    LogGroupMissingError,
+    LogUnavailableError,
+    PendingSummary,
+    TrimPolicy,
+)
+
+__all__ = ["DEFAULT_FIELD", "RedisStreamLog"]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_FIELD = b"e"
+"""The stream entry field that holds an encoded event."""
+
+# Safe-point trimming for servers without XTRIM ... ACKED. KEYS[1] = stream; ARGV = max_len
+# (-1 = none), max_age_ms (-1 = none), approximate ("1"/"0"), acked mode ("1" = let the
+# server protect unacknowledged entries, 8.2+). Returns the number of entries removed.
+_TRIM_SCRIPT = """
+local key = KEYS[1]
+local max_len = tonumber(ARGV[1])
+local max_age_ms = tonumber(ARGV[2])
+local approx = ARGV[3] == '1'
+local acked = ARGV[4] == '1'
+if redis.call('EXISTS', key) == 0 then return 0 end
+local function parse(id)
+  local d = string.find(id, '-', 1, true)
+  return {tonumber(string.sub(id, 1, d - 1)), tonumber(string.sub(id, d + 1))}
+end
+local function less(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end
+local cut = nil
+local len = redis.call('XLEN', key)
+if max_len >= 0 and len > max_len then
+  local r = redis.call('XRANGE', key, '-', '+', 'COUNT', len - max_len)
+  local last = parse(r[#r][1])
+  cut = {last[1], last[2] + 1}
+end
+if max_age_ms >= 0 then
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local c = {now_ms - max_age_ms, 0}
+  if cut == nil or less(cut, c) then cut = c end
+end
+if cut == nil then return 0 end
+if not acked then
+  local groups = redis.call('XINFO', 'GROUPS', key)
+  for _, g in ipairs(groups) do
+    local name, ldi, pending
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1]
+      elseif g[i] == 'last-delivered-id' then ldi = g[i + 1]
+      elseif g[i] == 'pending' then pending = g[i + 1] end
+    end
+    local l = parse(ldi)
+    local safe = {l[1], l[2] + 1}
+    if pending > 0 then
+      local p = redis.call('XPENDING', key, name)
+      local s = parse(p[2])
+      if less(s, safe) then safe = s end
+    end
+    if less(safe, cut) then cut = safe end
+  end
+end
+local args = {'XTRIM', key, 'MINID'}
+if approx then table.insert(args, '~') end
+table.insert(args, string.format('%.0f-%.0f', cut[1], cut[2]))
+if acked then table.insert(args, 'ACKED') end
+return redis.call(unpack(args))
+"""
+
+
+async def _call(client: aioredis.Redis, *args: Any) -> Any:
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@contextmanager
+def _translate(what: str) -> Iterator[None]:
+    """Translate redis-py errors into the log's errors at the boundary."""
+    try:
+        yield
+    except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+        raise LogUnavailableError(f"{what}: redis unreachable: {exc}") from exc
+    except rexc.ResponseError as exc:
+        message = str(exc)
+        if message.startswith(("NOGROUP", "no such key")):
+            raise LogGroupMissingError(f"{what}: {message}") from exc
+        if message.startswith(("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")):
+            raise LogUnavailableError(f"{what}: {message}") from exc
+        raise LogError(f"{what}: {message}") from exc
+    except rexc.RedisError as exc:
+        raise LogError(f"{what}: {exc}") from exc
+
+
+def _entries(raw: Any, field: bytes) -> list[Entry]:
+    """Turn ``[[id, [field, value, ...]] | [id, nil], ...]`` into entries.
+
+    An entry without the expected field (written by something else) gets an empty body so the
+    consumer counts it as undecodable; a nil body means the entry was deleted.
+    """
+    entries: list[Entry] = []
+    for item in raw or ():
+        if item is None:
+            continue
+        entry_id = _text(item[0])
+        fields = item[1] if len(item) > 1 else None
+        if fields is None:
+            entries.append(Entry(entry_id, None))
+            continue
+        data = b""
+        for i in range(0, len(fields) - 1, 2):
+            if fields[i] == field:
+                data = fields[i + 1]
+                break
+        entries.append(Entry(entry_id, data))
+    return entries
+
+
+def _stream_entries(raw: Any, field: bytes) -> list[Entry]:
+    # XREAD / XREADGROUP: [[stream, entries]] (RESP2), or nil when nothing arrived.
+    if not raw:
+        return []
+    if isinstance(raw, dict):
+        return _entries(next(iter(raw.values())), field)
+    return _entries(raw[0][1], field)
+
+
+def _pairs(raw: Any) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        return {_text(k): v for k, v in raw.items()}
+    return {_text(raw[i]): raw[i + 1] for i in range(0, len(raw) - 1, 2)}
+
+
+class RedisStreamLog:
+    """A ``StreamLog`` on one Redis stream.
+
+    Args:
+        url: ``redis://`` or ``rediss://`` (TLS) URL; ACL username and password come from it
+            (``redis://user:secret@host:6379/0``).
+        name: the stream key.
+        retention: bounds applied by ``trim`` and automatically after appends, at most every
+            ``trim_interval_s``; ``None`` keeps everything.
+        trim_interval_s: minimum time between automatic trims.
+        max_block_s: the longest ``BLOCK`` a read may use (longer requests are capped); the
+            reader's socket timeout is this plus ``socket_timeout_s``.
+        socket_timeout_s: socket timeout of the writer and control connections.
+        connect_timeout_s: TCP/TLS connect timeout.
+        field: the entry field holding the bytes.
+        **client_options: extra ``redis.asyncio.Redis`` options (e.g. ``ssl_ca_certs``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        name: str = "hvobs:events",
+        *,
+        retention: TrimPolicy | None = None,
+        trim_interval_s: float = 1.0,
+        max_block_s: float = 5.0,
+        socket_timeout_s: float = 5.0,
+        connect_timeout_s: float = 5.0,
+        field: bytes = DEFAULT_FIELD,
+        **client_options: Any,
+    ) -> None:
+        self._name = name
+        self._key = name.encode()
+        self._field = field
+        self._retention = retention
+        self._trim_interval_s = trim_interval_s
+        self._next_trim = 0.0
+        self._max_block_s = max_block_s
+        self._version: tuple[int, int, int] | None = None
+        self._trim_sha: str | None = None
+        self._closed = False
+        self.trimmed = 0
+        """Entries removed by retention so far (as reported by the server)."""
+        self.trim_errors = 0
+        """Automatic trims that failed (the append itself had succeeded)."""
+
+        def client(socket_timeout: float | None, max_connections: int | None) -> aioredis.Redis:
+            made = aioredis.Redis.from_url(
+                url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout_s,
+                # Callers own retrying (with their deadline), so the client must not retry too.
+                retry=Retry(NoBackoff(), 0),
+                max_connections=max_connections,
+                decode_responses=False,
+                **client_options,
+            )
+            # Raw replies: shapes that do not change with redis-py's parsing helpers.
+            made.response_callbacks = {}
+            return made
+
+        self._writer = client(socket_timeout_s, None)
+        self._reader = client(max_block_s + socket_timeout_s, None)
+        self._control = client(socket_timeout_s, None)
+
+    @property
+    def name(self) -> str:
+        """The stream key."""
+        return self._name
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close all connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for made in (self._writer, self._reader, self._control):
+            try:
+                await made.aclose()
+            except (rexc.RedisError, OSError) as exc:  # closing a dead connection
+                _log.debug("closing redis client: %s", exc)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogError(f"log {self._name!r} is closed")
+
+    async def append_many(self, entries: list[bytes]) -> list[str]:
+        """Append entries in one pipeline; see ``StreamLog.append_many``."""
+        self._check_open()
+        if not entries:
+            return []
+        with _translate("append"):
+            pipe = self._writer.pipeline(transaction=False)
+            command = pipe.execute_command
+            key, field = self._key, self._field
+            for data in entries:
+                command(b"XADD", key, b"*", field, data)
+            ids = await pipe.execute()
+        if self._retention is not None and time.monotonic() >= self._next_trim:
+            self._next_trim = time.monotonic() + self._trim_interval_s
+            try:
+                await self.trim(self._retention)
+            except LogError as exc:
+                self.trim_errors += 1
+                _log.warning("retention trim of %r failed: %s", self._name, exc)
+        return [_text(entry_id) for entry_id in ids]
+
+    def _block_ms(self, block_s: float | None) -> list[Any]:
+        if block_s is None:
+            return []
+        return [b"BLOCK", max(1, int(min(block_s, self._max_block_s) * 1000))]
+
+    async def read(self, after_id: str, count: int, block_s: float | None = None) -> list[Entry]:
+        """Read after an id (``XREAD``); see ``StreamLog.read``."""
+        self._check_open()
+        with _translate("read"):
+            raw = await _call(
+                self._reader,
+                b"XREAD",
+                b"COUNT",
+                count,
+                *self._block_ms(block_s),
+                b"STREAMS",
+                self._key,
+                after_id,
+            )
+        return _stream_entries(raw, self._field)
+
+    async def head_id(self) -> str:
+        """Return the stream's last generated id; see ``StreamLog.head_id``."""
+        self._check_open()
+        try:
+            with _translate("head_id"):
+                raw = await _call(self._control, b"XINFO", b"STREAM", self._key)
+        except LogGroupMissingError:  # "no such key": an empty log
+            return "0-0"
+        return _text(_pairs(raw)["last-generated-id"])
+
+    async def first_id(self) -> str | None:
+        """Return the oldest retained id; see ``StreamLog.first_id``."""
+        self._check_open()
+        with _translate("first_id"):
+            raw = await _call(self._control, b"XRANGE", self._key, b"-", b"+", b"COUNT", 1)
+        return _text(raw[0][0]) if raw else None
+
+    async def length(self) -> int:
+        """Return ``XLEN``."""
+        self._check_open()
+        with _translate("length"):
+            return int(await _call(self._control, b"XLEN", self._key))
+
+    async def ensure_group(self, group: str, start_id: str = "0") -> bool:
+        """Create a group (and the stream) if missing; see ``StreamLog.ensure_group``."""
+        self._check_open()
+        try:
+            with _translate("ensure_group"):
+                await _call(
+                    self._control, b"XGROUP", b"CREATE", self._key, group, start_id, b"MKSTREAM"
+                )
+        except LogError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise
+        return True
+
+    async def read_group(
+        self,
+        group: str,
+        consumer: str,
+        count: int,
+        block_s: float | None = None,
+        *,
+        pending: bool = False,
+    ) -> list[Entry]:
+        """Deliver entries to a consumer (``XREADGROUP``); see ``StreamLog.read_group``."""
+        self._check_open()
+        args: list[Any] = [b"XREADGROUP", b"GROUP", group, consumer, b"COUNT", count]
+        if not pending:
+            args += self._block_ms(block_s)
+        args += [b"STREAMS", self._key, b"0" if pending else b">"]
+        with _translate("read_group"):
+            raw = await _call(self._reader, *args)
+        return _stream_entries(raw, self._field)
+
+    async def ack(self, group: str, ids: list[str]) -> int:
+        """Acknowledge entries (``XACK``)."""
+        self._check_open()
+        if not ids:
+            return 0
+        with _translate("ack"):
+            return int(await _call(self._control, b"XACK", self._key, group, *ids))
+
+    async def claim_idle(
+        self,
+        group: str,
+        consumer: str,
+        min_idle_s: float,
+        count: int,
+        start_id: str = "0-0",
+    ) -> ClaimResult:
+        """Claim idle pending entries (``XAUTOCLAIM``); see ``StreamLog.claim_idle``."""
+        self._check_open()
+        with _translate("claim_idle"):
+            raw = await _call(
+                self._control,
+                b"XAUTOCLAIM",
+                self._key,
+                group,
+                consumer,
+                int(min_idle_s * 1000),
+                start_id,
+                b"COUNT",
+                count,
+            )
+        # Redis 6.2 replies [next, entries]; 7.0+ adds a third element, the deleted ids.
+        next_start = _text(raw[0])
+        claimed: list[Entry] = []
+        deleted: list[str] = [_text(i) for i in raw[2]] if len(raw) > 2 and raw[2] else []
+        for entry in _entries(raw[1], self._field):
+            if entry.data is None:  # 6.2 reports a deleted entry as a nil body
+                deleted.append(entry.id)
+            else:
+                claimed.append(entry)
+        return ClaimResult(next_start, claimed, deleted)
+
+    async def pending_summary(self, group: str) -> PendingSummary:
+        """Summarise a group's PEL (``XPENDING`` and its extended form for the idle time)."""
+        self._check_open()
+        with _translate("pending_summary"):
+            raw = await _call(self._control, b"XPENDING", self._key, group)
+            count = int(raw[0])
+            if count == 0:
+                return PendingSummary(0, None, None, 0.0, ())
+            oldest = await _call(self._control, b"XPENDING", self._key, group, b"-", b"+", 1)
+        idle_s = int(oldest[0][2]) / 1000 if oldest else 0.0
+        consumers = tuple(ConsumerPending(_text(name), int(n)) for name, n in sorted(raw[3] or []))
+        return PendingSummary(count, _text(raw[1]), _text(raw[2]), idle_s, consumers)
+
+    async def delivery_counts(self, group: str, ids: list[str]) -> dict[str, int]:
+        """Return delivery counts of pending ids (``XPENDING`` over each id's range)."""
+        self._check_open()
+        if not ids:
+            return {}
+        with _translate("delivery_counts"):
+            pipe = self._control.pipeline(transaction=False)
+            for entry_id in ids:
+                pipe.execute_command(b"XPENDING", self._key, group, entry_id, entry_id, 1)
+            replies = await pipe.execute()
+        counts: dict[str, int] = {}
+        for entry_id, reply in zip(ids, replies, strict=True):
+            if reply:
+                counts[entry_id] = int(reply[0][3])
+        return counts
+
+    async def group_info(self) -> list[GroupInfo]:
+        """Describe every group (``XINFO GROUPS``)."""
+        self._check_open()
+        try:
+            with _translate("group_info"):
+                raw = await _call(self._control, b"XINFO", b"GROUPS", self._key)
+        except LogGroupMissingError:
+            return []
+        infos: list[GroupInfo] = []
+        for item in raw:
+            fields = _pairs(item)
+            lag = fields.get("lag")
+            infos.append(
+                GroupInfo(
+                    name=_text(fields["name"]),
+                    last_delivered_id=_text(fields["last-delivered-id"]),
+                    pending=int(fields["pending"]),
+                    lag=None if lag is None else int(lag),
+                    consumers=int(fields["consumers"]),
+                )
+            )
+        return infos
+
+    async def delete_consumer(self, group: str, consumer: str) -> int:
+        """Remove a consumer (``XGROUP DELCONSUMER``); return its pending count."""
+        self._check_open()
+        with _translate("delete_consumer"):
+            return int(
+                await _call(self._control, b"XGROUP", b"DELCONSUMER", self._key, group, consumer)
+            )
+
+    async def trim(self, policy: TrimPolicy) -> int:
+        """Apply retention now, never past unacknowledged entries; see ``StreamLog.trim``."""
+        self._check_open()
+        version = await self.server_version()
+        acked = version >= (8, 2, 0)
+        args = [
+            -1 if policy.max_len is None else policy.max_len,
+            -1 if policy.max_age_s is None else int(policy.max_age_s * 1000),
+            b"1" if policy.approximate else b"0",
+            b"1" if acked else b"0",
+        ]
+        with _translate("trim"):
+            if self._trim_sha is None:
+                self._trim_sha = _text(await _call(self._control, b"SCRIPT", b"LOAD", _TRIM_SCRIPT))
+            try:
+                removed = await _call(
+                    self._control, b"EVALSHA", self._trim_sha, 1, self._key, *args
+                )
+            except rexc.NoScriptError:  # the server restarted and lost its script cache
+                removed = await _call(self._control, b"EVAL", _TRIM_SCRIPT, 1, self._key, *args)
+        self.trimmed += int(removed)
+        return int(removed)
+
+    async def server_version(self) -> tuple[int, int, int]:
+        """Return the server's version from ``INFO server`` (cached after the first call)."""
+        if self._version is None:
+            self._check_open()
+            with _translate("server_version"):
+                raw = await _call(self._control, b"INFO", b"server")
+            text = _text(raw)
+            version = (0, 0, 0)
+            for line in text.splitlines():
+                if line.startswith("redis_version:"):
+                    numbers = [int(p) for p in line.split(":", 1)[1].strip().split(".")[:3]]
+                    major, minor, patch = [*numbers, 0, 0, 0][:3]
+                    version = (major, minor, patch)
+            self._version = version
+        return self._version

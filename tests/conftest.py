@@ -1,0 +1,34 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Run anyio tests on asyncio (redis-py's asyncio client needs it)."""
+    return "asyncio"
+
+
+# --- Redis fixtures (stream log and Redis bus tests) ---------------------------------------
+
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+from redis_server import RedisServer, redis_server_binary  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server (no persistence) on a free port for the whole session."""
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def stream_name() -> str:
+    """A stream key unique to the test, so tests sharing a server never see each other."""
+    return f"test:{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,238 @@
+"""The ``StreamLog`` contract, run unchanged against ``MemoryStreamLog`` and ``RedisStreamLog``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from hypervisor.observability._log import (
+    LogGroupMissingError,
+    MemoryStreamLog,
+    RedisStreamLog,
+    StreamLog,
+    TrimPolicy,
+    parse_id,
+)
+from redis_server import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def log(request: pytest.FixtureRequest, stream_name: str) -> AsyncIterator[StreamLog]:
+    """A fresh, empty log of each implementation."""
+    if request.param == "memory":
+        async with MemoryStreamLog(stream_name) as memory:
+            yield memory
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    async with RedisStreamLog(server.url, stream_name) as redis_log:
+        yield redis_log
+
+
+def _payloads(n: int, prefix: str = "e") -> list[bytes]:
+    return [f"{prefix}{i}".encode() for i in range(n)]
+
+
+async def test_append_returns_strictly_increasing_ids(log: StreamLog) -> None:
+    """Ids grow strictly within one append and across appends."""
+    ids = await log.append_many(_payloads(5))
+    ids += await log.append_many(_payloads(3))
+    parsed = [parse_id(i) for i in ids]
+    assert parsed == sorted(parsed)
+    assert len(set(parsed)) == 8
+
+
+async def test_read_after_id_in_order_with_count(log: StreamLog) -> None:
+    """``read`` returns entries after the id, oldest first, at most ``count``."""
+    ids = await log.append_many(_payloads(10))
+    first = await log.read("0", 4)
+    assert [e.id for e in first] == ids[:4]
+    assert [e.data for e in first] == _payloads(4)
+    rest = await log.read(first[-1].id, 100)
+    assert [e.id for e in rest] == ids[4:]
+    assert await log.read(ids[-1], 10) == []
+
+
+async def test_head_first_and_length(log: StreamLog) -> None:
+    """An empty log has head ``0-0`` and no first id; afterwards they track the entries."""
+    assert await log.head_id() == "0-0"
+    assert await log.first_id() is None
+    assert await log.length() == 0
+    ids = await log.append_many(_payloads(3))
+    assert await log.head_id() == ids[-1]
+    assert await log.first_id() == ids[0]
+    assert await log.length() == 3
+
+
+async def test_blocking_read_wakes_on_append(log: StreamLog) -> None:
+    """A blocked ``read`` returns as soon as an entry is appended."""
+    await log.append_many([b"before"])
+    head = await log.head_id()
+    got: list[bytes | None] = []
+
+    async def reader() -> None:
+        entries = await log.read(head, 10, block_s=5.0)
+        got.extend(e.data for e in entries)
+
+    with anyio.fail_after(4):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            await anyio.sleep(0.05)  # let the reader block; correctness does not depend on it
+            await log.append_many([b"after"])
+    assert got == [b"after"]
+
+
+async def test_blocking_read_times_out_empty(log: StreamLog) -> None:
+    """A blocked ``read`` with nothing new returns an empty list after ``block_s``."""
+    await log.append_many([b"x"])
+    with anyio.fail_after(3):
+        assert await log.read(await log.head_id(), 10, block_s=0.05) == []
+
+
+async def test_group_delivers_each_entry_once_across_consumers(log: StreamLog) -> None:
+    """Two consumers of one group split the entries; none is delivered twice."""
+    assert await log.ensure_group("g") is True
+    assert await log.ensure_group("g") is False
+    ids = await log.append_many(_payloads(10))
+    a = await log.read_group("g", "a", 6)
+    b = await log.read_group("g", "b", 10)
+    assert [e.id for e in a] + [e.id for e in b] == ids
+    assert await log.read_group("g", "a", 10, block_s=0.05) == []
+
+
+async def test_group_from_dollar_sees_only_new_entries(log: StreamLog) -> None:
+    """A group created at ``$`` skips entries appended before it."""
+    await log.append_many(_payloads(3))
+    await log.ensure_group("late", "$")
+    new = await log.append_many([b"new"])
+    assert [e.id for e in await log.read_group("late", "c", 10)] == new
+
+
+async def test_pending_reread_ack_and_summary(log: StreamLog) -> None:
+    """Delivered entries stay pending until acked; a consumer can re-read its own PEL."""
+    await log.ensure_group("g")
+    ids = await log.append_many(_payloads(4))
+    await log.read_group("g", "a", 2)
+    await log.read_group("g", "b", 2)
+    summary = await log.pending_summary("g")
+    assert summary.count == 4
+    assert summary.oldest_id == ids[0]
+    assert summary.newest_id == ids[3]
+    assert {(c.name, c.pending) for c in summary.consumers} == {("a", 2), ("b", 2)}
+    again = await log.read_group("g", "a", 10, pending=True)
+    assert [e.id for e in again] == ids[:2]
+    assert [e.data for e in again] == _payloads(2)
+    assert await log.delivery_counts("g", ids) == {ids[0]: 2, ids[1]: 2, ids[2]: 1, ids[3]: 1}
+    assert await log.ack("g", [ids[0], ids[2]]) == 2
+    assert await log.ack("g", [ids[0]]) == 0
+    assert (await log.pending_summary("g")).count == 2
+    assert await log.read_group("g", "a", 10, pending=True) == [again[1]]
+
+
+async def test_missing_group_raises(log: StreamLog) -> None:
+    """Reading or inspecting a group that does not exist raises ``LogGroupMissingError``."""
+    await log.append_many([b"x"])
+    with pytest.raises(LogGroupMissingError):
+        await log.read_group("nope", "c", 1)
+    with pytest.raises(LogGroupMissingError):
+        await log.pending_summary("nope")
+
+
+async def test_claim_idle_moves_entries_to_claimer(log: StreamLog) -> None:
+    """Entries idle long enough move to the claiming consumer; fresh ones stay."""
+    await log.ensure_group("g")
+    ids = await log.append_many(_payloads(3))
+    await log.read_group("g", "dead", 3)
+    nothing = await log.claim_idle("g", "rescuer", 60.0, 10)
+    assert nothing.entries == []
+    await anyio.sleep(0.02)
+    claimed = await log.claim_idle("g", "rescuer", 0.01, 10)
+    assert [e.id for e in claimed.entries] == ids
+    assert [e.data for e in claimed.entries] == _payloads(3)
+    assert claimed.deleted_ids == []
+    assert parse_id(claimed.next_start_id) == (0, 0)
+    summary = await log.pending_summary("g")
+    assert {(c.name, c.pending) for c in summary.consumers} == {("rescuer", 3)}
+    assert await log.delivery_counts("g", ids[:1]) == {ids[0]: 2}
+
+
+async def test_group_info_reports_lag_and_pending(log: StreamLog) -> None:
+    """``group_info`` reports last-delivered id, pending, lag and consumers."""
+    assert await log.group_info() == []
+    await log.ensure_group("g")
+    ids = await log.append_many(_payloads(5))
+    await log.read_group("g", "a", 2)
+    (info,) = await log.group_info()
+    assert info.name == "g"
+    assert info.last_delivered_id == ids[1]
+    assert info.pending == 2
+    assert info.lag == 3
+    assert info.consumers == 1
+
+
+async def test_delete_consumer_reports_dropped_pending(log: StreamLog) -> None:
+    """Deleting a consumer returns how many pending entries it held."""
+    await log.ensure_group("g")
+    await log.append_many(_payloads(3))
+    await log.read_group("g", "a", 3)
+    assert await log.delete_consumer("g", "a") == 3
+    assert (await log.pending_summary("g")).count == 0
+
+
+async def test_trim_by_length_keeps_newest(log: StreamLog) -> None:
+    """Exact trimming by length keeps the newest ``max_len`` entries when no group needs more."""
+    ids = await log.append_many(_payloads(50))
+    removed = await log.trim(TrimPolicy(max_len=20, approximate=False))
+    assert removed == 30
+    assert await log.length() == 20
+    assert await log.first_id() == ids[30]
+    assert await log.head_id() == ids[-1]
+
+
+async def test_trim_never_removes_unacknowledged_entries(log: StreamLog) -> None:
+    """Retention stops at the oldest pending or undelivered entry of every group."""
+    await log.ensure_group("slow")
+    await log.ensure_group("fast")
+    ids = await log.append_many(_payloads(40))
+    await log.read_group("fast", "f", 40)
+    await log.ack("fast", ids)
+    await log.read_group("slow", "s", 10)
+    await log.ack("slow", ids[:5])
+    # "slow" still holds ids[5:10] pending and has not seen ids[10:].
+    await log.trim(TrimPolicy(max_len=3, approximate=False))
+    assert await log.first_id() == ids[5]
+    await log.ack("slow", ids[5:10])
+    await log.trim(TrimPolicy(max_len=3, approximate=False))
+    assert await log.first_id() == ids[10]
+    await log.read_group("slow", "s", 40)
+    await log.ack("slow", ids[10:])
+    await log.trim(TrimPolicy(max_len=3, approximate=False))
+    assert await log.first_id() == ids[-3]
+
+
+async def test_trim_by_age(log: StreamLog) -> None:
+    """Trimming by age removes entries older than ``max_age_s`` and keeps younger ones."""
+    old = await log.append_many(_payloads(5, "old"))
+    await anyio.sleep(0.3)
+    young = await log.append_many(_payloads(5, "young"))
+    removed = await log.trim(TrimPolicy(max_age_s=0.2, approximate=False))
+    assert removed == len(old)
+    assert await log.first_id() == young[0]
+
+
+async def test_retention_applies_on_append() -> None:
+    """A log built with a retention policy stays bounded as entries are appended."""
+    async with MemoryStreamLog(retention=TrimPolicy(max_len=10, approximate=False)) as memory:
+        for _ in range(10):
+            await memory.append_many(_payloads(7))
+        assert await memory.length() == 10
+
+
+async def test_server_version(log: StreamLog) -> None:
+    """``server_version`` returns a (major, minor, patch) tuple of a Redis 6.2+ compatible API."""
+    version = await log.server_version()
+    assert len(version) == 3
+    assert version >= (6, 2, 0)
