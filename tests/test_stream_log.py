@@ -236,3 +236,13 @@ async def test_server_version(log: StreamLog) -> None:
     version = await log.server_version()
     assert len(version) == 3
     assert version >= (6, 2, 0)
+
+
+async def test_count_after(log: StreamLog) -> None:
+    """``count_after`` counts the entries after an id, capped at ``limit``."""
+    assert await log.count_after("0", 100) == 0
+    ids = await log.append_many(_payloads(10))
+    assert await log.count_after("0", 100) == 10
+    assert await log.count_after(ids[3], 100) == 6
+    assert await log.count_after(ids[3], 4) == 4
+    assert await log.count_after(ids[-1], 100) == 0

@@ -205,6 +205,13 @@ class StreamLog(Protocol):
         """Return the number of retained entries."""
         ...
 
+    async def count_after(self, after_id: str, limit: int) -> int:
+        """Return how many retained entries have ids greater than ``after_id``, at most ``limit``.
+
+        Counted by the backend without transferring entries (how far a tailing reader is behind).
+        """
+        ...
+
     async def ensure_group(self, group: str, start_id: str = "0") -> bool:
         """Create the consumer group if missing (and the log if it does not exist yet).
 

@@ -184,6 +184,12 @@ class MemoryStreamLog:
         await anyio.lowlevel.checkpoint()
         return len(self._ids) - self._start
 
+    async def count_after(self, after_id: str, limit: int) -> int:
+        """Count entries after an id; see ``StreamLog.count_after``."""
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        return min(limit, len(self._ids) - self._index_after(parse_id(after_id)))
+
     def _group(self, group: str) -> _Group:
         found = self._groups.get(group)
         if found is None:

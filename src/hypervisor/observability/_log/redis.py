@@ -106,6 +106,11 @@ async def _call(client: aioredis.Redis, *args: Any) -> Any:
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
+_COUNT_AFTER_SCRIPT = """
+return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+"""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -206,7 +211,7 @@ class RedisStreamLog:
         self._next_trim = 0.0
         self._max_block_s = max_block_s
         self._version: tuple[int, int, int] | None = None
-        self._trim_sha: str | None = None
+        self._scripts: dict[str, str] = {}
         self._closed = False
         self.trimmed = 0
         """Entries removed by retention so far (as reported by the server)."""
@@ -327,6 +332,27 @@ class RedisStreamLog:
         self._check_open()
         with _translate("length"):
             return int(await _call(self._control, b"XLEN", self._key))
+
+    async def count_after(self, after_id: str, limit: int) -> int:
+        """Count entries after an id, server side; see ``StreamLog.count_after``."""
+        self._check_open()
+        if after_id in ("0", "0-0"):
+            after_id = "0-0"
+        with _translate("count_after"):
+            return int(await self._script(_COUNT_AFTER_SCRIPT, [self._key], [after_id, limit]))
+
+    async def _script(self, source: str, keys: list[bytes], args: list[Any]) -> Any:
+        """Run a Lua script by its digest, loading it once (again after a server restart)."""
+        sha = self._scripts.get(source)
+        if sha is not None:
+            try:
+                return await _call(self._control, b"EVALSHA", sha, len(keys), *keys, *args)
+            except rexc.NoScriptError:
+                pass
+        self._scripts[source] = _text(await _call(self._control, b"SCRIPT", b"LOAD", source))
+        return await _call(
+            self._control, b"EVALSHA", self._scripts[source], len(keys), *keys, *args
+        )
 
     async def ensure_group(self, group: str, start_id: str = "0") -> bool:
         """Create a group (and the stream) if missing; see ``StreamLog.ensure_group``."""
@@ -474,14 +500,7 @@ class RedisStreamLog:
             b"1" if acked else b"0",
         ]
         with _translate("trim"):
-            if self._trim_sha is None:
-                self._trim_sha = _text(await _call(self._control, b"SCRIPT", b"LOAD", _TRIM_SCRIPT))
-            try:
-                removed = await _call(
-                    self._control, b"EVALSHA", self._trim_sha, 1, self._key, *args
-                )
-            except rexc.NoScriptError:  # the server restarted and lost its script cache
-                removed = await _call(self._control, b"EVAL", _TRIM_SCRIPT, 1, self._key, *args)
+            removed = await self._script(_TRIM_SCRIPT, [self._key], args)
         self.trimmed += int(removed)
         return int(removed)
 
