@@ -67,7 +67,6 @@ RING_EVENTS: Final = RING_TRANSITION_EVENTS | RING_BREACH_EVENTS
 _ELEVATED: Final = EventType.RING_ELEVATED
 _BREACH: Final = EventType.RING_BREACH_DETECTED
 _ELEVATION_ENDS: Final = frozenset({EventType.RING_DEMOTED, EventType.RING_ELEVATION_EXPIRED})
-_RING_KEYS: Final = ("to_ring", "ring", "from_ring")
 
 
 class _BadRingError(Exception):
@@ -167,8 +166,7 @@ class RingMetricsState:
         payload = event.payload
         try:
             to_ring = _ring_field(payload, "to_ring")
-            if to_ring is None:
-                to_ring = _ring_field(payload, "ring")
+            ring = _ring_field(payload, "ring")
             from_ring = _ring_field(payload, "from_ring")
         except _BadRingError as bad:
             self.bad_events += 1
@@ -181,6 +179,8 @@ class RingMetricsState:
             )
             return
 
+        if to_ring is None:
+            to_ring = ring
         key3 = (event_type.value, agent, event.session_id or "unknown")
         self.transitions[key3] = self.transitions.get(key3, 0) + 1
 
