@@ -1,0 +1,683 @@
+"""``RedisEventBus``: the asynchronous, multi-process event bus on a shared ``StreamLog``.
+
+Writing: ``emit`` encodes the event at the call (so an unencodable payload raises there), puts
+``(bytes, future)`` into a bounded buffer and awaits the future; one flusher task drains the
+buffer into one ``append_many`` per batch (one pipelined round trip). While a batch is in flight
+new emits pile up, so the next batch carries all of them: concurrency turns into batch size
+without any timer, and a lone emitter pays one round trip. Transient failures are retried with
+exponential backoff and full jitter until ``retry_deadline_s``; then every waiter of the batch
+gets ``BusUnavailableError`` and buffered (``emit_nowait``) events count as failed and make the
+next ``flush()`` raise. Nothing is dropped silently.
+
+Reading: one reader task tails the log (backfilling from its oldest retained entry), decodes with
+the core codec (an undecodable entry is skipped and counted), appends to a local core
+``EventStore`` (the same indexes as the in-process bus) and dispatches to local subscribers.
+Queries are answered from that store; ``sync()`` waits until it holds everything up to the log's
+head as of the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+
+from hypervisor.observability._core.codec import decode_events, encode_event
+from hypervisor.observability._core.dispatch import Dispatcher
+from hypervisor.observability._core.events import EventHandler, EventType, HypervisorEvent
+from hypervisor.observability._core.store import DEFAULT_MAX_EVENTS, EventStore
+from hypervisor.observability._log.base import (
+    LogError,
+    StreamLog,
+    TrimPolicy,
+    format_id,
+    parse_id,
+)
+from hypervisor.observability.errors import (
+    BusClosedError,
+    BusFullError,
+    BusUnavailableError,
+)
+
+__all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus"]
+
+_log = logging.getLogger("hypervisor.observability.redis_bus")
+
+DEFAULT_STREAM = "hvobs:events"
+"""The stream key used when none is given."""
+
+_IdTuple = tuple[int, int]
+
+
+class IndexLag(msgspec.Struct, frozen=True):
+    """How far the local index is behind the log.
+
+    Attributes:
+        entries: entries in the log after the last one applied (capped at the count limit).
+        seconds: age difference between the log's head and the last applied entry (from ids).
+        head_id: the log's newest id.
+        applied_id: the newest id applied to the local index.
+    """
+
+    entries: int
+    seconds: float
+    head_id: str
+    applied_id: str
+
+
+class _SyncWaiter:
+    __slots__ = ("future", "read_no", "target")
+
+    def __init__(self, target: _IdTuple, read_no: int, future: asyncio.Future[None]) -> None:
+        self.target = target
+        self.read_no = read_no
+        self.future = future
+
+
+class RedisEventBus:
+    """An event bus shared by many processes through a ``StreamLog`` (Redis Streams in production).
+
+    Use as an async context manager (or ``await start()`` / ``await aclose()``)::
+
+        async with RedisEventBus.from_url("redis://localhost:6379/0") as bus:
+            await bus.emit(HypervisorEvent(event_type=EventType.SESSION_CREATED))
+            await bus.sync()
+            print(await bus.event_count())
+
+    Args:
+        log: the log to write to and tail. ``from_url`` builds a Redis one; ``in_memory`` a
+            process-local one.
+        max_events: capacity of the local index (oldest evicted first); ``None`` for unbounded.
+        buffer_size: events that may wait in the emit buffer; beyond that ``emit`` waits and
+            ``emit_nowait`` raises ``BusFullError``.
+        batch_size: the most events appended in one round trip.
+        linger_s: how long the flusher waits for a batch to fill when it is idle and the buffer
+            holds fewer than ``batch_size`` events; 0 sends at once (lowest latency; concurrency
+            still forms batches while a round trip is in flight).
+        retry_deadline_s: how long a batch is retried on transient errors before its emitters
+            get ``BusUnavailableError``.
+        retry_base_s: first backoff; doubles per attempt, full jitter, capped at
+            ``retry_cap_s``.
+        retry_cap_s: the longest single backoff.
+        read_count: entries per read of the tailing reader.
+        block_s: how long one tailing read blocks waiting for new entries.
+        backfill: read the log's retained history on start (else only new entries).
+        reader: run the tailing reader and local index at all (producers may not need it).
+        owns_log: close the log in ``aclose()``.
+    """
+
+    def __init__(
+        self,
+        log: StreamLog,
+        *,
+        max_events: int | None = DEFAULT_MAX_EVENTS,
+        buffer_size: int = 65_536,
+        batch_size: int = 1024,
+        linger_s: float = 0.0,
+        retry_deadline_s: float = 30.0,
+        retry_base_s: float = 0.05,
+        retry_cap_s: float = 2.0,
+        read_count: int = 2048,
+        block_s: float = 1.0,
+        backfill: bool = True,
+        reader: bool = True,
+        owns_log: bool = True,
+    ) -> None:
+        if buffer_size < 1 or batch_size < 1:
+            raise ValueError("buffer_size and batch_size must be >= 1")
+        self._log = log
+        self._store = EventStore(max_events)
+        self._dispatcher = Dispatcher()
+        self._buffer_size = buffer_size
+        self._batch_size = batch_size
+        self._linger_s = linger_s
+        self._retry_deadline_s = retry_deadline_s
+        self._retry_base_s = retry_base_s
+        self._retry_cap_s = retry_cap_s
+        self._read_count = read_count
+        self._block_s = block_s
+        self._backfill = backfill
+        self._run_reader = reader
+        self._owns_log = owns_log
+
+        self._buffer: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
+        self._enqueued = 0  # sequence number of the last event put into the buffer
+        self._done = 0  # sequence number of the last event whose batch finished (ok or failed)
+        self._failed_ranges: deque[tuple[int, int]] = deque(maxlen=1024)
+        self._unreported_failures = 0
+        self._last_error: BaseException | None = None
+        self._done_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._wake: asyncio.Event | None = None
+        self._space: asyncio.Event | None = None
+
+        self._applied: _IdTuple = (0, 0)
+        self._read_no = 0
+        self._empty_read_no = -1
+        self._sync_waiters: list[_SyncWaiter] = []
+
+        self._task_group: TaskGroup | None = None
+        self._started = False
+        self._closed = False
+
+        self.emitted = 0
+        """Events stored in the log by this bus."""
+        self.failed = 0
+        """Events whose batch failed past the retry deadline (their emitters were told)."""
+        self.retries = 0
+        """Append attempts retried after a transient error."""
+        self.batches = 0
+        """Append round trips that succeeded."""
+        self.applied = 0
+        """Events applied to the local index (decoded entries read from the log)."""
+        self.decode_errors = 0
+        """Log entries that could not be decoded (skipped)."""
+        self.deleted_entries = 0
+        """Entries read without a body (deleted from the log)."""
+        self.reader_errors = 0
+        """Tailing reads that failed (the reader reconnected and resumed)."""
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        stream: str = DEFAULT_STREAM,
+        *,
+        retention: TrimPolicy | None = None,
+        log_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> RedisEventBus:
+        """Build a bus on a Redis stream.
+
+        Args:
+            url: ``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS; the ACL
+                username and password come from the URL.
+            stream: the stream key all processes of the fleet share.
+            retention: bound the stream by length and/or age (never past unacknowledged
+                entries of any consumer group).
+            log_options: extra ``RedisStreamLog`` options (timeouts, TLS files, ...).
+            **options: ``RedisEventBus`` options.
+        """
+        from hypervisor.observability._log.redis import RedisStreamLog
+
+        block_s = float(options.get("block_s", 1.0))
+        settings: dict[str, Any] = {"max_block_s": max(5.0, block_s)}
+        settings.update(log_options or {})
+        log = RedisStreamLog(url, stream, retention=retention, **settings)
+        return cls(log, **options)
+
+    @classmethod
+    def in_memory(
+        cls, stream: str = DEFAULT_STREAM, *, retention: TrimPolicy | None = None, **options: Any
+    ) -> RedisEventBus:
+        """Build a bus on a process-local ``MemoryStreamLog`` (tests, demos, one process)."""
+        from hypervisor.observability._log.memory import MemoryStreamLog
+
+        return cls(MemoryStreamLog(stream, retention=retention), **options)
+
+    @property
+    def log(self) -> StreamLog:
+        """The underlying log."""
+        return self._log
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self, *, wait_backfill: bool = True) -> None:
+        """Start the flusher and the tailing reader; by default wait until history is indexed.
+
+        Call ``aclose()`` from the same task.
+        """
+        if self._started:
+            return
+        self._started = True
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        start_after = "0-0"
+        if self._run_reader and not self._backfill:
+            start_after = await self._with_retry(self._log.head_id)
+        self._applied = parse_id(start_after)
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        task_group.start_soon(self._flusher, name="hvobs-flusher")
+        if self._run_reader:
+            task_group.start_soon(self._reader, name="hvobs-reader")
+            if wait_backfill:
+                await self.sync()
+
+    async def aclose(self, *, flush_timeout_s: float | None = None) -> None:
+        """Flush what is buffered, stop the tasks and close the log. Idempotent.
+
+        Args:
+            flush_timeout_s: how long to wait for buffered events to be stored (default: the
+                retry deadline plus a second). Events still buffered then fail: their
+                emitters get ``BusClosedError`` and they count in ``failed``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        task_group = self._task_group
+        timeout = self._retry_deadline_s + 1.0 if flush_timeout_s is None else flush_timeout_s
+        try:
+            if task_group is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+                    await self._wait_done(self._enqueued)
+                task_group.cancel_scope.cancel()
+                await task_group.__aexit__(None, None, None)
+        finally:
+            self._task_group = None
+            closed = BusClosedError("the bus was closed before the event was stored")
+            self._fail_batch(list(self._buffer), closed)
+            self._buffer.clear()
+            for waiter in self._sync_waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(BusClosedError("the bus was closed"))
+            self._sync_waiters.clear()
+            if self._space is not None:
+                self._space.set()
+            if self._owns_log:
+                with anyio.CancelScope(shield=True):
+                    await self._log.aclose()
+
+    def _check_running(self) -> None:
+        if self._closed:
+            raise BusClosedError("the bus was closed")
+        if not self._started:
+            raise BusClosedError("the bus is not started: use `async with bus` or `await start()`")
+
+    # -- emitting -----------------------------------------------------------------------------
+
+    def _enqueue(self, data: bytes, future: asyncio.Future[None] | None) -> None:
+        self._buffer.append((data, future))
+        self._enqueued += 1
+        wake = self._wake
+        if wake is not None and not wake.is_set():
+            wake.set()
+
+    async def _wait_space(self, needed: int = 1) -> None:
+        while len(self._buffer) + needed > self._buffer_size:
+            space = self._space
+            assert space is not None
+            space.clear()
+            await space.wait()
+            self._check_running()
+
+    async def emit(self, event: HypervisorEvent) -> None:
+        """Store ``event`` in the log; return once the backend has stored it.
+
+        Waits while the buffer is full.
+
+        Raises:
+            EventEncodeError: the event cannot be encoded (raised before buffering).
+            BusUnavailableError: the backend stayed unreachable past ``retry_deadline_s``.
+            BusClosedError: the bus is closed or not started.
+        """
+        data = encode_event(event)
+        self._check_running()
+        if len(self._buffer) >= self._buffer_size:
+            await self._wait_space()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(data, future)
+        await future
+
+    async def emit_many(self, events: Iterable[HypervisorEvent]) -> None:
+        """Store many events in order; return once the backend has stored all of them.
+
+        Every event is encoded first, so an unencodable one raises before any is buffered.
+
+        Raises:
+            EventEncodeError: an event cannot be encoded (nothing was buffered).
+            BusUnavailableError: some of them could not be stored before the retry deadline.
+            BusClosedError: the bus is closed or not started.
+        """
+        encoded = [encode_event(event) for event in events]
+        self._check_running()
+        if not encoded:
+            return
+        first = self._enqueued + 1
+        step = max(1, min(self._buffer_size, self._batch_size * 4))
+        for offset in range(0, len(encoded), step):
+            chunk = encoded[offset : offset + step]
+            if len(self._buffer) + len(chunk) > self._buffer_size:
+                await self._wait_space(len(chunk))
+            for data in chunk:
+                self._enqueue(data, None)
+        last = self._enqueued
+        await self._wait_done(last)
+        self._raise_if_failed(first, last)
+
+    def emit_nowait(self, event: HypervisorEvent) -> None:
+        """Buffer ``event`` for the flusher and return at once; ``flush()`` confirms storage.
+
+        Raises:
+            EventEncodeError: the event cannot be encoded.
+            BusFullError: the buffer holds ``buffer_size`` events already.
+            BusClosedError: the bus is closed or not started.
+        """
+        data = encode_event(event)
+        self._check_running()
+        if len(self._buffer) >= self._buffer_size:
+            raise BusFullError(
+                f"emit buffer full ({self._buffer_size} events); await emit() or flush()"
+            )
+        self._enqueue(data, None)
+
+    async def flush(self) -> None:
+        """Wait until everything buffered before the call is stored.
+
+        Raises:
+            BusUnavailableError: buffered events were lost to an unreachable backend since the
+                previous ``flush()`` (the count is in the message).
+        """
+        self._check_running()
+        await self._wait_done(self._enqueued)
+        if self._unreported_failures:
+            lost, self._unreported_failures = self._unreported_failures, 0
+            raise BusUnavailableError(
+                f"{lost} buffered events could not be stored: {self._last_error}"
+            ) from self._last_error
+
+    async def _wait_done(self, target: int) -> None:
+        if self._done >= target:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._done_waiters.append((target, future))
+        await future
+
+    def _raise_if_failed(self, first: int, last: int) -> None:
+        for lo, hi in self._failed_ranges:
+            if lo <= last and hi >= first:
+                raise BusUnavailableError(
+                    f"events could not be stored: {self._last_error}"
+                ) from self._last_error
+
+    async def _flusher(self) -> None:
+        wake = self._wake
+        space = self._space
+        assert wake is not None
+        assert space is not None
+        buffer = self._buffer
+        while True:
+            if not buffer:
+                wake.clear()
+                await wake.wait()
+                continue
+            if self._linger_s > 0 and len(buffer) < self._batch_size:
+                await anyio.sleep(self._linger_s)
+            count = min(len(buffer), self._batch_size)
+            batch = [buffer.popleft() for _ in range(count)]
+            space.set()
+            await self._append_batch(batch)
+
+    async def _append_batch(self, batch: list[tuple[bytes, asyncio.Future[None] | None]]) -> None:
+        datas = [data for data, _ in batch]
+        try:
+            await self._with_retry(self._log.append_many, datas)
+        except BusUnavailableError as exc:
+            self._fail_batch(batch, exc)
+            return
+        except BaseException:
+            # Cancelled mid-append (aclose past its flush timeout): whether Redis stored the
+            # batch is unknown, so its emitters must not be told it was.
+            self._fail_batch(batch, BusClosedError("the bus was closed while storing the event"))
+            raise
+        self.emitted += len(batch)
+        self.batches += 1
+        for _, future in batch:
+            if future is not None and not future.done():
+                future.set_result(None)
+        self._advance(len(batch))
+
+    def _fail_batch(
+        self, batch: list[tuple[bytes, asyncio.Future[None] | None]], error: BaseException
+    ) -> None:
+        if not batch:
+            return
+        self.failed += len(batch)
+        self._last_error = error
+        self._failed_ranges.append((self._done + 1, self._done + len(batch)))
+        for _, future in batch:
+            if future is None:
+                self._unreported_failures += 1
+            elif not future.done():
+                future.set_exception(error)
+        self._advance(len(batch))
+
+    def _advance(self, count: int) -> None:
+        self._done += count
+        last = self._done
+        if self._done_waiters:
+            remaining: list[tuple[int, asyncio.Future[None]]] = []
+            for target, future in self._done_waiters:
+                if target <= last:
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    remaining.append((target, future))
+            self._done_waiters = remaining
+
+    async def _with_retry(self, call: Any, *args: Any) -> Any:
+        """Run ``call(*args)``, retrying log errors with backoff and full jitter until the
+        deadline, then raise ``BusUnavailableError``."""
+        deadline = time.monotonic() + self._retry_deadline_s
+        attempt = 0
+        while True:
+            try:
+                return await call(*args)
+            except LogError as exc:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise BusUnavailableError(
+                        f"{self._log.name}: backend unavailable for "
+                        f"{self._retry_deadline_s:g} s: {exc}"
+                    ) from exc
+                self.retries += 1
+                if attempt == 0:
+                    _log.warning("%s: append failed, retrying: %s", self._log.name, exc)
+                backoff = min(self._retry_cap_s, self._retry_base_s * 2**attempt)
+                attempt += 1
+                await anyio.sleep(min(random.uniform(0, backoff), max(0.0, deadline - now)))
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        log = self._log
+        attempt = 0
+        while True:
+            self._read_no += 1
+            read_no = self._read_no
+            try:
+                entries = await log.read(format_id(*self._applied), self._read_count, self._block_s)
+            except LogError as exc:
+                self.reader_errors += 1
+                if attempt == 0:
+                    _log.warning("%s: tailing read failed, reconnecting: %s", log.name, exc)
+                backoff = min(self._retry_cap_s, self._retry_base_s * 2**attempt)
+                attempt += 1
+                await anyio.sleep(random.uniform(0, backoff))
+                continue
+            if attempt:
+                _log.info("%s: tailing reader resumed after %d attempts", log.name, attempt)
+                attempt = 0
+            if entries:
+                self._apply(entries)
+            else:
+                self._empty_read_no = read_no
+            if self._sync_waiters:
+                self._wake_syncs()
+
+    def _apply(self, entries: list[Any]) -> None:
+        datas: list[bytes] = []
+        for entry in entries:
+            if entry.data is None:
+                self.deleted_entries += 1
+            else:
+                datas.append(entry.data)
+        events, bad = decode_events(datas)
+        if bad:
+            if self.decode_errors == 0:
+                _log.warning(
+                    "%s: skipping undecodable entry (%s); further ones are counted",
+                    self._log.name,
+                    bad[0][1],
+                )
+            self.decode_errors += len(bad)
+        self._store.extend(events)
+        self.applied += len(events)
+        self._applied = parse_id(entries[-1].id)
+        if self._dispatcher.has_handlers:
+            dispatch = self._dispatcher.dispatch
+            for event in events:
+                dispatch(event)
+
+    def _wake_syncs(self) -> None:
+        applied = self._applied
+        empty = self._empty_read_no
+        remaining: list[_SyncWaiter] = []
+        for waiter in self._sync_waiters:
+            if waiter.target <= applied or empty > waiter.read_no:
+                if not waiter.future.done():
+                    waiter.future.set_result(None)
+            else:
+                remaining.append(waiter)
+        self._sync_waiters = remaining
+
+    async def sync(self) -> None:
+        """Wait until the local index holds every entry up to the log's head as of the call.
+
+        Raises:
+            BusClosedError: the bus is closed, not started, or runs without a reader.
+            BusUnavailableError: the head could not be read before the retry deadline.
+        """
+        self._check_running()
+        if not self._run_reader:
+            raise BusClosedError("this bus runs without a reader (reader=False)")
+        read_no = self._read_no
+        head = parse_id(await self._with_retry(self._log.head_id))
+        if head <= self._applied:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sync_waiters.append(_SyncWaiter(head, read_no, future))
+        await future
+
+    async def index_lag(self, limit: int = 1_000_000) -> IndexLag:
+        """How far the local index is behind the log's head (entries and seconds)."""
+        self._check_running()
+        applied = format_id(*self._applied)
+        head = await self._log.head_id()
+        entries = await self._log.count_after(applied, limit)
+        seconds = max(0.0, (parse_id(head)[0] - self._applied[0]) / 1000) if entries else 0.0
+        return IndexLag(entries, seconds, head, applied)
+
+    @property
+    def applied_id(self) -> str:
+        """The newest log id applied to the local index."""
+        return format_id(*self._applied)
+
+    @property
+    def buffered(self) -> int:
+        """Events waiting in the emit buffer."""
+        return len(self._buffer)
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    def subscribe(
+        self, event_type: EventType | None = None, handler: EventHandler | None = None
+    ) -> None:
+        """Call ``handler`` for each event of ``event_type`` (all when ``None``) read from the
+        log, whichever process emitted it. A ``None`` handler is ignored."""
+        if handler is None:
+            return
+        self._dispatcher.subscribe(event_type, handler)
+
+    def unsubscribe(self, event_type: EventType | None, handler: EventHandler) -> bool:
+        """Remove one registration of ``handler``; return whether it was registered."""
+        return self._dispatcher.unsubscribe(event_type, handler)
+
+    @property
+    def handler_errors(self) -> int:
+        """How many handler calls raised."""
+        return self._dispatcher.handler_errors
+
+    # -- queries (from the local index) -------------------------------------------------------
+
+    @property
+    def max_events(self) -> int | None:
+        """Capacity of the local index."""
+        return self._store.max_events
+
+    @property
+    def evicted_count(self) -> int:
+        """Events evicted from the local index to respect ``max_events``."""
+        return self._store.evicted
+
+    async def query_by_type(self, event_type: EventType) -> list[HypervisorEvent]:
+        """Indexed events of ``event_type``, oldest first."""
+        return self._store.by_type(event_type)
+
+    async def query_by_session(self, session_id: str) -> list[HypervisorEvent]:
+        """Indexed events of ``session_id``, oldest first."""
+        return self._store.by_session(session_id)
+
+    async def query_by_agent(self, agent_did: str) -> list[HypervisorEvent]:
+        """Indexed events involving ``agent_did``, oldest first."""
+        return self._store.by_agent(agent_did)
+
+    async def query_by_time_range(
+        self, start: datetime, end: datetime | None = None
+    ) -> list[HypervisorEvent]:
+        """Indexed events with ``start <= timestamp <= end`` (``end`` defaults to now).
+
+        Raises:
+            ValueError: ``start`` or ``end`` is naive.
+        """
+        return self._store.time_range(start, datetime.now(UTC) if end is None else end)
+
+    async def query(
+        self,
+        event_type: EventType | None = None,
+        session_id: str | None = None,
+        agent_did: str | None = None,
+        limit: int | None = None,
+    ) -> list[HypervisorEvent]:
+        """Indexed events matching every given filter, oldest first; the newest ``limit``.
+
+        Raises:
+            ValueError: ``limit`` is not ``None`` nor an int >= 1.
+        """
+        return self._store.query(event_type, session_id, agent_did, limit)
+
+    async def event_count(self) -> int:
+        """Events in the local index."""
+        return len(self._store)
+
+    async def all_events(self) -> list[HypervisorEvent]:
+        """A copy of the indexed events, oldest first."""
+        return self._store.all()
+
+    async def type_counts(self) -> dict[str, int]:
+        """Indexed events per type value."""
+        return self._store.type_counts()
