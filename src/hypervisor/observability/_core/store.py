@@ -1,0 +1,416 @@
+"""The bounded event store with its secondary indexes (type, session, agent, time).
+
+``EventStore`` is pure and not thread-safe: the buses lock around it. Layout:
+
+* Events live in a ring of ``max_events`` slots addressed by a monotonically increasing sequence
+  number ``seq`` (slot ``seq % capacity``), so any stored event is reachable in O(1) and the
+  oldest one is evicted in O(1). The list grows up to the capacity instead of being allocated up
+  front, so a large cap costs nothing until it is used; an unbounded store is a ring whose
+  capacity is never reached.
+* Each secondary index maps a key to a posting list, an ``array('q')`` of seqs in append order
+  whose element 0 is the head offset (the position of the oldest live entry; keeping it in the
+  array saves a second dict lookup on every eviction). Evicting the oldest event advances the
+  head of exactly the lists that event is in (by construction it is their oldest entry) and drops
+  a key whose list becomes empty, so every index, and ``type_counts()``, agrees with the store at
+  all times. Dead heads are compacted away once they are half of a list, which keeps the
+  amortised cost O(1).
+* Time: timestamps are almost always non-decreasing in append order. An event whose timestamp is
+  not below the newest timestamp seen so far (the high-water mark) is *in order*; a binary search
+  over the ring finds the in-order events of a range. The rare others (clock skew, threads,
+  other processes; also naive or non-``datetime`` timestamps) are *late*: their sort key in the
+  ring is the high-water mark at their append, which keeps the ring sorted, and their real
+  timestamp goes to a small sorted side index that is merged in. A range query is exact and costs
+  O(log n + results + late events involved).
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Hashable, Iterable
+from datetime import UTC, datetime
+from typing import TypeAlias
+
+from hypervisor.observability._core.events import EventType, HypervisorEvent
+
+__all__ = ["DEFAULT_MAX_EVENTS", "EventStore"]
+
+DEFAULT_MAX_EVENTS = 100_000
+"""Default cap of the in-process store: bounded by default, as published."""
+
+# Dead entries before a posting list's head are compacted away once there are at least this many
+# and they are at least half of the list.
+_COMPACT_MIN = 64
+_MIN_TIME = datetime.min.replace(tzinfo=UTC)
+_MAX_TIME = datetime.max.replace(tzinfo=UTC)
+
+_Index: TypeAlias = "dict[Hashable, array[int]]"
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+
+
+def _check_aware(name: str, value: datetime) -> None:
+    if not isinstance(value, datetime):
+        raise ValueError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.utcoffset() is None:
+        raise ValueError(
+            f"{name} must be timezone-aware (event timestamps are aware UTC datetimes), "
+            f"got naive {value.isoformat()}"
+        )
+
+
+def _normalise(ts: object) -> datetime | None:
+    """Return a comparable (aware) form of an unusual timestamp, or ``None`` if it has none."""
+    if isinstance(ts, datetime):
+        return ts.replace(tzinfo=UTC) if ts.utcoffset() is None else ts
+    return None
+
+
+class EventStore:
+    """A bounded, indexed, append-only store of events (oldest evicted first).
+
+    Not thread-safe; callers serialise access. Every query returns a new list, oldest first.
+
+    Args:
+        max_events: capacity; ``None`` for an unbounded store.
+
+    Raises:
+        ValueError: ``max_events`` is neither ``None`` nor an int >= 1.
+    """
+
+    __slots__ = (
+        "_by_agent",
+        "_by_session",
+        "_by_type",
+        "_cap",
+        "_first",
+        "_hwm",
+        "_late",
+        "_late_dead",
+        "_late_seqs",
+        "_late_sorted",
+        "_max_events",
+        "_next",
+        "_slots",
+        "evicted",
+    )
+
+    def __init__(self, max_events: int | None = DEFAULT_MAX_EVENTS) -> None:
+        if max_events is not None and (
+            isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1
+        ):
+            raise ValueError(f"max_events must be None or an int >= 1, got {max_events!r}")
+        self._max_events = max_events
+        # An unbounded store is a ring that never fills: seq % maxsize == seq.
+        self._cap: int = sys.maxsize if max_events is None else max_events
+        self.evicted: int = 0
+        """How many events were evicted to respect ``max_events`` since creation."""
+        self._reset()
+
+    def _reset(self) -> None:
+        self._slots: list[HypervisorEvent] = []
+        self._first = 0  # seq of the oldest stored event
+        self._next = 0  # seq the next event gets
+        self._by_type: _Index = {}
+        self._by_session: _Index = {}
+        self._by_agent: _Index = {}
+        self._hwm: datetime = _MIN_TIME
+        # Late events: seq -> (ring sort key, comparable timestamp or None), and the sorted side
+        # index of (comparable timestamp, seq) for those that have one.
+        self._late: dict[int, tuple[datetime, datetime | None]] = {}
+        self._late_sorted: list[tuple[datetime, int]] = []
+        # The late seqs in order; a prefix of ``_late_dead`` of them is already evicted.
+        self._late_seqs: list[int] = []
+        self._late_dead = 0
+
+    @property
+    def max_events(self) -> int | None:
+        """The capacity, ``None`` when unbounded."""
+        return self._max_events
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def append(self, event: HypervisorEvent) -> None:
+        """Store ``event`` as the newest, evicting the oldest when the store is full."""
+        seq = self._next
+        cap = self._cap
+        slots = self._slots
+        if len(slots) < cap:
+            slots.append(event)
+        else:
+            self._evict_oldest()
+            slots[seq % cap] = event
+        self._next = seq + 1
+
+        key: Hashable = event.event_type
+        seqs = self._by_type.get(key)
+        if seqs is None:
+            self._by_type[key] = array("q", (1, seq))
+        else:
+            seqs.append(seq)
+        key = event.session_id
+        if key is not None:
+            seqs = self._by_session.get(key)
+            if seqs is None:
+                self._by_session[key] = array("q", (1, seq))
+            else:
+                seqs.append(seq)
+        key = event.agent_did
+        if key is not None:
+            seqs = self._by_agent.get(key)
+            if seqs is None:
+                self._by_agent[key] = array("q", (1, seq))
+            else:
+                seqs.append(seq)
+
+        ts = event.timestamp
+        try:
+            if ts >= self._hwm:
+                self._hwm = ts
+                return
+        except TypeError:
+            # A naive or non-datetime timestamp: keep it out of the ring's sorted keys.
+            self._add_late(seq, ts)
+            return
+        self._add_late(seq, ts)
+
+    def extend(self, events: Iterable[HypervisorEvent]) -> None:
+        """Append each of ``events`` in order."""
+        append = self.append
+        for event in events:
+            append(event)
+
+    def _add_late(self, seq: int, ts: object) -> None:
+        comparable = _normalise(ts)
+        key = self._hwm
+        if comparable is not None:
+            if comparable >= key:
+                # A naive timestamp that is in order once read as UTC: it advances the mark.
+                key = self._hwm = comparable
+            insort(self._late_sorted, (comparable, seq))
+        self._late[seq] = (key, comparable)
+        self._late_seqs.append(seq)
+
+    def _evict_oldest(self) -> None:
+        seq = self._first
+        event = self._slots[seq % self._cap]
+        self._first = seq + 1
+        self.evicted += 1
+        # The common case of _pop_head (advance the head) inlined: every eviction pays it.
+        key: Hashable = event.event_type
+        seqs = self._by_type[key]
+        head = seqs[0] + 1
+        if head * 2 < len(seqs) or (head < _COMPACT_MIN and head < len(seqs)):
+            seqs[0] = head
+        else:
+            _pop_head(self._by_type, key)
+        key = event.session_id
+        if key is not None:
+            seqs = self._by_session[key]
+            head = seqs[0] + 1
+            if head * 2 < len(seqs) or (head < _COMPACT_MIN and head < len(seqs)):
+                seqs[0] = head
+            else:
+                _pop_head(self._by_session, key)
+        key = event.agent_did
+        if key is not None:
+            seqs = self._by_agent[key]
+            head = seqs[0] + 1
+            if head * 2 < len(seqs) or (head < _COMPACT_MIN and head < len(seqs)):
+                seqs[0] = head
+            else:
+                _pop_head(self._by_agent, key)
+        if self._late:
+            self._evict_late(seq)
+
+    def _evict_late(self, seq: int) -> None:
+        entry = self._late.pop(seq, None)
+        if entry is None:
+            return
+        if entry[1] is not None:
+            side = self._late_sorted
+            del side[bisect_left(side, (entry[1], seq))]
+        dead = self._late_dead + 1
+        if dead >= _COMPACT_MIN and dead * 2 >= len(self._late_seqs):
+            del self._late_seqs[:dead]
+            dead = 0
+        self._late_dead = dead
+
+    def clear(self) -> None:
+        """Remove every event (the eviction count is kept)."""
+        self._reset()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._next - self._first
+
+    def _events(self, lo: int, hi: int) -> list[HypervisorEvent]:
+        """The events with seqs in ``[lo, hi)`` (a subrange of the stored ones), in order."""
+        if lo >= hi:
+            return []
+        cap = self._cap
+        start = lo % cap
+        stop = start + (hi - lo)
+        slots = self._slots
+        if stop <= cap:
+            return slots[start:stop]
+        return slots[start:] + slots[: stop - cap]
+
+    def _gather(self, seqs: Iterable[int]) -> list[HypervisorEvent]:
+        slots = self._slots
+        cap = self._cap
+        return [slots[seq % cap] for seq in seqs]
+
+    def all(self) -> list[HypervisorEvent]:
+        """Every stored event, oldest first."""
+        return self._events(self._first, self._next)
+
+    def _posting(self, index: _Index, key: Hashable) -> array[int]:
+        seqs = index.get(key)
+        if seqs is None:
+            return array("q")
+        return seqs[seqs[0] :]
+
+    def by_type(self, event_type: EventType) -> list[HypervisorEvent]:
+        """The stored events of ``event_type``, oldest first."""
+        return self._gather(self._posting(self._by_type, event_type))
+
+    def by_session(self, session_id: str) -> list[HypervisorEvent]:
+        """The stored events of ``session_id``, oldest first."""
+        return self._gather(self._posting(self._by_session, session_id))
+
+    def by_agent(self, agent_did: str) -> list[HypervisorEvent]:
+        """The stored events of ``agent_did``, oldest first."""
+        return self._gather(self._posting(self._by_agent, agent_did))
+
+    def type_counts(self) -> dict[str, int]:
+        """Stored events per type, keyed by the type's string value."""
+        return {
+            (key.value if isinstance(key, EventType) else str(key)): len(seqs) - seqs[0]
+            for key, seqs in self._by_type.items()
+        }
+
+    def _search(self, bound: datetime, right: bool) -> int:
+        """First seq whose ring sort key is ``>= bound`` (``> bound`` when ``right``)."""
+        lo, hi = self._first, self._next
+        late = self._late
+        slots = self._slots
+        cap = self._cap
+        while lo < hi:
+            mid = (lo + hi) // 2
+            entry = late.get(mid) if late else None
+            key = entry[0] if entry is not None else slots[mid % cap].timestamp
+            if key < bound or (right and key == bound):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def time_range(self, start: datetime, end: datetime) -> list[HypervisorEvent]:
+        """The stored events with ``start <= timestamp <= end``, in append order.
+
+        Raises:
+            ValueError: ``start`` or ``end`` is naive (event timestamps are aware).
+        """
+        _check_aware("start", start)
+        _check_aware("end", end)
+        if end < start:
+            return []
+        lo = self._search(start, right=False)
+        hi = self._search(end, right=True)
+        late = self._late
+        if not late:
+            return self._events(lo, hi)
+        side = self._late_sorted
+        first = bisect_left(side, (start,))
+        last = bisect_right(side, (end, sys.maxsize))
+        matching = {seq for _, seq in side[first:last]}
+        before = sorted(seq for seq in matching if seq < lo)
+        after = sorted(seq for seq in matching if seq >= hi)
+        # Late events inside [lo, hi) whose real timestamp is outside the range.
+        late_seqs = self._late_seqs
+        inside = late_seqs[bisect_left(late_seqs, lo) : bisect_left(late_seqs, hi)]
+        excluded = [seq for seq in inside if seq not in matching]
+        seqs: list[int] = before
+        cursor = lo
+        for seq in excluded:
+            seqs.extend(range(cursor, seq))
+            cursor = seq + 1
+        seqs.extend(range(cursor, hi))
+        seqs.extend(after)
+        return self._gather(seqs)
+
+    def query(
+        self,
+        event_type: EventType | None = None,
+        session_id: str | None = None,
+        agent_did: str | None = None,
+        limit: int | None = None,
+    ) -> list[HypervisorEvent]:
+        """The stored events matching every given filter; with ``limit``, the newest ``limit``.
+
+        Walks the shortest applicable posting list from its newest end, checking the other
+        filters on each event, and stops at ``limit``. The result is oldest first.
+
+        Raises:
+            ValueError: ``limit`` is not ``None`` nor an int >= 1.
+        """
+        _check_limit(limit)
+        candidates: list[tuple[int, array[int], int]] = []
+        for index, key in (
+            (self._by_type, event_type),
+            (self._by_session, session_id),
+            (self._by_agent, agent_did),
+        ):
+            if key is None:
+                continue
+            seqs = index.get(key)
+            if seqs is None:
+                return []
+            head = seqs[0]
+            candidates.append((len(seqs) - head, seqs, head))
+        if not candidates:
+            hi = self._next
+            lo = self._first if limit is None else max(self._first, hi - limit)
+            return self._events(lo, hi)
+        _, seqs, head = min(candidates, key=lambda c: c[0])
+        if len(candidates) == 1:
+            lo = head if limit is None else max(head, len(seqs) - limit)
+            return self._gather(seqs[lo:])
+        slots = self._slots
+        cap = self._cap
+        found: list[HypervisorEvent] = []
+        wanted = sys.maxsize if limit is None else limit
+        for i in range(len(seqs) - 1, head - 1, -1):
+            event = slots[seqs[i] % cap]
+            if (
+                (event_type is None or event.event_type == event_type)
+                and (session_id is None or event.session_id == session_id)
+                and (agent_did is None or event.agent_did == agent_did)
+            ):
+                found.append(event)
+                if len(found) >= wanted:
+                    break
+        found.reverse()
+        return found
+
+
+def _pop_head(index: _Index, key: Hashable) -> None:
+    """Drop the oldest live entry of ``index[key]`` (the evicted event's seq)."""
+    seqs = index[key]
+    head = seqs[0] + 1
+    size = len(seqs)
+    if head >= size:
+        del index[key]
+    elif head >= _COMPACT_MIN and head * 2 >= size:
+        del seqs[1:head]
+        seqs[0] = 1
+    else:
+        seqs[0] = head
