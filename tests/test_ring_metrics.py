@@ -521,3 +521,29 @@ def test_split_exports_sum_to_the_totals(events: list[HypervisorEvent], cut: int
     assert sum(c.value for c in exporter.counter_calls()) == sum(
         snapshot[METRIC_RING_TRANSITIONS_TOTAL].values()
     ) + sum(snapshot[METRIC_RING_BREACHES_TOTAL].values())
+
+
+class UnhashableExporter(RecordingPrometheusExporter):
+    """An exporter that defines equality and so is unhashable."""
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def test_each_exporter_gets_the_totals_once() -> None:
+    """Baselines are per exporter: a second exporter starts from the totals, then deltas."""
+    bus = HypervisorEventBus()
+    collector = RingMetricsCollector(bus)
+    bus.emit(ring_event(EventType.RING_BREACH_DETECTED, 0))
+    first, second = RecordingPrometheusExporter(), RecordingPrometheusExporter()
+    odd = UnhashableExporter()
+    for exporter in (first, second, odd, first, second, odd):
+        collector.export_to_prometheus(exporter)
+    bus.emit(ring_event(EventType.RING_BREACH_DETECTED, 1))
+    for exporter in (first, second, odd):
+        collector.export_to_prometheus(exporter)
+        labels = {"agent_did": "did:mesh:a", "session_id": "s1"}
+        assert exporter.counter(METRIC_RING_BREACHES_TOTAL, **labels) == 2.0
+        assert [c.value for c in exporter.counter_calls()] == [1.0, 1.0]

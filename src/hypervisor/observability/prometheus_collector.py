@@ -3,12 +3,13 @@
 ``RingMetricsCollector(bus)`` subscribes a pure ``RingMetricsState`` to the bus's ring events.
 ``collect()`` returns the published snapshot dict; ``export_to_prometheus(exporter)`` writes to
 any object with ``set_gauge`` and ``inc_counter`` (see :class:`PrometheusExporterProtocol`),
-sending each counter's increase since the previous export, so exporting twice never counts an
-event twice.
+sending each counter's increase since the previous export to that exporter, so exporting twice
+never counts an event twice.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Protocol
 
 from hypervisor.observability._core.events import EventHandler, EventType
@@ -65,6 +66,16 @@ class PrometheusExporterProtocol(Protocol):
         ...
 
 
+class _Baseline:
+    """Counter values already sent to one exporter."""
+
+    __slots__ = ("breaches", "transitions")
+
+    def __init__(self) -> None:
+        self.transitions: dict[tuple[str, str, str], int] = {}
+        self.breaches: dict[tuple[str, str], int] = {}
+
+
 class _EventSource(Protocol):
     def subscribe(
         self, event_type: EventType | None = None, handler: EventHandler | None = None
@@ -86,9 +97,11 @@ class RingMetricsCollector:
     def __init__(self, bus: _EventSource) -> None:
         self._bus = bus
         self._state = RingMetricsState()
-        # Counter values already sent by export_to_prometheus, to send only increases.
-        self._exported_transitions: dict[tuple[str, str, str], int] = {}
-        self._exported_breaches: dict[tuple[str, str], int] = {}
+        # Counter values already sent to each exporter, to send it only increases. Weakly keyed
+        # so a discarded exporter does not pin its baseline; unhashable or non-weakrefable
+        # exporters are kept (strongly) by identity instead.
+        self._baselines: weakref.WeakKeyDictionary[object, _Baseline] = weakref.WeakKeyDictionary()
+        self._baselines_by_id: dict[int, tuple[object, _Baseline]] = {}
         # The state's own bound method is the handler: nothing between emit() and the update.
         handler = self._state.apply
         for event_type in sorted(RING_EVENTS, key=lambda member: member.value):
@@ -125,8 +138,10 @@ class RingMetricsCollector:
     def export_to_prometheus(self, exporter: PrometheusExporterProtocol) -> None:
         """Write the metrics to ``exporter``.
 
-        Counters receive their increase since the previous export (the first export sends the
-        totals; a counter that did not change is not sent). Gauges are set on every export: the
+        Counters receive their increase since the previous export to the same exporter (the
+        first export to an exporter sends the totals; a counter that did not change is not
+        sent), so exporting twice never double-counts, and each exporter, whose counters start
+        at zero, ends up with the totals. Gauges are set on every export: the
         current ring of each agent, and the elevation duration of each agent, an open elevation
         measured in event time taking precedence over the agent's last finished one.
 
@@ -134,7 +149,8 @@ class RingMetricsCollector:
             exporter: any object implementing :class:`PrometheusExporterProtocol`.
         """
         state = self._state
-        sent_transitions = self._exported_transitions
+        baseline = self._baseline_for(exporter)
+        sent_transitions = baseline.transitions
         for key, count in list(state.transitions.items()):
             delta = count - sent_transitions.get(key, 0)
             if delta > 0:
@@ -150,7 +166,7 @@ class RingMetricsCollector:
                     help_text=_HELP_TRANSITIONS,
                 )
                 sent_transitions[key] = count
-        sent_breaches = self._exported_breaches
+        sent_breaches = baseline.breaches
         for key2, count in list(state.breaches.items()):
             delta = count - sent_breaches.get(key2, 0)
             if delta > 0:
@@ -180,7 +196,20 @@ class RingMetricsCollector:
             )
 
     def reset(self) -> None:
-        """Forget every metric (and what was exported), keeping the subscription."""
+        """Forget every metric and what was sent to each exporter; keep the subscription."""
         self._state.reset()
-        self._exported_transitions.clear()
-        self._exported_breaches.clear()
+        self._baselines.clear()
+        self._baselines_by_id.clear()
+
+    def _baseline_for(self, exporter: object) -> _Baseline:
+        try:
+            baseline = self._baselines.get(exporter)
+            if baseline is None:
+                baseline = self._baselines[exporter] = _Baseline()
+            return baseline
+        except TypeError:
+            pass
+        entry = self._baselines_by_id.get(id(exporter))
+        if entry is None:
+            entry = self._baselines_by_id[id(exporter)] = (exporter, _Baseline())
+        return entry[1]
