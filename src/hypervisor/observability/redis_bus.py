@@ -38,6 +38,7 @@ from hypervisor.observability._core.events import EventHandler, EventType, Hyper
 from hypervisor.observability._core.store import DEFAULT_MAX_EVENTS, EventStore
 from hypervisor.observability._log.base import (
     LogError,
+    LogUnavailableError,
     StreamLog,
     TrimPolicy,
     format_id,
@@ -266,7 +267,11 @@ class RedisEventBus:
         if self._run_reader:
             task_group.start_soon(self._reader, name="hvobs-reader")
             if wait_backfill:
-                await self.sync()
+                try:
+                    await self.sync()
+                except BaseException:
+                    await self.aclose(flush_timeout_s=0.0)
+                    raise
 
     async def aclose(self, *, flush_timeout_s: float | None = None) -> None:
         """Flush what is buffered, stop the tasks and close the log. Idempotent.
@@ -480,14 +485,14 @@ class RedisEventBus:
             self._done_waiters = remaining
 
     async def _with_retry(self, call: Any, *args: Any) -> Any:
-        """Run ``call(*args)``, retrying log errors with backoff and full jitter until the
-        deadline, then raise ``BusUnavailableError``."""
+        """Run ``call(*args)``, retrying transient log errors with backoff and full jitter until
+        the deadline; then (or at once for a permanent error) raise ``BusUnavailableError``."""
         deadline = time.monotonic() + self._retry_deadline_s
         attempt = 0
         while True:
             try:
                 return await call(*args)
-            except LogError as exc:
+            except LogUnavailableError as exc:
                 now = time.monotonic()
                 if now >= deadline:
                     raise BusUnavailableError(
@@ -500,6 +505,8 @@ class RedisEventBus:
                 backoff = min(self._retry_cap_s, self._retry_base_s * 2**attempt)
                 attempt += 1
                 await anyio.sleep(min(random.uniform(0, backoff), max(0.0, deadline - now)))
+            except LogError as exc:  # not transient: retrying cannot help
+                raise BusUnavailableError(f"{self._log.name}: {exc}") from exc
 
     # -- reading ------------------------------------------------------------------------------
 

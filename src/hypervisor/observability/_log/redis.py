@@ -120,6 +120,9 @@ def _translate(what: str) -> Iterator[None]:
     """Translate redis-py errors into the log's errors at the boundary."""
     try:
         yield
+    except (rexc.AuthenticationError, rexc.AuthorizationError) as exc:
+        # Subclasses of ConnectionError, but retrying cannot fix credentials.
+        raise LogError(f"{what}: redis refused the credentials: {exc}") from exc
     except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
         raise LogUnavailableError(f"{what}: redis unreachable: {exc}") from exc
     except rexc.ResponseError as exc:
