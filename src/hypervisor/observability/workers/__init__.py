@@ -1,0 +1,70 @@
+"""Consumer-group workers for ring metrics and saga spans, exact at any scale.
+
+Workers read a consumer group of the event log in batches, stage the entries their derivation
+uses, acknowledge them, and one applier at a time folds the staged entries into the shared state
+in stream order (see ``docs/workers.md``). The same pure state machines as the in-process
+collector and exporter do the folding, so the results are equal for any number of workers,
+crashes and redeliveries.
+"""
+
+from __future__ import annotations
+
+from hypervisor.observability.workers._apply import Applier, watermark
+from hypervisor.observability.workers._derivations import (
+    RING_METRICS,
+    SAGA_SPANS,
+    Derivation,
+    RingMetricsDerivation,
+    SagaSpansDerivation,
+)
+from hypervisor.observability.workers._dlq import (
+    REASON_MAX_DELIVERIES,
+    REASON_UNDECODABLE,
+    DeadLetter,
+    decode_dead_letter,
+    dlq_name,
+    list_dead_letters,
+    replay_dead_letters,
+)
+from hypervisor.observability.workers._runtime import (
+    Worker,
+    WorkerConfig,
+    WorkerStats,
+    default_consumer_name,
+)
+from hypervisor.observability.workers._sinks import JsonLinesSpanSink, span_to_dict
+from hypervisor.observability.workers._snapshot import WorkerStateError
+from hypervisor.observability.workers._state import (
+    Commit,
+    MemoryStateStore,
+    StateMeta,
+    StateStore,
+)
+
+__all__ = [
+    "REASON_MAX_DELIVERIES",
+    "REASON_UNDECODABLE",
+    "RING_METRICS",
+    "SAGA_SPANS",
+    "Applier",
+    "Commit",
+    "DeadLetter",
+    "Derivation",
+    "JsonLinesSpanSink",
+    "MemoryStateStore",
+    "RingMetricsDerivation",
+    "SagaSpansDerivation",
+    "StateMeta",
+    "StateStore",
+    "Worker",
+    "WorkerConfig",
+    "WorkerStateError",
+    "WorkerStats",
+    "decode_dead_letter",
+    "default_consumer_name",
+    "dlq_name",
+    "list_dead_letters",
+    "replay_dead_letters",
+    "span_to_dict",
+    "watermark",
+]

@@ -1,0 +1,197 @@
+"""The applier: folds staged entries into a derivation's state in stream order, atomically.
+
+One applier per derivation and worker; the store's lease lets one of them work at a time. A
+round: take or extend the lease; reload the state only if another applier committed since this
+one last did; compute the watermark below which every entry of the group is acknowledged (hence
+staged or dead-lettered); apply the staged entries below it in id order, skipping event ids
+already applied; export what the round produced; commit snapshot, version, applied id and seen
+ids in one atomic, version-checked step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from hypervisor.observability._core.codec import decode_event
+from hypervisor.observability._core.spans import SagaSpanRecord
+from hypervisor.observability._log.base import LogGroupMissingError, StreamLog, next_id, parse_id
+from hypervisor.observability.errors import EventDecodeError
+from hypervisor.observability.workers._derivations import Derivation
+from hypervisor.observability.workers._snapshot import dump_state, load_state
+from hypervisor.observability.workers._state import Commit, StateMeta
+
+__all__ = ["Applier", "watermark"]
+
+_log = logging.getLogger("hypervisor.observability.workers")
+
+
+async def watermark(log: StreamLog, group: str) -> str:
+    """Return the lowest id that may not be acknowledged yet by ``group``.
+
+    Every entry below it was delivered and acknowledged. The last-delivered id is read before
+    the pending list: an entry delivered between the two reads is then above the first and
+    cannot be missed by the second.
+
+    Raises:
+        LogGroupMissingError: the group does not exist.
+    """
+    last = None
+    for info in await log.group_info():
+        if info.name == group:
+            last = info.last_delivered_id
+            break
+    if last is None:
+        raise LogGroupMissingError(f"no group {group!r} on log {log.name!r}")
+    mark = next_id(last)
+    summary = await log.pending_summary(group)
+    if summary.oldest_id is not None and parse_id(summary.oldest_id) < parse_id(mark):
+        mark = summary.oldest_id
+    return mark
+
+
+class Applier:
+    """Applies one derivation's staged entries for one consumer group.
+
+    Args:
+        log: the event log (for the watermark).
+        group: the consumer group whose acknowledged entries are applied.
+        derivation: what to apply (its ``store`` holds the shared state).
+        token: this applier's lease token (unique per process).
+        lease_ttl_s: lease time to live; another applier takes over after it.
+        max_batch: staged entries applied per round at most.
+        dedup_window: event ids remembered for duplicate detection (about; between half and
+            all of it are kept).
+    """
+
+    def __init__(
+        self,
+        log: StreamLog,
+        group: str,
+        derivation: Derivation,
+        *,
+        token: str | None = None,
+        lease_ttl_s: float = 5.0,
+        max_batch: int = 20_000,
+        dedup_window: int = 100_000,
+    ) -> None:
+        self.log = log
+        self.group = group
+        self.derivation = derivation
+        self.store = derivation.store
+        self.token = token or os.urandom(8).hex()
+        self.lease_ttl_s = lease_ttl_s
+        self.max_batch = max_batch
+        self.dedup_window = max(2, dedup_window)
+        self._state: Any = None
+        self._meta = StateMeta()
+        self._seen_prev: set[str] = set()
+        self._seen_cur: set[str] = set()
+        self.leader = False
+        """Whether the last round held the lease."""
+        self.applied_events = 0
+        """Staged entries this applier folded in and committed."""
+        self.duplicates = 0
+        """Entries skipped because their event id was applied before."""
+        self.apply_errors = 0
+        """Events whose state-machine call raised (skipped, as the in-process bus does)."""
+        self.commits = 0
+        self.conflicts = 0
+        """Commits refused because another applier had committed."""
+        self.reloads = 0
+        """Snapshot loads (start, or after another applier committed)."""
+
+    @property
+    def applied_id(self) -> str:
+        """The applied id as of this applier's last load or commit."""
+        return self._meta.applied_id
+
+    @property
+    def state(self) -> Any:
+        """The applier's local state (``None`` until loaded); read-only use."""
+        return self._state
+
+    def invalidate(self) -> None:
+        """Drop the local state: the next round reloads it from the store."""
+        self._state = None
+
+    async def _load(self) -> None:
+        meta, snapshot = await self.store.load()
+        state = self.derivation.new_state() if snapshot is None else load_state(snapshot)
+        prev, cur = await self.store.seen(meta)
+        self._state, self._meta, self._seen_prev, self._seen_cur = state, meta, prev, cur
+        self.reloads += 1
+
+    async def round(self) -> int:
+        """Run one round; return how many staged entries it applied and committed.
+
+        Raises:
+            LogUnavailableError: the backend is unreachable (nothing was committed).
+            WorkerStateError: the stored snapshot cannot be read.
+            Exception: a sink failed (nothing was committed; the spans will be exported again).
+        """
+        if not await self.store.acquire_lease(self.token, self.lease_ttl_s):
+            self.leader = False
+            return 0
+        self.leader = True
+        try:
+            return await self._round()
+        except BaseException:
+            self._state = None
+            raise
+
+    async def _round(self) -> int:
+        if self._state is None or (await self.store.meta()).version != self._meta.version:
+            await self._load()
+        meta = self._meta
+        mark = await watermark(self.log, self.group)
+        items = await self.store.staged(meta.applied_id, mark, self.max_batch)
+        if not items:
+            return 0
+        state = self._state
+        derivation = self.derivation
+        prev, cur = self._seen_prev, self._seen_cur
+        produced: list[SagaSpanRecord] = []
+        seen_add: list[str] = []
+        for _entry_id, data in items:
+            try:
+                event = decode_event(data)
+            except EventDecodeError:  # staged only after decoding; a foreign writer's bytes
+                self.apply_errors += 1
+                continue
+            event_id = event.event_id
+            if event_id in cur or event_id in prev:
+                self.duplicates += 1
+                continue
+            cur.add(event_id)
+            seen_add.append(event_id)
+            try:
+                produced.extend(derivation.apply(state, event))
+            except Exception:
+                self.apply_errors += 1
+                _log.exception("%s: applying event %s failed", derivation.name, event_id)
+        derivation.export(produced)
+        gen, count = meta.seen_gen, meta.seen_count + len(seen_add)
+        drop: int | None = None
+        if count >= self.dedup_window // 2:
+            drop, gen, count = gen - 1, gen + 1, len(seen_add)
+        new_meta = StateMeta(meta.version + 1, items[-1][0], gen, count)
+        commit = Commit(meta.version, dump_state(state), new_meta, seen_add, drop)
+        if not await self.store.commit(commit):
+            self.conflicts += 1
+            self._state = None
+            return 0
+        if drop is not None:
+            added = set(seen_add)
+            self._seen_prev = cur - added
+            self._seen_cur = added
+        self._meta = new_meta
+        self.commits += 1
+        self.applied_events += len(items)
+        return len(items)
+
+    async def release(self) -> None:
+        """Give the lease up (shutdown)."""
+        await self.store.release_lease(self.token)
+        self.leader = False

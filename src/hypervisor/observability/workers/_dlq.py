@@ -1,0 +1,131 @@
+"""Dead letters: entries a worker gives up on, kept in a sibling log with the reason.
+
+A dead letter is a msgpack map on the dead-letter log (``<stream>:dlq`` by default): the reason
+(``undecodable`` or ``max_deliveries``), the original id, the group and consumer that gave up,
+the delivery count, the error text, the time (epoch seconds) and the original bytes. Replaying
+appends the original bytes to the event log again; a consumer group on the dead-letter log
+records what was replayed, so a replay never repeats.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+import msgspec
+
+from hypervisor.observability._log.base import MIN_ID, StreamLog
+
+__all__ = [
+    "REASON_MAX_DELIVERIES",
+    "REASON_UNDECODABLE",
+    "REPLAY_GROUP",
+    "DeadLetter",
+    "decode_dead_letter",
+    "dlq_name",
+    "encode_dead_letter",
+    "list_dead_letters",
+    "replay_dead_letters",
+]
+
+REASON_UNDECODABLE: Final = "undecodable"
+REASON_MAX_DELIVERIES: Final = "max_deliveries"
+REPLAY_GROUP: Final = "hvobs-replay"
+"""The consumer group on the dead-letter log that tracks replayed letters."""
+
+
+def dlq_name(stream: str) -> str:
+    """Return the dead-letter log name for an event log name."""
+    return f"{stream}:dlq"
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry a worker gave up on.
+
+    Attributes:
+        reason: ``"undecodable"`` or ``"max_deliveries"``.
+        original_id: the entry's id in the event log.
+        group: the consumer group.
+        consumer: the consumer that dead-lettered it.
+        deliveries: how many times it had been delivered.
+        error: the last error seen for it (``""`` if none was seen by this consumer).
+        at: when it was dead-lettered (epoch seconds).
+        data: the original entry bytes.
+    """
+
+    reason: str
+    original_id: str
+    group: str
+    consumer: str
+    deliveries: int
+    error: str
+    at: float = msgspec.field(default_factory=time.time)
+    data: bytes = b""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(DeadLetter)
+
+
+def encode_dead_letter(letter: DeadLetter) -> bytes:
+    """Encode a dead letter for the dead-letter log."""
+    return _encoder.encode(letter)
+
+
+def decode_dead_letter(data: bytes) -> DeadLetter:
+    """Decode a dead letter.
+
+    Raises:
+        msgspec.DecodeError: not a dead letter.
+    """
+    return _decoder.decode(data)
+
+
+async def list_dead_letters(dlq: StreamLog, limit: int = 1000) -> list[tuple[str, DeadLetter]]:
+    """Return up to ``limit`` dead letters (``(dead-letter id, letter)``), oldest first."""
+    out: list[tuple[str, DeadLetter]] = []
+    after = MIN_ID
+    while len(out) < limit:
+        entries = await dlq.read(after, min(500, limit - len(out)))
+        if not entries:
+            break
+        for entry in entries:
+            after = entry.id
+            if entry.data is not None:
+                try:
+                    out.append((entry.id, decode_dead_letter(entry.data)))
+                except msgspec.DecodeError:
+                    continue
+    return out
+
+
+async def replay_dead_letters(
+    dlq: StreamLog, log: StreamLog, *, consumer: str = "replay", limit: int | None = None
+) -> list[tuple[str, str]]:
+    """Append not-yet-replayed dead letters' bytes to ``log``; return ``(dlq id, new id)`` pairs.
+
+    Progress is kept by the ``hvobs-replay`` group on the dead-letter log: a letter is
+    acknowledged there once its bytes are appended, so running replay twice replays nothing the
+    second time (a crash in between may replay one batch twice; workers drop the duplicate
+    events by event id).
+    """
+    await dlq.ensure_group(REPLAY_GROUP, "0")
+    done: list[tuple[str, str]] = []
+    for pending in (True, False):
+        while limit is None or len(done) < limit:
+            want = 500 if limit is None else min(500, limit - len(done))
+            entries = await dlq.read_group(REPLAY_GROUP, consumer, want, pending=pending)
+            if not entries:
+                break
+            letters: list[tuple[str, bytes]] = []
+            for entry in entries:
+                if entry.data is None:
+                    continue
+                try:
+                    letters.append((entry.id, decode_dead_letter(entry.data).data))
+                except msgspec.DecodeError:
+                    continue
+            new_ids = await log.append_many([data for _, data in letters]) if letters else []
+            await dlq.ack(REPLAY_GROUP, [entry.id for entry in entries])
+            done.extend(zip([dlq_id for dlq_id, _ in letters], new_ids, strict=True))
+    return done

@@ -1,0 +1,529 @@
+"""The worker runtime: consumer-group reading, staging, acknowledging, claiming, dead letters.
+
+A :class:`Worker` runs on any ``StreamLog`` (Redis or in memory) and hosts one or more
+derivations on one consumer group. Tasks: the consume loop (own pending entries first, then new
+ones), the claim sweep (XAUTOCLAIM of entries idle on dead consumers), and one apply loop per
+derivation (see ``_apply``). ``stop()`` drains: no new read, the batch in hand is finished and
+acknowledged, a last apply round runs, the lease is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+import anyio
+
+from hypervisor.observability._core.codec import decode_event
+from hypervisor.observability._log.base import (
+    MIN_ID,
+    Entry,
+    LogError,
+    LogGroupMissingError,
+    StreamLog,
+)
+from hypervisor.observability.errors import EventDecodeError
+from hypervisor.observability.workers._apply import Applier
+from hypervisor.observability.workers._derivations import Derivation
+from hypervisor.observability.workers._dlq import (
+    REASON_MAX_DELIVERIES,
+    REASON_UNDECODABLE,
+    DeadLetter,
+    dlq_name,
+    encode_dead_letter,
+)
+from hypervisor.observability.workers._snapshot import WorkerStateError
+
+__all__ = ["BATCH_BUCKETS", "Worker", "WorkerConfig", "WorkerStats", "default_consumer_name"]
+
+_log = logging.getLogger("hypervisor.observability.workers")
+
+BATCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""Upper bounds (seconds) of the batch latency histogram."""
+_MAX_REMEMBERED_ERRORS = 10_000
+
+
+def default_consumer_name() -> str:
+    """Return ``<hostname>``: stable across restarts on one host (pass your own per worker)."""
+    return socket.gethostname()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """How a worker consumes its group.
+
+    Attributes:
+        group: the consumer group.
+        consumer: this worker's consumer name; keep it stable across restarts so the worker
+            finds its own pending entries.
+        batch_size: entries per read.
+        block_s: longest wait of one blocking read.
+        start_id: where a new group starts (``"0"``: everything retained; ``"$"``: new only).
+        claim_interval_s: time between claim sweeps.
+        claim_min_idle_s: an entry pending this long on any consumer is claimed.
+        max_deliveries: deliveries after which an entry is dead-lettered.
+        apply_interval_s: longest time between apply rounds while idle.
+        max_apply_batch: staged entries applied per round at most.
+        lease_ttl_s: applier lease time to live.
+        dedup_window: event ids remembered to drop duplicate appends.
+        max_pending_age_s: health threshold: pending entries older than this mean "behind".
+        retry_max_s: longest back-off between retries when the backend is unreachable.
+    """
+
+    group: str
+    consumer: str = field(default_factory=default_consumer_name)
+    batch_size: int = 500
+    block_s: float = 2.0
+    start_id: str = "0"
+    claim_interval_s: float = 5.0
+    claim_min_idle_s: float = 30.0
+    max_deliveries: int = 5
+    apply_interval_s: float = 0.005
+    max_apply_batch: int = 20_000
+    lease_ttl_s: float = 5.0
+    dedup_window: int = 100_000
+    max_pending_age_s: float = 60.0
+    retry_max_s: float = 5.0
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """What one worker did (counters) and last saw of its group (gauges)."""
+
+    events: int = 0
+    batches: int = 0
+    redeliveries: int = 0
+    claimed: int = 0
+    deleted_pending: int = 0
+    decode_errors: int = 0
+    processing_errors: int = 0
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+    group_recreated: int = 0
+    backend_errors: int = 0
+    batch_buckets: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
+    batch_seconds_sum: float = 0.0
+    lag: int | None = None
+    pending: int = 0
+    oldest_pending_age_s: float = 0.0
+    last_refresh: float = 0.0
+
+    def observe_batch(self, seconds: float) -> None:
+        """Record one batch's latency."""
+        self.batches += 1
+        self.batch_seconds_sum += seconds
+        for index, bound in enumerate(BATCH_BUCKETS):
+            if seconds <= bound:
+                self.batch_buckets[index] += 1
+                return
+        self.batch_buckets[-1] += 1
+
+
+class Worker:
+    """Runs derivations on a consumer group of a ``StreamLog``.
+
+    Args:
+        log: the event log.
+        derivations: what to compute; each has its own state store.
+        config: group, consumer name and tuning.
+        dlq: the dead-letter log (``<log name>:dlq`` in memory by default; pass a Redis log
+            for a Redis deployment).
+
+    Use as an async context manager and ``await run()``; call :meth:`stop` (or send SIGTERM to
+    the CLI) to drain and return.
+    """
+
+    def __init__(
+        self,
+        log: StreamLog,
+        derivations: Sequence[Derivation],
+        config: WorkerConfig,
+        *,
+        dlq: StreamLog | None = None,
+    ) -> None:
+        if not derivations:
+            raise ValueError("a worker needs at least one derivation")
+        self.log = log
+        self.derivations = list(derivations)
+        self.config = config
+        if dlq is None:
+            from hypervisor.observability._log.memory import MemoryStreamLog
+
+            dlq = MemoryStreamLog(dlq_name(log.name))
+        self.dlq = dlq
+        token = f"{config.consumer}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.appliers = [
+            Applier(
+                log,
+                config.group,
+                derivation,
+                token=f"{token}:{derivation.name}",
+                lease_ttl_s=config.lease_ttl_s,
+                max_batch=config.max_apply_batch,
+                dedup_window=config.dedup_window,
+            )
+            for derivation in self.derivations
+        ]
+        self.stats = WorkerStats()
+        self.connected = False
+        """Whether the last backend call succeeded."""
+        self.server_version: tuple[int, int, int] | None = None
+        self.ready = anyio.Event()
+        """Set once the group exists and the worker's own pending entries were re-read."""
+        self.stopped = anyio.Event()
+        """Set when :meth:`run` has drained and returned."""
+        self._stop = anyio.Event()
+        self._consume_done = anyio.Event()
+        self._wake = anyio.Event()
+        self._read_scope: anyio.CancelScope | None = None
+        self._reread_own = True
+        self._errors: dict[str, str] = {}
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop (if running) and release the leases. Does not close the logs or stores."""
+        self.stop()
+        with anyio.CancelScope(shield=True):
+            for applier in self.appliers:
+                try:
+                    await applier.release()
+                except LogError as exc:
+                    _log.debug("releasing the applier lease: %s", exc)
+
+    def stop(self) -> None:
+        """Ask the worker to drain and return from :meth:`run`; safe to call many times."""
+        self._stop.set()
+        if self._read_scope is not None:
+            # Only the blocking read is cancelled: anything it had delivered stays pending on
+            # this consumer and is re-read on the next start.
+            self._read_scope.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stop.is_set()
+
+    def _wake_appliers(self) -> None:
+        self._wake.set()
+        self._wake = anyio.Event()
+
+    async def _backoff(self, attempt: int) -> None:
+        delay = random.uniform(0, min(self.config.retry_max_s, 0.05 * 2**attempt))
+        with anyio.move_on_after(delay):
+            await self._stop.wait()
+
+    async def _ensure_group(self) -> None:
+        if await self.log.ensure_group(self.config.group, self.config.start_id):
+            _log.info("created consumer group %r on %r", self.config.group, self.log.name)
+
+    async def _start(self) -> None:
+        attempt = 0
+        while not self.stopping:
+            try:
+                self.server_version = await self.log.server_version()
+                await self._ensure_group()
+            except LogError as exc:
+                self.stats.backend_errors += 1
+                _log.warning("worker start: %s; retrying", exc)
+                await self._backoff(attempt)
+                attempt += 1
+                continue
+            self.connected = True
+            _log.info(
+                "worker %s on %s/%s, server %s",
+                self.config.consumer,
+                self.log.name,
+                self.config.group,
+                ".".join(map(str, self.server_version)),
+            )
+            return
+
+    async def run(self) -> None:
+        """Consume, stage, acknowledge and apply until :meth:`stop`; then drain and return."""
+        try:
+            await self._start()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._consume_loop)
+                tg.start_soon(self._sweep_loop)
+                for applier in self.appliers:
+                    tg.start_soon(self._apply_loop, applier)
+        finally:
+            self.stopped.set()
+
+    # -- consuming -----------------------------------------------------------------------------
+
+    async def _recreate_group(self) -> None:
+        self.stats.group_recreated += 1
+        _log.warning(
+            "consumer group %r of %r is gone (stream flushed, evicted or lost); recreating it: "
+            "entries appended meanwhile may be lost",
+            self.config.group,
+            self.log.name,
+        )
+        await self._ensure_group()
+
+    async def _consume_loop(self) -> None:
+        config = self.config
+        attempt = 0
+        try:
+            while not self.stopping:
+                try:
+                    if self._reread_own:
+                        entries = await self.log.read_group(
+                            config.group, config.consumer, config.batch_size, pending=True
+                        )
+                        if not entries:
+                            self._reread_own = False
+                            self.ready.set()
+                            continue
+                        await self._process(entries, redelivered=True)
+                    else:
+                        entries = []
+                        with anyio.CancelScope() as scope:
+                            self._read_scope = scope
+                            if not self.stopping:
+                                entries = await self.log.read_group(
+                                    config.group, config.consumer, config.batch_size, config.block_s
+                                )
+                        self._read_scope = None
+                        if entries:
+                            await self._process(entries, redelivered=False)
+                    self.connected = True
+                    attempt = 0
+                except LogGroupMissingError:
+                    await self._recovering(self._recreate_group)
+                    self._reread_own = True
+                except LogError as exc:
+                    self._read_scope = None
+                    self.connected = False
+                    self.stats.backend_errors += 1
+                    self._reread_own = True
+                    _log.warning("worker %s: %s; backing off", config.consumer, exc)
+                    await self._backoff(attempt)
+                    attempt += 1
+        finally:
+            self._consume_done.set()
+            self._wake_appliers()
+
+    async def _recovering(self, action: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await action()
+        except LogError as exc:
+            self.connected = False
+            self.stats.backend_errors += 1
+            _log.warning("worker %s: %s", self.config.consumer, exc)
+            await self._backoff(3)
+
+    async def _process(self, entries: list[Entry], *, redelivered: bool) -> None:
+        """Stage, dead-letter and acknowledge one batch (shielded: a batch is never half done)."""
+        with anyio.CancelScope(shield=True):
+            await self._process_batch(entries, redelivered)
+
+    async def _process_batch(self, entries: list[Entry], redelivered: bool) -> None:
+        started = time.perf_counter()
+        config = self.config
+        stats = self.stats
+        derivations = self.derivations
+        counts: dict[str, int] = {}
+        if redelivered:
+            counts = await self.log.delivery_counts(config.group, [e.id for e in entries])
+            stats.redeliveries += len(entries)
+        to_ack: list[str] = []
+        letters: list[DeadLetter] = []
+        staged: list[list[tuple[str, bytes]]] = [[] for _ in derivations]
+        for entry in entries:
+            entry_id, data = entry.id, entry.data
+            if data is None:  # deleted from the log while pending: nothing to process
+                stats.deleted_pending += 1
+                to_ack.append(entry_id)
+                continue
+            deliveries = counts.get(entry_id, 1)
+            if deliveries > config.max_deliveries:
+                letters.append(
+                    self._letter(
+                        REASON_MAX_DELIVERIES,
+                        entry_id,
+                        data,
+                        deliveries,
+                        self._errors.pop(entry_id, ""),
+                    )
+                )
+                continue
+            try:
+                event = decode_event(data)
+            except EventDecodeError as exc:
+                stats.decode_errors += 1
+                letters.append(
+                    self._letter(REASON_UNDECODABLE, entry_id, data, deliveries, str(exc))
+                )
+                continue
+            users: list[int] = []
+            try:
+                for index, derivation in enumerate(derivations):
+                    if derivation.uses(event):
+                        derivation.prepare(event)
+                        users.append(index)
+            except Exception as exc:
+                # Left pending: the sweep retries it; max_deliveries ends the retries.
+                stats.processing_errors += 1
+                if len(self._errors) >= _MAX_REMEMBERED_ERRORS:
+                    self._errors.clear()
+                self._errors[entry_id] = f"{type(exc).__name__}: {exc}"
+                continue
+            for index in users:
+                staged[index].append((entry_id, data))
+            to_ack.append(entry_id)
+        for index, derivation in enumerate(derivations):
+            if staged[index]:
+                await derivation.store.stage(staged[index])
+        if letters:
+            await self.dlq.append_many([encode_dead_letter(letter) for letter in letters])
+            for letter in letters:
+                to_ack.append(letter.original_id)
+                stats.dead_lettered[letter.reason] = stats.dead_lettered.get(letter.reason, 0) + 1
+            _log.warning(
+                "worker %s dead-lettered %d entries (%s)",
+                config.consumer,
+                len(letters),
+                ", ".join(sorted({letter.reason for letter in letters})),
+            )
+        if to_ack:
+            await self.log.ack(config.group, to_ack)
+        stats.events += len(entries)
+        stats.observe_batch(time.perf_counter() - started)
+        self._wake_appliers()
+
+    def _letter(
+        self, reason: str, entry_id: str, data: bytes, deliveries: int, error: str
+    ) -> DeadLetter:
+        return DeadLetter(
+            reason=reason,
+            original_id=entry_id,
+            group=self.config.group,
+            consumer=self.config.consumer,
+            deliveries=deliveries,
+            error=error,
+            data=data,
+        )
+
+    # -- claiming ------------------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Claim and process entries idle on any consumer; return how many were claimed."""
+        config = self.config
+        start = MIN_ID
+        claimed = 0
+        while not self.stopping:
+            result = await self.log.claim_idle(
+                config.group,
+                config.consumer,
+                config.claim_min_idle_s,
+                config.batch_size,
+                start,
+            )
+            self.stats.deleted_pending += len(result.deleted_ids)
+            if result.entries:
+                claimed += len(result.entries)
+                self.stats.claimed += len(result.entries)
+                await self._process(result.entries, redelivered=True)
+            start = result.next_start_id
+            if start == MIN_ID:
+                break
+        return claimed
+
+    async def _sweep_loop(self) -> None:
+        await self.ready.wait()
+        while not self.stopping:
+            with anyio.move_on_after(self.config.claim_interval_s):
+                await self._stop.wait()
+            if self.stopping:
+                return
+            try:
+                await self.sweep()
+            except LogGroupMissingError:
+                await self._recovering(self._recreate_group)
+            except LogError as exc:
+                self.stats.backend_errors += 1
+                _log.warning("claim sweep failed: %s", exc)
+
+    # -- applying ------------------------------------------------------------------------------
+
+    async def _apply_loop(self, applier: Applier) -> None:
+        try:
+            await self._apply_rounds(applier)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await applier.release()
+                except LogError as exc:
+                    _log.debug("releasing the applier lease: %s", exc)
+
+    async def _apply_rounds(self, applier: Applier) -> None:
+        attempt = 0
+        final_errors = 0
+        while True:
+            draining = self._consume_done.is_set()
+            wake = self._wake
+            try:
+                applied = await applier.round()
+                attempt = 0
+            except (LogError, WorkerStateError) as exc:
+                applied = -1
+                self.stats.backend_errors += 1
+                _log.warning("%s apply round failed: %s", applier.derivation.name, exc)
+            except Exception:
+                applied = -1
+                _log.exception("%s apply round failed (export)", applier.derivation.name)
+            if applied < 0:
+                final_errors += draining
+                if final_errors > 3:
+                    return
+                await self._backoff(attempt)
+                attempt += 1
+                continue
+            if draining and applied == 0:
+                return
+            if applied >= applier.max_batch:
+                continue
+            with anyio.move_on_after(self.config.apply_interval_s):
+                await wake.wait()
+
+    # -- health --------------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Refresh the group gauges (lag, pending, oldest pending age) from the log."""
+        stats = self.stats
+        try:
+            for info in await self.log.group_info():
+                if info.name == self.config.group:
+                    stats.lag = info.lag
+                    break
+            summary = await self.log.pending_summary(self.config.group)
+        except LogError:
+            self.connected = False
+            raise
+        stats.pending = summary.count
+        stats.oldest_pending_age_s = summary.oldest_idle_s
+        stats.last_refresh = time.time()
+        self.connected = True
+
+    @property
+    def keeping_up(self) -> bool:
+        """Whether the oldest pending entry is younger than ``max_pending_age_s``."""
+        return self.stats.oldest_pending_age_s <= self.config.max_pending_age_s

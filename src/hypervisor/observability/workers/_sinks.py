@@ -1,0 +1,112 @@
+"""Span sinks for workers: the JSON-lines file sink and the export helper."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+import msgspec
+
+from hypervisor.observability._core.spans import SagaSpanRecord, SpanRecordSink, SpanSink
+
+__all__ = ["JsonLinesSpanSink", "export_records", "span_to_dict"]
+
+_encoder = msgspec.json.Encoder()
+
+
+def span_to_dict(record: SagaSpanRecord) -> dict[str, Any]:
+    """Return the JSON-lines form of a span: ids, name, epoch-second times, status, attributes."""
+    return {
+        "name": record.name,
+        "trace_id": record.trace_id,
+        "span_id": record.span_id,
+        "parent_span_id": record.parent_span_id,
+        "start_time": record.start_time,
+        "end_time": record.end_time,
+        "status": record.status,
+        "saga_id": record.saga_id,
+        "step_id": record.step_id,
+        "step_action": record.step_action,
+        "attributes": record.attributes,
+    }
+
+
+class JsonLinesSpanSink:
+    """Appends one JSON object per span to a file (see :func:`span_to_dict` for the keys).
+
+    Lines are written through a buffer and flushed by :meth:`flush`, which the saga worker calls
+    before it commits the state that produced them, so a committed span is always on disk
+    (``fsync=True`` also survives a machine crash). A span may appear twice after a worker crash;
+    both lines are identical.
+
+    Args:
+        path: the file; created if missing, appended to otherwise.
+        fsync: ``os.fsync`` on every flush.
+    """
+
+    def __init__(self, path: str | Path, *, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self._fsync = fsync
+        self._file: IO[bytes] | None = self.path.open("ab")
+        self.spans_written = 0
+        """Spans written so far."""
+
+    def export_span(self, record: SagaSpanRecord) -> None:
+        """Write one span (buffered until :meth:`flush`)."""
+        if self._file is None:
+            raise ValueError(f"span sink {self.path} is closed")
+        self._file.write(_encoder.encode(span_to_dict(record)) + b"\n")
+        self.spans_written += 1
+
+    def flush(self) -> None:
+        """Push buffered lines to the file (and to the disk with ``fsync``)."""
+        if self._file is None:
+            return
+        self._file.flush()
+        if self._fsync:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        """Flush and close. Idempotent."""
+        if self._file is not None:
+            self.flush()
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def export_records(records: list[SagaSpanRecord], sinks: list[SpanRecordSink | SpanSink]) -> None:
+    """Hand ``records`` to every sink, then flush sinks that buffer.
+
+    A sink with ``export_span`` gets whole records (ids included); a published ``SpanSink`` gets
+    ``record_span(...)`` keywords. Errors propagate: the caller must not commit state whose spans
+    a sink did not take.
+    """
+    for sink in sinks:
+        if isinstance(sink, SpanRecordSink):
+            for record in records:
+                sink.export_span(record)
+        else:
+            for record in records:
+                sink.record_span(
+                    name=record.name,
+                    start_time=record.start_time,
+                    end_time=record.end_time,
+                    attributes=record.attributes,
+                    status=record.status,
+                )
+        flush = getattr(sink, "flush", None)
+        if callable(flush):
+            flush()
