@@ -24,6 +24,7 @@ observable instruments read at collection time, under the same names as the Prom
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Protocol, Self
@@ -121,7 +122,9 @@ def _attribute_value(value: object) -> str | bool | int | float:
 
 
 def _ns(seconds: float) -> int:
-    return round(seconds * 1e9)
+    # Whole and fractional seconds apart: ``seconds * 1e9`` near 1.7e18 is only good to 256 ns.
+    whole = math.floor(seconds)
+    return whole * 1_000_000_000 + round((seconds - whole) * 1e9)
 
 
 class OTelSpanSink:
