@@ -354,3 +354,25 @@ def test_reader_socket_timeout_exceeds_block() -> None:
     """The reader's socket timeout stays above the longest BLOCK (redis-py 8 defaults to 5 s)."""
     log = RedisStreamLog("redis://127.0.0.1:1/0", "s", max_block_s=10.0)
     assert log._reader.connection_pool.connection_kwargs["socket_timeout"] > 10.0
+
+
+async def test_claim_reports_entries_deleted_while_pending(
+    redis_server: RedisServer, stream_name: str
+) -> None:
+    """A pending entry deleted with XDEL comes back from ``claim_idle`` as a deleted id and from
+    a pending re-read as a body-less entry, never as data."""
+    async with RedisStreamLog(redis_server.url, stream_name) as log:
+        await log.ensure_group("g")
+        ids = await log.append_many([b"a", b"b", b"c"])
+        await log.read_group("g", "dead", 3)
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await raw.xdel(stream_name, ids[1])
+        finally:
+            await raw.aclose()
+        again = await log.read_group("g", "dead", 10, pending=True)
+        assert [(e.id, e.data) for e in again] == [(ids[0], b"a"), (ids[1], None), (ids[2], b"c")]
+        claimed = await log.claim_idle("g", "rescuer", 0.0, 10)
+        assert [e.id for e in claimed.entries] == [ids[0], ids[2]]
+        assert claimed.deleted_ids == [ids[1]]
+        assert (await log.pending_summary("g")).count == 2

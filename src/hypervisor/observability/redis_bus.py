@@ -444,6 +444,12 @@ class RedisEventBus:
         except BusUnavailableError as exc:
             self._fail_batch(batch, exc)
             return
+        except Exception as exc:  # a bug below us must not kill the flusher and hang emitters
+            _log.exception("%s: append failed unexpectedly", self._log.name)
+            error = BusUnavailableError(f"{self._log.name}: append failed: {exc!r}")
+            error.__cause__ = exc
+            self._fail_batch(batch, error)
+            return
         except BaseException:
             # Cancelled mid-append (aclose past its flush timeout): whether Redis stored the
             # batch is unknown, so its emitters must not be told it was.
@@ -530,7 +536,12 @@ class RedisEventBus:
                 _log.info("%s: tailing reader resumed after %d attempts", log.name, attempt)
                 attempt = 0
             if entries:
-                self._apply(entries)
+                try:
+                    self._apply(entries)
+                except Exception:  # never let one bad batch stop the index; skip past it
+                    self.reader_errors += 1
+                    _log.exception("%s: applying %d entries failed", log.name, len(entries))
+                    self._applied = parse_id(entries[-1].id)
             else:
                 self._empty_read_no = read_no
             if self._sync_waiters:
