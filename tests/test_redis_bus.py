@@ -260,12 +260,15 @@ async def dead_bus() -> AsyncIterator[RedisEventBus]:
 async def test_full_buffer_raises_for_nowait_and_flush_reports_losses(
     dead_bus: RedisEventBus,
 ) -> None:
-    """``emit_nowait`` raises ``BusFullError`` when the buffer is full; events that could not be
+    """``emit_nowait`` (and ``emit(block=False)``) raise ``BusFullError`` when the buffer is
+    full; events that could not be
     stored make ``flush()`` raise ``BusUnavailableError`` naming how many."""
     for _ in range(4):
         dead_bus.emit_nowait(HypervisorEvent())
     with pytest.raises(BusFullError):
         dead_bus.emit_nowait(HypervisorEvent())
+    with pytest.raises(BusFullError):
+        await dead_bus.emit(HypervisorEvent(), block=False)
     with anyio.fail_after(10), pytest.raises(BusUnavailableError, match="4 buffered events"):
         await dead_bus.flush()
     assert dead_bus.failed == 4
@@ -376,3 +379,16 @@ async def test_claim_reports_entries_deleted_while_pending(
         assert [e.id for e in claimed.entries] == [ids[0], ids[2]]
         assert claimed.deleted_ids == [ids[1]]
         assert (await log.pending_summary("g")).count == 2
+
+
+async def test_retention_keywords_bound_the_log() -> None:
+    """``max_len`` given to the constructor bounds the log; both forms at once are rejected."""
+    events = [HypervisorEvent(payload={"i": i}) for i in range(200)]
+    async with RedisEventBus.in_memory(max_len=50) as bus:
+        await bus.emit_many(events)
+        assert await bus.log.length() == 50
+        await bus.sync()
+        # The tailing reader is not a consumer group: it indexes what the log retains.
+        assert await bus.all_events() == events[-50:]
+    with pytest.raises(ValueError, match="either"):
+        RedisEventBus.in_memory(max_len=5, retention=TrimPolicy(max_len=5))

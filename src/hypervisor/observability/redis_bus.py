@@ -50,7 +50,7 @@ from hypervisor.observability.errors import (
     BusUnavailableError,
 )
 
-__all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus"]
+__all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy"]
 
 _log = logging.getLogger("hypervisor.observability.redis_bus")
 
@@ -74,6 +74,20 @@ class IndexLag(msgspec.Struct, frozen=True):
     seconds: float
     head_id: str
     applied_id: str
+
+
+def _retention(
+    max_len: int | None, max_age_s: float | None, retention: TrimPolicy | None
+) -> TrimPolicy | None:
+    if retention is not None:
+        if max_len is not None or max_age_s is not None:
+            raise ValueError("pass either retention or max_len/max_age_s, not both")
+        return retention
+    if max_len is None and max_age_s is None:
+        return None
+    if (max_len is not None and max_len < 1) or (max_age_s is not None and max_age_s <= 0):
+        raise ValueError("max_len must be >= 1 and max_age_s > 0")
+    return TrimPolicy(max_len=max_len, max_age_s=max_age_s)
 
 
 class _SyncWaiter:
@@ -195,6 +209,8 @@ class RedisEventBus:
         url: str,
         stream: str = DEFAULT_STREAM,
         *,
+        max_len: int | None = None,
+        max_age_s: float | None = None,
         retention: TrimPolicy | None = None,
         log_options: dict[str, Any] | None = None,
         **options: Any,
@@ -205,13 +221,16 @@ class RedisEventBus:
             url: ``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS; the ACL
                 username and password come from the URL.
             stream: the stream key all processes of the fleet share.
-            retention: bound the stream by length and/or age (never past unacknowledged
-                entries of any consumer group).
+            max_len: keep about this many entries in the stream (trimmed with ``~``, never
+                past entries a consumer group has not acknowledged).
+            max_age_s: drop entries older than this (same guarantee).
+            retention: the full retention policy instead of ``max_len``/``max_age_s``.
             log_options: extra ``RedisStreamLog`` options (timeouts, TLS files, ...).
             **options: ``RedisEventBus`` options.
         """
         from hypervisor.observability._log.redis import RedisStreamLog
 
+        retention = _retention(max_len, max_age_s, retention)
         block_s = float(options.get("block_s", 1.0))
         settings: dict[str, Any] = {"max_block_s": max(5.0, block_s)}
         settings.update(log_options or {})
@@ -220,12 +239,22 @@ class RedisEventBus:
 
     @classmethod
     def in_memory(
-        cls, stream: str = DEFAULT_STREAM, *, retention: TrimPolicy | None = None, **options: Any
+        cls,
+        stream: str = DEFAULT_STREAM,
+        *,
+        max_len: int | None = None,
+        max_age_s: float | None = None,
+        retention: TrimPolicy | None = None,
+        **options: Any,
     ) -> RedisEventBus:
-        """Build a bus on a process-local ``MemoryStreamLog`` (tests, demos, one process)."""
+        """Build a bus on a process-local ``MemoryStreamLog`` (tests, demos, one process).
+
+        Retention arguments as for ``from_url`` (applied exactly here).
+        """
         from hypervisor.observability._log.memory import MemoryStreamLog
 
-        return cls(MemoryStreamLog(stream, retention=retention), **options)
+        policy = _retention(max_len, max_age_s, retention)
+        return cls(MemoryStreamLog(stream, retention=policy), **options)
 
     @property
     def log(self) -> StreamLog:
@@ -330,19 +359,24 @@ class RedisEventBus:
             await space.wait()
             self._check_running()
 
-    async def emit(self, event: HypervisorEvent) -> None:
+    async def emit(self, event: HypervisorEvent, *, block: bool = True) -> None:
         """Store ``event`` in the log; return once the backend has stored it.
 
-        Waits while the buffer is full.
+        Args:
+            event: the event.
+            block: wait while the buffer is full (else raise ``BusFullError``).
 
         Raises:
             EventEncodeError: the event cannot be encoded (raised before buffering).
+            BusFullError: the buffer is full and ``block`` is false.
             BusUnavailableError: the backend stayed unreachable past ``retry_deadline_s``.
             BusClosedError: the bus is closed or not started.
         """
         data = encode_event(event)
         self._check_running()
         if len(self._buffer) >= self._buffer_size:
+            if not block:
+                raise BusFullError(f"emit buffer full ({self._buffer_size} events)")
             await self._wait_space()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enqueue(data, future)
