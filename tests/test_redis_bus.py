@@ -392,3 +392,22 @@ async def test_retention_keywords_bound_the_log() -> None:
         assert await bus.all_events() == events[-50:]
     with pytest.raises(ValueError, match="either"):
         RedisEventBus.in_memory(max_len=5, retention=TrimPolicy(max_len=5))
+
+
+@pytest.mark.slow
+def test_hvobs_demo_on_redis_matches_in_process(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``hvobs demo --redis URL`` runs each agent as a process on the shared bus and reports the
+    same ring metrics, saga timeline and spawn tree as the in-process demo."""
+    from hypervisor.observability.cli import main
+
+    assert main(["demo", "--seed", "11", "--agents", "5", "--sagas", "3"]) == 0
+    in_process = capsys.readouterr().out.splitlines()
+    assert (
+        main(["demo", "--seed", "11", "--agents", "5", "--sagas", "3", "--redis", redis_server.url])
+        == 0
+    )
+    on_redis = capsys.readouterr().out.splitlines()
+    assert "6 agent processes" in on_redis[0]
+    assert on_redis[1:] == in_process[1:]

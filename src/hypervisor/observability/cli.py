@@ -62,6 +62,15 @@ def add_demo_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         metavar="N",
         help="sagas run (default: %(default)s)",
     )
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help=(
+            "run every agent as its own process on a RedisEventBus at URL (redis:// or "
+            "rediss://), observed from the shared stream"
+        ),
+    )
     parser.set_defaults(handler=run_demo)
 
 
@@ -72,7 +81,12 @@ def run_demo(args: argparse.Namespace) -> int:
     fleet = generate_fleet(seed=args.seed, agents=args.agents, sagas=args.sagas)
     # Other backends plug in here: a feeder that emits the fleet's events on that bus and
     # returns a DemoResult.
-    result = feed_in_process(fleet)
+    if args.redis:
+        from hypervisor.observability._demo_redis import feed_redis
+
+        result = feed_redis(fleet, args.redis, sagas=args.sagas)
+    else:
+        result = feed_in_process(fleet)
     print(render_report(fleet, result))
     return 0
 
