@@ -66,11 +66,9 @@ RING_EVENTS: Final = RING_TRANSITION_EVENTS | RING_BREACH_EVENTS
 
 _ELEVATED: Final = EventType.RING_ELEVATED
 _BREACH: Final = EventType.RING_BREACH_DETECTED
-_ELEVATION_ENDS: Final = frozenset({EventType.RING_DEMOTED, EventType.RING_ELEVATION_EXPIRED})
-
-
-class _BadRingError(Exception):
-    """Internal signal: a ring field holds something that is not a ring."""
+_ASSIGNED: Final = EventType.RING_ASSIGNED
+_DEMOTED: Final = EventType.RING_DEMOTED
+_EXPIRED: Final = EventType.RING_ELEVATION_EXPIRED
 
 
 def parse_ring(value: object) -> int | None:
@@ -93,14 +91,23 @@ def parse_ring(value: object) -> int | None:
     return None
 
 
-def _ring_field(payload: dict[str, Any], key: str) -> int | None:
-    value = payload.get(key)
-    if value is None:
-        return None
-    ring = parse_ring(value)
-    if ring is None:
-        raise _BadRingError(key)
-    return ring
+_RING_FIELDS: Final = ("to_ring", "ring", "from_ring")
+
+
+def _normalise_rings(
+    payload: dict[str, Any], values: tuple[object, object, object]
+) -> tuple[int | None, int | None, int | None] | str:
+    """The slow path: parse each present ring field; return the name of the first bad one."""
+    rings: list[int | None] = []
+    for key, value in zip(_RING_FIELDS, values, strict=True):
+        if value is None:
+            rings.append(None)
+            continue
+        ring = parse_ring(value)
+        if ring is None:
+            return key
+        rings.append(ring)
+    return rings[0], rings[1], rings[2]
 
 
 class RingMetricsState:
@@ -147,9 +154,16 @@ class RingMetricsState:
     def apply(self, event: HypervisorEvent) -> None:
         """Fold one event into the state; never raises for a malformed payload."""
         event_type = event.event_type
-        if event_type not in RING_EVENTS:
-            return
-        if type(event_type) is not EventType:
+        # Identity tests: an enum member's hash is a Python-level call, too slow for emit().
+        if not (
+            event_type is _ASSIGNED
+            or event_type is _ELEVATED
+            or event_type is _DEMOTED
+            or event_type is _EXPIRED
+            or event_type is _BREACH
+        ):
+            if type(event_type) is EventType or event_type not in RING_EVENTS:
+                return
             # A plain string value (events are not validated at construction).
             event_type = EventType(event_type)
         self.events_processed += 1
@@ -160,39 +174,49 @@ class RingMetricsState:
         agent = event.agent_did or "unknown"
         if event_type is _BREACH:
             key2 = (agent, event.session_id or "unknown")
-            self.breaches[key2] = self.breaches.get(key2, 0) + 1
+            breaches = self.breaches
+            breaches[key2] = breaches.get(key2, 0) + 1
             return
 
         payload = event.payload
-        try:
-            to_ring = _ring_field(payload, "to_ring")
-            ring = _ring_field(payload, "ring")
-            from_ring = _ring_field(payload, "from_ring")
-        except _BadRingError as bad:
-            self.bad_events += 1
-            _log.debug(
-                "ignoring %s event %s: %s=%r is not a ring",
-                event_type.value,
-                event.event_id,
-                bad.args[0],
-                payload.get(bad.args[0]),
-            )
-            return
+        get = payload.get
+        to_ring: Any = get("to_ring")
+        ring: Any = get("ring")
+        from_ring: Any = get("from_ring")
+        # The common case, plain non-negative ints or absent, skips parsing altogether.
+        if not (
+            (to_ring is None or (type(to_ring) is int and to_ring >= 0))
+            and (ring is None or (type(ring) is int and ring >= 0))
+            and (from_ring is None or (type(from_ring) is int and from_ring >= 0))
+        ):
+            parsed = _normalise_rings(payload, (to_ring, ring, from_ring))
+            if isinstance(parsed, str):
+                self.bad_events += 1
+                _log.debug(
+                    "ignoring %s event %s: %s=%r is not a ring",
+                    event_type._value_,
+                    event.event_id,
+                    parsed,
+                    payload[parsed],
+                )
+                return
+            to_ring, ring, from_ring = parsed
 
         if to_ring is None:
             to_ring = ring
-        key3 = (event_type.value, agent, event.session_id or "unknown")
-        self.transitions[key3] = self.transitions.get(key3, 0) + 1
+        key3 = (event_type._value_, agent, event.session_id or "unknown")
+        transitions = self.transitions
+        transitions[key3] = transitions.get(key3, 0) + 1
 
         if event_type is _ELEVATED:
             origin = from_ring if from_ring is not None else self.current_rings.get(agent)
             self._elevation_origins[agent] = origin
             self.elevation_starts[agent] = ts
-        elif event_type in _ELEVATION_ENDS:
+        elif event_type is not _ASSIGNED:
             start = self.elevation_starts.pop(agent, None)
             origin = self._elevation_origins.pop(agent, None)
             if start is not None:
-                self.elevation_durations[agent] = max(0.0, ts - start)
+                self.elevation_durations[agent] = ts - start if ts > start else 0.0
             if to_ring is None:
                 to_ring = origin
         if to_ring is not None:

@@ -92,12 +92,16 @@ _FAILED: Final = EventType.SAGA_STEP_FAILED
 _COMPENSATING: Final = EventType.SAGA_COMPENSATING
 _COMPLETED: Final = EventType.SAGA_COMPLETED
 _ESCALATED: Final = EventType.SAGA_ESCALATED
-_EXTRA_KEYS: Final = ("error", "reason", "result")
+_new_record = object.__new__
+_set_attribute = object.__setattr__
+
+
+_blake2b = hashlib.blake2b
 
 
 def _digest(width: int, *parts: str) -> str:
     """``width`` hex characters of BLAKE2b over ``parts`` (NUL-separated), never all zeros."""
-    value = hashlib.blake2b("\0".join(parts).encode(), digest_size=width // 2).hexdigest()
+    value = _blake2b("\0".join(parts).encode(), digest_size=width // 2).hexdigest()
     if value == "0" * width:
         return value[:-1] + "1"
     return value
@@ -122,11 +126,19 @@ def trace_id_for_saga(saga_id: str, causal_trace_id: str | None) -> tuple[str, s
 
 
 def span_id_for(kind: str, saga_id: str, key: str, opening_event_id: str) -> str:
-    """Return the 16-hex span id of a ``kind`` span, derived from stable inputs only."""
-    return _digest(16, kind, saga_id, key, opening_event_id)
+    """Return the 16-hex span id of a ``kind`` span, derived from stable inputs only.
+
+    ``kind`` is ``"saga"`` (``key`` empty, the ``saga.created`` event id), ``"step"`` (the step
+    key, the ``saga.step_started`` event id, or the ending event's when the start is unknown)
+    or ``"compensate"`` (step id or action, the ``saga.compensating`` event id).
+    """
+    value = _blake2b(
+        f"{kind}\0{saga_id}\0{key}\0{opening_event_id}".encode(), digest_size=8
+    ).hexdigest()
+    return value if value != "0000000000000000" else "0000000000000001"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class SagaSpanRecord:
     """An immutable, completed saga span.
 
@@ -139,7 +151,9 @@ class SagaSpanRecord:
         parent_span_id: the parent's W3C span id, ``None`` for a root span.
 
     A record built by hand without ids gets ids derived from its saga id, step id, name and
-    start time, so every record is a valid W3C span.
+    start time, so every record is a valid W3C span. (Not a slotted class: the state machine
+    builds records through their ``__dict__``, several times faster than the frozen
+    ``__init__``, on the path of every ``emit()``.)
     """
 
     name: str
@@ -210,12 +224,6 @@ class _OpenSaga:
         self.parent_span_id = parent_span_id
         # Where the next compensation starts: the last failure or the last compensation's end.
         self.anchor: float | None = None
-
-
-def _text(value: object) -> str | None:
-    if value is None:
-        return None
-    return value if isinstance(value, str) else str(value)
 
 
 class SagaSpanState:
@@ -297,16 +305,36 @@ class SagaSpanState:
     def apply(self, event: HypervisorEvent) -> list[SagaSpanRecord]:
         """Fold one event into the state and return the spans it completed (zero or one)."""
         event_type = event.event_type
-        if event_type not in SAGA_SPAN_EVENTS:
-            return []
-        if type(event_type) is not EventType:
+        # Identity tests: an enum member's hash is a Python-level call, too slow for emit().
+        if not (
+            event_type is _STARTED
+            or event_type is _COMMITTED
+            or event_type is _FAILED
+            or event_type is _CREATED
+            or event_type is _COMPENSATING
+            or event_type is _COMPLETED
+            or event_type is _ESCALATED
+        ):
+            if type(event_type) is EventType or event_type not in SAGA_SPAN_EVENTS:
+                return []
             event_type = EventType(event_type)
         self.events_processed += 1
         payload = event.payload
-        saga_id = _text(payload.get("saga_id")) or event.causal_trace_id or "unknown"
-        step_id = _text(payload.get("step_id")) or ""
-        action = _text(payload.get("action"))
-        step_action = action if action is not None else (_text(payload.get("step_action")) or "")
+        get = payload.get
+        value: Any = get("saga_id")
+        if type(value) is not str:
+            value = None if value is None else str(value)
+        saga_id: str = value or event.causal_trace_id or "unknown"
+        value = get("step_id")
+        if type(value) is not str:
+            value = "" if value is None else str(value)
+        step_id: str = value
+        value = get("action")
+        if value is None:
+            value = get("step_action")
+        if type(value) is not str:
+            value = "" if value is None else str(value)
+        step_action: str = value
         ts = event.timestamp.timestamp()
 
         if event_type is _CREATED:
@@ -316,129 +344,61 @@ class SagaSpanState:
         if event_type is _STARTED:
             steps = self._open_steps
             key = (saga_id, step_key)
-            steps.pop(key, None)  # a restart re-opens the step as the newest entry
+            if key in steps:
+                del steps[key]  # a restart re-opens the step as the newest entry
             steps[key] = (ts, event.event_id)
             if len(steps) > self.max_open_steps:
                 del steps[next(iter(steps))]
                 self.evicted_open_steps += 1
             return []
+
+        saga = self._open_sagas.get(saga_id)
         if event_type is _COMMITTED or event_type is _FAILED:
-            status = "ok" if event_type is _COMMITTED else "error"
             opened = self._open_steps.pop((saga_id, step_key), None)
-            start, opening_id = opened if opened is not None else (ts, event.event_id)
-            saga = self._open_sagas.get(saga_id)
-            if status == "error" and saga is not None:
-                saga.anchor = ts
-            return self._emit(
-                event,
-                f"saga.step.{step_action or step_key}",
-                saga_id,
-                step_key,
-                step_action,
-                start,
-                ts,
-                status,
-                saga,
-                span_id_for("step", saga_id, step_key, opening_id),
-            )
-        if event_type is _COMPENSATING:
-            saga = self._open_sagas.get(saga_id)
+            if opened is None:
+                start, opening_id = ts, event.event_id
+            else:
+                start, opening_id = opened
+            if event_type is _COMMITTED:
+                status = "ok"
+            else:
+                status = "error"
+                if saga is not None:
+                    saga.anchor = ts
+            name = f"saga.step.{step_action or step_key}"
+            span_id = span_id_for("step", saga_id, step_key, opening_id)
+            step_id = step_key
+        elif event_type is _COMPENSATING:
             start = ts
             if saga is not None:
-                if saga.anchor is not None and saga.anchor <= ts:
-                    start = saga.anchor
+                anchor = saga.anchor
+                if anchor is not None and anchor <= ts:
+                    start = anchor
                 saga.anchor = ts
-            return self._emit(
-                event,
-                f"saga.compensate.{step_action or step_id}",
-                saga_id,
-                step_id or "compensation",
-                step_action or "compensate",
-                start,
-                ts,
-                "compensating",
-                saga,
-                span_id_for("compensate", saga_id, step_id or step_action, event.event_id),
-            )
-        # saga.completed or saga.escalated
-        closed = self._open_sagas.pop(saga_id, None)
-        if closed is None:
-            return []
-        completed = event_type is _COMPLETED
-        record = self._record(
-            event,
-            f"saga.{'completed' if completed else 'escalated'}.{saga_id}",
-            saga_id,
-            "",
-            "complete" if completed else "escalate",
-            closed.start,
-            ts,
-            "ok" if completed else "error",
-            closed.trace_id,
-            closed.span_id,
-            closed.parent_span_id,
-        )
-        self._keep(record)
-        return [record]
+            status = "compensating"
+            name = f"saga.compensate.{step_action or step_id}"
+            span_id = span_id_for("compensate", saga_id, step_key, event.event_id)
+            step_id = step_id or "compensation"
+            step_action = step_action or "compensate"
+        else:  # saga.completed or saga.escalated
+            if saga is None:
+                return []
+            del self._open_sagas[saga_id]
+            start = saga.start
+            if event_type is _COMPLETED:
+                status, name, step_action = "ok", f"saga.completed.{saga_id}", "complete"
+            else:
+                status, name, step_action = "error", f"saga.escalated.{saga_id}", "escalate"
+            step_id = ""
+            span_id = saga.span_id
 
-    def _open_saga(self, saga_id: str, event: HypervisorEvent, ts: float) -> None:
-        trace_id, parent = trace_id_for_saga(saga_id, event.causal_trace_id)
-        sagas = self._open_sagas
-        sagas.pop(saga_id, None)
-        sagas[saga_id] = _OpenSaga(
-            ts, trace_id, span_id_for("saga", saga_id, "", event.event_id), parent
-        )
-        if len(sagas) > self.max_open_sagas:
-            del sagas[next(iter(sagas))]
-            self.evicted_open_sagas += 1
-
-    def _emit(
-        self,
-        event: HypervisorEvent,
-        name: str,
-        saga_id: str,
-        step_id: str,
-        step_action: str,
-        start: float,
-        end: float,
-        status: str,
-        saga: _OpenSaga | None,
-        span_id: str,
-    ) -> list[SagaSpanRecord]:
-        if saga is not None:
-            trace_id, parent = saga.trace_id, saga.span_id
-        else:
+        if saga is None:
             trace_id, parent = trace_id_for_saga(saga_id, event.causal_trace_id)[0], None
-        record = self._record(
-            event,
-            name,
-            saga_id,
-            step_id,
-            step_action,
-            start,
-            end,
-            status,
-            trace_id,
-            span_id,
-            parent,
-        )
-        self._keep(record)
-        return [record]
+        elif span_id is saga.span_id:
+            trace_id, parent = saga.trace_id, saga.parent_span_id
+        else:
+            trace_id, parent = saga.trace_id, saga.span_id
 
-    @staticmethod
-    def _record(
-        event: HypervisorEvent,
-        name: str,
-        saga_id: str,
-        step_id: str,
-        step_action: str,
-        start: float,
-        end: float,
-        status: str,
-        trace_id: str,
-        span_id: str,
-        parent_span_id: str | None,
-    ) -> SagaSpanRecord:
         attributes: dict[str, Any] = {
             "agent.saga.id": saga_id,
             "agent.saga.step_id": step_id,
@@ -449,28 +409,44 @@ class SagaSpanState:
             attributes["agent.did"] = event.agent_did
         if event.session_id:
             attributes["session.id"] = event.session_id
-        payload = event.payload
-        for key in _EXTRA_KEYS:
-            if key in payload:
-                attributes[f"agent.saga.{key}"] = str(payload[key])
-        return SagaSpanRecord(
-            name,
-            saga_id,
-            step_id,
-            step_action,
-            start,
-            end,
-            status,
-            attributes,
-            trace_id,
-            span_id,
-            parent_span_id,
-        )
+        if "error" in payload:
+            attributes["agent.saga.error"] = str(payload["error"])
+        if "reason" in payload:
+            attributes["agent.saga.reason"] = str(payload["reason"])
+        if "result" in payload:
+            attributes["agent.saga.result"] = str(payload["result"])
 
-    def _keep(self, record: SagaSpanRecord) -> None:
-        spans = self._spans
-        if self.max_spans == 0:
-            return
-        if len(spans) == self.max_spans:
-            self.evicted_spans += 1
-        spans.append(record)
+        record = _new_record(SagaSpanRecord)
+        _set_attribute(
+            record,
+            "__dict__",
+            {
+                "name": name,
+                "saga_id": saga_id,
+                "step_id": step_id,
+                "step_action": step_action,
+                "start_time": start,
+                "end_time": ts,
+                "status": status,
+                "attributes": attributes,
+                "trace_id": trace_id,
+                "span_id": span_id,
+                "parent_span_id": parent,
+            },
+        )
+        if self.max_spans:
+            spans = self._spans
+            if len(spans) == self.max_spans:
+                self.evicted_spans += 1
+            spans.append(record)
+        return [record]
+
+    def _open_saga(self, saga_id: str, event: HypervisorEvent, ts: float) -> None:
+        trace_id, parent = trace_id_for_saga(saga_id, event.causal_trace_id)
+        sagas = self._open_sagas
+        sagas.pop(saga_id, None)
+        span_id = span_id_for("saga", saga_id, "", event.event_id)
+        sagas[saga_id] = _OpenSaga(ts, trace_id, span_id, parent)
+        if len(sagas) > self.max_open_sagas:
+            del sagas[next(iter(sagas))]
+            self.evicted_open_sagas += 1
