@@ -90,6 +90,20 @@ def _retention(
     return TrimPolicy(max_len=max_len, max_age_s=max_age_s)
 
 
+class _Tracker:
+    """Shared by the events of one ``emit_many`` call: records whether any of them failed."""
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+
+# Who waits for a buffered event: an awaited emit's future, an emit_many call's tracker, or
+# nobody (emit_nowait; its failure is reported by the next flush()).
+_Waiter = asyncio.Future[None] | _Tracker | None
+
+
 class _SyncWaiter:
     __slots__ = ("future", "read_no", "target")
 
@@ -165,10 +179,9 @@ class RedisEventBus:
         self._run_reader = reader
         self._owns_log = owns_log
 
-        self._buffer: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
+        self._buffer: deque[tuple[bytes, _Waiter]] = deque()
         self._enqueued = 0  # sequence number of the last event put into the buffer
         self._done = 0  # sequence number of the last event whose batch finished (ok or failed)
-        self._failed_ranges: deque[tuple[int, int]] = deque(maxlen=1024)
         self._unreported_failures = 0
         self._last_error: BaseException | None = None
         self._done_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -344,7 +357,7 @@ class RedisEventBus:
 
     # -- emitting -----------------------------------------------------------------------------
 
-    def _enqueue(self, data: bytes, future: asyncio.Future[None] | None) -> None:
+    def _enqueue(self, data: bytes, future: _Waiter) -> None:
         self._buffer.append((data, future))
         self._enqueued += 1
         wake = self._wake
@@ -396,17 +409,19 @@ class RedisEventBus:
         self._check_running()
         if not encoded:
             return
-        first = self._enqueued + 1
+        tracker = _Tracker()
         step = max(1, min(self._buffer_size, self._batch_size * 4))
         for offset in range(0, len(encoded), step):
             chunk = encoded[offset : offset + step]
             if len(self._buffer) + len(chunk) > self._buffer_size:
                 await self._wait_space(len(chunk))
             for data in chunk:
-                self._enqueue(data, None)
-        last = self._enqueued
-        await self._wait_done(last)
-        self._raise_if_failed(first, last)
+                self._enqueue(data, tracker)
+        await self._wait_done(self._enqueued)
+        if tracker.error is not None:
+            raise BusUnavailableError(
+                f"some of the {len(encoded)} events were not stored: {tracker.error}"
+            ) from tracker.error
 
     def emit_nowait(self, event: HypervisorEvent) -> None:
         """Buffer ``event`` for the flusher and return at once; ``flush()`` confirms storage.
@@ -446,13 +461,6 @@ class RedisEventBus:
         self._done_waiters.append((target, future))
         await future
 
-    def _raise_if_failed(self, first: int, last: int) -> None:
-        for lo, hi in self._failed_ranges:
-            if lo <= last and hi >= first:
-                raise BusUnavailableError(
-                    f"events could not be stored: {self._last_error}"
-                ) from self._last_error
-
     async def _flusher(self) -> None:
         wake = self._wake
         space = self._space
@@ -471,7 +479,7 @@ class RedisEventBus:
             space.set()
             await self._append_batch(batch)
 
-    async def _append_batch(self, batch: list[tuple[bytes, asyncio.Future[None] | None]]) -> None:
+    async def _append_batch(self, batch: list[tuple[bytes, _Waiter]]) -> None:
         datas = [data for data, _ in batch]
         try:
             await self._with_retry(self._log.append_many, datas)
@@ -491,24 +499,23 @@ class RedisEventBus:
             raise
         self.emitted += len(batch)
         self.batches += 1
-        for _, future in batch:
-            if future is not None and not future.done():
-                future.set_result(None)
+        for _, waiter in batch:
+            if isinstance(waiter, asyncio.Future) and not waiter.done():
+                waiter.set_result(None)
         self._advance(len(batch))
 
-    def _fail_batch(
-        self, batch: list[tuple[bytes, asyncio.Future[None] | None]], error: BaseException
-    ) -> None:
+    def _fail_batch(self, batch: list[tuple[bytes, _Waiter]], error: BaseException) -> None:
         if not batch:
             return
         self.failed += len(batch)
         self._last_error = error
-        self._failed_ranges.append((self._done + 1, self._done + len(batch)))
-        for _, future in batch:
-            if future is None:
+        for _, waiter in batch:
+            if waiter is None:
                 self._unreported_failures += 1
-            elif not future.done():
-                future.set_exception(error)
+            elif isinstance(waiter, _Tracker):
+                waiter.error = error
+            elif not waiter.done():
+                waiter.set_exception(error)
         self._advance(len(batch))
 
     def _advance(self, count: int) -> None:
