@@ -30,3 +30,11 @@ ensure_redis_server() {
         apt_install redis-server
     fi
 }
+
+ensure_prometheus() {
+    # Debian's prometheus package (prometheus + promtool) for tests/test_stack_prometheus.py.
+    if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+        echo "bootstrap: installing prometheus from Debian's packages" >&2
+        apt_install --no-install-recommends prometheus
+    fi
+}

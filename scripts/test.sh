@@ -7,6 +7,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/bootstrap.sh"
 
 ensure_redis_server
+ensure_prometheus
 ensure_venv
 cd "$root"
 echo "== ruff check" && "$venv/bin/ruff" check .
