@@ -634,3 +634,15 @@ def test_random_streams_link_steps_to_their_saga_span(events: list[HypervisorEve
                 for child in children.pop(saga_id):
                     assert child.parent_span_id == span.span_id
                     assert child.trace_id == span.trace_id
+
+
+def test_state_built_records_equal_constructor_built_ones() -> None:
+    """Records made by the state behave like records made with the published constructor."""
+    _, spans = apply_all(deploy_saga())
+    for span in spans:
+        rebuilt = SagaSpanRecord(**dataclasses.asdict(span))
+        assert rebuilt == span
+        assert dataclasses.replace(span) == span
+        assert repr(rebuilt) == repr(span)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            span.status = "ok"  # type: ignore[misc]

@@ -353,6 +353,7 @@ class SagaSpanState:
             return []
 
         saga = self._open_sagas.get(saga_id)
+        closes_saga = False
         if event_type is _COMMITTED or event_type is _FAILED:
             opened = self._open_steps.pop((saga_id, step_key), None)
             if opened is None:
@@ -391,10 +392,11 @@ class SagaSpanState:
                 status, name, step_action = "error", f"saga.escalated.{saga_id}", "escalate"
             step_id = ""
             span_id = saga.span_id
+            closes_saga = True
 
         if saga is None:
             trace_id, parent = trace_id_for_saga(saga_id, event.causal_trace_id)[0], None
-        elif span_id is saga.span_id:
+        elif closes_saga:
             trace_id, parent = saga.trace_id, saga.parent_span_id
         else:
             trace_id, parent = saga.trace_id, saga.span_id
