@@ -1,8 +1,13 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures: the anyio backend and real redis-server processes."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+
 import pytest
+
+from redis_server import RedisServer, redis_server_binary
 
 
 @pytest.fixture
@@ -12,11 +17,6 @@ def anyio_backend() -> str:
 
 
 # --- Redis fixtures (stream log and Redis bus tests) ---------------------------------------
-
-import uuid  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-
-from redis_server import RedisServer, redis_server_binary  # noqa: E402
 
 
 @pytest.fixture(scope="session")
