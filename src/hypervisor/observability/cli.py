@@ -91,8 +91,24 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``hvobs worker`` (ring-metrics and saga-spans consumer-group workers)."""
+    from hypervisor.observability.workers._cli import add_worker_command as add
+
+    add(subparsers)
+
+
+def add_dlq_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``hvobs dlq`` (list and replay dead-lettered entries)."""
+    from hypervisor.observability.workers._cli import add_dlq_command as add
+
+    add(subparsers)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_demo_command,
+    add_worker_command,
+    add_dlq_command,
 ]
 """The subcommand declarations, in ``--help`` order."""
 

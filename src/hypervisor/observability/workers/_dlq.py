@@ -14,7 +14,7 @@ from typing import Final
 
 import msgspec
 
-from hypervisor.observability._log.base import MIN_ID, StreamLog
+from hypervisor.observability._log.base import MIN_ID, StreamLog, parse_id
 
 __all__ = [
     "REASON_MAX_DELIVERIES",
@@ -110,15 +110,19 @@ async def replay_dead_letters(
     events by event id).
     """
     await dlq.ensure_group(REPLAY_GROUP, "0")
+    # Letters written while replaying (a replayed entry dead-lettered again) wait for the next
+    # replay: without this bound a live worker and the replay could feed each other forever.
+    stop_at = parse_id(await dlq.head_id())
     done: list[tuple[str, str]] = []
     for pending in (True, False):
         while limit is None or len(done) < limit:
             want = 500 if limit is None else min(500, limit - len(done))
             entries = await dlq.read_group(REPLAY_GROUP, consumer, want, pending=pending)
-            if not entries:
+            mine = [entry for entry in entries if parse_id(entry.id) <= stop_at]
+            if not mine:
                 break
             letters: list[tuple[str, bytes]] = []
-            for entry in entries:
+            for entry in mine:
                 if entry.data is None:
                     continue
                 try:
@@ -126,6 +130,8 @@ async def replay_dead_letters(
                 except msgspec.DecodeError:
                     continue
             new_ids = await log.append_many([data for _, data in letters]) if letters else []
-            await dlq.ack(REPLAY_GROUP, [entry.id for entry in entries])
+            await dlq.ack(REPLAY_GROUP, [entry.id for entry in mine])
             done.extend(zip([dlq_id for dlq_id, _ in letters], new_ids, strict=True))
+            if len(mine) < len(entries):
+                break
     return done

@@ -317,9 +317,29 @@ class Worker:
                     _log.warning("worker %s: %s; backing off", config.consumer, exc)
                     await self._backoff(attempt)
                     attempt += 1
+            if self.stopping:
+                await self._drain_own()
         finally:
             self._consume_done.set()
             self._wake_appliers()
+
+    async def _drain_own(self) -> None:
+        """Process what the cancelled read had delivered, so nothing stays pending here."""
+        with anyio.CancelScope(shield=True):
+            for _ in range(self.config.max_deliveries + 1):
+                try:
+                    entries = await self.log.read_group(
+                        self.config.group,
+                        self.config.consumer,
+                        self.config.batch_size,
+                        pending=True,
+                    )
+                    if not entries:
+                        return
+                    await self._process(entries, redelivered=True)
+                except LogError as exc:
+                    _log.warning("draining own pending entries: %s", exc)
+                    return
 
     async def _recovering(self, action: Callable[[], Awaitable[None]]) -> None:
         try:

@@ -1,0 +1,237 @@
+"""``hvobs worker ...`` and ``hvobs dlq ...``: argument declarations and handlers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+import anyio
+
+from hypervisor.observability.workers._derivations import (
+    RING_METRICS,
+    SAGA_SPANS,
+    Derivation,
+    RingMetricsDerivation,
+    SagaSpansDerivation,
+)
+from hypervisor.observability.workers._dlq import dlq_name
+from hypervisor.observability.workers._runtime import Worker, WorkerConfig, default_consumer_name
+
+__all__ = ["add_dlq_command", "add_worker_command", "run_dlq", "run_worker", "serve_worker"]
+
+_DEFAULT_STREAM = "hvobs:events"
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis", required=True, metavar="URL", help="Redis URL of the bus")
+    parser.add_argument(
+        "--stream", default=_DEFAULT_STREAM, help="stream key of the bus (default: %(default)s)"
+    )
+
+
+def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``hvobs worker ring-metrics|saga-spans``."""
+    parser = subparsers.add_parser(
+        "worker",
+        help="run a ring-metrics or saga-spans worker on a consumer group",
+        description=(
+            "Consume the bus on a consumer group and keep ring metrics or saga spans exactly "
+            "as the in-process classes would, however many workers share the group."
+        ),
+    )
+    kinds = parser.add_subparsers(title="kinds", dest="kind", metavar="KIND")
+    kinds.required = True
+    for kind, text in (
+        (RING_METRICS, "ring metrics, served on /metrics as one global view"),
+        (SAGA_SPANS, "saga spans, written to the span sinks"),
+    ):
+        sub = kinds.add_parser(kind, help=text, description=text)
+        _common(sub)
+        sub.add_argument("--group", required=True, help="consumer group")
+        sub.add_argument(
+            "--consumer",
+            default=default_consumer_name(),
+            help="consumer name, stable across restarts (default: the host name)",
+        )
+        sub.add_argument(
+            "--metrics-port",
+            type=int,
+            default=None if kind == SAGA_SPANS else 9101,
+            help="port of /metrics and /healthz (ring default 9101; 0: any free port)",
+        )
+        sub.add_argument("--metrics-host", default="127.0.0.1", help="address to bind")
+        if kind == SAGA_SPANS:
+            sub.add_argument("--jsonl", metavar="PATH", help="append spans to this JSON-lines file")
+            sub.add_argument("--fsync", action="store_true", help="fsync the span file on flush")
+        sub.add_argument("--batch-size", type=int, default=500, help="entries per read")
+        sub.add_argument("--block", type=_positive_float, default=2.0, help="read BLOCK seconds")
+        sub.add_argument("--claim-interval", type=_positive_float, default=5.0)
+        sub.add_argument("--claim-min-idle", type=_positive_float, default=30.0)
+        sub.add_argument("--max-deliveries", type=int, default=5)
+        sub.add_argument("--apply-interval", type=_positive_float, default=0.005)
+        sub.add_argument("--max-pending-age", type=_positive_float, default=60.0)
+        sub.add_argument("--max-agents", type=int, default=1000, help="agent label cap")
+        sub.add_argument("--max-sessions", type=int, default=1000, help="session label cap")
+        sub.add_argument(
+            "--reset-state",
+            action="store_true",
+            help="delete the derivation's shared state before starting (after a lost stream)",
+        )
+        sub.add_argument("--log-level", default="INFO")
+        sub.set_defaults(handler=run_worker)
+
+
+def add_dlq_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``hvobs dlq list|replay``."""
+    parser = subparsers.add_parser("dlq", help="inspect or replay dead-lettered entries")
+    actions = parser.add_subparsers(title="actions", dest="action", metavar="ACTION")
+    actions.required = True
+    listing = actions.add_parser("list", help="print dead letters as JSON lines")
+    _common(listing)
+    listing.add_argument("--limit", type=int, default=1000)
+    listing.set_defaults(handler=run_dlq)
+    replay = actions.add_parser("replay", help="append dead letters to the stream again (once)")
+    _common(replay)
+    replay.add_argument("--limit", type=int, default=None)
+    replay.set_defaults(handler=run_dlq)
+
+
+def _config(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        group=args.group,
+        consumer=args.consumer,
+        batch_size=args.batch_size,
+        block_s=args.block,
+        claim_interval_s=args.claim_interval,
+        claim_min_idle_s=args.claim_min_idle,
+        max_deliveries=args.max_deliveries,
+        apply_interval_s=args.apply_interval,
+        max_pending_age_s=args.max_pending_age,
+    )
+
+
+async def serve_worker(
+    worker: Worker,
+    *,
+    metrics_port: int | None,
+    metrics_host: str = "127.0.0.1",
+    max_agents: int = 1000,
+    max_sessions: int = 1000,
+    handle_signals: bool = True,
+) -> None:
+    """Run ``worker`` with its HTTP endpoints until SIGTERM/SIGINT (or ``worker.stop()``).
+
+    The bound port is printed as ``metrics-port=<n>`` on stdout when ``metrics_port`` is 0.
+    """
+    async with anyio.create_task_group() as tg:
+        if metrics_port is not None:
+            from hypervisor.observability.workers._http import WorkerHttpServer
+
+            server = WorkerHttpServer(
+                worker,
+                host=metrics_host,
+                port=metrics_port,
+                max_agents=max_agents,
+                max_sessions=max_sessions,
+            )
+            port = await tg.start(server.serve)
+            print(f"metrics-port={port}", flush=True)
+        if handle_signals:
+            tg.start_soon(_stop_on_signal, worker)
+        await worker.run()
+        tg.cancel_scope.cancel()
+
+
+async def _stop_on_signal(worker: Worker) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            logging.getLogger("hypervisor.observability.workers").info(
+                "signal %s: draining", signal.Signals(signum).name
+            )
+            worker.stop()
+            return
+
+
+async def _run_worker(args: argparse.Namespace) -> int:
+    from hypervisor.observability._log.redis import RedisStreamLog
+    from hypervisor.observability.workers._redis_state import RedisStateStore, state_prefix
+    from hypervisor.observability.workers._sinks import JsonLinesSpanSink
+
+    store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind))
+    sink = None
+    derivation: Derivation
+    if args.kind == RING_METRICS:
+        derivation = RingMetricsDerivation(store)
+    else:
+        sink = JsonLinesSpanSink(args.jsonl, fsync=args.fsync) if args.jsonl else None
+        derivation = SagaSpansDerivation(store, [sink] if sink else [])
+    try:
+        if args.reset_state:
+            await store.reset()
+        async with (
+            RedisStreamLog(args.redis, args.stream, max_block_s=args.block) as log,
+            RedisStreamLog(args.redis, dlq_name(args.stream)) as dlq,
+            Worker(log, [derivation], _config(args), dlq=dlq) as worker,
+        ):
+            await serve_worker(
+                worker,
+                metrics_port=args.metrics_port,
+                metrics_host=args.metrics_host,
+                max_agents=args.max_agents,
+                max_sessions=args.max_sessions,
+            )
+    finally:
+        if sink is not None:
+            sink.close()
+        await store.aclose()
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Run ``hvobs worker ...`` until SIGTERM/SIGINT; returns the exit status."""
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return anyio.run(_run_worker, args)
+
+
+async def _run_dlq(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from hypervisor.observability._log.redis import RedisStreamLog
+    from hypervisor.observability.workers._dlq import list_dead_letters, replay_dead_letters
+
+    async with (
+        RedisStreamLog(args.redis, args.stream) as log,
+        RedisStreamLog(args.redis, dlq_name(args.stream)) as dlq,
+    ):
+        if args.action == "list":
+            encoder = msgspec.json.Encoder()
+            for dlq_id, letter in await list_dead_letters(dlq, args.limit):
+                document: dict[str, Any] = msgspec.structs.asdict(letter)
+                document["data"] = letter.data.hex()
+                document["dlq_id"] = dlq_id
+                sys.stdout.write(encoder.encode(document).decode() + "\n")
+        else:
+            replayed = await replay_dead_letters(dlq, log, limit=args.limit)
+            for dlq_id, new_id in replayed:
+                print(f"{dlq_id} -> {new_id}")
+            print(f"replayed {len(replayed)} dead letters", file=sys.stderr)
+    return 0
+
+
+def run_dlq(args: argparse.Namespace) -> int:
+    """Run ``hvobs dlq list|replay``."""
+    return anyio.run(_run_dlq, args)
