@@ -11,32 +11,32 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hypervisor.observability.causal_trace import CausalTraceId
+    from hypervisor.observability.causal_trace import CausalTraceId as CausalTraceId
     from hypervisor.observability.errors import (
-        BusClosedError,
-        BusFullError,
-        BusUnavailableError,
-        EventDecodeError,
-        EventEncodeError,
-        HypervisorObservabilityError,
+        BusClosedError as BusClosedError,
+        BusFullError as BusFullError,
+        BusUnavailableError as BusUnavailableError,
+        EventDecodeError as EventDecodeError,
+        EventEncodeError as EventEncodeError,
+        HypervisorObservabilityError as HypervisorObservabilityError,
     )
     from hypervisor.observability.event_bus import (
-        DEFAULT_MAX_EVENTS,
-        EventHandler,
-        EventType,
-        HypervisorEvent,
-        HypervisorEventBus,
+        DEFAULT_MAX_EVENTS as DEFAULT_MAX_EVENTS,
+        EventHandler as EventHandler,
+        EventType as EventType,
+        HypervisorEvent as HypervisorEvent,
+        HypervisorEventBus as HypervisorEventBus,
     )
     from hypervisor.observability.prometheus_collector import (
-        PrometheusExporterProtocol,
-        RingMetricsCollector,
+        PrometheusExporterProtocol as PrometheusExporterProtocol,
+        RingMetricsCollector as RingMetricsCollector,
     )
-    from hypervisor.observability.redis_bus import RedisEventBus
+    from hypervisor.observability.redis_bus import RedisEventBus as RedisEventBus
     from hypervisor.observability.saga_span_exporter import (
-        SagaSpanExporter,
-        SagaSpanRecord,
-        SpanRecordSink,
-        SpanSink,
+        SagaSpanExporter as SagaSpanExporter,
+        SagaSpanRecord as SagaSpanRecord,
+        SpanRecordSink as SpanRecordSink,
+        SpanSink as SpanSink,
     )
 
 _EXPORTS: dict[str, str] = {
@@ -61,7 +61,27 @@ _EXPORTS: dict[str, str] = {
     "BusClosedError": "errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DEFAULT_MAX_EVENTS",
+    "BusClosedError",
+    "BusFullError",
+    "BusUnavailableError",
+    "CausalTraceId",
+    "EventDecodeError",
+    "EventEncodeError",
+    "EventHandler",
+    "EventType",
+    "HypervisorEvent",
+    "HypervisorEventBus",
+    "HypervisorObservabilityError",
+    "PrometheusExporterProtocol",
+    "RedisEventBus",
+    "RingMetricsCollector",
+    "SagaSpanExporter",
+    "SagaSpanRecord",
+    "SpanRecordSink",
+    "SpanSink",
+]
 
 
 def __getattr__(name: str) -> Any:
