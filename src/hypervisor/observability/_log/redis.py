@@ -64,7 +64,8 @@ local function less(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) e
 local cut = nil
 local len = redis.call('XLEN', key)
 if max_len >= 0 and len > max_len then
-  local r = redis.call('XRANGE', key, '-', '+', 'COUNT', len - max_len)
+  -- At most 100k per call: a first trim of a huge stream must not block the server for long.
+  local r = redis.call('XRANGE', key, '-', '+', 'COUNT', math.min(len - max_len, 100000))
   local last = parse(r[#r][1])
   cut = {last[1], last[2] + 1}
 end
