@@ -29,14 +29,19 @@ class Dispatcher:
     so :meth:`dispatch` may run concurrently from any number of threads without locking.
     """
 
-    __slots__ = ("_errors", "_lock", "_reported", "_routes", "_typed", "_wildcard")
+    __slots__ = ("_errors", "_lock", "_reported", "_typed", "routes", "wildcard")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._typed: dict[Hashable, _Handlers] = {}
-        self._wildcard: _Handlers = ()
-        # Per type: its own handlers then the wildcard ones, the order dispatch calls them in.
-        self._routes: dict[Hashable, _Handlers] = {}
+        self.wildcard: _Handlers = ()
+        """The handlers of every event (read-only; replaced, never mutated)."""
+        self.routes: dict[Hashable, _Handlers] = {}
+        """Per subscribed type, its handlers followed by the wildcard ones, in call order.
+
+        Read-only and replaced as a whole on every change, so a reader needs no lock; a type
+        absent from it gets :attr:`wildcard`.
+        """
         self._errors = 0
         self._reported: set[tuple[int, type[BaseException]]] = set()
 
@@ -46,8 +51,8 @@ class Dispatcher:
         return self._errors
 
     def _rebuild(self) -> None:
-        wildcard = self._wildcard
-        self._routes = {key: handlers + wildcard for key, handlers in self._typed.items()}
+        wildcard = self.wildcard
+        self.routes = {key: handlers + wildcard for key, handlers in self._typed.items()}
 
     def subscribe(self, event_type: EventType | None, handler: EventHandler) -> None:
         """Call ``handler`` for every event of ``event_type`` (every event when ``None``).
@@ -56,7 +61,7 @@ class Dispatcher:
         """
         with self._lock:
             if event_type is None:
-                self._wildcard = (*self._wildcard, handler)
+                self.wildcard = (*self.wildcard, handler)
             else:
                 self._typed[event_type] = (*self._typed.get(event_type, ()), handler)
             self._rebuild()
@@ -68,13 +73,13 @@ class Dispatcher:
             Whether ``handler`` was registered for ``event_type`` (and is now removed once).
         """
         with self._lock:
-            current = self._wildcard if event_type is None else self._typed.get(event_type, ())
+            current = self.wildcard if event_type is None else self._typed.get(event_type, ())
             position = next((i for i, h in enumerate(current) if h == handler), -1)
             if position < 0:
                 return False
             remaining = current[:position] + current[position + 1 :]
             if event_type is None:
-                self._wildcard = remaining
+                self.wildcard = remaining
             elif remaining:
                 self._typed[event_type] = remaining
             else:
@@ -84,12 +89,12 @@ class Dispatcher:
 
     def handlers_for(self, event_type: EventType) -> _Handlers:
         """The handlers an event of ``event_type`` is delivered to, in call order."""
-        return self._routes.get(event_type, self._wildcard)
+        return self.routes.get(event_type, self.wildcard)
 
     @property
     def has_handlers(self) -> bool:
         """Whether any handler is registered."""
-        return bool(self._routes or self._wildcard)
+        return bool(self.routes or self.wildcard)
 
     def dispatch(self, event: HypervisorEvent) -> None:
         """Call the type's handlers in registration order, then the wildcard handlers.
@@ -97,7 +102,7 @@ class Dispatcher:
         Never raises because of a handler (``Exception`` subclasses are caught, logged and
         counted in :attr:`handler_errors`).
         """
-        for handler in self._routes.get(event.event_type, self._wildcard):
+        for handler in self.routes.get(event.event_type, self.wildcard):
             try:
                 handler(event)
             except Exception as exc:

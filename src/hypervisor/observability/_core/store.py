@@ -28,7 +28,7 @@ from __future__ import annotations
 import sys
 from array import array
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import TypeAlias
 
@@ -148,26 +148,24 @@ class EventStore:
             slots[seq % cap] = event
         self._next = seq + 1
 
+        # Subscripting inside try is the cheapest lookup when the key is almost always there.
         key: Hashable = event.event_type
-        seqs = self._by_type.get(key)
-        if seqs is None:
+        try:
+            self._by_type[key].append(seq)
+        except KeyError:
             self._by_type[key] = array("q", (1, seq))
-        else:
-            seqs.append(seq)
         key = event.session_id
         if key is not None:
-            seqs = self._by_session.get(key)
-            if seqs is None:
+            try:
+                self._by_session[key].append(seq)
+            except KeyError:
                 self._by_session[key] = array("q", (1, seq))
-            else:
-                seqs.append(seq)
         key = event.agent_did
         if key is not None:
-            seqs = self._by_agent.get(key)
-            if seqs is None:
+            try:
+                self._by_agent[key].append(seq)
+            except KeyError:
                 self._by_agent[key] = array("q", (1, seq))
-            else:
-                seqs.append(seq)
 
         ts = event.timestamp
         try:
@@ -263,10 +261,15 @@ class EventStore:
             return slots[start:stop]
         return slots[start:] + slots[: stop - cap]
 
-    def _gather(self, seqs: Iterable[int]) -> list[HypervisorEvent]:
+    def _iter(self, seqs: Iterable[int]) -> Iterator[HypervisorEvent]:
         slots = self._slots
+        if self._max_events is None:  # seq is the slot: let map() index at C speed
+            return map(slots.__getitem__, seqs)
         cap = self._cap
-        return [slots[seq % cap] for seq in seqs]
+        return (slots[seq % cap] for seq in seqs)
+
+    def _gather(self, seqs: Iterable[int]) -> list[HypervisorEvent]:
+        return list(self._iter(seqs))
 
     def all(self) -> list[HypervisorEvent]:
         """Every stored event, oldest first."""
@@ -384,22 +387,53 @@ class EventStore:
         if len(candidates) == 1:
             lo = head if limit is None else max(head, len(seqs) - limit)
             return self._gather(seqs[lo:])
-        slots = self._slots
-        cap = self._cap
-        found: list[HypervisorEvent] = []
-        wanted = sys.maxsize if limit is None else limit
-        for i in range(len(seqs) - 1, head - 1, -1):
-            event = slots[seqs[i] % cap]
-            if (
-                (event_type is None or event.event_type == event_type)
-                and (session_id is None or event.session_id == session_id)
-                and (agent_did is None or event.agent_did == agent_did)
-            ):
-                found.append(event)
-                if len(found) >= wanted:
-                    break
-        found.reverse()
-        return found
+        if limit is None:
+            return _matching(self._iter(seqs[head:]), event_type, session_id, agent_did)
+        # Newest first, in growing chunks: a comprehension per chunk is several times faster
+        # than testing events one by one, and most queries stop within the first chunk.
+        chunks: list[list[HypervisorEvent]] = []
+        found = 0
+        hi = len(seqs)
+        step = max(32, 4 * limit)
+        while hi > head and found < limit:
+            lo = max(head, hi - step)
+            matched = _matching(self._iter(seqs[lo:hi]), event_type, session_id, agent_did)
+            chunks.append(matched)
+            found += len(matched)
+            hi = lo
+            step *= 2
+        if len(chunks) == 1:
+            return chunks[0][-limit:]
+        result: list[HypervisorEvent] = []
+        for matched in reversed(chunks):
+            result += matched
+        return result[-limit:]
+
+
+def _matching(
+    events: Iterable[HypervisorEvent],
+    event_type: Hashable | None,
+    session_id: str | None,
+    agent_did: str | None,
+) -> list[HypervisorEvent]:
+    """The events matching every filter that is not ``None``."""
+    if event_type is None:
+        if session_id is None:
+            return [e for e in events if e.agent_did == agent_did]
+        if agent_did is None:
+            return [e for e in events if e.session_id == session_id]
+        return [e for e in events if e.session_id == session_id and e.agent_did == agent_did]
+    if session_id is None:
+        if agent_did is None:
+            return [e for e in events if e.event_type == event_type]
+        return [e for e in events if e.event_type == event_type and e.agent_did == agent_did]
+    if agent_did is None:
+        return [e for e in events if e.event_type == event_type and e.session_id == session_id]
+    return [
+        e
+        for e in events
+        if e.event_type == event_type and e.session_id == session_id and e.agent_did == agent_did
+    ]
 
 
 def _pop_head(index: _Index, key: Hashable) -> None:
