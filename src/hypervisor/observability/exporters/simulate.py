@@ -44,9 +44,9 @@ from hypervisor.observability.exporters.prometheus import register_ring_metrics,
 
 __all__ = ["FleetSimulator", "main"]
 
-ROGUE: Final = "did:mesh:rogue-bot"
-STUCK: Final = "did:mesh:stuck-admin"
-NOISY: Final = "did:mesh:noisy-agent"
+ROGUE: Final = "rogue-bot"
+STUCK: Final = "stuck-admin"
+NOISY: Final = "noisy-agent"
 _TOOLS: Final = ("file_read", "search", "api_call", "db_query", "file_write", "shell_exec")
 _SLOW_TOOL: Final = "vector_search"
 _SAGA_STEPS: Final = (("validate-config", "validate"), ("run-migrations", "migrate"))
@@ -77,6 +77,8 @@ class FleetSimulator:
         breach_rate: breaches per second of the rogue agent.
         slow_fraction: share of decisions evaluated by the slow backend.
         seed: random seed (the workload is reproducible for a given tick sequence).
+        fleet: prefix of this simulator's agent and session names, so several simulators
+            sharing one stream have agents of their own (``did:mesh:<fleet>.rogue-bot``).
     """
 
     governance: GovernanceMetrics
@@ -84,6 +86,7 @@ class FleetSimulator:
     breach_rate: float = 2.0
     slow_fraction: float = 0.03
     seed: int = 7
+    fleet: str = ""
     _rng: random.Random = field(init=False)
     _fleet: list[_Agent] = field(init=False)
     _breach_credit: float = field(default=0.0, init=False)
@@ -93,19 +96,29 @@ class FleetSimulator:
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+        self.rogue, self.stuck, self.noisy = self.did(ROGUE), self.did(STUCK), self.did(NOISY)
         fleet = [
-            _Agent(f"did:mesh:agent-{i:02d}", f"session-{i % 3:03d}") for i in range(self.agents)
+            _Agent(self.did(f"agent-{i:02d}"), self.session(f"{i % 3:03d}"))
+            for i in range(self.agents)
         ]
-        fleet.append(_Agent(ROGUE, "session-rogue", trust=420.0))
-        fleet.append(_Agent(NOISY, "session-000", trust=700.0))
+        fleet.append(_Agent(self.rogue, self.session("rogue"), trust=420.0))
+        fleet.append(_Agent(self.noisy, self.session("000"), trust=700.0))
         self._fleet = fleet
         self.governance.register_trust_score_gauge(self.trust_scores)
         self.governance.register_active_agents_gauge(lambda: len(self._fleet) + 1)
 
+    def did(self, name: str) -> str:
+        """The DID of the simulated agent ``name`` in this fleet."""
+        return f"did:mesh:{self.fleet}.{name}" if self.fleet else f"did:mesh:{name}"
+
+    def session(self, name: str) -> str:
+        """The id of the simulated session ``name`` in this fleet."""
+        return f"{self.fleet}.session-{name}" if self.fleet else f"session-{name}"
+
     def trust_scores(self) -> dict[str, float]:
         """Current trust score of every simulated agent (0-1000)."""
         scores = {agent.did: round(agent.trust, 1) for agent in self._fleet}
-        scores[STUCK] = 610.0
+        scores[self.stuck] = 610.0
         return scores
 
     def start(self, now: datetime) -> list[HypervisorEvent]:
@@ -124,8 +137,8 @@ class FleetSimulator:
             HypervisorEvent(
                 event_type=EventType.RING_ASSIGNED,
                 timestamp=now - timedelta(minutes=15),
-                agent_did=STUCK,
-                session_id="session-admin",
+                agent_did=self.stuck,
+                session_id=self.session("admin"),
                 payload={"ring": 2},
             )
         )
@@ -133,8 +146,8 @@ class FleetSimulator:
             HypervisorEvent(
                 event_type=EventType.RING_ELEVATED,
                 timestamp=now - timedelta(minutes=10),
-                agent_did=STUCK,
-                session_id="session-admin",
+                agent_did=self.stuck,
+                session_id=self.session("admin"),
                 payload={"from_ring": 2, "to_ring": 0, "reason": "break-glass maintenance"},
             )
         )
@@ -148,7 +161,7 @@ class FleetSimulator:
         t = now.timestamp()
         gov = self.governance
         for agent in self._fleet:
-            if agent.did == ROGUE:
+            if agent.did == self.rogue:
                 continue
             if agent.elevated_until is None and rng.random() < 0.4 * dt:
                 agent.elevated_until = t + rng.uniform(0.5, 3.0)
@@ -221,7 +234,7 @@ class FleetSimulator:
         else:
             tool = rng.choice(_TOOLS)
             latency = min(40.0, rng.lognormvariate(math.log(0.08), 0.8))
-        rate_limited = agent.did == NOISY and rng.random() < 0.3
+        rate_limited = agent.did == self.noisy and rng.random() < 0.3
         allowed = not rate_limited and not (tool == "shell_exec" and agent.ring > 1)
         self.governance.record_decision(allowed, agent.did, tool, latency, rate_limited)
 
@@ -317,6 +330,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--slow-fraction", type=float, default=0.03, help="slow decisions share")
     parser.add_argument("--duration", type=float, default=0.0, help="seconds to run (0: forever)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--fleet", default="", help="prefix of agent and session names")
     parser.add_argument("--redis", default=None, help="append events to this Redis instead")
     parser.add_argument("--stream", default="hvobs:events", help="Redis stream key")
     parser.add_argument(
@@ -334,6 +348,7 @@ async def _run(args: argparse.Namespace) -> int:
         breach_rate=args.breach_rate,
         slow_fraction=args.slow_fraction,
         seed=args.seed,
+        fleet=args.fleet,
     )
     closers: list[Any] = []
     emit_local = None
@@ -353,7 +368,7 @@ async def _run(args: argparse.Namespace) -> int:
         if args.otlp_endpoint:
             from hypervisor.observability.exporters.otel import otlp_http_span_sink
 
-            sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-simulator")
+            sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-hypervisor")
             closers.append(sink.shutdown)
             SagaSpanExporter(bus, sink=sink)
         emit_local = bus.emit

@@ -1,0 +1,248 @@
+#!/usr/bin/env bash
+# Start the stack of docker-compose.yml as plain processes on this machine, for hosts without
+# Docker: a Redis (AOF on, noeviction) on its own port and directory, two fleet simulators, two
+# ring-metrics workers, the saga-span worker and Prometheus (with deploy/prometheus's scrape
+# configuration, targets rewritten to these processes, and the alert rules). Programs that are
+# not installed (Grafana, an OpenTelemetry collector, Jaeger: not in Debian) are reported and
+# skipped. Everything listens on 127.0.0.1; logs and data go to one state directory.
+#
+#   scripts/run_stack.sh                 run until Ctrl-C
+#   scripts/run_stack.sh --check         start, wait until Prometheus scrapes every target and
+#                                        the alert rules evaluate, print a summary, stop
+#   scripts/run_stack.sh --duration 60   run for 60 seconds
+#
+# Ports (environment): HVOBS_REDIS_PORT (6390), HVOBS_SIM_PORTS ("8000 8001"),
+# HVOBS_RING_PORTS ("9101 9102"), HVOBS_PROMETHEUS_PORT (9090); HVOBS_STACK_DIR (a new
+# temporary directory). Without the hvobs workers installed the simulators keep their events in
+# process and serve the ring metrics themselves.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+venv="${HVOBS_VENV:-$root/.venv}"
+py="$venv/bin/python"
+hvobs="$venv/bin/hvobs"
+host=127.0.0.1
+redis_port="${HVOBS_REDIS_PORT:-6390}"
+read -r -a sim_ports <<<"${HVOBS_SIM_PORTS:-8000 8001}"
+read -r -a ring_ports <<<"${HVOBS_RING_PORTS:-9101 9102}"
+prom_port="${HVOBS_PROMETHEUS_PORT:-9090}"
+state="${HVOBS_STACK_DIR:-$(mktemp -d -t hvobs-stack.XXXXXX)}"
+mode=run
+duration=0
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --check) mode=check ;;
+        --duration) duration="$2"; shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "run_stack: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [ ! -x "$py" ]; then
+    echo "run_stack: no virtualenv at $venv (run scripts/test.sh or set HVOBS_VENV)" >&2
+    exit 1
+fi
+mkdir -p "$state"
+pids=()
+names=()
+
+start() {
+    local name="$1"
+    shift
+    "$@" >"$state/$name.log" 2>&1 &
+    pids+=("$!")
+    names+=("$name")
+    echo "run_stack: started $name (pid $!, log $state/$name.log)"
+}
+
+stop_all() {
+    local i
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        kill "${pids[$i]}" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    echo "run_stack: stopped; logs and data in $state"
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
+wait_http() {
+    local url="$1" tries="${2:-100}"
+    for ((i = 0; i < tries; i++)); do
+        if "$py" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" \
+            "$url" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "run_stack: $url did not answer" >&2
+    return 1
+}
+
+# -- Redis ---------------------------------------------------------------------------------------
+redis_url=""
+if command -v redis-server >/dev/null 2>&1 && "$hvobs" worker --help >/dev/null 2>&1; then
+    mkdir -p "$state/redis"
+    start redis redis-server --bind "$host" --port "$redis_port" --dir "$state/redis" \
+        --appendonly yes --appendfsync everysec --maxmemory-policy noeviction --save ""
+    redis_url="redis://$host:$redis_port/0"
+    for ((i = 0; i < 50; i++)); do
+        redis-cli -h "$host" -p "$redis_port" ping >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+else
+    echo "run_stack: redis-server or the hvobs workers missing: simulators run in process"
+fi
+
+# -- simulators ----------------------------------------------------------------------------------
+fleets=(east west)
+sim_targets=()
+for i in "${!sim_ports[@]}"; do
+    args=(-m hypervisor.observability.exporters.simulate --host "$host" --port "${sim_ports[$i]}"
+        --fleet "${fleets[$((i % 2))]}$((i / 2 == 0 ? 0 : i / 2))" --seed "$((i + 1))")
+    if [ "$i" -gt 0 ]; then args+=(--agents 4 --breach-rate 0.2); fi
+    if [ -n "$redis_url" ]; then args+=(--redis "$redis_url"); fi
+    start "simulator-$((i + 1))" "$py" "${args[@]}"
+    sim_targets+=("$host:${sim_ports[$i]}")
+done
+
+# -- workers -------------------------------------------------------------------------------------
+ring_targets=()
+if [ -n "$redis_url" ]; then
+    for i in "${!ring_ports[@]}"; do
+        start "ring-metrics-$((i + 1))" "$hvobs" worker ring-metrics --redis "$redis_url" \
+            --group ring --consumer "ring-$((i + 1))" --metrics-host "$host" \
+            --metrics-port "${ring_ports[$i]}"
+        ring_targets+=("$host:${ring_ports[$i]}")
+    done
+    span_args=(worker saga-spans --redis "$redis_url" --group spans --consumer spans-1
+        --jsonl "$state/spans.jsonl")
+    otlp=""
+    for collector in otelcol-contrib otelcol; do
+        if command -v "$collector" >/dev/null 2>&1; then
+            start otel-collector "$collector" --config "$root/deploy/otel-collector/config.yaml"
+            otlp="http://$host:4318"
+            break
+        fi
+    done
+    if [ -n "$otlp" ] && "$hvobs" worker saga-spans --help 2>/dev/null | grep -q -- --otlp-endpoint
+    then
+        span_args+=(--otlp-endpoint "$otlp")
+    else
+        echo "run_stack: no OpenTelemetry collector here: saga spans go to $state/spans.jsonl"
+    fi
+    start saga-spans "$hvobs" "${span_args[@]}"
+fi
+
+for target in "${sim_targets[@]}"; do wait_http "http://$target/metrics"; done
+
+# -- Prometheus ----------------------------------------------------------------------------------
+if command -v prometheus >/dev/null 2>&1; then
+    mkdir -p "$state/prometheus"
+    cp "$root/deploy/prometheus/rules.yml" "$state/prometheus/rules.yml"
+    "$py" - "$root/deploy/prometheus/prometheus.yml" "$state/prometheus/prometheus.yml" \
+        "${ring_targets[*]:-}" "${sim_targets[*]}" <<'PY'
+import sys
+
+import yaml
+
+source, dest, ring, sims = sys.argv[1:5]
+config = yaml.safe_load(open(source))
+jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+kept = []
+if ring.strip():
+    # Workers serve the ring metrics; the simulators the governance metrics.
+    jobs["agent-hypervisor"]["static_configs"] = [{"targets": ring.split()}]
+    jobs["agent-simulator"]["static_configs"] = [{"targets": sims.split()}]
+    kept = [jobs["agent-hypervisor"], jobs["agent-simulator"]]
+else:
+    # In-process simulators serve both: one job, so no series is scraped twice.
+    jobs["agent-hypervisor"]["static_configs"] = [{"targets": sims.split()}]
+    kept = [jobs["agent-hypervisor"]]
+config["scrape_configs"] = kept
+yaml.safe_dump(config, open(dest, "w"), sort_keys=False)
+PY
+    if command -v promtool >/dev/null 2>&1; then
+        promtool check config "$state/prometheus/prometheus.yml" >/dev/null
+    fi
+    interval_args=()
+    if [ "$mode" = check ]; then
+        sed -i 's/^  scrape_interval: .*/  scrape_interval: 1s/; s/^  evaluation_interval: .*/  evaluation_interval: 1s/' \
+            "$state/prometheus/prometheus.yml"
+    fi
+    start prometheus prometheus --config.file="$state/prometheus/prometheus.yml" \
+        --storage.tsdb.path="$state/prometheus/data" --web.listen-address="$host:$prom_port" \
+        "${interval_args[@]}"
+    wait_http "http://$host:$prom_port/-/ready" 150
+    echo "run_stack: Prometheus on http://$host:$prom_port (alerts: /alerts)"
+else
+    echo "run_stack: prometheus not installed (apt-get install prometheus): skipped"
+fi
+for program in grafana-server jaeger-all-in-one; do
+    command -v "$program" >/dev/null 2>&1 ||
+        echo "run_stack: $program not installed: skipped (see docs/operations.md)"
+done
+
+if [ "$mode" = check ]; then
+    "$py" - "http://$host:$prom_port" <<'PY'
+import json
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+base = sys.argv[1]
+
+
+def get(path):
+    with urllib.request.urlopen(base + path, timeout=5) as response:
+        return json.loads(response.read())["data"]
+
+
+deadline = time.monotonic() + 90
+targets = []
+while time.monotonic() < deadline:
+    targets = get("/api/v1/targets")["activeTargets"]
+    if targets and all(t["health"] == "up" for t in targets):
+        break
+    time.sleep(1)
+else:
+    sys.exit(f"run_stack: targets not up: {[(t['scrapeUrl'], t['health']) for t in targets]}")
+print(f"run_stack: {len(targets)} targets up")
+queries = {
+    "ring transitions": "sum(max without (instance) (agent_hypervisor_ring_transitions_total))",
+    "breaches": "sum(max without (instance) (agent_hypervisor_ring_breaches_total))",
+    "policy decisions": "sum(agent_governance_policy_decisions_total)",
+}
+for name, expr in queries.items():
+    while True:
+        result = get("/api/v1/query?" + urllib.parse.urlencode({"query": expr}))["result"]
+        if result or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    if not result:
+        sys.exit(f"run_stack: no data for {name}: {expr}")
+    print(f"run_stack: {name}: {float(result[0]['value'][1]):.0f}")
+while time.monotonic() < deadline:
+    alerts = get("/api/v1/alerts")["alerts"]
+    if any(a["labels"]["alertname"] == "HighRingBreachRate" for a in alerts):
+        break
+    time.sleep(1)
+names = sorted({(a["labels"]["alertname"], a["state"]) for a in get("/api/v1/alerts")["alerts"]})
+print(f"run_stack: alerts {names}")
+PY
+    exit 0
+fi
+
+if [ "$duration" != 0 ]; then
+    sleep "$duration"
+else
+    echo "run_stack: running; Ctrl-C stops everything"
+    wait -n "${pids[@]}" || true
+    echo "run_stack: a process exited; stopping"
+fi
