@@ -265,3 +265,48 @@ def test_breach_alert_goes_pending_for_the_breaching_agent(prometheus: str) -> N
     assert {alert["labels"]["agent_did"] for alert in alerts} == {ROGUE}
     assert all(alert["state"] in {"pending", "firing"} for alert in alerts)
     assert float(alerts[0]["value"]) > 0.5
+
+
+@pytest.mark.redis
+def test_simulator_feeds_the_shared_stream_in_redis_mode(
+    redis_server: Any, stream_name: str
+) -> None:
+    """With --redis the simulator appends its fleet's events to the stream the workers read."""
+    import redis
+
+    from hypervisor.observability.codec import decode_event
+
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hypervisor.observability.exporters.simulate",
+            "--port",
+            "0",
+            "--redis",
+            redis_server.url,
+            "--stream",
+            stream_name,
+            "--fleet",
+            "east",
+            "--duration",
+            "1.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(stream_name)  # type: ignore[assignment]
+    finally:
+        client.close()
+    assert entries
+    events = [decode_event(fields[b"e"]) for _, fields in entries]
+    kinds = {event.event_type.value for event in events}
+    assert {"ring.assigned", "ring.breach_detected"} <= kinds
+    assert {
+        event.agent_did for event in events if event.event_type.value == "ring.breach_detected"
+    } == {"did:mesh:east.rogue-bot"}
