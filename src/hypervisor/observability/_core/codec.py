@@ -9,7 +9,7 @@ readable is rejected with ``EventDecodeError``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -50,31 +50,48 @@ def _describe(value: object) -> str:
     return type(value).__qualname__
 
 
-def _find_unencodable(value: object, path: str) -> tuple[str, str] | None:
-    """Return ``(path, reason)`` of the first value msgspec cannot encode, depth first."""
+def _fails(encode: Callable[[Any], bytes], value: object) -> str | None:
+    """The reason ``encode`` rejects ``value``, or ``None`` when it accepts it."""
+    try:
+        encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return str(exc)
+    return None
+
+
+def _find_unencodable(
+    value: object, path: str, encode: Callable[[Any], bytes], top: bool = False
+) -> tuple[str, str] | None:
+    """Return ``(path, reason)`` of the first value ``encode`` rejects, depth first.
+
+    Payload keys must be str at the top (the decoders type the payload ``dict[str, Any]``);
+    below it, a key is blamed only when the codec itself rejects it, so that a key msgpack
+    accepts (an int) is never reported in place of the real culprit.
+    """
     if isinstance(value, Mapping):
         for key, item in value.items():
-            if not isinstance(key, str):
+            if not isinstance(key, str) and (top or _fails(encode, {key: None}) is not None):
                 return f"{path}[{key!r}]", f"key of type {_describe(key)} (keys must be str)"
-            found = _find_unencodable(item, f"{path}[{key!r}]")
+            found = _find_unencodable(item, f"{path}[{key!r}]", encode)
             if found is not None:
                 return found
         return None
     if isinstance(value, list | tuple | set | frozenset):
         for index, item in enumerate(value):
-            found = _find_unencodable(item, f"{path}[{index}]")
+            found = _find_unencodable(item, f"{path}[{index}]", encode)
             if found is not None:
                 return found
         return None
-    try:
-        _msgpack_encoder.encode(value)
-    except (TypeError, ValueError, OverflowError) as exc:
-        return path, f"value of type {_describe(value)} ({exc})"
+    reason = _fails(encode, value)
+    if reason is not None:
+        return path, f"value of type {_describe(value)} ({reason})"
     return None
 
 
-def _encode_error(event: HypervisorEvent, exc: Exception) -> EventEncodeError:
-    found = _find_unencodable(event.payload, "payload")
+def _encode_error(
+    event: HypervisorEvent, exc: Exception, encode: Callable[[Any], bytes]
+) -> EventEncodeError:
+    found = _find_unencodable(event.payload, "payload", encode, top=True)
     if found is None:
         return EventEncodeError(f"event {event.event_id} cannot be encoded: {exc}")
     path, reason = found
@@ -83,12 +100,12 @@ def _encode_error(event: HypervisorEvent, exc: Exception) -> EventEncodeError:
     )
 
 
-def _check_keys(event: HypervisorEvent) -> None:
+def _check_keys(event: HypervisorEvent, encode: Callable[[Any], bytes]) -> None:
     # Top-level payload keys must be str: the decoders type the payload as dict[str, Any], so a
     # non-str key would encode fine and then fail on every consumer.
     for key in event.payload:
         if type(key) is not str:
-            raise _encode_error(event, TypeError("non-str payload key"))
+            raise _encode_error(event, TypeError("non-str payload key"), encode)
 
 
 def encode_event(event: HypervisorEvent) -> bytes:
@@ -97,11 +114,11 @@ def encode_event(event: HypervisorEvent) -> bytes:
     Raises:
         EventEncodeError: a payload value (or key) cannot be encoded; the message names its path.
     """
-    _check_keys(event)
+    _check_keys(event, _msgpack_encoder.encode)
     try:
         return _msgpack_encoder.encode((SCHEMA_VERSION, event))
     except (TypeError, ValueError, OverflowError) as exc:
-        raise _encode_error(event, exc) from exc
+        raise _encode_error(event, exc, _msgpack_encoder.encode) from exc
 
 
 def _check_version(version: int) -> None:
@@ -147,13 +164,13 @@ def encode_event_json(event: HypervisorEvent) -> bytes:
     Raises:
         EventEncodeError: a payload value (or key) cannot be encoded; the message names its path.
     """
-    _check_keys(event)
+    _check_keys(event, _json_encoder.encode)
     document = event.to_dict()
     document["v"] = SCHEMA_VERSION
     try:
         return _json_encoder.encode(document)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise _encode_error(event, exc) from exc
+        raise _encode_error(event, exc, _json_encoder.encode) from exc
 
 
 def decode_event_json(data: bytes | str) -> HypervisorEvent:

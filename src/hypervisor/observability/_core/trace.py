@@ -56,7 +56,8 @@ class CausalTraceId:
     parent_span_id: str | None = None
     depth: int = 0
     # Span ids of the known ancestors, root first. Complete (``len == depth``) for ids made with
-    # child()/sibling(); only the parent for ids parsed from a string, which name no more.
+    # child()/sibling(); empty for ids parsed from a string, whose depth is a guess (the string
+    # names only the parent, which is_ancestor_of checks on its own).
     ancestors: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def child(self) -> CausalTraceId:
@@ -104,21 +105,26 @@ class CausalTraceId:
             if not _SEGMENT.fullmatch(part):
                 raise ValueError(f"Invalid causal trace ID: {s!r} (bad segment {part!r})")
         if len(parts) == 3:
-            return cls(parts[0], parts[1], parts[2], 1, (parts[2],))
+            return cls(parts[0], parts[1], parts[2], 1)
         return cls(parts[0], parts[1], None, 0)
 
     def is_ancestor_of(self, other: CausalTraceId) -> bool:
         """Whether ``other`` descends from this span.
 
-        Requires the same trace and a deeper ``other``; then true when this span is ``other``'s
-        parent or one of its known ancestors (ids made with :meth:`child` know their whole
-        lineage). When ``other``'s lineage is incomplete (it was parsed from a string, which
-        names only the parent), the root of the trace is still every span's ancestor. A cousin
-        in another branch is never a descendant.
+        Requires the same trace; then true when this span is ``other``'s parent, or ``other`` is
+        deeper and this span is one of its known ancestors (ids made with :meth:`child` know
+        their whole lineage). When ``other``'s lineage is incomplete (it was parsed from a
+        string, which names only the parent and no depth), the root of the trace is still every
+        deeper span's ancestor. A cousin in another branch is never a descendant.
         """
-        if self.trace_id != other.trace_id or other.depth <= self.depth:
+        if self.trace_id != other.trace_id or self.span_id == other.span_id:
             return False
-        if other.parent_span_id == self.span_id or self.span_id in other.ancestors:
+        # The parent link is explicit, while a parsed id's depth is only a guess: check it first.
+        if other.parent_span_id == self.span_id:
+            return True
+        if other.depth <= self.depth:
+            return False
+        if self.span_id in other.ancestors:
             return True
         if len(other.ancestors) >= other.depth:
             return False
