@@ -107,9 +107,16 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def simulator() -> Iterator[int]:
-    """The fleet simulator (in-process bus, ring and governance metrics) on a free port."""
+def simulator() -> Iterator[tuple[int, int]]:
+    """The fleet simulator on two free ports: its own /metrics, and the OpenTelemetry view.
+
+    The first serves the ring and governance metrics (prometheus_client); the second the same
+    governance decisions through an OpenTelemetry meter and OpenTelemetry's Prometheus exporter,
+    as a .NET kernel would publish them.
+    """
+    pytest.importorskip("opentelemetry.exporter.prometheus")
     port = _free_port()
+    otel_port = _free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -125,6 +132,8 @@ def simulator() -> Iterator[int]:
             "40",
             "--duration",
             "600",
+            "--otel-metrics-port",
+            str(otel_port),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -139,13 +148,15 @@ def simulator() -> Iterator[int]:
             timeout=30,
             interval=0.2,
         )
-        yield port
+        yield port, otel_port
     finally:
         _terminate(process)
 
 
 @pytest.fixture(scope="module")
-def prometheus(simulator: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def prometheus(
+    simulator: tuple[int, int], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """Prometheus with the shipped config and rules, scraping the simulator every second."""
     prometheus_bin, promtool = _binaries()
     workdir = tmp_path_factory.mktemp("prometheus")
@@ -154,10 +165,13 @@ def prometheus(simulator: int, tmp_path_factory: pytest.TempPathFactory) -> Iter
     config["global"]["evaluation_interval"] = "1s"
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     # The simulator serves ring and governance metrics from one process: it stands in for the
-    # ring-metrics workers; the jobs for other processes are dropped, relabelling kept as is.
+    # ring-metrics workers, and its OpenTelemetry view for the .NET kernel; the other jobs are
+    # dropped. Everything else (relabelling included) is kept as shipped.
     ring_job = jobs["agent-hypervisor"]
-    ring_job["static_configs"] = [{"targets": [f"127.0.0.1:{simulator}"]}]
-    config["scrape_configs"] = [ring_job]
+    ring_job["static_configs"] = [{"targets": [f"127.0.0.1:{simulator[0]}"]}]
+    dotnet_job = jobs["agent-governance"]
+    dotnet_job["static_configs"] = [{"targets": [f"127.0.0.1:{simulator[1]}"]}]
+    config["scrape_configs"] = [ring_job, dotnet_job]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     shutil.copy(RULES_YML, workdir / "rules.yml")
     for args in (["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"]):
@@ -235,7 +249,7 @@ def test_scraped_targets_are_up(prometheus: str) -> None:
         return targets if targets and all(t["health"] == "up" for t in targets) else None
 
     targets = _wait_for("the scrape targets to be up", all_up, timeout=30)
-    assert {t["labels"]["job"] for t in targets} == {"agent-hypervisor"}
+    assert {t["labels"]["job"] for t in targets} == {"agent-hypervisor", "agent-governance"}
 
 
 def test_every_dashboard_and_rule_expression_returns_data(prometheus: str) -> None:
@@ -265,6 +279,34 @@ def test_breach_alert_goes_pending_for_the_breaching_agent(prometheus: str) -> N
     assert {alert["labels"]["agent_did"] for alert in alerts} == {ROGUE}
     assert all(alert["state"] in {"pending", "firing"} for alert in alerts)
     assert float(alerts[0]["value"]) > 0.5
+
+
+def test_both_languages_land_on_one_latency_series(
+    prometheus: str, simulator: tuple[int, int]
+) -> None:
+    """The OpenTelemetry exporter's _milliseconds histogram is relabelled to the Python name."""
+    exporter_name = "agent_governance_evaluation_latency_ms_milliseconds_bucket"
+    # The OpenTelemetry view really does publish the unit-suffixed name (so relabelling matters).
+    url = f"http://127.0.0.1:{simulator[1]}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert exporter_name in response.read().decode()
+    _wait_for(
+        "the OpenTelemetry view to be scraped",
+        lambda: (
+            _query(prometheus, 'agent_governance_policy_decisions_total{job="agent-governance"}')
+            or None
+        ),
+        timeout=30,
+    )
+    assert not _query(prometheus, f'{{__name__="{exporter_name}"}}')
+    for job in ("agent-governance", "agent-hypervisor"):
+        series = _query(prometheus, f'agent_governance_evaluation_latency_ms_bucket{{job="{job}"}}')
+        assert series, job
+    both = _query(
+        prometheus,
+        "count by (job) (agent_governance_evaluation_latency_ms_count)",
+    )
+    assert {item["metric"]["job"] for item in both} == {"agent-governance", "agent-hypervisor"}
 
 
 @pytest.mark.redis

@@ -20,6 +20,12 @@ the :class:`~hypervisor.observability.exporters.governance.GovernanceMetrics` of
 policy engine, and ``--otlp-endpoint`` sends the saga spans over OTLP/HTTP. With ``--redis URL``
 the events are appended to the shared stream instead (for the ring-metrics and saga-span
 workers), and ``/metrics`` serves the governance metrics only.
+
+``--otel-metrics-port N`` also records every decision through an OpenTelemetry meter named like
+the .NET one and serves it with OpenTelemetry's Prometheus exporter on port N: the series a .NET
+kernel's exporter would publish (the ``_milliseconds`` unit suffix included), to check that the
+deployed relabelling puts both languages on one series name. Needs
+``opentelemetry-exporter-prometheus`` (the ``otel`` extra).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.trace import CausalTraceId
-from hypervisor.observability.exporters.governance import GovernanceMetrics
+from hypervisor.observability.exporters.governance import METER_NAME, GovernanceMetrics
 from hypervisor.observability.exporters.prometheus import register_ring_metrics, serve_metrics
 
 __all__ = ["FleetSimulator", "main"]
@@ -336,12 +342,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--otlp-endpoint", default=None, help="OTLP/HTTP endpoint for saga spans (in-process)"
     )
+    parser.add_argument(
+        "--otel-metrics-port",
+        type=int,
+        default=None,
+        help="also serve the governance metrics via an OpenTelemetry meter on this port",
+    )
     return parser
 
 
 async def _run(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
-    governance = GovernanceMetrics(registry)
+    closers: list[Any] = []
+    otel_server = None
+    meter = None
+    if args.otel_metrics_port is not None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+        from prometheus_client import REGISTRY
+
+        # The reader registers on prometheus_client's global registry: this process owns it.
+        provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
+        closers.append(provider.shutdown)
+        meter = provider.get_meter(METER_NAME)
+        otel_server = serve_metrics(REGISTRY, args.host, args.otel_metrics_port)
+        print(f"simulator: serving OpenTelemetry view on {otel_server.url}", flush=True)
+    governance = GovernanceMetrics(registry, meter=meter)
     sim = FleetSimulator(
         governance,
         agents=args.agents,
@@ -350,7 +376,6 @@ async def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         fleet=args.fleet,
     )
-    closers: list[Any] = []
     emit_local = None
     redis_bus = None
     if args.redis:
@@ -405,6 +430,8 @@ async def _run(args: argparse.Namespace) -> int:
             tg.cancel_scope.cancel()
     finally:
         server.close()
+        if otel_server is not None:
+            otel_server.close()
         if redis_bus is not None:
             await redis_bus.aclose()
         for close in closers:
