@@ -1,30 +1,78 @@
 """The applier: folds staged entries into a derivation's state in stream order, atomically.
 
 One applier per derivation and worker; the store's lease lets one of them work at a time. A
-round: take or extend the lease; reload the state only if another applier committed since this
+round: take or extend the lease; rebuild the state only if another applier committed since this
 one last did; compute the watermark below which every entry of the group is acknowledged (hence
 staged or dead-lettered); apply the staged entries below it in id order, skipping event ids
-already applied; export what the round produced; commit snapshot, version, applied id and seen
-ids in one atomic, version-checked step.
+already applied; export what the round produced; commit the applied id, seen ids and skipped
+ids in one atomic, version-checked step. The state itself is checkpointed (a snapshot in the
+same commit) only every ``checkpoint_interval_s``: in between, the committed state is the last
+checkpoint plus the staged entries up to the applied id, which stay staged until the next
+checkpoint. :func:`fold` replays them, here on a takeover and in every worker's metrics view.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Collection
+from dataclasses import replace
 from typing import Any
 
 from hypervisor.observability._core.codec import decode_event
 from hypervisor.observability._core.spans import SagaSpanRecord
-from hypervisor.observability._log.base import LogGroupMissingError, StreamLog, next_id, parse_id
+from hypervisor.observability._log.base import (
+    LogGroupMissingError,
+    StreamLog,
+    next_id,
+    parse_id,
+)
 from hypervisor.observability.errors import EventDecodeError
 from hypervisor.observability.workers._derivations import Derivation
 from hypervisor.observability.workers._snapshot import dump_state, load_state
-from hypervisor.observability.workers._state import Commit, StateMeta
+from hypervisor.observability.workers._state import Commit, Restored, StateMeta
 
-__all__ = ["Applier", "watermark"]
+__all__ = ["Applier", "fold", "restore_state", "watermark"]
 
 _log = logging.getLogger("hypervisor.observability.workers")
+
+
+def fold(
+    derivation: Derivation,
+    state: Any,
+    records: list[tuple[str, bytes]],
+    skipped: Collection[str] = (),
+) -> int:
+    """Replay committed records into ``state`` exactly as the applier folded them.
+
+    Skips the ids the applier skipped (duplicates) and, as it did, records that do not decode
+    or whose state-machine call raises. Spans produced are discarded: they were exported before
+    the commit that covers them. Returns the records folded in.
+    """
+    apply = derivation.apply
+    folded = 0
+    for entry_id, data in records:
+        if entry_id in skipped:
+            continue
+        try:
+            event = decode_event(data)
+        except EventDecodeError:
+            continue
+        try:
+            apply(state, event)
+        except Exception:  # the applier logged it when it first happened
+            _log.debug("%s: replaying %s failed", derivation.name, entry_id, exc_info=True)
+        folded += 1
+    return folded
+
+
+def restore_state(derivation: Derivation, restored: Restored) -> Any:
+    """Rebuild the committed state: the checkpoint with the redo records folded in."""
+    snapshot = restored.snapshot
+    state = derivation.new_state() if snapshot is None else load_state(snapshot)
+    fold(derivation, state, restored.records, restored.skipped)
+    return state
 
 
 async def watermark(log: StreamLog, group: str) -> str:
@@ -63,6 +111,10 @@ class Applier:
         max_batch: staged entries applied per round at most.
         dedup_window: event ids remembered for duplicate detection (about; between half and
             all of it are kept).
+        checkpoint_interval_s: shortest time between two checkpoints (snapshots) of the state;
+            stretched to 20 times the last snapshot's cost, so a large state costs at most 5 %.
+        checkpoint_max_records: records applied after which a checkpoint is due anyway (bounds
+            the redo log a restore replays).
     """
 
     def __init__(
@@ -75,6 +127,8 @@ class Applier:
         lease_ttl_s: float = 5.0,
         max_batch: int = 20_000,
         dedup_window: int = 100_000,
+        checkpoint_interval_s: float = 1.0,
+        checkpoint_max_records: int = 200_000,
     ) -> None:
         self.log = log
         self.group = group
@@ -84,10 +138,17 @@ class Applier:
         self.lease_ttl_s = lease_ttl_s
         self.max_batch = max_batch
         self.dedup_window = max(2, dedup_window)
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.checkpoint_max_records = checkpoint_max_records
         self._state: Any = None
         self._meta = StateMeta()
         self._seen_prev: set[str] = set()
         self._seen_cur: set[str] = set()
+        self._since_checkpoint = 0
+        self._next_checkpoint = 0.0
+        self.final = False
+        """Checkpoint at every commit (set while the worker drains, so a stopped group leaves
+        a snapshot of everything it applied)."""
         self.leader = False
         """Whether the last round held the lease."""
         self.applied_events = 0
@@ -97,10 +158,12 @@ class Applier:
         self.apply_errors = 0
         """Events whose state-machine call raised (skipped, as the in-process bus does)."""
         self.commits = 0
+        self.checkpoints = 0
+        """Commits that carried a snapshot."""
         self.conflicts = 0
         """Commits refused because another applier had committed."""
         self.reloads = 0
-        """Snapshot loads (start, or after another applier committed)."""
+        """State rebuilds (start, or after another applier committed)."""
 
     @property
     def applied_id(self) -> str:
@@ -113,14 +176,15 @@ class Applier:
         return self._state
 
     def invalidate(self) -> None:
-        """Drop the local state: the next round reloads it from the store."""
+        """Drop the local state: the next round rebuilds it from the store."""
         self._state = None
 
     async def _load(self) -> None:
-        meta, snapshot = await self.store.load()
-        state = self.derivation.new_state() if snapshot is None else load_state(snapshot)
-        prev, cur = await self.store.seen(meta)
-        self._state, self._meta, self._seen_prev, self._seen_cur = state, meta, prev, cur
+        restored = await self.store.restore()
+        state = restore_state(self.derivation, restored)
+        prev, cur = await self.store.seen(restored.meta)
+        self._state, self._meta, self._seen_prev, self._seen_cur = state, restored.meta, prev, cur
+        self._since_checkpoint = len(restored.records)
         self.reloads += 1
 
     async def round(self) -> int:
@@ -141,6 +205,20 @@ class Applier:
             self._state = None
             raise
 
+    def _checkpoint_due(self) -> bool:
+        return (
+            self.final
+            or self._since_checkpoint >= self.checkpoint_max_records
+            or time.monotonic() >= self._next_checkpoint
+        )
+
+    def _snapshot(self) -> bytes:
+        started = time.monotonic()
+        snapshot = dump_state(self._state)
+        cost = time.monotonic() - started
+        self._next_checkpoint = time.monotonic() + max(self.checkpoint_interval_s, 20 * cost)
+        return snapshot
+
     async def _round(self) -> int:
         if self._state is None or (await self.store.meta()).version != self._meta.version:
             await self._load()
@@ -148,13 +226,18 @@ class Applier:
         mark = await watermark(self.log, self.group)
         items = await self.store.staged(meta.applied_id, mark, self.max_batch)
         if not items:
+            if self._since_checkpoint and self._checkpoint_due():
+                same = replace(meta, version=meta.version + 1)
+                await self._commit(Commit(meta.version, self._snapshot(), same), 0)
             return 0
         state = self._state
         derivation = self.derivation
+        apply = derivation.apply
         prev, cur = self._seen_prev, self._seen_cur
         produced: list[SagaSpanRecord] = []
         seen_add: list[str] = []
-        for _entry_id, data in items:
+        skipped: list[str] = []
+        for entry_id, data in items:
             try:
                 event = decode_event(data)
             except EventDecodeError:  # staged only after decoding; a foreign writer's bytes
@@ -163,33 +246,47 @@ class Applier:
             event_id = event.event_id
             if event_id in cur or event_id in prev:
                 self.duplicates += 1
+                skipped.append(entry_id)
                 continue
             cur.add(event_id)
             seen_add.append(event_id)
             try:
-                produced.extend(derivation.apply(state, event))
+                spans = apply(state, event)
             except Exception:
                 self.apply_errors += 1
                 _log.exception("%s: applying event %s failed", derivation.name, event_id)
+                continue
+            if spans:
+                produced.extend(spans)
         derivation.export(produced)
         gen, count = meta.seen_gen, meta.seen_count + len(seen_add)
         drop: int | None = None
         if count >= self.dedup_window // 2:
             drop, gen, count = gen - 1, gen + 1, len(seen_add)
         new_meta = StateMeta(meta.version + 1, items[-1][0], gen, count)
-        commit = Commit(meta.version, dump_state(state), new_meta, seen_add, drop)
-        if not await self.store.commit(commit):
-            self.conflicts += 1
-            self._state = None
+        self._since_checkpoint += len(items)
+        snapshot = self._snapshot() if self._checkpoint_due() else None
+        commit = Commit(meta.version, snapshot, new_meta, seen_add, drop, skipped)
+        if not await self._commit(commit, len(items)):
             return 0
         if drop is not None:
             added = set(seen_add)
             self._seen_prev = cur - added
             self._seen_cur = added
-        self._meta = new_meta
-        self.commits += 1
-        self.applied_events += len(items)
         return len(items)
+
+    async def _commit(self, commit: Commit, applied: int) -> bool:
+        if not await self.store.commit(commit):
+            self.conflicts += 1
+            self._state = None
+            return False
+        self._meta = commit.meta
+        self.commits += 1
+        if commit.snapshot is not None:
+            self.checkpoints += 1
+            self._since_checkpoint = 0
+        self.applied_events += applied
+        return True
 
     async def release(self) -> None:
         """Give the lease up (shutdown)."""

@@ -1,9 +1,10 @@
 """The worker's HTTP endpoints: ``/metrics`` (Prometheus text) and ``/healthz`` (JSON).
 
 ``/metrics`` carries the worker's own health (``hvobs_worker_*``) and, for a ring-metrics
-worker, the **global** ring metrics: before each scrape the worker refreshes its copy of the
-committed snapshot (one meta read; the snapshot only when its version changed), so every
-worker of a group serves the same numbers. A small anyio server (not prometheus_client's
+worker, the **global** ring metrics: before each scrape the worker brings its copy of the
+committed state up to date (one meta read; when the version changed, the records committed
+since, or the checkpoint and its redo records), so every worker of a group serves the same
+numbers. A small anyio server (not prometheus_client's
 thread) lets the scrape await that refresh.
 """
 
@@ -27,18 +28,19 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from hypervisor.observability._core.ring import RingMetricsState
-from hypervisor.observability._log.base import LogError
+from hypervisor.observability._log.base import LogError, parse_id
 from hypervisor.observability.exporters.prometheus import (
     DEFAULT_MAX_AGENTS,
     DEFAULT_MAX_SESSIONS,
     LabelGuard,
     RingMetricsPrometheusCollector,
 )
-from hypervisor.observability.workers._derivations import RING_METRICS
+from hypervisor.observability.workers._apply import fold, restore_state
+from hypervisor.observability.workers._derivations import RING_METRICS, Derivation
 from hypervisor.observability.workers._dlq import REASON_MAX_DELIVERIES, REASON_UNDECODABLE
 from hypervisor.observability.workers._runtime import BATCH_BUCKETS, Worker
-from hypervisor.observability.workers._snapshot import WorkerStateError, load_state
-from hypervisor.observability.workers._state import StateMeta, StateStore
+from hypervisor.observability.workers._snapshot import WorkerStateError
+from hypervisor.observability.workers._state import StateMeta
 
 __all__ = ["SnapshotView", "WorkerHttpServer", "health_document"]
 
@@ -49,27 +51,39 @@ _json = msgspec.json.Encoder()
 class SnapshotView:
     """A local copy of a derivation's committed state, refreshed on demand.
 
+    A refresh reads the meta; when the version changed it folds in the redo records committed
+    since the copy's applied id (the staged entries, as the applier folded them), or rebuilds
+    from the checkpoint when a checkpoint dropped some of them meanwhile.
+
     Args:
-        store: the derivation's state store.
-        empty: returns the state to show before anything was committed.
+        derivation: the derivation whose committed state is shown (its ``store``).
     """
 
-    def __init__(self, store: StateStore, empty: Any) -> None:
-        self._store = store
-        self._empty = empty
+    def __init__(self, derivation: Derivation) -> None:
+        self._derivation = derivation
+        self._store = derivation.store
         self.meta = StateMeta()
-        self.state: Any = empty()
+        self.state: Any = derivation.new_state()
         self._loaded_version = -1
 
     async def refresh(self) -> None:
-        """Reload the snapshot if the committed version changed."""
+        """Bring the copy up to the committed state if the committed version changed."""
         meta = await self._store.meta()
         if meta.version == self._loaded_version:
             return
-        meta, snapshot = await self._store.load()
-        self.state = self._empty() if snapshot is None else load_state(snapshot)
-        self.meta = meta
-        self._loaded_version = meta.version
+        if self._loaded_version >= 0 and parse_id(meta.applied_id) >= parse_id(
+            self.meta.applied_id
+        ):
+            replay = await self._store.replay(self.meta.applied_id, meta.applied_id)
+            if replay is not None:
+                fold(self._derivation, self.state, *replay)
+                self.meta = meta
+                self._loaded_version = meta.version
+                return
+        restored = await self._store.restore()
+        self.state = restore_state(self._derivation, restored)
+        self.meta = restored.meta
+        self._loaded_version = restored.meta.version
 
 
 class _GlobalRingCollector(Collector):
@@ -250,8 +264,7 @@ class WorkerHttpServer:
         self.port = port
         self.registry = CollectorRegistry(auto_describe=False)
         self.views: dict[str, SnapshotView] = {
-            applier.derivation.name: SnapshotView(applier.store, applier.derivation.new_state)
-            for applier in worker.appliers
+            applier.derivation.name: SnapshotView(applier.derivation) for applier in worker.appliers
         }
         self.registry.register(_WorkerCollector(worker, self.views))
         ring = self.views.get(RING_METRICS)

@@ -1,23 +1,35 @@
 """``RedisStateStore``: the ``StateStore`` seam on Redis keys.
 
 The one module of the workers package that imports redis-py: the log seam (``_log``) has no
-place for sorted sets, transactions or leases, and these are the worker's own keys. Keys of one
-derivation share a hash tag, so the commit transaction stays in one slot on a cluster:
+place for sorted sets, scripts or leases, and these are the worker's own keys. Keys of one
+derivation share a hash tag, so every script stays in one slot on a cluster:
 
-* ``<prefix>:staged``: sorted set, all scores 0, members ``<sort key>|<entry bytes>``;
-* ``<prefix>:meta``: hash ``version``, ``applied``, ``seen_gen``, ``seen_count``;
-* ``<prefix>:snap``: the snapshot;
-* ``<prefix>:seen:<gen>``: sets of applied event ids (two generations are kept);
+* ``<prefix>:idx``: sorted set, all scores 0, one member per staged *batch*:
+  ``<first sort key>|<last sort key>|<count>|<digest>`` (fixed-width sort keys, so byte order
+  is the order of the batches' first ids);
+* ``<prefix>:batches``: hash, index member -> the batch's records (msgpack ``[[id, bytes]..]``);
+  staging a batch is one script call with two arguments, whatever its size;
+* ``<prefix>:meta``: hash ``version``, ``applied`` (+ ``applied_key``), ``seen_gen``,
+  ``seen_count``, ``checkpoint`` (+ ``checkpoint_key``);
+* ``<prefix>:snap``: the checkpoint snapshot;
+* ``<prefix>:skip``: sorted set of the sort keys of staged ids the applier skipped;
+* ``<prefix>:seen:<gen>``: lists of msgpack arrays of applied event ids (two generations);
 * ``<prefix>:lease``: the applier lease (token, with a time to live).
+
+A batch staged again after a redelivery is the same member (same ids, same bytes: no change);
+a redelivered *subset* (a claim, a re-read after a crash) is another member whose ids overlap
+the first one's: readers merge the batches they fetch and keep each id once.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
+import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
@@ -28,8 +40,9 @@ from hypervisor.observability._log.base import (
     LogError,
     LogUnavailableError,
     next_id,
+    parse_id,
 )
-from hypervisor.observability.workers._state import Commit, StateMeta, sort_key
+from hypervisor.observability.workers._state import Commit, Restored, StateMeta, sort_key
 
 __all__ = ["RedisStateStore", "state_prefix"]
 
@@ -50,6 +63,115 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+# KEYS: idx, batches. ARGV: member, records.
+_STAGE = """
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# Batches whose first id is below ARGV[2] and whose last id is above both ARGV[1] and the
+# checkpoint (sort keys), at most ARGV[3] scanned, with their records; the first member beyond
+# the scan, if any; the checkpoint key. KEYS: idx, batches, meta.
+_FETCH = """
+local n = tonumber(ARGV[3])
+local low = ARGV[1]
+local ck = redis.call('HGET', KEYS[3], 'checkpoint_key') or ''
+if ck > low then low = ck end
+local ms = redis.call('ZRANGEBYLEX', KEYS[1], '-', '(' .. ARGV[2], 'LIMIT', 0, n + 1)
+local out = {}
+local more = false
+for i, m in ipairs(ms) do
+  if i > n then more = m break end
+  if string.sub(m, 43, 83) > low then
+    out[#out + 1] = m
+    out[#out + 1] = redis.call('HGET', KEYS[2], m) or ''
+  end
+end
+return {more, out, ck}
+"""
+
+# The redo records in (after, upto] and the skipped ids among them, unless a checkpoint beyond
+# `after` dropped some (then nil). KEYS: meta, idx, batches, skip. ARGV: after key, upto key.
+_REPLAY = """
+local ck = redis.call('HGET', KEYS[1], 'checkpoint_key') or ''
+if ck > ARGV[1] then return false end
+local ms = redis.call('ZRANGEBYLEX', KEYS[2], '-', '(' .. ARGV[2] .. '}')
+local out = {}
+for _, m in ipairs(ms) do
+  if string.sub(m, 43, 83) > ARGV[1] then
+    out[#out + 1] = m
+    out[#out + 1] = redis.call('HGET', KEYS[3], m) or ''
+  end
+end
+return {out, redis.call('ZRANGEBYLEX', KEYS[4], '(' .. ARGV[1], '[' .. ARGV[2])}
+"""
+
+# Meta, checkpoint, redo records in (checkpoint, applied] and skipped ids, atomically.
+# KEYS: meta, snap, idx, batches, skip.
+_RESTORE = """
+local meta = redis.call('HGETALL', KEYS[1])
+local snap = redis.call('GET', KEYS[2])
+local ak, ck = '', ''
+for i = 1, #meta, 2 do
+  if meta[i] == 'applied_key' then ak = meta[i + 1] end
+  if meta[i] == 'checkpoint_key' then ck = meta[i + 1] end
+end
+local out = {}
+local skips = {}
+if ak > ck then
+  local ms = redis.call('ZRANGEBYLEX', KEYS[3], '-', '(' .. ak .. '}')
+  for _, m in ipairs(ms) do
+    if string.sub(m, 43, 83) > ck then
+      out[#out + 1] = m
+      out[#out + 1] = redis.call('HGET', KEYS[4], m) or ''
+    end
+  end
+  local low = '-'
+  if ck ~= '' then low = '(' .. ck end
+  skips = redis.call('ZRANGEBYLEX', KEYS[5], low, '[' .. ak)
+end
+return {meta, snap, out, skips}
+"""
+
+# The version-checked commit. KEYS: meta, seen (current gen), seen (gen to drop), skip, snap,
+# idx, batches. ARGV: expected version, version, applied, applied key, seen gen, seen count,
+# seen ids (packed, '' for none), drop ('1'/'0'), snapshot ('' for none; a snapshot is never
+# empty), skipped sort keys...
+_COMMIT = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if current ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[2], 'applied', ARGV[3], 'applied_key', ARGV[4],
+  'seen_gen', ARGV[5], 'seen_count', ARGV[6])
+if ARGV[7] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[7]) end
+if ARGV[8] == '1' then redis.call('DEL', KEYS[3]) end
+for i = 10, #ARGV do redis.call('ZADD', KEYS[4], 0, ARGV[i]) end
+if ARGV[9] ~= '' then
+  local key = ARGV[4]
+  redis.call('SET', KEYS[5], ARGV[9])
+  redis.call('HSET', KEYS[1], 'checkpoint', ARGV[3], 'checkpoint_key', key)
+  local ms = redis.call('ZRANGEBYLEX', KEYS[6], '-', '(' .. key .. '}')
+  for _, m in ipairs(ms) do
+    if string.sub(m, 43, 83) <= key then
+      redis.call('ZREM', KEYS[6], m)
+      redis.call('HDEL', KEYS[7], m)
+    end
+  end
+  redis.call('ZREMRANGEBYLEX', KEYS[4], '-', '[' .. key)
+end
+return 1
+"""
+
+_KEY_WIDTH: Final = 41
+"""Length of a sort key (``%020d-%020d``)."""
+_FETCH_BATCHES: Final = 64
+"""Batches a first fetch scans; widened when they hold nothing usable."""
+
+_records_encoder = msgspec.msgpack.Encoder()
+_records_decoder = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
+_ids_decoder = msgspec.msgpack.Decoder(list[str])
+_Records = list[tuple[str, bytes]]
 
 
 def state_prefix(stream: str, group: str, derivation: str) -> str:
@@ -79,6 +201,14 @@ def _unsort_key(key: bytes) -> str:
     return f"{int(ms)}-{int(seq)}"
 
 
+def _key_tuple(key: bytes) -> tuple[int, int]:
+    return int(key[:20]), int(key[21:41])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _meta(raw: dict[bytes, bytes]) -> StateMeta:
     if not raw:
         return StateMeta()
@@ -88,6 +218,54 @@ def _meta(raw: dict[bytes, bytes]) -> StateMeta:
         seen_gen=int(raw.get(b"seen_gen", b"0")),
         seen_count=int(raw.get(b"seen_count", b"0")),
     )
+
+
+def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
+    return {bytes(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+def batch_member(items: list[tuple[str, bytes]]) -> tuple[bytes, bytes]:
+    """Return the index member and the packed records of one staged batch (sorted by id)."""
+    keys = [parse_id(entry_id) for entry_id, _ in items]
+    if any(keys[i] >= keys[i + 1] for i in range(len(keys) - 1)):
+        merged = dict(zip(keys, items, strict=True))
+        keys = sorted(merged)
+        items = [merged[k] for k in keys]
+    records = _records_encoder.encode(items)
+    digest = hashlib.blake2b(records, digest_size=8).hexdigest().encode()
+    first, last = keys[0], keys[-1]
+    member = b"%020d-%020d|%020d-%020d|%d|%s" % (*first, *last, len(items), digest)
+    return member, records
+
+
+def merge_batches(
+    flat: list[Any], low: tuple[int, int], high: tuple[int, int]
+) -> list[tuple[str, bytes]]:
+    """Merge fetched batches (``[member, records, ...]``, by first id) into the distinct
+    records with ``low < id < high``, in id order."""
+    chunks: list[_Records] = []
+    overlap = False
+    reach: tuple[int, int] | None = None
+    for i in range(0, len(flat) - 1, 2):
+        member = bytes(flat[i])
+        first = _key_tuple(member)
+        last = _key_tuple(member[_KEY_WIDTH + 1 :])
+        if reach is not None and first <= reach:
+            overlap = True
+        if reach is None or last > reach:
+            reach = last
+        if not flat[i + 1]:
+            raise LogError(f"staged batch {member[:83]!r} has no records (store corrupt)")
+        records = _records_decoder.decode(flat[i + 1])
+        if not (low < first and last < high):
+            records = [r for r in records if low < parse_id(r[0]) < high]
+        chunks.append(records)
+    if not overlap:
+        return [record for chunk in chunks for record in chunk]
+    merged: dict[str, bytes] = {}
+    for chunk in chunks:
+        merged.update(chunk)
+    return sorted(merged.items(), key=lambda record: parse_id(record[0]))
 
 
 class RedisStateStore:
@@ -124,12 +302,19 @@ class RedisStateStore:
             self._own_client = False
         self._client = client
         self._prefix = prefix
-        self._staged_key = f"{prefix}:staged"
+        self._idx_key = f"{prefix}:idx"
+        self._batches_key = f"{prefix}:batches"
+        self._skip_key = f"{prefix}:skip"
         self._meta_key = f"{prefix}:meta"
         self._snap_key = f"{prefix}:snap"
         self._lease_key = f"{prefix}:lease"
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._stage = client.register_script(_STAGE)
+        self._fetch = client.register_script(_FETCH)
+        self._replay = client.register_script(_REPLAY)
+        self._restore = client.register_script(_RESTORE)
+        self._commit = client.register_script(_COMMIT)
         self._closed = False
 
     def _seen_key(self, gen: int) -> str:
@@ -161,36 +346,76 @@ class RedisStateStore:
                 await self._client.aclose()
 
     async def stage(self, items: list[tuple[str, bytes]]) -> None:
-        """``ZADD`` the pairs (score 0, member ``<sort key>|<bytes>``)."""
+        """Stage the pairs as one batch (one script call, two arguments)."""
         if not items:
             return
-        args: list[Any] = ["ZADD", self._staged_key]
-        for entry_id, data in items:
-            args.append(0)
-            args.append(sort_key(entry_id) + b"|" + data)
+        member, records = batch_member(items)
         with _translate("stage"):
-            await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+            await self._stage(keys=[self._idx_key, self._batches_key], args=[member, records])
 
     async def staged(self, after_id: str, before_id: str, limit: int) -> list[tuple[str, bytes]]:
-        """``ZRANGEBYLEX`` between the two ids (both exclusive)."""
-        low = b"[" + sort_key(next_id(after_id))
-        high = b"(" + sort_key(before_id)
-        if sort_key(next_id(after_id)) >= sort_key(before_id):
+        """Merge the batches holding ids in the range; see ``StateStore.staged``."""
+        low, high = parse_id(after_id), parse_id(before_id)
+        if low >= high:
             return []
-        with _translate("read staged"):
-            members = await self._client.execute_command(  # type: ignore[no-untyped-call]
-                "ZRANGEBYLEX", self._staged_key, low, high, "LIMIT", 0, limit
-            )
-        out: list[tuple[str, bytes]] = []
-        for member in members:
-            key, _, data = bytes(member).partition(b"|")
-            out.append((_unsort_key(key), data))
-        return out
+        low_key, high_key = sort_key(after_id), sort_key(before_id)
+        scan = _FETCH_BATCHES
+        while True:
+            with _translate("read staged"):
+                more, flat, checkpoint = await self._fetch(
+                    keys=[self._idx_key, self._batches_key, self._meta_key],
+                    args=[low_key, high_key, scan],
+                )
+            if checkpoint:  # entries up to the checkpoint count as removed
+                low = max(low, _key_tuple(bytes(checkpoint)))
+            # Ids at or above the first batch not scanned may be in batches not fetched.
+            bound = min(high, _key_tuple(bytes(more))) if more else high
+            records = merge_batches(flat, low, bound)
+            if records or not more:
+                return records[:limit]
+            scan *= 4  # the scanned batches were all applied ones awaiting the checkpoint
 
     async def backlog(self) -> int:
-        """``ZCARD`` of the staged set."""
+        """Count the distinct staged ids above the applied id.
+
+        From the batch headers alone, except for batches whose id ranges overlap another's or
+        straddle the applied id: their records are read to count each id once.
+        """
         with _translate("backlog"):
-            return int(await self._client.zcard(self._staged_key))
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hget(self._meta_key, "applied")
+                pipe.zrange(self._idx_key, 0, -1)
+                applied_raw, members = await pipe.execute()
+        applied = parse_id(_text(applied_raw or MIN_ID.encode()))
+        # Clusters of batches with overlapping id ranges (headers come ordered by first id).
+        clusters: list[list[bytes]] = []
+        reach = applied
+        for raw in members:
+            member = bytes(raw)
+            last = _key_tuple(member[_KEY_WIDTH + 1 :])
+            if last <= applied:
+                continue
+            if clusters and _key_tuple(member) <= reach:
+                clusters[-1].append(member)
+            else:
+                clusters.append([member])
+            reach = max(reach, last)
+        total = 0
+        exact: list[bytes] = []
+        for cluster in clusters:
+            if len(cluster) == 1 and _key_tuple(cluster[0]) > applied:
+                total += int(cluster[0].split(b"|")[2])
+            else:
+                exact.extend(cluster)
+        if exact:
+            with _translate("backlog"):
+                blobs: list[Any] = await self._client.hmget(self._batches_key, exact)
+            ids: set[str] = set()
+            for blob in blobs:
+                if blob:
+                    ids.update(entry_id for entry_id, _ in _records_decoder.decode(blob))
+            total += sum(1 for entry_id in ids if parse_id(entry_id) > applied)
+        return total
 
     async def meta(self) -> StateMeta:
         """Read the meta hash."""
@@ -199,7 +424,7 @@ class RedisStateStore:
         return _meta(raw)
 
     async def load(self) -> tuple[StateMeta, bytes | None]:
-        """Read meta and snapshot in one transaction."""
+        """Read meta and checkpoint snapshot in one transaction."""
         with _translate("load state"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(self._meta_key)
@@ -207,47 +432,77 @@ class RedisStateStore:
                 raw, snapshot = await pipe.execute()
         return _meta(raw), snapshot
 
+    async def restore(self) -> Restored:
+        """Read meta, checkpoint and redo records in one script call."""
+        with _translate("restore state"):
+            raw_meta, snapshot, flat, skips = await self._restore(
+                keys=[
+                    self._meta_key,
+                    self._snap_key,
+                    self._idx_key,
+                    self._batches_key,
+                    self._skip_key,
+                ]
+            )
+        fields = _pairs(raw_meta)
+        meta = _meta(fields)
+        checkpoint = fields.get(b"checkpoint", MIN_ID.encode()).decode()
+        records = merge_batches(flat, parse_id(checkpoint), parse_id(next_id(meta.applied_id)))
+        skipped = frozenset(_unsort_key(bytes(k)) for k in skips)
+        return Restored(meta, snapshot, checkpoint, records, skipped)
+
+    async def replay(
+        self, after_id: str, upto_id: str
+    ) -> tuple[list[tuple[str, bytes]], frozenset[str]] | None:
+        """Read the redo records after ``after_id`` (one script call); see ``StateStore``."""
+        with _translate("replay state"):
+            reply = await self._replay(
+                keys=[self._meta_key, self._idx_key, self._batches_key, self._skip_key],
+                args=[sort_key(after_id), sort_key(upto_id)],
+            )
+        if reply is None:
+            return None
+        flat, skips = reply
+        records = merge_batches(flat, parse_id(after_id), parse_id(next_id(upto_id)))
+        return records, frozenset(_unsort_key(bytes(k)) for k in skips)
+
     async def seen(self, meta: StateMeta) -> tuple[set[str], set[str]]:
         """Read the two seen generations."""
         with _translate("load seen ids"):
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.smembers(self._seen_key(meta.seen_gen - 1))
-                pipe.smembers(self._seen_key(meta.seen_gen))
+                pipe.lrange(self._seen_key(meta.seen_gen - 1), 0, -1)
+                pipe.lrange(self._seen_key(meta.seen_gen), 0, -1)
                 prev, cur = await pipe.execute()
-        return {m.decode() for m in prev}, {m.decode() for m in cur}
+        return _unpack_ids(prev), _unpack_ids(cur)
 
     async def commit(self, commit: Commit) -> bool:
-        """``WATCH`` meta, check the version, then ``MULTI`` the whole update."""
+        """Run the version-checked commit script; see ``StateStore.commit``."""
         meta = commit.meta
-        high = b"(" + sort_key(next_id(meta.applied_id))
+        drop = commit.seen_drop_gen
+        keys = [
+            self._meta_key,
+            self._seen_key(meta.seen_gen),
+            self._seen_key(meta.seen_gen if drop is None else drop),
+            self._skip_key,
+            self._snap_key,
+            self._idx_key,
+            self._batches_key,
+        ]
+        args: list[Any] = [
+            commit.expected_version,
+            meta.version,
+            meta.applied_id,
+            sort_key(meta.applied_id),
+            meta.seen_gen,
+            meta.seen_count,
+            _records_encoder.encode(commit.seen_add) if commit.seen_add else b"",
+            b"0" if drop is None else b"1",
+            b"" if commit.snapshot is None else commit.snapshot,
+            *(sort_key(entry_id) for entry_id in commit.skipped),
+        ]
         with _translate("commit"):
-            async with self._client.pipeline(transaction=True) as pipe:
-                await pipe.watch(self._meta_key)
-                current = await pipe.hget(self._meta_key, "version")
-                if int(current or 0) != commit.expected_version:
-                    await pipe.unwatch()  # type: ignore[no-untyped-call]
-                    return False
-                pipe.multi()  # type: ignore[no-untyped-call]
-                pipe.set(self._snap_key, commit.snapshot)
-                pipe.hset(
-                    self._meta_key,
-                    mapping={
-                        "version": meta.version,
-                        "applied": meta.applied_id,
-                        "seen_gen": meta.seen_gen,
-                        "seen_count": meta.seen_count,
-                    },
-                )
-                pipe.zremrangebylex(self._staged_key, b"-", high)
-                if commit.seen_add:
-                    pipe.sadd(self._seen_key(meta.seen_gen), *commit.seen_add)
-                if commit.seen_drop_gen is not None:
-                    pipe.delete(self._seen_key(commit.seen_drop_gen))
-                try:
-                    await pipe.execute()
-                except rexc.WatchError:
-                    return False
-        return True
+            done = await self._commit(keys=keys, args=args)
+        return bool(done)
 
     async def acquire_lease(self, token: str, ttl_s: float) -> bool:
         """Take or extend the lease (one script call)."""
@@ -266,3 +521,10 @@ class RedisStateStore:
             keys = [key async for key in self._client.scan_iter(match=f"{self._prefix}:*")]
             if keys:
                 await self._client.delete(*keys)
+
+
+def _unpack_ids(blobs: list[bytes]) -> set[str]:
+    ids: set[str] = set()
+    for blob in blobs:
+        ids.update(_ids_decoder.decode(blob))
+    return ids

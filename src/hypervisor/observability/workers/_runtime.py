@@ -71,6 +71,8 @@ class WorkerConfig:
         max_deliveries: deliveries after which an entry is dead-lettered.
         apply_interval_s: longest time between apply rounds while idle.
         max_apply_batch: staged entries applied per round at most.
+        checkpoint_interval_s: shortest time between snapshots of the state (in between, the
+            staged entries since the last snapshot are the committed state's redo log).
         lease_ttl_s: applier lease time to live.
         dedup_window: event ids remembered to drop duplicate appends.
         max_pending_age_s: health threshold: pending entries older than this mean "behind".
@@ -87,6 +89,7 @@ class WorkerConfig:
     max_deliveries: int = 5
     apply_interval_s: float = 0.005
     max_apply_batch: int = 20_000
+    checkpoint_interval_s: float = 1.0
     lease_ttl_s: float = 5.0
     dedup_window: int = 100_000
     max_pending_age_s: float = 60.0
@@ -167,6 +170,7 @@ class Worker:
                 lease_ttl_s=config.lease_ttl_s,
                 max_batch=config.max_apply_batch,
                 dedup_window=config.dedup_window,
+                checkpoint_interval_s=config.checkpoint_interval_s,
             )
             for derivation in self.derivations
         ]
@@ -499,6 +503,7 @@ class Worker:
         final_errors = 0
         while True:
             draining = self._consume_done.is_set()
+            applier.final = draining
             wake = self._wake
             try:
                 applied = await applier.round()

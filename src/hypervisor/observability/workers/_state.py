@@ -2,11 +2,16 @@
 
 A store holds, for one derivation of one consumer group:
 
-* the **staged** entries: ``(stream id, entry bytes)`` that workers acknowledged and the applier
-  has not applied yet, ordered by id; staging the same id twice is a no-op;
-* the **snapshot** of the state, its **version** and the **applied id** (every staged entry up
-  to it is folded into the snapshot), changed together by one atomic :meth:`StateStore.commit`
-  that succeeds only if the version is still the one the applier loaded;
+* the **staged** entries: ``(stream id, entry bytes)`` that workers acknowledged, ordered by id;
+  staging the same id twice is a no-op. They stay staged after they are applied, up to the next
+  checkpoint: together with the checkpoint they *are* the committed state (a redo log);
+* the **checkpoint**: a snapshot of the state folded up to some id (the checkpoint id);
+* the **meta**: version and **applied id**, changed by one atomic :meth:`StateStore.commit` that
+  succeeds only if the version is still the one the applier loaded. The committed state is the
+  checkpoint plus the staged entries in ``(checkpoint id, applied id]``, in id order, minus the
+  ones the applier **skipped** (duplicate event ids; recorded with the commit that skipped them);
+  a commit that carries a snapshot moves the checkpoint to its applied id and drops what the
+  snapshot now holds;
 * the **seen** event ids, a bounded window in two generations, so an event appended twice (two
   stream ids, one ``event_id``) is applied once;
 * the **lease** that elects one applier at a time (an optimisation; correctness rests on the
@@ -27,7 +32,7 @@ import anyio
 
 from hypervisor.observability._log.base import MIN_ID, parse_id
 
-__all__ = ["Commit", "MemoryStateStore", "StateMeta", "StateStore", "sort_key"]
+__all__ = ["Commit", "MemoryStateStore", "Restored", "StateMeta", "StateStore", "sort_key"]
 
 
 def sort_key(entry_id: str) -> bytes:
@@ -42,7 +47,7 @@ class StateMeta:
 
     Attributes:
         version: increases by one with every commit (0: nothing committed yet).
-        applied_id: the highest stream id folded into the snapshot (``"0-0"`` if none).
+        applied_id: the highest stream id folded into the committed state (``"0-0"`` if none).
         seen_gen: the current generation of the seen-event-id window.
         seen_count: ids added to the current generation so far.
     """
@@ -59,17 +64,43 @@ class Commit:
 
     Attributes:
         expected_version: the version the applier loaded; the commit fails if it changed.
-        snapshot: the new state snapshot.
+        snapshot: a checkpoint of the state at ``meta.applied_id``, or ``None`` (the staged
+            entries up to ``meta.applied_id`` then stay, as the redo log of this commit).
         meta: the new meta (version ``expected_version + 1``).
         seen_add: event ids applied in this round (added to ``meta.seen_gen``).
         seen_drop_gen: a generation to delete (the window rotated), or ``None``.
+        skipped: stream ids of this round that were not folded in (duplicate event ids), so a
+            replay of the staged entries skips them too.
     """
 
     expected_version: int
-    snapshot: bytes
+    snapshot: bytes | None
     meta: StateMeta
     seen_add: list[str] = field(default_factory=list)
     seen_drop_gen: int | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """The committed state of a derivation as stored, read consistently.
+
+    The state is ``snapshot`` (``None``: an empty state) with ``records`` folded in, in order,
+    except the ids in ``skipped``.
+
+    Attributes:
+        meta: the committed meta.
+        snapshot: the checkpoint, or ``None``.
+        checkpoint_id: the id the checkpoint folds up to (``"0-0"`` without one).
+        records: staged ``(id, bytes)`` pairs in ``(checkpoint_id, meta.applied_id]``, id order.
+        skipped: ids among ``records`` that the applier did not fold in.
+    """
+
+    meta: StateMeta
+    snapshot: bytes | None
+    checkpoint_id: str
+    records: list[tuple[str, bytes]]
+    skipped: frozenset[str]
 
 
 @runtime_checkable
@@ -89,11 +120,15 @@ class StateStore(Protocol):
         ...
 
     async def staged(self, after_id: str, before_id: str, limit: int) -> list[tuple[str, bytes]]:
-        """Return up to ``limit`` staged pairs with ``after_id < id < before_id``, in id order."""
+        """Return staged pairs with ``after_id < id < before_id``, in id order.
+
+        At most ``limit``, and always a prefix of that range: every staged id between
+        ``after_id`` and the last one returned is returned (possibly fewer than ``limit``).
+        """
         ...
 
     async def backlog(self) -> int:
-        """Return how many entries are staged (applied ones are removed at commit)."""
+        """Return how many staged entries have ids above the applied id (not applied yet)."""
         ...
 
     async def meta(self) -> StateMeta:
@@ -101,7 +136,21 @@ class StateStore(Protocol):
         ...
 
     async def load(self) -> tuple[StateMeta, bytes | None]:
-        """Return the committed meta and snapshot, read consistently (``None``: no snapshot)."""
+        """Return the committed meta and the checkpoint snapshot (``None``: no snapshot)."""
+        ...
+
+    async def restore(self) -> Restored:
+        """Return everything needed to rebuild the committed state, read atomically."""
+        ...
+
+    async def replay(
+        self, after_id: str, upto_id: str
+    ) -> tuple[list[tuple[str, bytes]], frozenset[str]] | None:
+        """Return the staged pairs in ``(after_id, upto_id]`` and the skipped ids among them.
+
+        ``upto_id`` must not exceed the committed applied id. Returns ``None`` when a checkpoint
+        beyond ``after_id`` dropped some of them (rebuild with :meth:`restore` instead).
+        """
         ...
 
     async def seen(self, meta: StateMeta) -> tuple[set[str], set[str]]:
@@ -111,8 +160,8 @@ class StateStore(Protocol):
     async def commit(self, commit: Commit) -> bool:
         """Apply ``commit`` atomically if the version is still ``expected_version``.
 
-        Removes staged entries with ids up to ``commit.meta.applied_id``. Returns whether it
-        was applied.
+        With a snapshot, also moves the checkpoint to ``commit.meta.applied_id`` and removes
+        the staged entries (and skipped ids) up to it. Returns whether it was applied.
         """
         ...
 
@@ -151,13 +200,17 @@ class MemoryStateStore:
 
     def __init__(self, name: str = "memory") -> None:
         self._name = name
-        self._staged: dict[bytes, tuple[str, bytes]] = {}
+        self._staged: dict[tuple[int, int], tuple[str, bytes]] = {}
+        self._skipped: dict[tuple[int, int], str] = {}
         self._meta = StateMeta()
         self._snapshot: bytes | None = None
+        self._checkpoint = MIN_ID
         self._seen: dict[int, set[str]] = {}
         self._lease: tuple[str, float] | None = None
         self.commits = 0
         """Successful commits so far."""
+        self.checkpoints = 0
+        """Successful commits that carried a snapshot."""
 
     @property
     def name(self) -> str:
@@ -182,19 +235,24 @@ class MemoryStateStore:
         """Stage pairs; see ``StateStore.stage``."""
         await anyio.lowlevel.checkpoint()
         for entry_id, data in items:
-            self._staged[sort_key(entry_id)] = (entry_id, data)
+            self._staged[parse_id(entry_id)] = (entry_id, data)
+
+    def _range(self, low: tuple[int, int], high: tuple[int, int]) -> list[tuple[str, bytes]]:
+        """Staged pairs with ``low < id <= high``, in id order."""
+        return [self._staged[k] for k in sorted(k for k in self._staged if low < k <= high)]
 
     async def staged(self, after_id: str, before_id: str, limit: int) -> list[tuple[str, bytes]]:
         """Return staged pairs in a range; see ``StateStore.staged``."""
         await anyio.lowlevel.checkpoint()
-        low, high = sort_key(after_id), sort_key(before_id)
+        low, high = parse_id(after_id), parse_id(before_id)
         keys = sorted(k for k in self._staged if low < k < high)[:limit]
         return [self._staged[k] for k in keys]
 
     async def backlog(self) -> int:
-        """Return the number of staged entries."""
+        """Return the number of staged entries above the applied id."""
         await anyio.lowlevel.checkpoint()
-        return len(self._staged)
+        applied = parse_id(self._meta.applied_id)
+        return sum(1 for k in self._staged if k > applied)
 
     async def meta(self) -> StateMeta:
         """Return the committed meta."""
@@ -202,9 +260,34 @@ class MemoryStateStore:
         return self._meta
 
     async def load(self) -> tuple[StateMeta, bytes | None]:
-        """Return meta and snapshot."""
+        """Return meta and checkpoint snapshot."""
         await anyio.lowlevel.checkpoint()
         return self._meta, self._snapshot
+
+    def _skipped_in(self, low: tuple[int, int], high: tuple[int, int]) -> frozenset[str]:
+        return frozenset(i for k, i in self._skipped.items() if low < k <= high)
+
+    async def restore(self) -> Restored:
+        """Return checkpoint, redo records and skipped ids; see ``StateStore.restore``."""
+        await anyio.lowlevel.checkpoint()
+        low, high = parse_id(self._checkpoint), parse_id(self._meta.applied_id)
+        return Restored(
+            self._meta,
+            self._snapshot,
+            self._checkpoint,
+            self._range(low, high),
+            self._skipped_in(low, high),
+        )
+
+    async def replay(
+        self, after_id: str, upto_id: str
+    ) -> tuple[list[tuple[str, bytes]], frozenset[str]] | None:
+        """Return redo records after ``after_id``; see ``StateStore.replay``."""
+        await anyio.lowlevel.checkpoint()
+        low, high = parse_id(after_id), parse_id(upto_id)
+        if parse_id(self._checkpoint) > low:
+            return None
+        return self._range(low, high), self._skipped_in(low, high)
 
     async def seen(self, meta: StateMeta) -> tuple[set[str], set[str]]:
         """Return the two seen generations."""
@@ -219,14 +302,21 @@ class MemoryStateStore:
         await anyio.lowlevel.checkpoint()
         if self._meta.version != commit.expected_version:
             return False
-        self._snapshot = commit.snapshot
         self._meta = commit.meta
         self._seen.setdefault(commit.meta.seen_gen, set()).update(commit.seen_add)
         if commit.seen_drop_gen is not None:
             self._seen.pop(commit.seen_drop_gen, None)
-        limit = sort_key(commit.meta.applied_id)
-        for key in [k for k in self._staged if k <= limit]:
-            del self._staged[key]
+        for entry_id in commit.skipped:
+            self._skipped[parse_id(entry_id)] = entry_id
+        if commit.snapshot is not None:
+            self._snapshot = commit.snapshot
+            self._checkpoint = commit.meta.applied_id
+            limit = parse_id(commit.meta.applied_id)
+            for key in [k for k in self._staged if k <= limit]:
+                del self._staged[key]
+            for key in [k for k in self._skipped if k <= limit]:
+                del self._skipped[key]
+            self.checkpoints += 1
         self.commits += 1
         return True
 
@@ -250,7 +340,9 @@ class MemoryStateStore:
         """Forget everything."""
         await anyio.lowlevel.checkpoint()
         self._staged.clear()
+        self._skipped.clear()
         self._meta = StateMeta()
         self._snapshot = None
+        self._checkpoint = MIN_ID
         self._seen.clear()
         self._lease = None
