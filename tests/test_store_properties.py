@@ -6,6 +6,7 @@ linear scan over the model's last ``max_events`` events would.
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -203,3 +204,45 @@ def test_store_rejects_bad_limits(limit: object) -> None:
     for kwargs in ({}, {"session_id": "s0"}, {"event_type": EventType.VFS_WRITE, "agent_did": "a"}):
         with pytest.raises(ValueError, match="limit"):
             store.query(limit=limit, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cap", [None, 700, 97])
+def test_combined_query_type_codes_stay_exact(cap: int | None) -> None:
+    """The type-code prefilter agrees with a scan: many chunks, plain-str types, 300 ad-hoc types.
+
+    The agent's list is walked (the shortest), so the type is checked through the per-slot code
+    ring; past 255 distinct types new types get no code and are checked on the event. Slots are
+    reused by eviction with events of other types.
+    """
+    store = EventStore(cap)
+    rng = random.Random(5)
+    batch: list[HypervisorEvent] = []
+    customs = 0
+    for i in range(3000):
+        roll = rng.random()
+        if roll < 0.2:
+            customs += 1
+            kind: object = f"custom.type-{customs % 300}"  # past the 255 codes
+        elif roll < 0.15:
+            kind = rng.choice(TYPES).value  # a plain string equal to a member
+        else:
+            kind = rng.choice(TYPES)
+        batch.append(
+            HypervisorEvent(
+                event_type=kind,  # type: ignore[arg-type]
+                session_id=rng.choice(SESSION_KEYS),
+                # a0 is the busy agent; the others' lists are shorter than any type's.
+                agent_did=rng.choice(AGENT_KEYS[1:]) if rng.random() < 0.3 else "a0",
+                timestamp=T0 + timedelta(seconds=i),
+            )
+        )
+    store.extend(batch)
+    kept = batch if cap is None else batch[-cap:]
+    probe_types: list[object] = [*TYPES, "custom.type-1", "custom.type-299", TYPES[0].value]
+    for event_type in probe_types:
+        for session_id in SESSION_KEYS:
+            for agent_did in AGENT_KEYS:
+                for limit in (None, 1, 10, 400):
+                    expected = model_query(kept, event_type, session_id, agent_did, limit)  # type: ignore[arg-type]
+                    got = store.query(event_type, session_id, agent_did, limit)  # type: ignore[arg-type]
+                    assert got == expected, (event_type, session_id, agent_did, limit)

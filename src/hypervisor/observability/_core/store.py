@@ -14,6 +14,12 @@
   a key whose list becomes empty, so every index, and ``type_counts()``, agrees with the store at
   all times. Dead heads are compacted away once they are half of a list, which keeps the
   amortised cost O(1).
+* Beside the ring of events, a ring of one-byte type codes (``array('B')``, same slots): each
+  event type gets a small code when first stored. A combined query walks its shortest posting
+  list and keeps only the seqs whose slot holds the wanted type code before it touches any
+  event object: a candidate event is a cache miss, a code byte is not. A slot's code
+  is overwritten with its event, so the filter is exact under eviction (code 0, past 255 types,
+  means "check the event").
 * Time: timestamps are almost always non-decreasing in append order. An event whose timestamp is
   not below the newest timestamp seen so far (the high-water mark) is *in order*; a binary search
   over the ring finds the in-order events of a range. The rare others (clock skew, threads,
@@ -42,6 +48,8 @@ DEFAULT_MAX_EVENTS = 100_000
 # Dead entries before a posting list's head are compacted away once there are at least this many
 # and they are at least half of the list.
 _COMPACT_MIN = 64
+# Type codes fit a byte; 0 is "no code" (more than this many distinct types were seen).
+_MAX_TYPE_CODES = 255
 _MIN_TIME = datetime.min.replace(tzinfo=UTC)
 _MAX_TIME = datetime.max.replace(tzinfo=UTC)
 
@@ -89,6 +97,7 @@ class EventStore:
         "_by_session",
         "_by_type",
         "_cap",
+        "_codes",
         "_first",
         "_hwm",
         "_late",
@@ -98,6 +107,7 @@ class EventStore:
         "_max_events",
         "_next",
         "_slots",
+        "_type_codes",
         "evicted",
     )
 
@@ -115,6 +125,10 @@ class EventStore:
 
     def _reset(self) -> None:
         self._slots: list[HypervisorEvent] = []
+        # The type code of the event in each slot (see the module docstring).
+        self._codes: array[int] = array("B")
+        # Type -> code, assigned on first sight and kept (at most _MAX_TYPE_CODES of them).
+        self._type_codes: dict[Hashable, int] = {}
         self._first = 0  # seq of the oldest stored event
         self._next = 0  # seq the next event gets
         self._by_type: _Index = {}
@@ -141,15 +155,22 @@ class EventStore:
         seq = self._next
         cap = self._cap
         slots = self._slots
-        if len(slots) < cap:
-            slots.append(event)
-        else:
-            self._evict_oldest()
-            slots[seq % cap] = event
-        self._next = seq + 1
-
         # Subscripting inside try is the cheapest lookup when the key is almost always there.
         key: Hashable = event.event_type
+        try:
+            code = self._type_codes[key]
+        except KeyError:
+            code = self._new_type_code(key)
+        if len(slots) < cap:
+            slots.append(event)
+            self._codes.append(code)
+        else:
+            self._evict_oldest()
+            slot = seq % cap
+            slots[slot] = event
+            self._codes[slot] = code
+        self._next = seq + 1
+
         try:
             self._by_type[key].append(seq)
         except KeyError:
@@ -177,6 +198,13 @@ class EventStore:
             self._add_late(seq, ts)
             return
         self._add_late(seq, ts)
+
+    def _new_type_code(self, key: Hashable) -> int:
+        codes = self._type_codes
+        if len(codes) >= _MAX_TYPE_CODES:
+            return 0  # not recorded: every later event of this type looks it up again
+        code = codes[key] = len(codes) + 1
+        return code
 
     def extend(self, events: Iterable[HypervisorEvent]) -> None:
         """Append each of ``events`` in order."""
@@ -383,21 +411,28 @@ class EventStore:
             hi = self._next
             lo = self._first if limit is None else max(self._first, hi - limit)
             return self._events(lo, hi)
-        _, seqs, head = min(candidates, key=lambda c: c[0])
+        size, seqs, head = min(candidates, key=lambda c: c[0])
         if len(candidates) == 1:
             lo = head if limit is None else max(head, len(seqs) - limit)
             return self._gather(seqs[lo:])
+        # The type filter is checked on the code ring first, unless the walked list is the
+        # type's own (then every entry has the type).
+        code = 0
+        if event_type is not None and size != candidates[0][0]:
+            code = self._type_codes.get(event_type, 0)
         if limit is None:
-            return _matching(self._iter(seqs[head:]), event_type, session_id, agent_did)
+            chunk = self._with_code(seqs[head:], code) if code else seqs[head:]
+            return _matching(self._iter(chunk), event_type, session_id, agent_did)
         # Newest first, in growing chunks: a comprehension per chunk is several times faster
         # than testing events one by one, and most queries stop within the first chunk.
         chunks: list[list[HypervisorEvent]] = []
         found = 0
         hi = len(seqs)
-        step = max(32, 4 * limit)
+        step = max(32, 4 * limit) if not code else max(256, 16 * limit)
         while hi > head and found < limit:
             lo = max(head, hi - step)
-            matched = _matching(self._iter(seqs[lo:hi]), event_type, session_id, agent_did)
+            chunk = self._with_code(seqs[lo:hi], code) if code else seqs[lo:hi]
+            matched = _matching(self._iter(chunk), event_type, session_id, agent_did)
             chunks.append(matched)
             found += len(matched)
             hi = lo
@@ -408,6 +443,16 @@ class EventStore:
         for matched in reversed(chunks):
             result += matched
         return result[-limit:]
+
+    def _with_code(self, seqs: array[int], code: int) -> list[int]:
+        """The seqs among ``seqs`` whose slot holds type code ``code``."""
+        # A comprehension beats map/compress here: int and array slot wrappers called through
+        # map() are slower than the inline subscript.
+        codes = self._codes
+        if self._max_events is None:  # seq is the slot
+            return [seq for seq in seqs if codes[seq] == code]
+        cap = self._cap
+        return [seq for seq in seqs if codes[seq % cap] == code]
 
 
 def _matching(
