@@ -195,12 +195,13 @@ class Applier:
             WorkerStateError: the stored snapshot cannot be read.
             Exception: a sink failed (nothing was committed; the spans will be exported again).
         """
-        if not await self.store.acquire_lease(self.token, self.lease_ttl_s):
+        version = await self.store.lease_round(self.token, self.lease_ttl_s)
+        if version is None:
             self.leader = False
             return 0
         self.leader = True
         try:
-            return await self._round()
+            return await self._round(version)
         except BaseException:
             self._state = None
             raise
@@ -219,8 +220,8 @@ class Applier:
         self._next_checkpoint = time.monotonic() + max(self.checkpoint_interval_s, 20 * cost)
         return snapshot
 
-    async def _round(self) -> int:
-        if self._state is None or (await self.store.meta()).version != self._meta.version:
+    async def _round(self, version: int) -> int:
+        if self._state is None or version != self._meta.version:
             await self._load()
         meta = self._meta
         mark = await watermark(self.log, self.group)

@@ -14,7 +14,9 @@ derivation share a hash tag, so every script stays in one slot on a cluster:
 * ``<prefix>:snap``: the checkpoint snapshot;
 * ``<prefix>:skip``: sorted set of the sort keys of staged ids the applier skipped;
 * ``<prefix>:seen:<gen>``: lists of msgpack arrays of applied event ids (two generations);
-* ``<prefix>:lease``: the applier lease (token, with a time to live).
+* ``<prefix>:lease``: the applier lease (token, with a time to live);
+* ``<prefix>:wake``: a list of at most one element, pushed after a worker staged and
+  acknowledged a batch, popped (``BLPOP``) by the idle lease holder.
 
 A batch staged again after a redelivery is the same member (same ids, same bytes: no change);
 a redelivered *subset* (a claim, a re-read after a crash) is another member whose ids overlap
@@ -57,6 +59,26 @@ if held == ARGV[1] then
   return 1
 end
 return 0
+"""
+
+# KEYS: lease, meta. ARGV: token, ttl ms. Returns the committed version, or -1 (not held).
+_LEASE_ROUND = """
+local held = redis.call('GET', KEYS[1])
+if not held then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+elseif held == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+else
+  return -1
+end
+return tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+"""
+
+# One pending wake-up at most. KEYS: wake list.
+_NOTIFY = """
+redis.call('LPUSH', KEYS[1], '1')
+redis.call('LTRIM', KEYS[1], 0, 0)
+return 1
 """
 
 _RELEASE = """
@@ -308,8 +330,11 @@ class RedisStateStore:
         self._meta_key = f"{prefix}:meta"
         self._snap_key = f"{prefix}:snap"
         self._lease_key = f"{prefix}:lease"
+        self._wake_key = f"{prefix}:wake"
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._lease_round = client.register_script(_LEASE_ROUND)
+        self._notify = client.register_script(_NOTIFY)
         self._stage = client.register_script(_STAGE)
         self._fetch = client.register_script(_FETCH)
         self._replay = client.register_script(_REPLAY)
@@ -509,6 +534,25 @@ class RedisStateStore:
         with _translate("lease"):
             got = await self._acquire(keys=[self._lease_key], args=[token, int(ttl_s * 1000)])
         return bool(got)
+
+    async def lease_round(self, token: str, ttl_s: float) -> int | None:
+        """Take or extend the lease and read the version (one script call)."""
+        with _translate("lease"):
+            version = await self._lease_round(
+                keys=[self._lease_key, self._meta_key], args=[token, int(ttl_s * 1000)]
+            )
+        return None if int(version) < 0 else int(version)
+
+    async def notify(self) -> None:
+        """Push the wake-up (one script call)."""
+        with _translate("notify"):
+            await self._notify(keys=[self._wake_key])
+
+    async def wait_notified(self, timeout_s: float) -> bool:
+        """``BLPOP`` the wake-up list for at most ``timeout_s``."""
+        with _translate("wait"):
+            reply = await self._client.blpop([self._wake_key], max(0.001, timeout_s))
+        return reply is not None
 
     async def release_lease(self, token: str) -> None:
         """Delete the lease if ``token`` holds it."""

@@ -14,7 +14,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -22,6 +22,7 @@ from typing import Self
 import anyio
 
 from hypervisor.observability._core.codec import decode_event
+from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._log.base import (
     MIN_ID,
     Entry,
@@ -48,6 +49,23 @@ _log = logging.getLogger("hypervisor.observability.workers")
 BATCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 """Upper bounds (seconds) of the batch latency histogram."""
 _MAX_REMEMBERED_ERRORS = 10_000
+
+
+async def _all(calls: list[Awaitable[None]]) -> None:
+    """Await the calls, concurrently when there are several (one round trip of latency)."""
+    if len(calls) == 1:
+        await calls[0]
+    elif calls:
+        try:
+            async with anyio.create_task_group() as tg:
+                for call in calls:
+                    tg.start_soon(_await, call)
+        except BaseExceptionGroup as group:  # callers handle the backend's own errors
+            raise group.exceptions[0] from None
+
+
+async def _await(call: Awaitable[None]) -> None:
+    await call
 
 
 def default_consumer_name() -> str:
@@ -174,6 +192,16 @@ class Worker:
             )
             for derivation in self.derivations
         ]
+        self._users_by_type: dict[EventType, tuple[int, ...]] = {}
+        self._custom_users: list[int] = []
+        for index, derivation in enumerate(self.derivations):
+            kind = type(derivation)
+            if kind.uses is Derivation.uses and kind.prepare is Derivation.prepare:
+                for event_type in derivation.event_types:
+                    found = self._users_by_type.get(event_type, ())
+                    self._users_by_type[event_type] = (*found, index)
+            else:
+                self._custom_users.append(index)
         self.stats = WorkerStats()
         self.connected = False
         """Whether the last backend call succeeded."""
@@ -184,7 +212,7 @@ class Worker:
         """Set when :meth:`run` has drained and returned."""
         self._stop = anyio.Event()
         self._consume_done = anyio.Event()
-        self._wake = anyio.Event()
+        self._wakes = [anyio.Event() for _ in self.appliers]
         self._read_scope: anyio.CancelScope | None = None
         self._reread_own = True
         self._errors: dict[str, str] = {}
@@ -223,9 +251,10 @@ class Worker:
         """Whether :meth:`stop` was called."""
         return self._stop.is_set()
 
-    def _wake_appliers(self) -> None:
-        self._wake.set()
-        self._wake = anyio.Event()
+    def _wake_appliers(self, indices: Iterable[int] | None = None) -> None:
+        for index in range(len(self.appliers)) if indices is None else indices:
+            self._wakes[index].set()
+            self._wakes[index] = anyio.Event()
 
     async def _backoff(self, attempt: int) -> None:
         delay = random.uniform(0, min(self.config.retry_max_s, 0.05 * 2**attempt))
@@ -265,8 +294,8 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._consume_loop)
                 tg.start_soon(self._sweep_loop)
-                for applier in self.appliers:
-                    tg.start_soon(self._apply_loop, applier)
+                for index in range(len(self.appliers)):
+                    tg.start_soon(self._apply_loop, index)
         finally:
             self.stopped.set()
 
@@ -371,14 +400,19 @@ class Worker:
         to_ack: list[str] = []
         letters: list[DeadLetter] = []
         staged: list[list[tuple[str, bytes]]] = [[] for _ in derivations]
+        # Event type -> indices of the derivations that use it, for derivations that keep the
+        # default ``uses``/``prepare``; the others are asked per event.
+        by_type = self._users_by_type
+        custom = self._custom_users
+        max_deliveries = config.max_deliveries
         for entry in entries:
             entry_id, data = entry.id, entry.data
             if data is None:  # deleted from the log while pending: nothing to process
                 stats.deleted_pending += 1
                 to_ack.append(entry_id)
                 continue
-            deliveries = counts.get(entry_id, 1)
-            if deliveries > config.max_deliveries:
+            deliveries = counts.get(entry_id, 1) if counts else 1
+            if deliveries > max_deliveries:
                 letters.append(
                     self._letter(
                         REASON_MAX_DELIVERIES,
@@ -397,25 +431,22 @@ class Worker:
                     self._letter(REASON_UNDECODABLE, entry_id, data, deliveries, str(exc))
                 )
                 continue
-            users: list[int] = []
-            try:
-                for index, derivation in enumerate(derivations):
-                    if derivation.uses(event):
-                        derivation.prepare(event)
-                        users.append(index)
-            except Exception as exc:
-                # Left pending: the sweep retries it; max_deliveries ends the retries.
-                stats.processing_errors += 1
-                if len(self._errors) >= _MAX_REMEMBERED_ERRORS:
-                    self._errors.clear()
-                self._errors[entry_id] = f"{type(exc).__name__}: {exc}"
-                continue
+            users: Sequence[int] = by_type.get(event.event_type, ())
+            if custom:
+                try:
+                    users = self._custom_uses(event, users)
+                except Exception as exc:
+                    # Left pending: the sweep retries it; max_deliveries ends the retries.
+                    stats.processing_errors += 1
+                    if len(self._errors) >= _MAX_REMEMBERED_ERRORS:
+                        self._errors.clear()
+                    self._errors[entry_id] = f"{type(exc).__name__}: {exc}"
+                    continue
             for index in users:
                 staged[index].append((entry_id, data))
             to_ack.append(entry_id)
-        for index, derivation in enumerate(derivations):
-            if staged[index]:
-                await derivation.store.stage(staged[index])
+        used = [index for index in range(len(derivations)) if staged[index]]
+        await _all([derivations[i].store.stage(staged[i]) for i in used])
         if letters:
             await self.dlq.append_many([encode_dead_letter(letter) for letter in letters])
             for letter in letters:
@@ -431,7 +462,21 @@ class Worker:
             await self.log.ack(config.group, to_ack)
         stats.events += len(entries)
         stats.observe_batch(time.perf_counter() - started)
-        self._wake_appliers()
+        # Wake the lease holder, after the ack that moves the watermark past these entries:
+        # here directly, in another worker through the store (its listener pops it).
+        appliers = self.appliers
+        self._wake_appliers(i for i in used if appliers[i].leader)
+        await _all([derivations[i].store.notify() for i in used if not appliers[i].leader])
+
+    def _custom_uses(self, event: HypervisorEvent, users: Sequence[int]) -> Sequence[int]:
+        """Add the derivations with their own ``uses``/``prepare`` that want ``event``."""
+        found = list(users)
+        for index in self._custom_users:
+            derivation = self.derivations[index]
+            if derivation.uses(event):
+                derivation.prepare(event)
+                found.append(index)
+        return found
 
     def _letter(
         self, reason: str, entry_id: str, data: bytes, deliveries: int, error: str
@@ -488,9 +533,13 @@ class Worker:
 
     # -- applying ------------------------------------------------------------------------------
 
-    async def _apply_loop(self, applier: Applier) -> None:
+    async def _apply_loop(self, index: int) -> None:
+        applier = self.appliers[index]
         try:
-            await self._apply_rounds(applier)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._listen, index)
+                await self._apply_rounds(index)
+                tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 try:
@@ -498,13 +547,30 @@ class Worker:
                 except LogError as exc:
                     _log.debug("releasing the applier lease: %s", exc)
 
-    async def _apply_rounds(self, applier: Applier) -> None:
+    async def _listen(self, index: int) -> None:
+        """While this worker holds the lease, turn other workers' notifications into wake-ups
+        of its applier (a short blocking pop, so a lost lease stops listening soon)."""
+        applier = self.appliers[index]
+        interval = self.config.apply_interval_s
+        while True:
+            if not applier.leader:
+                await anyio.sleep(interval)
+                continue
+            try:
+                if await applier.store.wait_notified(0.1):
+                    self._wake_appliers((index,))
+            except LogError as exc:
+                _log.debug("waiting for staged entries: %s", exc)
+                await anyio.sleep(interval)
+
+    async def _apply_rounds(self, index: int) -> None:
+        applier = self.appliers[index]
         attempt = 0
         final_errors = 0
         while True:
             draining = self._consume_done.is_set()
             applier.final = draining
-            wake = self._wake
+            wake = self._wakes[index]
             try:
                 applied = await applier.round()
                 attempt = 0

@@ -169,8 +169,22 @@ class StateStore(Protocol):
         """Take the applier lease for ``token`` or extend it if ``token`` holds it."""
         ...
 
+    async def lease_round(self, token: str, ttl_s: float) -> int | None:
+        """Take or extend the lease; return the committed version if ``token`` now holds it,
+        ``None`` if another token does (one backend call: the start of an apply round)."""
+        ...
+
     async def release_lease(self, token: str) -> None:
         """Give the lease up if ``token`` holds it."""
+        ...
+
+    async def notify(self) -> None:
+        """Tell the applier that entries were staged and acknowledged (wakes its wait)."""
+        ...
+
+    async def wait_notified(self, timeout_s: float) -> bool:
+        """Wait until :meth:`notify` was called since the last wait, at most ``timeout_s``;
+        return whether it was."""
         ...
 
     async def reset(self) -> None:
@@ -207,6 +221,7 @@ class MemoryStateStore:
         self._checkpoint = MIN_ID
         self._seen: dict[int, set[str]] = {}
         self._lease: tuple[str, float] | None = None
+        self._notified = anyio.Event()
         self.commits = 0
         """Successful commits so far."""
         self.checkpoints = 0
@@ -327,6 +342,26 @@ class MemoryStateStore:
         lease = self._lease
         if lease is None or lease[1] <= now or lease[0] == token:
             self._lease = (token, now + ttl_s)
+            return True
+        return False
+
+    async def lease_round(self, token: str, ttl_s: float) -> int | None:
+        """Take or extend the lease; return the version if held."""
+        if await self.acquire_lease(token, ttl_s):
+            return self._meta.version
+        return None
+
+    async def notify(self) -> None:
+        """Wake a waiting applier."""
+        await anyio.lowlevel.checkpoint()
+        self._notified.set()
+
+    async def wait_notified(self, timeout_s: float) -> bool:
+        """Wait for a notification (consumed by the wait)."""
+        with anyio.move_on_after(timeout_s):
+            await self._notified.wait()
+        if self._notified.is_set():
+            self._notified = anyio.Event()
             return True
         return False
 
