@@ -8,8 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from hypervisor.observability._core.ring import RingMetricsState, parse_ring
 from hypervisor.observability.event_bus import EventType, HypervisorEvent, HypervisorEventBus

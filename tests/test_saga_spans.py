@@ -9,8 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from hypervisor.observability._core.spans import SagaSpanState, span_id_for, trace_id_for_saga
 from hypervisor.observability.causal_trace import CausalTraceId

@@ -13,7 +13,7 @@ import msgspec
 __all__ = ["EventHandler", "EventType", "HypervisorEvent", "new_event_id"]
 
 
-class EventType(str, Enum):
+class EventType(str, Enum):  # noqa: UP042 - the published type; StrEnum changes str() and format()
     """Categorised hypervisor event types; each value is ``"<category>.<name>"``."""
 
     # Session lifecycle
