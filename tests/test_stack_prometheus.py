@@ -1,10 +1,11 @@
 """The deployable stack against a real Prometheus (Debian's package, started on loopback).
 
 The test takes ``deploy/prometheus/prometheus.yml`` and ``rules.yml`` as shipped, rewrites only
-the targets (to a fleet simulator started here) and the intervals (1 s), has ``promtool`` check
-them, runs Prometheus, and then requires that every PromQL expression of the Grafana dashboard and
-of the alert rules returns data, and that ``HighRingBreachRate`` goes pending for the breaching
-agent and for no other.
+the targets (the live processes started here: a fleet simulator writing to a Redis stream, two
+``hvobs worker ring-metrics`` processes consuming it) and the intervals (1 s), has ``promtool``
+check them, runs Prometheus, and then requires that every PromQL expression of the Grafana
+dashboard and of the alert rules returns data, and that ``HighRingBreachRate`` goes pending for
+the breaching agent and for no other.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import pytest
 import yaml
@@ -35,7 +38,7 @@ ROGUE = "did:mesh:rogue-bot"
 
 T = TypeVar("T")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 
 def _binaries() -> tuple[str, str]:
@@ -76,6 +79,14 @@ def _wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
 
 
+def _answers(url: str) -> Callable[[], bool | None]:
+    def probe() -> bool | None:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200 or None
+
+    return probe
+
+
 def _dashboard_exprs() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = []
@@ -106,24 +117,48 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[tuple[int, int]]:
-    """The fleet simulator on two free ports: its own /metrics, and the OpenTelemetry view.
+@dataclass
+class _Fleet:
+    """Ports of the live processes Prometheus scrapes."""
 
-    The first serves the ring and governance metrics (prometheus_client); the second the same
-    governance decisions through an OpenTelemetry meter and OpenTelemetry's Prometheus exporter,
-    as a .NET kernel would publish them.
+    simulator: int
+    otel_view: int
+    workers: list[int]
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Fleet]:
+    """The demo workload on a Redis stream, and two ring-metrics workers consuming it.
+
+    The simulator appends its fleet's events to a fresh stream and serves its governance metrics
+    twice: with prometheus_client, and through an OpenTelemetry meter and OpenTelemetry's
+    Prometheus exporter (standing in for a .NET kernel). Two ``hvobs worker ring-metrics``
+    processes share consumer group ``ring`` and each serve the global ring metrics.
     """
     pytest.importorskip("opentelemetry.exporter.prometheus")
-    port = _free_port()
-    otel_port = _free_port()
-    process = subprocess.Popen(
+    logs = tmp_path_factory.mktemp("fleet")
+    stream = f"stack:{uuid.uuid4().hex[:10]}"
+    processes: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+
+    def spawn(name: str, args: list[str]) -> None:
+        log = (logs / f"{name}.log").open("wb")
+        processes.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT), log))
+
+    ports = _Fleet(_free_port(), _free_port(), [_free_port(), _free_port()])
+    spawn(
+        "simulator",
         [
             sys.executable,
             "-m",
             "hypervisor.observability.exporters.simulate",
             "--port",
-            str(port),
+            str(ports.simulator),
+            "--otel-metrics-port",
+            str(ports.otel_view),
+            "--redis",
+            redis_server.url,
+            "--stream",
+            stream,
             "--tick",
             "0.05",
             # rate(x[5m]) divides by the whole 5 minutes even when the series is seconds old, so
@@ -132,46 +167,68 @@ def simulator() -> Iterator[tuple[int, int]]:
             "40",
             "--duration",
             "600",
-            "--otel-metrics-port",
-            str(otel_port),
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
     )
-    try:
-        _wait_for(
-            "the simulator's /metrics",
-            lambda: (
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).status == 200
-                or None
-            ),
-            timeout=30,
-            interval=0.2,
+    for index, port in enumerate(ports.workers, start=1):
+        spawn(
+            f"ring-metrics-{index}",
+            [
+                sys.executable,
+                "-c",
+                "import sys; from hypervisor.observability.cli import main; sys.exit(main())",
+                "worker",
+                "ring-metrics",
+                "--redis",
+                redis_server.url,
+                "--stream",
+                stream,
+                "--group",
+                "ring",
+                "--consumer",
+                f"ring-{index}",
+                "--metrics-host",
+                "127.0.0.1",
+                "--metrics-port",
+                str(port),
+            ],
         )
-        yield port, otel_port
+    try:
+        for port in (ports.simulator, ports.otel_view, *ports.workers):
+            _wait_for(
+                f"port {port} to serve /metrics (logs in {logs})",
+                _answers(f"http://127.0.0.1:{port}/metrics"),
+                timeout=30,
+                interval=0.2,
+            )
+        yield ports
     finally:
-        _terminate(process)
+        for process, _ in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process, log in processes:
+            _terminate(process)
+            log.close()
 
 
 @pytest.fixture(scope="module")
-def prometheus(
-    simulator: tuple[int, int], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """Prometheus with the shipped config and rules, scraping the simulator every second."""
+def prometheus(fleet: _Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Prometheus with the shipped config and rules, scraping the live fleet every second."""
     prometheus_bin, promtool = _binaries()
     workdir = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     config["global"]["scrape_interval"] = "1s"
     config["global"]["evaluation_interval"] = "1s"
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    # The simulator serves ring and governance metrics from one process: it stands in for the
-    # ring-metrics workers, and its OpenTelemetry view for the .NET kernel; the other jobs are
-    # dropped. Everything else (relabelling included) is kept as shipped.
-    ring_job = jobs["agent-hypervisor"]
-    ring_job["static_configs"] = [{"targets": [f"127.0.0.1:{simulator[0]}"]}]
-    dotnet_job = jobs["agent-governance"]
-    dotnet_job["static_configs"] = [{"targets": [f"127.0.0.1:{simulator[1]}"]}]
-    config["scrape_configs"] = [ring_job, dotnet_job]
+    # Only targets change; everything else (relabelling included) is kept as shipped. The
+    # OpenTelemetry view stands in for the .NET kernel; the collector job has no process here.
+    targets = {
+        "agent-hypervisor": [f"127.0.0.1:{port}" for port in fleet.workers],
+        "agent-simulator": [f"127.0.0.1:{fleet.simulator}"],
+        "agent-governance": [f"127.0.0.1:{fleet.otel_view}"],
+    }
+    for name, addresses in targets.items():
+        jobs[name]["static_configs"] = [{"targets": addresses}]
+    config["scrape_configs"] = [jobs[name] for name in targets]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     shutil.copy(RULES_YML, workdir / "rules.yml")
     for args in (["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"]):
@@ -249,7 +306,28 @@ def test_scraped_targets_are_up(prometheus: str) -> None:
         return targets if targets and all(t["health"] == "up" for t in targets) else None
 
     targets = _wait_for("the scrape targets to be up", all_up, timeout=30)
-    assert {t["labels"]["job"] for t in targets} == {"agent-hypervisor", "agent-governance"}
+    assert {t["labels"]["job"] for t in targets} == {
+        "agent-hypervisor",
+        "agent-simulator",
+        "agent-governance",
+    }
+    assert len(targets) == 4
+    # Both workers serve the global ring metrics.
+    per_worker = _wait_for(
+        "both workers to serve breaches",
+        lambda: (
+            result
+            if len(
+                result := _query(
+                    prometheus, "count by (instance) (agent_hypervisor_ring_breaches_total)"
+                )
+            )
+            == 2
+            else None
+        ),
+        timeout=30,
+    )
+    assert len(per_worker) == 2
 
 
 def test_every_dashboard_and_rule_expression_returns_data(prometheus: str) -> None:
@@ -281,13 +359,11 @@ def test_breach_alert_goes_pending_for_the_breaching_agent(prometheus: str) -> N
     assert float(alerts[0]["value"]) > 0.5
 
 
-def test_both_languages_land_on_one_latency_series(
-    prometheus: str, simulator: tuple[int, int]
-) -> None:
+def test_both_languages_land_on_one_latency_series(prometheus: str, fleet: _Fleet) -> None:
     """The OpenTelemetry exporter's _milliseconds histogram is relabelled to the Python name."""
     exporter_name = "agent_governance_evaluation_latency_ms_milliseconds_bucket"
     # The OpenTelemetry view really does publish the unit-suffixed name (so relabelling matters).
-    url = f"http://127.0.0.1:{simulator[1]}/metrics"
+    url = f"http://127.0.0.1:{fleet.otel_view}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         assert exporter_name in response.read().decode()
     _wait_for(
@@ -299,14 +375,14 @@ def test_both_languages_land_on_one_latency_series(
         timeout=30,
     )
     assert not _query(prometheus, f'{{__name__="{exporter_name}"}}')
-    for job in ("agent-governance", "agent-hypervisor"):
+    for job in ("agent-governance", "agent-simulator"):
         series = _query(prometheus, f'agent_governance_evaluation_latency_ms_bucket{{job="{job}"}}')
         assert series, job
     both = _query(
         prometheus,
         "count by (job) (agent_governance_evaluation_latency_ms_count)",
     )
-    assert {item["metric"]["job"] for item in both} == {"agent-governance", "agent-hypervisor"}
+    assert {item["metric"]["job"] for item in both} == {"agent-governance", "agent-simulator"}
 
 
 @pytest.mark.redis

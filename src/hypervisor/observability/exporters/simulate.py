@@ -381,7 +381,8 @@ async def _run(args: argparse.Namespace) -> int:
     if args.redis:
         from hypervisor.observability.redis_bus import RedisEventBus
 
-        redis_bus = RedisEventBus.from_url(args.redis, stream=args.stream)
+        # A producer only: no tailing reader and no local index.
+        redis_bus = RedisEventBus.from_url(args.redis, stream=args.stream, reader=False)
         await redis_bus.start(wait_backfill=False)
     else:
         from hypervisor.observability.event_bus import HypervisorEventBus
@@ -433,7 +434,8 @@ async def _run(args: argparse.Namespace) -> int:
         if otel_server is not None:
             otel_server.close()
         if redis_bus is not None:
-            await redis_bus.aclose()
+            with anyio.move_on_after(15):
+                await redis_bus.aclose(flush_timeout_s=10.0)
         for close in closers:
             close()
     print(f"simulator: stopped after {sim.events_emitted} events", flush=True)
