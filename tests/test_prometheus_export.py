@@ -16,6 +16,7 @@ from hypervisor.observability.exporters.prometheus import (
     LabelGuard,
     MetricsExportError,
     PrometheusExporter,
+    RingMetricsPrometheusCollector,
     register_ring_metrics,
     serve_metrics,
 )
@@ -224,3 +225,27 @@ def test_serve_metrics_answers_a_real_scrape() -> None:
     )
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.url, timeout=2)
+
+
+def test_a_shared_guard_keeps_folding_stable_across_collectors() -> None:
+    """Collectors built over fresh snapshots with one guard fold the same agents."""
+    guard = LabelGuard(max_agents=1)
+    first = RingMetricsState()
+    first.apply(
+        HypervisorEvent(event_type=EventType.RING_ASSIGNED, agent_did="a", payload={"ring": 3})
+    )
+    registry = CollectorRegistry()
+    registry.register(RingMetricsPrometheusCollector(first, guard=guard))
+    assert _key("agent_hypervisor_ring_current", agent_did="a") in _samples(registry)
+    second = RingMetricsState()  # a newer snapshot where "b" comes first
+    for agent in ("b", "a"):
+        second.apply(
+            HypervisorEvent(
+                event_type=EventType.RING_ASSIGNED, agent_did=agent, payload={"ring": 2}
+            )
+        )
+    registry = CollectorRegistry()
+    registry.register(RingMetricsPrometheusCollector(second, guard=guard))
+    samples = _samples(registry)
+    assert _key("agent_hypervisor_ring_current", agent_did="a") in samples
+    assert samples[_key("agent_hypervisor_ring_current", agent_did=OVERFLOW_VALUE)] == 2.0

@@ -216,6 +216,8 @@ class RingMetricsPrometheusCollector(Collector):
         source: a ``RingMetricsCollector`` (anything with a ``state``) or a ``RingMetricsState``.
         max_agents: agents with series of their own.
         max_sessions: sessions with series of their own.
+        guard: a guard to share (for instance across collectors rebuilt over fresh snapshots,
+            so folding stays stable); ``max_agents``/``max_sessions`` are then ignored.
     """
 
     def __init__(
@@ -224,9 +226,12 @@ class RingMetricsPrometheusCollector(Collector):
         *,
         max_agents: int = DEFAULT_MAX_AGENTS,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        guard: LabelGuard | None = None,
     ) -> None:
         self._state = source if isinstance(source, RingMetricsState) else source.state
-        self.guard = LabelGuard(max_agents=max_agents, max_sessions=max_sessions)
+        if guard is None:
+            guard = LabelGuard(max_agents=max_agents, max_sessions=max_sessions)
+        self.guard = guard
 
     @staticmethod
     def _families() -> tuple[
