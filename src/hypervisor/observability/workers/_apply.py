@@ -145,7 +145,7 @@ class Applier:
         self._seen_prev: set[str] = set()
         self._seen_cur: set[str] = set()
         self._since_checkpoint = 0
-        self._next_checkpoint = 0.0
+        self._next_checkpoint = time.monotonic() + checkpoint_interval_s
         self.final = False
         """Checkpoint at every commit (set while the worker drains, so a stopped group leaves
         a snapshot of everything it applied)."""

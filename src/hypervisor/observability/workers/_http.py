@@ -65,6 +65,8 @@ class SnapshotView:
         self.meta = StateMeta()
         self.state: Any = derivation.new_state()
         self._loaded_version = -1
+        self.rebuilds = 0
+        """Rebuilds from the checkpoint (first refresh, or records dropped meanwhile)."""
 
     async def refresh(self) -> None:
         """Bring the copy up to the committed state if the committed version changed."""
@@ -81,6 +83,7 @@ class SnapshotView:
                 self._loaded_version = meta.version
                 return
         restored = await self._store.restore()
+        self.rebuilds += 1
         self.state = restore_state(self._derivation, restored)
         self.meta = restored.meta
         self._loaded_version = restored.meta.version
