@@ -177,8 +177,7 @@ async def test_store_merges_overlapping_batches_each_id_once(store: StateStore) 
     await store.stage([("5-0", b"e")])  # another consumer's batch between them
     await store.stage([("2-0", b"b"), ("3-0", b"c")])  # the same batch again
     assert await store.backlog() == 6
-    expected = [(f"{n}-0", data) for n, data in zip(range(1, 7), b"abcdef", strict=True)]
-    expected = [(i, bytes([d])) for i, d in expected]
+    expected = [(f"{n}-0", bytes([data])) for n, data in zip(range(1, 7), b"abcdef", strict=True)]
     assert await store.staged("0-0", "99-0", 100) == expected
     assert await store.staged("2-0", "6-0", 100) == expected[2:5]
     assert await store.staged("0-0", "99-0", 3) == expected[:3]
@@ -201,7 +200,10 @@ async def test_store_keeps_redo_records_until_a_checkpoint(store: StateStore) ->
     assert await store.backlog() == 2
     assert await store.staged("2-0", "9-0", 10) == [("3-0", b"c"), ("4-0", b"d")]
     assert await store.commit(Commit(1, None, StateMeta(2, "3-0"), ["e3"]))
-    assert await store.replay("1-0", "3-0") == ([("2-0", b"b"), ("3-0", b"c")], {"2-0"})
+    assert await store.replay("1-0", "3-0") == (
+        [("2-0", b"b"), ("3-0", b"c")],
+        frozenset({"2-0"}),
+    )
     assert await store.commit(Commit(2, b"snap", StateMeta(3, "3-0")))
     assert await store.replay("1-0", "3-0") is None
     assert await store.replay("3-0", "3-0") == ([], frozenset())
