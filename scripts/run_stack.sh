@@ -104,7 +104,7 @@ fleets=(east west)
 sim_targets=()
 for i in "${!sim_ports[@]}"; do
     args=(-m hypervisor.observability.exporters.simulate --host "$host" --port "${sim_ports[$i]}"
-        --fleet "${fleets[$((i % 2))]}$((i / 2 == 0 ? 0 : i / 2))" --seed "$((i + 1))")
+        --fleet "${fleets[$i]:-fleet$((i + 1))}" --seed "$((i + 1))")
     if [ "$i" -gt 0 ]; then args+=(--agents 4 --breach-rate 0.2); fi
     if [ -n "$redis_url" ]; then args+=(--redis "$redis_url"); fi
     start "simulator-$((i + 1))" "$py" "${args[@]}"
@@ -170,14 +170,12 @@ PY
     if command -v promtool >/dev/null 2>&1; then
         promtool check config "$state/prometheus/prometheus.yml" >/dev/null
     fi
-    interval_args=()
     if [ "$mode" = check ]; then
         sed -i 's/^  scrape_interval: .*/  scrape_interval: 1s/; s/^  evaluation_interval: .*/  evaluation_interval: 1s/' \
             "$state/prometheus/prometheus.yml"
     fi
     start prometheus prometheus --config.file="$state/prometheus/prometheus.yml" \
-        --storage.tsdb.path="$state/prometheus/data" --web.listen-address="$host:$prom_port" \
-        "${interval_args[@]}"
+        --storage.tsdb.path="$state/prometheus/data" --web.listen-address="$host:$prom_port"
     wait_http "http://$host:$prom_port/-/ready" 150
     echo "run_stack: Prometheus on http://$host:$prom_port (alerts: /alerts)"
 else
