@@ -7,6 +7,8 @@ derivation share a hash tag, so every script stays in one slot on a cluster:
 * ``<prefix>:idx``: sorted set, all scores 0, one member per staged *batch*:
   ``<first sort key>|<last sort key>|<count>|<digest>`` (fixed-width sort keys, so byte order
   is the order of the batches' first ids);
+* ``<prefix>:open``: the members of ``idx`` that still hold ids above the applied id (what an
+  apply round scans; applied batches stay in ``idx`` as the redo log until a checkpoint);
 * ``<prefix>:batches``: hash, index member -> the batch's records (msgpack ``[[id, bytes]..]``);
   staging a batch is one script call with two arguments, whatever its size;
 * ``<prefix>:meta``: hash ``version``, ``applied`` (+ ``applied_key``), ``seen_gen``,
@@ -86,21 +88,22 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: idx, batches. ARGV: member, records.
+# KEYS: idx, batches, open. ARGV: member, records.
 _STAGE = """
 redis.call('ZADD', KEYS[1], 0, ARGV[1])
+redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
-# Batches whose first id is below ARGV[2] and whose last id is above both ARGV[1] and the
-# checkpoint (sort keys), at most ARGV[3] scanned, with their records; the first member beyond
-# the scan, if any; the checkpoint key. KEYS: idx, batches, meta.
+# Open batches whose first id is below ARGV[2] and whose last id is above both ARGV[1] and the
+# applied id (sort keys), at most ARGV[3] scanned, with their records; the first member beyond
+# the scan, if any; the applied key. KEYS: open, batches, meta.
 _FETCH = """
 local n = tonumber(ARGV[3])
 local low = ARGV[1]
-local ck = redis.call('HGET', KEYS[3], 'checkpoint_key') or ''
-if ck > low then low = ck end
+local ak = redis.call('HGET', KEYS[3], 'applied_key') or ''
+if ak > low then low = ak end
 local ms = redis.call('ZRANGEBYLEX', KEYS[1], '-', '(' .. ARGV[2], 'LIMIT', 0, n + 1)
 local out = {}
 local more = false
@@ -111,7 +114,7 @@ for i, m in ipairs(ms) do
     out[#out + 1] = redis.call('HGET', KEYS[2], m) or ''
   end
 end
-return {more, out, ck}
+return {more, out, ak}
 """
 
 # The redo records in (after, upto] and the skipped ids among them, unless a checkpoint beyond
@@ -158,7 +161,7 @@ return {meta, snap, out, skips}
 """
 
 # The version-checked commit. KEYS: meta, seen (current gen), seen (gen to drop), skip, snap,
-# idx, batches. ARGV: expected version, version, applied, applied key, seen gen, seen count,
+# idx, batches, open. ARGV: expected version, version, applied, applied key, seen gen, seen count,
 # seen ids (packed, '' for none), drop ('1'/'0'), snapshot ('' for none; a snapshot is never
 # empty), skipped sort keys...
 _COMMIT = """
@@ -169,8 +172,11 @@ redis.call('HSET', KEYS[1], 'version', ARGV[2], 'applied', ARGV[3], 'applied_key
 if ARGV[7] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[7]) end
 if ARGV[8] == '1' then redis.call('DEL', KEYS[3]) end
 for i = 10, #ARGV do redis.call('ZADD', KEYS[4], 0, ARGV[i]) end
+local key = ARGV[4]
+for _, m in ipairs(redis.call('ZRANGEBYLEX', KEYS[8], '-', '(' .. key .. '}')) do
+  if string.sub(m, 43, 83) <= key then redis.call('ZREM', KEYS[8], m) end
+end
 if ARGV[9] ~= '' then
-  local key = ARGV[4]
   redis.call('SET', KEYS[5], ARGV[9])
   redis.call('HSET', KEYS[1], 'checkpoint', ARGV[3], 'checkpoint_key', key)
   local ms = redis.call('ZRANGEBYLEX', KEYS[6], '-', '(' .. key .. '}')
@@ -326,6 +332,7 @@ class RedisStateStore:
         self._prefix = prefix
         self._idx_key = f"{prefix}:idx"
         self._batches_key = f"{prefix}:batches"
+        self._open_key = f"{prefix}:open"
         self._skip_key = f"{prefix}:skip"
         self._meta_key = f"{prefix}:meta"
         self._snap_key = f"{prefix}:snap"
@@ -376,10 +383,12 @@ class RedisStateStore:
             return
         member, records = batch_member(items)
         with _translate("stage"):
-            await self._stage(keys=[self._idx_key, self._batches_key], args=[member, records])
+            await self._stage(
+                keys=[self._idx_key, self._batches_key, self._open_key], args=[member, records]
+            )
 
     async def staged(self, after_id: str, before_id: str, limit: int) -> list[tuple[str, bytes]]:
-        """Merge the batches holding ids in the range; see ``StateStore.staged``."""
+        """Merge the open batches holding ids in the range; see ``StateStore.staged``."""
         low, high = parse_id(after_id), parse_id(before_id)
         if low >= high:
             return []
@@ -387,12 +396,12 @@ class RedisStateStore:
         scan = _FETCH_BATCHES
         while True:
             with _translate("read staged"):
-                more, flat, checkpoint = await self._fetch(
-                    keys=[self._idx_key, self._batches_key, self._meta_key],
+                more, flat, applied = await self._fetch(
+                    keys=[self._open_key, self._batches_key, self._meta_key],
                     args=[low_key, high_key, scan],
                 )
-            if checkpoint:  # entries up to the checkpoint count as removed
-                low = max(low, _key_tuple(bytes(checkpoint)))
+            if applied:
+                low = max(low, _key_tuple(bytes(applied)))
             # Ids at or above the first batch not scanned may be in batches not fetched.
             bound = min(high, _key_tuple(bytes(more))) if more else high
             records = merge_batches(flat, low, bound)
@@ -409,7 +418,7 @@ class RedisStateStore:
         with _translate("backlog"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hget(self._meta_key, "applied")
-                pipe.zrange(self._idx_key, 0, -1)
+                pipe.zrange(self._open_key, 0, -1)
                 applied_raw, members = await pipe.execute()
         applied = parse_id(_text(applied_raw or MIN_ID.encode()))
         # Clusters of batches with overlapping id ranges (headers come ordered by first id).
@@ -512,6 +521,7 @@ class RedisStateStore:
             self._snap_key,
             self._idx_key,
             self._batches_key,
+            self._open_key,
         ]
         args: list[Any] = [
             commit.expected_version,

@@ -120,10 +120,12 @@ class StateStore(Protocol):
         ...
 
     async def staged(self, after_id: str, before_id: str, limit: int) -> list[tuple[str, bytes]]:
-        """Return staged pairs with ``after_id < id < before_id``, in id order.
+        """Return staged pairs not applied yet with ``after_id < id < before_id``, in id order.
 
-        At most ``limit``, and always a prefix of that range: every staged id between
-        ``after_id`` and the last one returned is returned (possibly fewer than ``limit``).
+        Ids at or below the applied id are left out (they are the redo log: see
+        :meth:`restore` and :meth:`replay`). At most ``limit``, and always a prefix of the
+        range: every such id between ``after_id`` and the last one returned is returned
+        (possibly fewer than ``limit``).
         """
         ...
 
@@ -259,7 +261,8 @@ class MemoryStateStore:
     async def staged(self, after_id: str, before_id: str, limit: int) -> list[tuple[str, bytes]]:
         """Return staged pairs in a range; see ``StateStore.staged``."""
         await anyio.lowlevel.checkpoint()
-        low, high = parse_id(after_id), parse_id(before_id)
+        low = max(parse_id(after_id), parse_id(self._meta.applied_id))
+        high = parse_id(before_id)
         keys = sorted(k for k in self._staged if low < k < high)[:limit]
         return [self._staged[k] for k in keys]
 
