@@ -645,3 +645,76 @@ def test_state_built_records_equal_constructor_built_ones() -> None:
         assert repr(rebuilt) == repr(span)
         with pytest.raises(dataclasses.FrozenInstanceError):
             span.status = "ok"  # type: ignore[misc]
+
+
+_CAUSAL_TEXT = st.text(alphabet="0123456789abcdefABCXYZ_-/é ", max_size=90)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(_CAUSAL_TEXT, st.lists(_CAUSAL_TEXT, min_size=1, max_size=4).map("/".join)))
+def test_trace_ids_are_the_causal_ids_traceparent_mapping(causal: str) -> None:
+    """trace_id_for_saga maps a causal id exactly as CausalTraceId's traceparent does.
+
+    Hex segments of any width (padded), non-hex and over-long segments (hashed), all-zero ids,
+    three-segment ids; anything CausalTraceId rejects falls back to the saga-id hash.
+    """
+    try:
+        parsed = CausalTraceId.from_string(causal)
+    except ValueError:
+        expected = trace_id_for_saga("g1", None)
+    else:
+        _, trace, span, _ = parsed.to_traceparent().split("-")
+        expected = (trace, span)
+    assert trace_id_for_saga("g1", causal) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(saga_streams())
+def test_per_type_handlers_equal_apply(events: list[HypervisorEvent]) -> None:
+    """handler_for(type)(event) gives apply(event)'s spans and state; on_span sees each span."""
+    by_apply, expected = apply_all(events)
+    state = SagaSpanState()
+    seen: list[SagaSpanRecord] = []
+    state.on_span = seen.append
+    produced: list[SagaSpanRecord] = []
+    for event in events:
+        produced.extend(state.handler_for(event.event_type)(event))
+    assert produced == expected == seen
+    assert state.completed_spans == by_apply.completed_spans
+    assert state.events_processed == by_apply.events_processed
+    with pytest.raises(KeyError):
+        state.handler_for(EventType.RING_ASSIGNED)
+
+
+def test_plain_string_types_are_applied_like_members() -> None:
+    """An event whose type is the plain string value of a saga type is applied as that type."""
+    events = deploy_saga()
+    plain = [
+        HypervisorEvent(
+            event_id=e.event_id,
+            event_type=e.event_type.value,  # type: ignore[arg-type]
+            timestamp=e.timestamp,
+            agent_did=e.agent_did,
+            session_id=e.session_id,
+            causal_trace_id=e.causal_trace_id,
+            payload=e.payload,
+        )
+        for e in events
+    ]
+    assert apply_all(plain)[1] == apply_all(events)[1]
+
+
+def test_state_pickles_without_its_hook() -> None:
+    """A pickled state (worker snapshots) leaves on_span out and loads with it unset."""
+    import pickle
+
+    events = deploy_saga()
+    state, _ = apply_all(events[:3])
+    state.on_span = lambda record: None
+    loaded = pickle.loads(pickle.dumps(state))
+    assert loaded.on_span is None
+    assert loaded.open_saga_count == state.open_saga_count == 1
+    assert loaded.events_processed == state.events_processed
+    rest = apply_all(events[3:], loaded)[1]
+    assert rest
+    assert rest == apply_all(events[3:], state)[1]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
-from hypervisor.observability._core.events import EventHandler, EventType, HypervisorEvent
+from hypervisor.observability._core.events import EventHandler, EventType
 from hypervisor.observability._core.spans import (
     DEFAULT_MAX_OPEN_SAGAS,
     DEFAULT_MAX_OPEN_STEPS,
@@ -89,18 +89,21 @@ class SagaSpanExporter:
         self._logged_errors: set[type[BaseException]] = set()
         if sink is not None:
             self.attach_sink(sink)
+        # The state's per-type handlers are subscribed directly (no wrapper call on each event);
+        # spans reach the sink through the state's on_span hook.
+        state = self._state
         for event_type in sorted(SAGA_SPAN_EVENTS, key=lambda member: member.value):
-            bus.subscribe(event_type=event_type, handler=self._handle_event)
+            # (A handler's return value is ignored by the bus.)
+            handler = cast(EventHandler, state.handler_for(event_type))
+            bus.subscribe(event_type=event_type, handler=handler)
 
-    def _handle_event(self, event: HypervisorEvent) -> None:
-        records = self._state.apply(event)
+    def _forward(self, record: SagaSpanRecord) -> None:
         deliver = self._deliver
-        if records and deliver is not None:
-            for record in records:
-                try:
-                    deliver(record)
-                except Exception as exc:
-                    self._sink_failed(record, exc)
+        if deliver is not None:
+            try:
+                deliver(record)
+            except Exception as exc:
+                self._sink_failed(record, exc)
 
     def _sink_failed(self, record: SagaSpanRecord, exc: Exception) -> None:
         self._sink_errors += 1
@@ -121,9 +124,11 @@ class SagaSpanExporter:
         """Forward every span completed from now on to ``sink`` (replacing any other sink)."""
         self._deliver = _deliverer(sink)
         self._sink = sink
+        self._state.on_span = self._forward
 
     def detach_sink(self) -> None:
         """Stop forwarding spans; they are still buffered."""
+        self._state.on_span = None
         self._deliver = None
         self._sink = None
 
