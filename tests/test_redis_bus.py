@@ -411,3 +411,34 @@ def test_hvobs_demo_on_redis_matches_in_process(
     on_redis = capsys.readouterr().out.splitlines()
     assert "6 agent processes" in on_redis[0]
     assert on_redis[1:] == in_process[1:]
+
+
+async def test_close_fails_waiting_emits_instead_of_hanging() -> None:
+    """Closing while the backend is down gives waiting emitters ``BusClosedError`` after the
+    flush timeout and counts their events as failed."""
+    bus = RedisEventBus.from_url(
+        f"redis://127.0.0.1:{free_port()}/0",
+        "nowhere",
+        reader=False,
+        retry_deadline_s=60.0,
+        retry_base_s=0.01,
+        log_options={"connect_timeout_s": 0.2},
+    )
+    await bus.start()
+    bus.emit_nowait(HypervisorEvent())
+    errors: list[Exception] = []
+
+    async def emitter() -> None:
+        try:
+            await bus.emit(HypervisorEvent())
+        except BusClosedError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(emitter)
+            await anyio.wait_all_tasks_blocked()
+            await bus.aclose(flush_timeout_s=0.2)
+    assert len(errors) == 1
+    assert bus.failed == 2
+    assert bus.emitted == 0

@@ -23,14 +23,13 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
 import anyio
 import msgspec
-from anyio.abc import TaskGroup
 
 from hypervisor.observability._core.codec import decode_events, encode_event
 from hypervisor.observability._core.dispatch import Dispatcher
@@ -193,7 +192,7 @@ class RedisEventBus:
         self._empty_read_no = -1
         self._sync_waiters: list[_SyncWaiter] = []
 
-        self._task_group: TaskGroup | None = None
+        self._tasks: list[tuple[asyncio.Task[None], anyio.CancelScope]] = []
         self._started = False
         self._closed = False
 
@@ -289,10 +288,7 @@ class RedisEventBus:
         await self.aclose()
 
     async def start(self, *, wait_backfill: bool = True) -> None:
-        """Start the flusher and the tailing reader; by default wait until history is indexed.
-
-        Call ``aclose()`` from the same task.
-        """
+        """Start the flusher and the tailing reader; by default wait until history is indexed."""
         if self._started:
             return
         self._started = True
@@ -302,18 +298,19 @@ class RedisEventBus:
         if self._run_reader and not self._backfill:
             start_after = await self._with_retry(self._log.head_id)
         self._applied = parse_id(start_after)
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        self._task_group = task_group
-        task_group.start_soon(self._flusher, name="hvobs-flusher")
+        # Plain asyncio tasks rather than a task group held open across calls, so aclose()
+        # works from any scope or task; each runs in an anyio cancel scope because that
+        # cancellation is level-triggered: redis-py can swallow a one-shot task.cancel() in
+        # the middle of a blocking read.
+        self._spawn(self._flusher, "hvobs-flusher")
         if self._run_reader:
-            task_group.start_soon(self._reader, name="hvobs-reader")
-            if wait_backfill:
-                try:
-                    await self.sync()
-                except BaseException:
-                    await self.aclose(flush_timeout_s=0.0)
-                    raise
+            self._spawn(self._reader, "hvobs-reader")
+        if self._run_reader and wait_backfill:
+            try:
+                await self.sync()
+            except BaseException:
+                await self.aclose(flush_timeout_s=0.0)
+                raise
 
     async def aclose(self, *, flush_timeout_s: float | None = None) -> None:
         """Flush what is buffered, stop the tasks and close the log. Idempotent.
@@ -326,19 +323,26 @@ class RedisEventBus:
         if self._closed:
             return
         self._closed = True
-        task_group = self._task_group
+        tasks, self._tasks = self._tasks, []
         timeout = self._retry_deadline_s + 1.0 if flush_timeout_s is None else flush_timeout_s
         try:
-            if task_group is not None:
+            if tasks:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
                     await self._wait_done(self._enqueued)
-                task_group.cancel_scope.cancel()
-                await task_group.__aexit__(None, None, None)
         finally:
-            self._task_group = None
-            closed = BusClosedError("the bus was closed before the event was stored")
-            self._fail_batch(list(self._buffer), closed)
-            self._buffer.clear()
+            for _, scope in tasks:
+                scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)
+            if self._buffer:
+                _log.error(
+                    "%s: closing with %d events not stored (backend unavailable)",
+                    self._log.name,
+                    len(self._buffer),
+                )
+                closed = BusClosedError("the bus was closed before the event was stored")
+                self._fail_batch(list(self._buffer), closed)
+                self._buffer.clear()
             for waiter in self._sync_waiters:
                 if not waiter.future.done():
                     waiter.future.set_exception(BusClosedError("the bus was closed"))
@@ -348,6 +352,26 @@ class RedisEventBus:
             if self._owns_log:
                 with anyio.CancelScope(shield=True):
                     await self._log.aclose()
+
+    def _spawn(self, body: Callable[[], Awaitable[None]], name: str) -> None:
+        scope = anyio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await body()
+
+        task = asyncio.get_running_loop().create_task(run(), name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append((task, scope))
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            _log.error(
+                "%s: background task %s stopped",
+                self._log.name,
+                task.get_name(),
+                exc_info=task.exception(),
+            )
 
     def _check_running(self) -> None:
         if self._closed:
