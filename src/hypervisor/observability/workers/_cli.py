@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 
+from hypervisor.observability._core.spans import SpanRecordSink
 from hypervisor.observability.workers._derivations import (
     RING_METRICS,
     SAGA_SPANS,
@@ -73,6 +74,11 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         if kind == SAGA_SPANS:
             sub.add_argument("--jsonl", metavar="PATH", help="append spans to this JSON-lines file")
             sub.add_argument("--fsync", action="store_true", help="fsync the span file on flush")
+            sub.add_argument(
+                "--otlp-endpoint",
+                metavar="URL",
+                help="also export spans over OTLP/HTTP to this collector (needs the otel extra)",
+            )
         sub.add_argument("--batch-size", type=int, default=500, help="entries per read")
         sub.add_argument("--block", type=_positive_float, default=2.0, help="read BLOCK seconds")
         sub.add_argument("--claim-interval", type=_positive_float, default=5.0)
@@ -167,14 +173,27 @@ async def _run_worker(args: argparse.Namespace) -> int:
     from hypervisor.observability.workers._redis_state import RedisStateStore, state_prefix
     from hypervisor.observability.workers._sinks import JsonLinesSpanSink
 
-    store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind))
     sink = None
+    otlp_sink = None
     derivation: Derivation
+    if args.kind == SAGA_SPANS and args.otlp_endpoint:
+        try:
+            from hypervisor.observability.exporters.otel import otlp_http_span_sink
+        except ImportError as exc:
+            print(
+                f"hvobs: --otlp-endpoint needs the otel extra "
+                f"(pip install 'hypervisor-observability[otel]'): {exc}",
+                file=sys.stderr,
+            )
+            return 2
+        otlp_sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-hypervisor")
+    store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind))
     if args.kind == RING_METRICS:
         derivation = RingMetricsDerivation(store)
     else:
         sink = JsonLinesSpanSink(args.jsonl, fsync=args.fsync) if args.jsonl else None
-        derivation = SagaSpansDerivation(store, [sink] if sink else [])
+        sinks: list[SpanRecordSink] = [s for s in (sink, otlp_sink) if s is not None]
+        derivation = SagaSpansDerivation(store, sinks)
     try:
         if args.reset_state:
             await store.reset()
@@ -193,6 +212,8 @@ async def _run_worker(args: argparse.Namespace) -> int:
     finally:
         if sink is not None:
             sink.close()
+        if otlp_sink is not None:
+            otlp_sink.shutdown()
         await store.aclose()
     return 0
 
