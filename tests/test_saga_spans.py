@@ -718,3 +718,64 @@ def test_state_pickles_without_its_hook() -> None:
     rest = apply_all(events[3:], loaded)[1]
     assert rest
     assert rest == apply_all(events[3:], state)[1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(saga_streams())
+def test_lazy_records_are_the_eager_records(events: list[HypervisorEvent]) -> None:
+    """lazy_records changes when fields are computed, never their values or record behaviour."""
+    import copy
+    import pickle
+
+    _, eager = apply_all(events)
+    lazy_state = SagaSpanState()
+    lazy_state.lazy_records = True
+    _, lazy = apply_all(events, lazy_state)
+    assert [repr(span) for span in lazy] == [repr(span) for span in eager]
+    assert lazy == eager
+    assert lazy_state.completed_spans == eager
+    for span, twin in zip(lazy, eager, strict=True):
+        assert vars(span) == vars(twin)  # materialised: the same plain field dict
+        assert list(span.attributes) == list(twin.attributes)
+    lazy_state.reset()
+    lazy_state.lazy_records = True
+    _, unread = apply_all(events, lazy_state)
+    # Never-read lazy records pickle, copy and replace as the eager ones.
+    assert [pickle.loads(pickle.dumps(span)) for span in unread] == eager
+    assert [copy.deepcopy(span) for span in unread] == eager
+    assert [dataclasses.replace(span) for span in unread] == eager
+
+
+def test_lazy_record_behaves_as_a_frozen_dataclass() -> None:
+    """A lazy record is frozen, reports unknown attributes and exposes computed ids and times."""
+    state = SagaSpanState()
+    state.lazy_records = True
+    events = deploy_saga()
+    _, spans = apply_all(events, state)
+    step = spans[0]
+    assert "name" not in vars(step)  # nothing computed yet
+    with pytest.raises(AttributeError, match="no_such_field"):
+        step.no_such_field  # type: ignore[attr-defined]  # noqa: B018
+    assert step.span_id == span_id_for("step", "deploy-v2", "validate-config", events[1].event_id)
+    assert step.duration_seconds == pytest.approx(0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        step.status = "error"  # type: ignore[misc]
+    assert dataclasses.fields(SagaSpanRecord)[-1].default is None
+    assert SagaSpanRecord("n", "s", "", "", 0.0, 1.0, "ok").parent_span_id is None
+
+
+def test_exporter_buffers_lazily_only_without_a_sink() -> None:
+    """Without a sink the exporter buffers lazy records; with one, the sink gets built records."""
+    bus = HypervisorEventBus()
+    exporter = SagaSpanExporter(bus)
+    events = deploy_saga()
+    for event in events[:3]:
+        bus.emit(event)
+    assert "_pending" in vars(exporter.completed_spans[0])
+    sink = RecordingSpanSink()
+    exporter.attach_sink(sink)
+    for event in events[3:]:
+        bus.emit(event)
+    assert all("_pending" not in vars(span) for span in exporter.completed_spans[1:])
+    _, eager = apply_all(events)
+    assert exporter.completed_spans == eager

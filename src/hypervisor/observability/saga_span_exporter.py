@@ -59,7 +59,10 @@ class SagaSpanExporter:
 
     Completed spans are buffered in :attr:`completed_spans` (the newest ``max_spans``) whether
     or not a sink is attached, and forwarded to the attached sink. The span rules, ids and
-    bounds are those of :class:`SagaSpanState`, available as :attr:`state`.
+    bounds are those of :class:`SagaSpanState`, available as :attr:`state`. While no sink is
+    attached, step and saga spans are buffered as lazy records (``SagaSpanState.lazy_records``):
+    their name, span id and attributes are computed when first read, with the same values, so
+    emitting does not pay for spans nobody reads.
 
     Args:
         bus: the event bus to subscribe to.
@@ -87,6 +90,8 @@ class SagaSpanExporter:
         self._deliver: Callable[[SagaSpanRecord], None] | None = None
         self._sink_errors = 0
         self._logged_errors: set[type[BaseException]] = set()
+        # Without a sink, spans are only buffered (and often never read): build them lazily.
+        self._state.lazy_records = True
         if sink is not None:
             self.attach_sink(sink)
         # The state's per-type handlers are subscribed directly (no wrapper call on each event);
@@ -125,10 +130,12 @@ class SagaSpanExporter:
         self._deliver = _deliverer(sink)
         self._sink = sink
         self._state.on_span = self._forward
+        self._state.lazy_records = False  # the sink reads every record at once
 
     def detach_sink(self) -> None:
         """Stop forwarding spans; they are still buffered."""
         self._state.on_span = None
+        self._state.lazy_records = True
         self._deliver = None
         self._sink = None
 

@@ -48,7 +48,7 @@ import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.trace import CausalTraceId
@@ -180,6 +180,11 @@ class SagaSpanRecord:
     start time, so every record is a valid W3C span. (Not a slotted class: the state machine
     builds records through their ``__dict__``, several times faster than the frozen
     ``__init__``, on the path of every ``emit()``.)
+
+    A record of a :class:`SagaSpanState` with ``lazy_records`` set holds only what its fields
+    are derived from until one of them is first read; then all of them are computed, with the
+    values an eagerly built record has (its equality, repr, pickling and copies are a plain
+    record's).
     """
 
     name: str
@@ -208,6 +213,85 @@ class SagaSpanRecord:
     def duration_seconds(self) -> float:
         """``end_time - start_time`` in seconds."""
         return self.end_time - self.start_time
+
+    if not TYPE_CHECKING:  # (mypy would take every attribute for a valid one)
+
+        def __getattr__(self, name: str) -> Any:
+            # Reached only when normal lookup fails: a lazy record's field, not yet computed.
+            if name[:2] == "__":
+                raise AttributeError(name)
+            fields = self.__dict__
+            pending = fields.get("_pending")
+            if pending is not None:
+                _materialise(self, pending)
+                fields = self.__dict__
+            try:
+                return fields[name]
+            except KeyError:
+                raise AttributeError(
+                    f"{type(self).__name__!r} object has no attribute {name!r}"
+                ) from None
+
+    def __getstate__(self) -> dict[str, Any]:
+        pending = self.__dict__.get("_pending")
+        if pending is not None:
+            _materialise(self, pending)
+        return self.__dict__
+
+
+# A lazy record's fields must reach __getattr__: drop the class-level defaults the dataclass left
+# (its __init__ keeps its own copies of them).
+for _name in ("trace_id", "span_id", "parent_span_id"):
+    delattr(SagaSpanRecord, _name)
+del _name
+
+_STEP_SPAN: Final = "step"
+_SAGA_SPAN: Final = "saga"
+
+
+def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
+    """Compute a lazy record's fields (as the eager path does) and make them its ``__dict__``."""
+    (
+        kind,
+        event,
+        saga_id,
+        step_id,
+        step_action,
+        start,
+        end,
+        status,
+        trace_id,
+        parent,
+        span,
+        extras,
+    ) = pending
+    if kind is _STEP_SPAN:
+        name = f"saga.step.{step_action or step_id}"
+        span = span_id_for("step", saga_id, step_id, span)
+    else:
+        name = ("saga.completed." if status == "ok" else "saga.escalated.") + saga_id
+    attributes = _base_attributes(
+        saga_id, step_id, step_action, status, event.agent_did, event.session_id
+    )
+    if extras is not None:
+        attributes.update(extras)
+    _set_attribute(
+        record,
+        "__dict__",
+        {
+            "name": name,
+            "saga_id": saga_id,
+            "step_id": step_id,
+            "step_action": step_action,
+            "start_time": start,
+            "end_time": end,
+            "status": status,
+            "attributes": attributes,
+            "trace_id": trace_id,
+            "span_id": span,
+            "parent_span_id": parent,
+        },
+    )
 
 
 @runtime_checkable
@@ -275,6 +359,7 @@ class SagaSpanState:
         "evicted_open_sagas",
         "evicted_open_steps",
         "evicted_spans",
+        "lazy_records",
         "max_open_sagas",
         "max_open_steps",
         "max_spans",
@@ -309,6 +394,13 @@ class SagaSpanState:
         The in-process exporter forwards to its sink through it, so the bus can call the
         per-type handlers of :meth:`handler_for` directly. Not part of the pickled state.
         """
+        self.lazy_records = False
+        """Return step and saga spans as lazy records: their name, span id and attributes (the
+        bulk of a span's cost) are computed when a field is first read, with the same values.
+
+        For spans that are mostly only buffered: the in-process exporter sets it while no sink
+        is attached. A record read at once (a sink, a worker) is cheaper built eagerly.
+        """
 
     def __getstate__(self) -> tuple[None, dict[str, Any]]:
         slots = {name: getattr(self, name) for name in self.__slots__ if hasattr(self, name)}
@@ -316,8 +408,9 @@ class SagaSpanState:
         return None, slots
 
     def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
-        # Also loads states pickled before ``on_span`` existed.
+        # Also loads states pickled before ``on_span`` and ``lazy_records`` existed.
         self.on_span = None
+        self.lazy_records = False
         for name, value in state[1].items():
             setattr(self, name, value)
 
@@ -459,6 +552,29 @@ class SagaSpanState:
             trace_id, parent = saga.trace_id, saga.span_id
             if status == "error":
                 saga.anchor = ts
+        if self.lazy_records:
+            record = _new_record(SagaSpanRecord)
+            _set_attribute(
+                record,
+                "_pending",
+                (
+                    _STEP_SPAN,
+                    event,
+                    saga_id,
+                    step_key,
+                    step_action,
+                    start,
+                    ts,
+                    status,
+                    trace_id,
+                    parent,
+                    opening_id,
+                    _extras(payload)
+                    if "error" in payload or "reason" in payload or "result" in payload
+                    else None,
+                ),
+            )
+            return self._completed_span(record)
         span_id = _blake2b(
             f"step\0{saga_id}\0{step_key}\0{opening_id}".encode(), digest_size=8
         ).hexdigest()
@@ -553,6 +669,30 @@ class SagaSpanState:
         saga = self._open_sagas.pop(saga_id, None)
         if saga is None:
             return []
+        if self.lazy_records:
+            payload = event.payload
+            record = _new_record(SagaSpanRecord)
+            _set_attribute(
+                record,
+                "_pending",
+                (
+                    _SAGA_SPAN,
+                    event,
+                    saga_id,
+                    "",
+                    step_action,
+                    saga.start,
+                    ts,
+                    status,
+                    saga.trace_id,
+                    saga.parent_span_id,
+                    saga.span_id,
+                    _extras(payload)
+                    if "error" in payload or "reason" in payload or "result" in payload
+                    else None,
+                ),
+            )
+            return self._completed_span(record)
         return self._completed_span(
             _build_record(
                 event,
@@ -610,6 +750,18 @@ def _saga_keys(event: HypervisorEvent) -> tuple[str, str, str]:
     if type(value) is not str:
         value = "" if value is None else str(value)
     return saga_id, step_id, value
+
+
+def _extras(payload: dict[str, Any]) -> dict[str, str]:
+    """The optional attributes a payload gives, in the published order."""
+    extras: dict[str, str] = {}
+    if "error" in payload:
+        extras["agent.saga.error"] = str(payload["error"])
+    if "reason" in payload:
+        extras["agent.saga.reason"] = str(payload["reason"])
+    if "result" in payload:
+        extras["agent.saga.result"] = str(payload["result"])
+    return extras
 
 
 def _base_attributes(
