@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from hypervisor.observability._core.codec import decode_events
 from hypervisor.observability._core.events import EventType, HypervisorEvent
-from hypervisor.observability._log import RedisStreamLog, TrimPolicy
+from hypervisor.observability._log import LogUnavailableError, RedisStreamLog, TrimPolicy
 from hypervisor.observability.errors import (
     BusClosedError,
     BusFullError,
@@ -442,3 +442,24 @@ async def test_close_fails_waiting_emits_instead_of_hanging() -> None:
     assert len(errors) == 1
     assert bus.failed == 2
     assert bus.emitted == 0
+
+
+async def test_append_past_its_deadline_raises_and_later_appends_stay_correct(
+    redis_server: RedisServer, stream_name: str
+) -> None:
+    """An append stuck past its deadline (writes paused on the server) raises
+    ``LogUnavailableError``; the next append gets the ids of its own entries, not replies
+    left over from the interrupted pipeline."""
+    admin = aioredis.Redis.from_url(redis_server.url)
+    async with RedisStreamLog(redis_server.url, stream_name, socket_timeout_s=0.3) as log:
+        try:
+            await log.append_many([b"warm-up"])
+            await admin.execute_command("CLIENT", "PAUSE", 1000, "WRITE")  # type: ignore[no-untyped-call]
+            with pytest.raises(LogUnavailableError):
+                await log.append_many([b"stuck-1", b"stuck-2"])
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+            await admin.aclose()
+        ids = await log.append_many([b"after-1", b"after-2"])
+        entries = {e.id: e.data for e in await log.read("0", 100)}
+        assert [entries[i] for i in ids] == [b"after-1", b"after-2"]

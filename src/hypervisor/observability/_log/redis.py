@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Self
 
+import anyio
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
@@ -125,7 +126,8 @@ def _translate(what: str) -> Iterator[None]:
         # Subclasses of ConnectionError, but retrying cannot fix credentials.
         raise LogError(f"{what}: redis refused the credentials: {exc}") from exc
     except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-        raise LogUnavailableError(f"{what}: redis unreachable: {exc}") from exc
+        # OSError includes the builtin TimeoutError of anyio.fail_after deadlines.
+        raise LogUnavailableError(f"{what}: redis unreachable: {exc!r}") from exc
     except rexc.ResponseError as exc:
         message = str(exc)
         if message.startswith(("NOGROUP", "no such key")):
@@ -237,7 +239,11 @@ class RedisStreamLog:
             made.response_callbacks = {}
             return made
 
-        self._writer = client(socket_timeout_s, None)
+        # The writer reads replies without a socket timeout: redis-py would otherwise arm a
+        # timer for every reply of a pipeline (a measurable share of the per-entry cost), so
+        # append_many puts one deadline on the whole round trip instead.
+        self._write_timeout_s = socket_timeout_s
+        self._writer = client(None, None)
         self._reader = client(max_block_s + socket_timeout_s, None)
         self._control = client(socket_timeout_s, None)
 
@@ -283,7 +289,15 @@ class RedisStreamLog:
             key, field = self._key, self._field
             for data in entries:
                 command(b"XADD", key, b"*", field, data)
-            ids = await pipe.execute()
+            try:
+                with anyio.fail_after(self._write_timeout_s):
+                    ids = await pipe.execute()
+            except BaseException:
+                # Interrupted mid-pipeline, the connection may still owe replies: drop it so
+                # no later command reads a stale one.
+                with anyio.CancelScope(shield=True):
+                    await self._writer.connection_pool.disconnect()
+                raise
         if self._retention is not None and time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + self._trim_interval_s
             try:
@@ -291,7 +305,7 @@ class RedisStreamLog:
             except LogError as exc:
                 self.trim_errors += 1
                 _log.warning("retention trim of %r failed: %s", self._name, exc)
-        return [_text(entry_id) for entry_id in ids]
+        return [entry_id.decode() for entry_id in ids]
 
     def _block_ms(self, block_s: float | None) -> list[Any]:
         if block_s is None:
