@@ -26,8 +26,8 @@ __all__ = [
 class HypervisorEventBus:
     """Append-only, bounded, indexed event store with publish/subscribe, in one process.
 
-    Thread-safe: the store is guarded by a re-entrant lock and handlers run outside it, so a
-    handler may emit (its event is stored after the one it reacts to) or query the bus. A
+    Thread-safe: the store is guarded by a lock and handlers run outside it, so a handler may
+    emit (its event is stored after the one it reacts to) or query the bus. A
     handler that raises is logged and counted in :attr:`handler_errors`; it never reaches the
     emitter nor stops delivery to the other handlers.
 
@@ -41,7 +41,9 @@ class HypervisorEventBus:
     def __init__(self, max_events: int | None = DEFAULT_MAX_EVENTS) -> None:
         self._store = EventStore(max_events)
         self._dispatcher = Dispatcher()
-        self._lock = threading.RLock()
+        # A plain lock: nothing re-enters it (handlers run after it is released, and the store
+        # never calls back into the bus), and it is cheaper than an RLock on every emit.
+        self._lock = threading.Lock()
         # Bound once: emit is the hot path, and explicit acquire/release costs half a `with`.
         self._acquire = self._lock.acquire
         self._release = self._lock.release

@@ -48,6 +48,7 @@ import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
@@ -113,6 +114,10 @@ def _digest(width: int, *parts: str) -> str:
 # letters, digits, '-' or '_' (which also bounds the length as it does).
 _CAUSAL: Final = re.compile(r"([A-Za-z0-9_-]{1,64})/([A-Za-z0-9_-]{1,64})(?:/[A-Za-z0-9_-]{1,64})?")
 _HEX: Final = re.compile(r"[0-9a-f]+")
+_HEX_DIGITS: Final = "0123456789abcdef"
+_SEGMENT_CHARS: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+_ZERO_TRACE: Final = "0" * 32
+_ZERO_SPAN: Final = "0" * 16
 
 
 def _w3c_segment(segment: str, width: int) -> str:
@@ -137,6 +142,30 @@ def trace_id_for_saga(saga_id: str, causal_trace_id: str | None) -> tuple[str, s
     # The parse and the mapping of CausalTraceId.from_string(...).to_traceparent(), without
     # building the object and the header string: several times faster, same result (tested).
     if causal_trace_id:
+        if type(causal_trace_id) is str:
+            # The common shape first, with C-speed string methods: lowercase hex trace and span
+            # segments that fit their W3C width (padded), any valid parent segment.
+            parts = causal_trace_id.split("/")
+            count = len(parts)
+            if count == 2 or count == 3:
+                trace, span = parts[0], parts[1]
+                if (
+                    0 < len(trace) <= 32
+                    and 0 < len(span) <= 16
+                    and not trace.strip(_HEX_DIGITS)
+                    and not span.strip(_HEX_DIGITS)
+                    and (
+                        count == 2
+                        or (0 < len(parts[2]) <= 64 and not parts[2].strip(_SEGMENT_CHARS))
+                    )
+                ):
+                    trace = trace.rjust(32, "0")
+                    span = span.rjust(16, "0")
+                    if trace == _ZERO_TRACE:
+                        trace = _ZERO_TRACE[:-1] + "1"
+                    if span == _ZERO_SPAN:
+                        span = _ZERO_SPAN[:-1] + "1"
+                    return trace, span
         match = _CAUSAL.fullmatch(causal_trace_id) if type(causal_trace_id) is str else None
         if match is not None:
             return _w3c_segment(match[1], 32), _w3c_segment(match[2], 16)
@@ -265,6 +294,8 @@ def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
         span,
         extras,
     ) = pending
+    if end is None:  # deferred (a committed step)
+        end = event.timestamp.timestamp()
     if kind is _STEP_SPAN:
         name = f"saga.step.{step_action or step_id}"
         span = span_id_for("step", saga_id, step_id, span)
@@ -537,14 +568,21 @@ class SagaSpanState:
         if type(value) is not str:
             value = "" if value is None else str(value)
         step_action: str = value
-        ts = event.timestamp.timestamp()
         step_key = step_id or step_action
         saga = self._open_sagas.get(saga_id)
         opened = self._open_steps.pop((saga_id, step_key), None)
+        ts: float | None
         if opened is None:
+            ts = event.timestamp.timestamp()
             start, opening_id = ts, event.event_id
         else:
             start, opening_id = opened
+            # A lazy record of a committed step converts its end time when read (the time is
+            # not needed now; a failure's is, as the saga's compensation anchor).
+            if status == "ok" and self.lazy_records and type(event.timestamp) is datetime:
+                ts = None
+            else:
+                ts = event.timestamp.timestamp()
         if saga is None:
             trace_id: str = trace_id_for_saga(saga_id, event.causal_trace_id)[0]
             parent: str | None = None
@@ -580,6 +618,8 @@ class SagaSpanState:
         ).hexdigest()
         if span_id == "0000000000000000":
             span_id = "0000000000000001"
+        if ts is None:  # (not reached: only lazy records defer it)
+            ts = event.timestamp.timestamp()
         agent = event.agent_did
         session = event.session_id
         if agent and session:
