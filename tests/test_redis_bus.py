@@ -463,3 +463,16 @@ async def test_append_past_its_deadline_raises_and_later_appends_stay_correct(
         ids = await log.append_many([b"after-1", b"after-2"])
         entries = {e.id: e.data for e in await log.read("0", 100)}
         assert [entries[i] for i in ids] == [b"after-1", b"after-2"]
+
+
+async def test_backfill_reads_only_what_the_index_can_hold(
+    redis_server: RedisServer, stream_name: str
+) -> None:
+    """A bus started on a long stream backfills just its newest ``max_events`` entries."""
+    events = [HypervisorEvent(payload={"i": i}) for i in range(500)]
+    async with RedisEventBus.from_url(redis_server.url, stream_name, reader=False) as producer:
+        await producer.emit_many(events)
+    async with RedisEventBus.from_url(redis_server.url, stream_name, max_events=100) as bus:
+        assert await bus.all_events() == events[-100:]
+        assert bus.applied == 100
+        assert bus.evicted_count == 0

@@ -13,7 +13,9 @@ from hypervisor.observability._log import (
     RedisStreamLog,
     StreamLog,
     TrimPolicy,
+    next_id,
     parse_id,
+    previous_id,
 )
 from redis_server import RedisServer
 
@@ -246,3 +248,22 @@ async def test_count_after(log: StreamLog) -> None:
     assert await log.count_after(ids[3], 100) == 6
     assert await log.count_after(ids[3], 4) == 4
     assert await log.count_after(ids[-1], 100) == 0
+
+
+async def test_id_from_end(log: StreamLog) -> None:
+    """``id_from_end`` finds the n-th newest id, or the oldest when fewer are retained."""
+    assert await log.id_from_end(5) is None
+    ids = await log.append_many(_payloads(10))
+    assert await log.id_from_end(1) == ids[-1]
+    assert await log.id_from_end(4) == ids[-4]
+    assert await log.id_from_end(10) == ids[0]
+    assert await log.id_from_end(50) == ids[0]
+
+
+def test_previous_and_next_id_bracket_an_id() -> None:
+    """``previous_id`` and ``next_id`` are the nearest ids below and above."""
+    assert previous_id("5-3") == "5-2"
+    assert previous_id("5-0") == f"4-{2**64 - 1}"
+    assert previous_id("0-0") == "0-0"
+    assert next_id("5-3") == "5-4"
+    assert next_id(previous_id("7-0")) == "7-0"

@@ -42,6 +42,7 @@ from hypervisor.observability._log.base import (
     TrimPolicy,
     format_id,
     parse_id,
+    previous_id,
 )
 from hypervisor.observability.errors import (
     BusClosedError,
@@ -139,7 +140,8 @@ class RedisEventBus:
         retry_cap_s: the longest single backoff.
         read_count: entries per read of the tailing reader.
         block_s: how long one tailing read blocks waiting for new entries.
-        backfill: read the log's retained history on start (else only new entries).
+        backfill: read the log's retained history on start, its newest ``max_events`` entries
+            (else only new entries).
         reader: run the tailing reader and local index at all (producers may not need it).
         owns_log: close the log in ``aclose()``.
     """
@@ -297,6 +299,10 @@ class RedisEventBus:
         start_after = "0-0"
         if self._run_reader and not self._backfill:
             start_after = await self._with_retry(self._log.head_id)
+        elif self._run_reader and self._store.max_events is not None:
+            # Older entries would be evicted from the index at once: skip reading them.
+            first = await self._with_retry(self._log.id_from_end, self._store.max_events)
+            start_after = "0-0" if first is None else previous_id(first)
         self._applied = parse_id(start_after)
         # Plain asyncio tasks rather than a task group held open across calls, so aclose()
         # works from any scope or task; each runs in an anyio cancel scope because that

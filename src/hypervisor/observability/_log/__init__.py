@@ -24,6 +24,7 @@ from hypervisor.observability._log.base import (
     format_id,
     next_id,
     parse_id,
+    previous_id,
 )
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ __all__ = [
     "format_id",
     "next_id",
     "parse_id",
+    "previous_id",
 ]
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "format_id",
     "next_id",
     "parse_id",
+    "previous_id",
 ]
 
 MIN_ID = "0-0"
@@ -73,6 +74,16 @@ def parse_id(entry_id: str) -> tuple[int, int]:
 def format_id(ms: int, seq: int) -> str:
     """Format an id tuple as ``"<ms>-<seq>"``."""
     return f"{ms}-{seq}"
+
+
+def previous_id(entry_id: str) -> str:
+    """Return the largest id strictly smaller than ``entry_id`` (``"0-0"`` stays ``"0-0"``)."""
+    ms, seq = parse_id(entry_id)
+    if seq > 0:
+        return format_id(ms, seq - 1)
+    if ms > 0:
+        return format_id(ms - 1, 2**64 - 1)
+    return MIN_ID
 
 
 def next_id(entry_id: str) -> str:
@@ -203,6 +214,12 @@ class StreamLog(Protocol):
 
     async def length(self) -> int:
         """Return the number of retained entries."""
+        ...
+
+    async def id_from_end(self, n: int) -> str | None:
+        """Return the id of the ``n``-th newest retained entry (1 = the newest), or the oldest
+        retained id when fewer are retained; ``None`` for an empty log. Found by the backend
+        without transferring entries (where a reader of the newest ``n`` entries starts)."""
         ...
 
     async def count_after(self, after_id: str, limit: int) -> int:

@@ -184,6 +184,14 @@ class MemoryStreamLog:
         await anyio.lowlevel.checkpoint()
         return len(self._ids) - self._start
 
+    async def id_from_end(self, n: int) -> str | None:
+        """Return the ``n``-th newest id; see ``StreamLog.id_from_end``."""
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        if self._start >= len(self._ids):
+            return None
+        return format_id(*self._ids[max(self._start, len(self._ids) - max(1, n))])
+
     async def count_after(self, after_id: str, limit: int) -> int:
         """Count entries after an id; see ``StreamLog.count_after``."""
         self._check_open()

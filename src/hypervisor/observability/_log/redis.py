@@ -108,6 +108,12 @@ async def _call(client: aioredis.Redis, *args: Any) -> Any:
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
+_ID_FROM_END_SCRIPT = """
+local r = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
+if #r == 0 then return false end
+return r[#r][1]
+"""
+
 _COUNT_AFTER_SCRIPT = """
 return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
 """
@@ -350,6 +356,13 @@ class RedisStreamLog:
         self._check_open()
         with _translate("length"):
             return int(await _call(self._control, b"XLEN", self._key))
+
+    async def id_from_end(self, n: int) -> str | None:
+        """Return the ``n``-th newest id, server side; see ``StreamLog.id_from_end``."""
+        self._check_open()
+        with _translate("id_from_end"):
+            found = await self._script(_ID_FROM_END_SCRIPT, [self._key], [max(1, n)])
+        return None if found is None else _text(found)
 
     async def count_after(self, after_id: str, limit: int) -> int:
         """Count entries after an id, server side; see ``StreamLog.count_after``."""
