@@ -110,7 +110,11 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read() if self.process.stderr else b""
-                raise RuntimeError(f"redis-server exited: {err.decode(errors='replace')}")
+                log = self.directory / "redis.log"
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(
+                    f"redis-server exited: {err.decode(errors='replace')}{tail}".strip()
+                )
             if _ping(self.port, 0.2):
                 return self
             time.sleep(0.02)

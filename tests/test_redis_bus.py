@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 import textwrap
 import time
@@ -476,3 +478,51 @@ async def test_backfill_reads_only_what_the_index_can_hold(
         assert await bus.all_events() == events[-100:]
         assert bus.applied == 100
         assert bus.evicted_count == 0
+
+
+def _make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
+    key, csr, crt = directory / "server.key", directory / "server.csr", directory / "server.crt"
+    ext = directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+
+    def run(*args: str | Path) -> None:
+        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True)
+
+    run(
+        *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+        *("-keyout", ca_key, "-out", ca_crt, "-subj", "/CN=hvobs-test-ca"),
+    )
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=x")
+    run(
+        *("x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial"),
+        *("-out", crt, "-days", "1", "-extfile", ext),
+    )
+    return ca_crt, crt, key
+
+
+@pytest.mark.slow
+async def test_rediss_url_with_acl_user_over_real_tls(tmp_path: Path, stream_name: str) -> None:
+    """A ``rediss://user:password@`` URL talks TLS to a real TLS redis-server with an ACL user;
+    without the CA the server's certificate is refused."""
+    ca, cert, key = _make_tls_files(tmp_path)
+    tls_port = free_port()
+    tls_args = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert)]
+    tls_args += ["--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)]
+    tls_args += ["--tls-auth-clients", "no", "--user", "fleet", "on", ">pw", "~*", "+@all"]
+    with RedisServer(*tls_args) as server:
+        url = f"rediss://fleet:pw@127.0.0.1:{tls_port}/0"
+        options = {"ssl_ca_certs": str(ca)}
+        async with RedisEventBus.from_url(url, stream_name, log_options=options) as bus:
+            await bus.emit(HypervisorEvent(session_id="tls"))
+            await bus.sync()
+            assert [e.session_id for e in await bus.all_events()] == ["tls"]
+        # The plain port holds the same data: the event really went through the TLS port.
+        assert [e.session_id for e in await _stored_events(server.url, stream_name)] == ["tls"]
+        with pytest.raises(BusUnavailableError):
+            async with RedisEventBus.from_url(url, stream_name, retry_deadline_s=0.5):
+                pass
