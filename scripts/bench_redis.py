@@ -79,7 +79,7 @@ def make_events(n: int) -> list[HypervisorEvent]:
             session_id=f"session-{i % 50}",
             agent_did=f"did:mesh:agent-{i % 200}",
             causal_trace_id=f"trace-{i % 1000}",
-            payload={"path": f"/work/{i}.txt", "bytes": i * 7, "ok": True},
+            payload={"path": f"reports/{i}.txt", "bytes": i * 7, "ok": True},
         )
         for i in range(n)
     ]
