@@ -779,3 +779,24 @@ def test_exporter_buffers_lazily_only_without_a_sink() -> None:
     assert all("_pending" not in vars(span) for span in exporter.completed_spans[1:])
     _, eager = apply_all(events)
     assert exporter.completed_spans == eager
+
+
+def test_open_sagas_pickled_with_their_ids_still_load() -> None:
+    """An open saga pickled when it stored its ids (an earlier layout) loads with those ids."""
+    from hypervisor.observability._core.spans import _OpenSaga
+
+    old_layout = {
+        "anchor": 5.0,
+        "parent_span_id": "00000000000000aa",
+        "span_id": "00000000000000bb",
+        "start": 1.0,
+        "trace_id": "0" * 31 + "c",
+    }
+    saga = _OpenSaga.__new__(_OpenSaga)
+    saga.__setstate__((None, old_layout))
+    assert (saga.trace_id, saga.span_id, saga.parent_span_id) == (
+        "0" * 31 + "c",
+        "00000000000000bb",
+        "00000000000000aa",
+    )
+    assert (saga.start, saga.anchor) == (1.0, 5.0)

@@ -275,32 +275,35 @@ for _name in ("trace_id", "span_id", "parent_span_id"):
 del _name
 
 _STEP_SPAN: Final = "step"
+_COMPENSATE_SPAN: Final = "compensate"
 _SAGA_SPAN: Final = "saga"
 
 
 def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
     """Compute a lazy record's fields (as the eager path does) and make them its ``__dict__``."""
-    (
-        kind,
-        event,
-        saga_id,
-        step_id,
-        step_action,
-        start,
-        end,
-        status,
-        trace_id,
-        parent,
-        span,
-        extras,
-    ) = pending
+    kind, event, saga_id, step_id, step_action, start, end, status, saga, opening_id, extras = (
+        pending
+    )
     if end is None:  # deferred (a committed step)
         end = event.timestamp.timestamp()
-    if kind is _STEP_SPAN:
-        name = f"saga.step.{step_action or step_id}"
-        span = span_id_for("step", saga_id, step_id, span)
+    parent: str | None
+    if kind is _STEP_SPAN or kind is _COMPENSATE_SPAN:
+        if kind is _STEP_SPAN:
+            name = f"saga.step.{step_action or step_id}"
+            span = span_id_for("step", saga_id, step_id, opening_id)
+        else:  # the payload's step id and action; the record's fall back to fixed names
+            name = f"saga.compensate.{step_action or step_id}"
+            span = span_id_for("compensate", saga_id, step_id or step_action, event.event_id)
+            step_id = step_id or "compensation"
+            step_action = step_action or "compensate"
+        if saga is None:
+            trace_id = trace_id_for_saga(saga_id, event.causal_trace_id)[0]
+            parent = None
+        else:
+            trace_id, parent, _ = saga.ids()
     else:
         name = ("saga.completed." if status == "ok" else "saga.escalated.") + saga_id
+        trace_id, span, parent = saga.ids()
     attributes = _base_attributes(
         saga_id, step_id, step_action, status, event.agent_did, event.session_id
     )
@@ -354,17 +357,54 @@ class SpanRecordSink(Protocol):
 
 
 class _OpenSaga:
-    __slots__ = ("anchor", "parent_span_id", "span_id", "start", "trace_id")
+    """A created saga: its start, compensation anchor, and ids (computed on first use)."""
+
+    __slots__ = ("_ids", "anchor", "causal_trace_id", "created_id", "saga_id", "start")
 
     def __init__(
-        self, start: float, trace_id: str, span_id: str, parent_span_id: str | None
+        self, start: float, saga_id: str, created_id: str, causal_trace_id: str | None
     ) -> None:
         self.start = start
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.parent_span_id = parent_span_id
+        self.saga_id = saga_id
+        self.created_id = created_id
+        self.causal_trace_id = causal_trace_id
         # Where the next compensation starts: the last failure or the last compensation's end.
         self.anchor: float | None = None
+        # (trace id, span id, parent span id): functions of the fields above, computed when a
+        # span first needs them (a lazy record may never).
+        self._ids: tuple[str, str, str | None] | None = None
+
+    def ids(self) -> tuple[str, str, str | None]:
+        ids = self._ids
+        if ids is None:
+            trace_id, parent = trace_id_for_saga(self.saga_id, self.causal_trace_id)
+            span_id = span_id_for("saga", self.saga_id, "", self.created_id)
+            ids = self._ids = (trace_id, span_id, parent)
+        return ids
+
+    @property
+    def trace_id(self) -> str:
+        return self.ids()[0]
+
+    @property
+    def span_id(self) -> str:
+        return self.ids()[1]
+
+    @property
+    def parent_span_id(self) -> str | None:
+        return self.ids()[2]
+
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        slots = state[1]
+        if "span_id" in slots:  # pickled by a release that stored the ids themselves
+            self._ids = (slots["trace_id"], slots["span_id"], slots["parent_span_id"])
+            self.start = slots["start"]
+            self.anchor = slots["anchor"]
+            self.saga_id = self.created_id = ""
+            self.causal_trace_id = None
+            return
+        for name, value in slots.items():
+            setattr(self, name, value)
 
 
 class SagaSpanState:
@@ -426,8 +466,9 @@ class SagaSpanState:
         per-type handlers of :meth:`handler_for` directly. Not part of the pickled state.
         """
         self.lazy_records = False
-        """Return step and saga spans as lazy records: their name, span id and attributes (the
-        bulk of a span's cost) are computed when a field is first read, with the same values.
+        """Return spans as lazy records: their name, ids, attributes and (for a committed step)
+        end time, the bulk of a span's cost, are computed when a field is first read, with the
+        same values. A saga's own ids are likewise computed when a span first needs them.
 
         For spans that are mostly only buffered: the in-process exporter sets it while no sink
         is attached. A record read at once (a sink, a worker) is cheaper built eagerly.
@@ -504,15 +545,9 @@ class SagaSpanState:
             value = None if value is None else str(value)
         saga_id: str = value or event.causal_trace_id or "unknown"
         ts = event.timestamp.timestamp()
-        trace_id, parent = trace_id_for_saga(saga_id, event.causal_trace_id)
         sagas = self._open_sagas
         sagas.pop(saga_id, None)
-        span_id = _blake2b(
-            f"saga\0{saga_id}\0\0{event.event_id}".encode(), digest_size=8
-        ).hexdigest()
-        if span_id == "0000000000000000":
-            span_id = "0000000000000001"
-        sagas[saga_id] = _OpenSaga(ts, trace_id, span_id, parent)
+        sagas[saga_id] = _OpenSaga(ts, saga_id, event.event_id, event.causal_trace_id)
         if len(sagas) > self.max_open_sagas:
             del sagas[next(iter(sagas))]
             self.evicted_open_sagas += 1
@@ -583,13 +618,8 @@ class SagaSpanState:
                 ts = None
             else:
                 ts = event.timestamp.timestamp()
-        if saga is None:
-            trace_id: str = trace_id_for_saga(saga_id, event.causal_trace_id)[0]
-            parent: str | None = None
-        else:
-            trace_id, parent = saga.trace_id, saga.span_id
-            if status == "error":
-                saga.anchor = ts
+        if saga is not None and status == "error":
+            saga.anchor = ts
         if self.lazy_records:
             record = _new_record(SagaSpanRecord)
             _set_attribute(
@@ -604,8 +634,7 @@ class SagaSpanState:
                     start,
                     ts,
                     status,
-                    trace_id,
-                    parent,
+                    saga,
                     opening_id,
                     _extras(payload)
                     if "error" in payload or "reason" in payload or "result" in payload
@@ -618,6 +647,11 @@ class SagaSpanState:
         ).hexdigest()
         if span_id == "0000000000000000":
             span_id = "0000000000000001"
+        if saga is None:
+            trace_id: str = trace_id_for_saga(saga_id, event.causal_trace_id)[0]
+            parent: str | None = None
+        else:
+            trace_id, parent, _ = saga.ids()
         if ts is None:  # (not reached: only lazy records defer it)
             ts = event.timestamp.timestamp()
         agent = event.agent_did
@@ -665,15 +699,39 @@ class SagaSpanState:
         ts = event.timestamp.timestamp()
         saga = self._open_sagas.get(saga_id)
         start = ts
-        if saga is None:
-            trace_id: str = trace_id_for_saga(saga_id, event.causal_trace_id)[0]
-            parent: str | None = None
-        else:
-            trace_id, parent = saga.trace_id, saga.span_id
+        if saga is not None:
             anchor = saga.anchor
             if anchor is not None and anchor <= ts:
                 start = anchor
             saga.anchor = ts
+        if self.lazy_records:
+            payload = event.payload
+            record = _new_record(SagaSpanRecord)
+            _set_attribute(
+                record,
+                "_pending",
+                (
+                    _COMPENSATE_SPAN,
+                    event,
+                    saga_id,
+                    step_id,
+                    step_action,
+                    start,
+                    ts,
+                    "compensating",
+                    saga,
+                    None,
+                    _extras(payload)
+                    if "error" in payload or "reason" in payload or "result" in payload
+                    else None,
+                ),
+            )
+            return self._completed_span(record)
+        if saga is None:
+            trace_id: str = trace_id_for_saga(saga_id, event.causal_trace_id)[0]
+            parent: str | None = None
+        else:
+            trace_id, parent, _ = saga.ids()
         span_id = span_id_for("compensate", saga_id, step_id or step_action, event.event_id)
         return self._completed_span(
             _build_record(
@@ -724,9 +782,8 @@ class SagaSpanState:
                     saga.start,
                     ts,
                     status,
-                    saga.trace_id,
-                    saga.parent_span_id,
-                    saga.span_id,
+                    saga,
+                    None,
                     _extras(payload)
                     if "error" in payload or "reason" in payload or "result" in payload
                     else None,
