@@ -25,12 +25,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Self
 
 import anyio
 import msgspec
 
+from hypervisor.observability._aio import AsyncResource
 from hypervisor.observability._core.codec import decode_events, encode_event
 from hypervisor.observability._core.dispatch import Dispatcher
 from hypervisor.observability._core.events import EventHandler, EventType, HypervisorEvent
@@ -113,7 +113,7 @@ class _SyncWaiter:
         self.future = future
 
 
-class RedisEventBus:
+class RedisEventBus(AsyncResource):
     """An event bus shared by many processes through a ``StreamLog`` (Redis Streams in production).
 
     Use as an async context manager (or ``await start()`` / ``await aclose()``)::
@@ -280,14 +280,6 @@ class RedisEventBus:
     async def __aenter__(self) -> Self:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(self, *, wait_backfill: bool = True) -> None:
         """Start the flusher and the tailing reader; by default wait until history is indexed."""

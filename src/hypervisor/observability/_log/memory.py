@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_right
-from types import TracebackType
-from typing import Self
 
 import anyio
 
+from hypervisor.observability._aio import AsyncResource
 from hypervisor.observability._log.base import (
     ClaimResult,
     ConsumerPending,
@@ -51,7 +50,7 @@ class _Group:
         self.consumers: set[str] = set()
 
 
-class MemoryStreamLog:
+class MemoryStreamLog(AsyncResource):
     """An in-process ``StreamLog`` with Redis Streams semantics.
 
     Args:
@@ -85,17 +84,6 @@ class MemoryStreamLog:
     def name(self) -> str:
         """The log's name."""
         return self._name
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the log and wake blocked readers (they return empty)."""

@@ -19,8 +19,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -28,6 +27,7 @@ import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from hypervisor.observability._aio import AsyncResource
 from hypervisor.observability._log.base import (
     ClaimResult,
     ConsumerPending,
@@ -184,7 +184,7 @@ def _pairs(raw: Any) -> dict[str, Any]:
     return {_text(raw[i]): raw[i + 1] for i in range(0, len(raw) - 1, 2)}
 
 
-class RedisStreamLog:
+class RedisStreamLog(AsyncResource):
     """A ``StreamLog`` on one Redis stream.
 
     Args:
@@ -257,17 +257,6 @@ class RedisStreamLog:
     def name(self) -> str:
         """The stream key."""
         return self._name
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close all connections. Idempotent."""

@@ -30,8 +30,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import msgspec
 import redis.asyncio as aioredis
@@ -39,6 +38,7 @@ import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from hypervisor.observability._aio import AsyncResource
 from hypervisor.observability._log.base import (
     MIN_ID,
     LogError,
@@ -296,7 +296,7 @@ def merge_batches(
     return sorted(merged.items(), key=lambda record: parse_id(record[0]))
 
 
-class RedisStateStore:
+class RedisStateStore(AsyncResource):
     """A derivation's shared state in Redis.
 
     Args:
@@ -356,17 +356,6 @@ class RedisStateStore:
     def name(self) -> str:
         """The key prefix."""
         return self._prefix
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the connection if this store created it. Idempotent."""

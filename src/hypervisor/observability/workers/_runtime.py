@@ -16,11 +16,10 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
 
 import anyio
 
+from hypervisor.observability._aio import AsyncResource
 from hypervisor.observability._core.codec import decode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._log.base import (
@@ -146,7 +145,7 @@ class WorkerStats:
         self.batch_buckets[-1] += 1
 
 
-class Worker:
+class Worker(AsyncResource):
     """Runs derivations on a consumer group of a ``StreamLog``.
 
     Args:
@@ -216,17 +215,6 @@ class Worker:
         self._read_scope: anyio.CancelScope | None = None
         self._reread_own = True
         self._errors: dict[str, str] = {}
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop (if running) and release the leases. Does not close the logs or stores."""

@@ -30,6 +30,7 @@ from typing import Protocol, Self, runtime_checkable
 
 import anyio
 
+from hypervisor.observability._aio import AsyncResource
 from hypervisor.observability._log.base import MIN_ID, parse_id
 
 __all__ = ["Commit", "MemoryStateStore", "Restored", "StateMeta", "StateStore", "sort_key"]
@@ -207,7 +208,7 @@ class StateStore(Protocol):
     ) -> None: ...
 
 
-class MemoryStateStore:
+class MemoryStateStore(AsyncResource):
     """A ``StateStore`` in process; every method is atomic (one event loop, no awaits inside).
 
     Args:
@@ -233,17 +234,6 @@ class MemoryStateStore:
     def name(self) -> str:
         """The store's name."""
         return self._name
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Nothing to release."""
