@@ -671,14 +671,17 @@ def test_trace_ids_are_the_causal_ids_traceparent_mapping(causal: str) -> None:
 @settings(max_examples=100, deadline=None)
 @given(saga_streams())
 def test_per_type_handlers_equal_apply(events: list[HypervisorEvent]) -> None:
-    """handler_for(type)(event) gives apply(event)'s spans and state; on_span sees each span."""
+    """handler_for(type)(event) gives apply(event)'s span (or None) and state; on_span sees
+    each span."""
     by_apply, expected = apply_all(events)
     state = SagaSpanState()
     seen: list[SagaSpanRecord] = []
     state.on_span = seen.append
     produced: list[SagaSpanRecord] = []
     for event in events:
-        produced.extend(state.handler_for(event.event_type)(event))
+        record = state.handler_for(event.event_type)(event)
+        if record is not None:
+            produced.append(record)
     assert produced == expected == seen
     assert state.completed_spans == by_apply.completed_spans
     assert state.events_processed == by_apply.events_processed
@@ -705,19 +708,26 @@ def test_plain_string_types_are_applied_like_members() -> None:
 
 
 def test_state_pickles_without_its_hook() -> None:
-    """A pickled state (worker snapshots) leaves on_span out and loads with it unset."""
+    """A pickled state (worker snapshots) leaves on_span out, loads with it unset, and loads
+    through the workers' restricted unpickler with a step still open."""
     import pickle
 
+    from hypervisor.observability.workers._snapshot import dump_state, load_state
+
     events = deploy_saga()
-    state, _ = apply_all(events[:3])
+    state, _ = apply_all(events[:4])
+    assert state.open_step_count == 1
     state.on_span = lambda record: None
     loaded = pickle.loads(pickle.dumps(state))
     assert loaded.on_span is None
     assert loaded.open_saga_count == state.open_saga_count == 1
+    # The workers' restricted loader (core classes and builtins only) reads it too.
+    restored = load_state(dump_state(state))
+    assert isinstance(restored, SagaSpanState)
     assert loaded.events_processed == state.events_processed
-    rest = apply_all(events[3:], loaded)[1]
+    rest = apply_all(events[4:], loaded)[1]
     assert rest
-    assert rest == apply_all(events[3:], state)[1]
+    assert rest == apply_all(events[4:], state)[1] == apply_all(events[4:], restored)[1]
 
 
 @settings(max_examples=100, deadline=None)

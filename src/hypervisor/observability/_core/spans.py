@@ -286,6 +286,8 @@ def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
     )
     if end is None:  # deferred (a committed step)
         end = event.timestamp.timestamp()
+    if isinstance(start, datetime):  # a step start kept as the started event's datetime
+        start = start.timestamp()
     parent: str | None
     if kind is _STEP_SPAN or kind is _COMPENSATE_SPAN:
         if kind is _STEP_SPAN:
@@ -453,7 +455,8 @@ class SagaSpanState:
         self.max_open_sagas = max_open_sagas
         self._spans: deque[SagaSpanRecord] = deque(maxlen=max_spans)
         # Insertion-ordered: the first key is the oldest, evicted first.
-        self._open_steps: dict[tuple[str, str], tuple[float, str]] = {}
+        # (start, opening event id); the start is a float or the started event's datetime.
+        self._open_steps: dict[tuple[str, str], tuple[float | datetime, str]] = {}
         self._open_sagas: dict[str, _OpenSaga] = {}
         self.events_processed = 0
         self.evicted_spans = 0
@@ -477,6 +480,11 @@ class SagaSpanState:
     def __getstate__(self) -> tuple[None, dict[str, Any]]:
         slots = {name: getattr(self, name) for name in self.__slots__ if hasattr(self, name)}
         slots.pop("on_span", None)
+        # Open steps are pickled with float starts, the layout snapshots have always had.
+        slots["_open_steps"] = {
+            key: (start.timestamp() if isinstance(start, datetime) else start, opening_id)
+            for key, (start, opening_id) in self._open_steps.items()
+        }
         return None, slots
 
     def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
@@ -518,12 +526,14 @@ class SagaSpanState:
         handler = _HANDLERS.get(event.event_type)
         if handler is None:
             return []
-        return handler(self, event)
+        record = handler(self, event)
+        return [] if record is None else [record]
 
     def handler_for(
         self, event_type: EventType
-    ) -> Callable[[HypervisorEvent], list[SagaSpanRecord]]:
-        """The handler of ``event_type`` events: ``handler(event)`` is ``apply(event)`` for them.
+    ) -> Callable[[HypervisorEvent], SagaSpanRecord | None]:
+        """The handler of ``event_type`` events: it folds an event of that type as :meth:`apply`
+        does and returns the span completed, or ``None`` (not a list: nothing to allocate).
 
         A bus can subscribe it for that type and skip :meth:`apply`'s dispatch on every event.
 
@@ -531,14 +541,14 @@ class SagaSpanState:
             KeyError: ``event_type`` is not one of :data:`SAGA_SPAN_EVENTS`.
         """
         method = _HANDLERS[event_type]
-        handler: Callable[[HypervisorEvent], list[SagaSpanRecord]] = method.__get__(self)
+        handler: Callable[[HypervisorEvent], SagaSpanRecord | None] = method.__get__(self)
         return handler
 
     # -- one handler per saga event type (``_HANDLERS``) -------------------------------------
     # The payload is read inline in the frequent ones: a helper call and its tuple cost more
     # than the reads themselves.
 
-    def _created(self, event: HypervisorEvent) -> list[SagaSpanRecord]:
+    def _created(self, event: HypervisorEvent) -> SagaSpanRecord | None:
         self.events_processed += 1
         value: Any = event.payload.get("saga_id")
         if type(value) is not str:
@@ -551,9 +561,9 @@ class SagaSpanState:
         if len(sagas) > self.max_open_sagas:
             del sagas[next(iter(sagas))]
             self.evicted_open_sagas += 1
-        return []
+        return None
 
-    def _started(self, event: HypervisorEvent) -> list[SagaSpanRecord]:
+    def _started(self, event: HypervisorEvent) -> SagaSpanRecord | None:
         self.events_processed += 1
         get = event.payload.get
         value: Any = get("saga_id")
@@ -573,19 +583,22 @@ class SagaSpanState:
         steps = self._open_steps
         if key in steps:
             del steps[key]  # a restart re-opens the step as the newest entry
-        steps[key] = (event.timestamp.timestamp(), event.event_id)
+        # The start is converted to epoch seconds when the span is built (a lazy one: when
+        # read); pickling converts any still open (see __getstate__).
+        stamp = event.timestamp
+        steps[key] = (stamp if type(stamp) is datetime else stamp.timestamp(), event.event_id)
         if len(steps) > self.max_open_steps:
             del steps[next(iter(steps))]
             self.evicted_open_steps += 1
-        return []
+        return None
 
-    def _committed(self, event: HypervisorEvent) -> list[SagaSpanRecord]:
+    def _committed(self, event: HypervisorEvent) -> SagaSpanRecord | None:
         return self._step_ended(event, "ok")
 
-    def _failed(self, event: HypervisorEvent) -> list[SagaSpanRecord]:
+    def _failed(self, event: HypervisorEvent) -> SagaSpanRecord | None:
         return self._step_ended(event, "error")
 
-    def _step_ended(self, event: HypervisorEvent, status: str) -> list[SagaSpanRecord]:
+    def _step_ended(self, event: HypervisorEvent, status: str) -> SagaSpanRecord | None:
         self.events_processed += 1
         payload = event.payload
         get = payload.get
@@ -607,6 +620,7 @@ class SagaSpanState:
         saga = self._open_sagas.get(saga_id)
         opened = self._open_steps.pop((saga_id, step_key), None)
         ts: float | None
+        start: float | datetime
         if opened is None:
             ts = event.timestamp.timestamp()
             start, opening_id = ts, event.event_id
@@ -654,6 +668,8 @@ class SagaSpanState:
             trace_id, parent, _ = saga.ids()
         if ts is None:  # (not reached: only lazy records defer it)
             ts = event.timestamp.timestamp()
+        if isinstance(start, datetime):
+            start = start.timestamp()
         agent = event.agent_did
         session = event.session_id
         if agent and session:
@@ -693,7 +709,7 @@ class SagaSpanState:
         )
         return self._completed_span(record)
 
-    def _compensating(self, event: HypervisorEvent) -> list[SagaSpanRecord]:
+    def _compensating(self, event: HypervisorEvent) -> SagaSpanRecord | None:
         self.events_processed += 1
         saga_id, step_id, step_action = _saga_keys(event)
         ts = event.timestamp.timestamp()
@@ -749,15 +765,15 @@ class SagaSpanState:
             )
         )
 
-    def _completed(self, event: HypervisorEvent) -> list[SagaSpanRecord]:
+    def _completed(self, event: HypervisorEvent) -> SagaSpanRecord | None:
         return self._saga_closed(event, "ok", "saga.completed.", "complete")
 
-    def _escalated(self, event: HypervisorEvent) -> list[SagaSpanRecord]:
+    def _escalated(self, event: HypervisorEvent) -> SagaSpanRecord | None:
         return self._saga_closed(event, "error", "saga.escalated.", "escalate")
 
     def _saga_closed(
         self, event: HypervisorEvent, status: str, prefix: str, step_action: str
-    ) -> list[SagaSpanRecord]:
+    ) -> SagaSpanRecord | None:
         self.events_processed += 1
         value: Any = event.payload.get("saga_id")
         if type(value) is not str:
@@ -766,7 +782,7 @@ class SagaSpanState:
         ts = event.timestamp.timestamp()
         saga = self._open_sagas.pop(saga_id, None)
         if saga is None:
-            return []
+            return None
         if self.lazy_records:
             payload = event.payload
             record = _new_record(SagaSpanRecord)
@@ -806,7 +822,7 @@ class SagaSpanState:
             )
         )
 
-    def _completed_span(self, record: SagaSpanRecord) -> list[SagaSpanRecord]:
+    def _completed_span(self, record: SagaSpanRecord) -> SagaSpanRecord | None:
         if self.max_spans:
             spans = self._spans
             if len(spans) == self.max_spans:
@@ -815,10 +831,10 @@ class SagaSpanState:
         on_span = self.on_span
         if on_span is not None:
             on_span(record)
-        return [record]
+        return record
 
 
-_Handler = Callable[[SagaSpanState, HypervisorEvent], list[SagaSpanRecord]]
+_Handler = Callable[[SagaSpanState, HypervisorEvent], SagaSpanRecord | None]
 _HANDLERS: Final[dict[EventType, _Handler]] = {
     _CREATED: SagaSpanState._created,
     _STARTED: SagaSpanState._started,
