@@ -40,7 +40,7 @@ from hypervisor.observability._log.base import (
     TrimPolicy,
 )
 
-__all__ = ["DEFAULT_FIELD", "RedisStreamLog"]
+__all__ = ["DEFAULT_FIELD", "RedisStreamLog", "translate_errors"]
 
 _log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _text(value: Any) -> str:
 
 
 @contextmanager
-def _translate(what: str) -> Iterator[None]:
+def translate_errors(what: str) -> Iterator[None]:
     """Translate redis-py errors into the log's errors at the boundary."""
     try:
         yield
@@ -278,7 +278,7 @@ class RedisStreamLog(AsyncResource):
         self._check_open()
         if not entries:
             return []
-        with _translate("append"):
+        with translate_errors("append"):
             pipe = self._writer.pipeline(transaction=False)
             command = pipe.execute_command
             key, field = self._key, self._field
@@ -310,7 +310,7 @@ class RedisStreamLog(AsyncResource):
     async def read(self, after_id: str, count: int, block_s: float | None = None) -> list[Entry]:
         """Read after an id (``XREAD``); see ``StreamLog.read``."""
         self._check_open()
-        with _translate("read"):
+        with translate_errors("read"):
             raw = await _call(
                 self._reader,
                 b"XREAD",
@@ -327,7 +327,7 @@ class RedisStreamLog(AsyncResource):
         """Return the stream's last generated id; see ``StreamLog.head_id``."""
         self._check_open()
         try:
-            with _translate("head_id"):
+            with translate_errors("head_id"):
                 raw = await _call(self._control, b"XINFO", b"STREAM", self._key)
         except LogGroupMissingError:  # "no such key": an empty log
             return "0-0"
@@ -336,20 +336,20 @@ class RedisStreamLog(AsyncResource):
     async def first_id(self) -> str | None:
         """Return the oldest retained id; see ``StreamLog.first_id``."""
         self._check_open()
-        with _translate("first_id"):
+        with translate_errors("first_id"):
             raw = await _call(self._control, b"XRANGE", self._key, b"-", b"+", b"COUNT", 1)
         return _text(raw[0][0]) if raw else None
 
     async def length(self) -> int:
         """Return ``XLEN``."""
         self._check_open()
-        with _translate("length"):
+        with translate_errors("length"):
             return int(await _call(self._control, b"XLEN", self._key))
 
     async def id_from_end(self, n: int) -> str | None:
         """Return the ``n``-th newest id, server side; see ``StreamLog.id_from_end``."""
         self._check_open()
-        with _translate("id_from_end"):
+        with translate_errors("id_from_end"):
             found = await self._script(_ID_FROM_END_SCRIPT, [self._key], [max(1, n)])
         return None if found is None else _text(found)
 
@@ -358,7 +358,7 @@ class RedisStreamLog(AsyncResource):
         self._check_open()
         if after_id in ("0", "0-0"):
             after_id = "0-0"
-        with _translate("count_after"):
+        with translate_errors("count_after"):
             return int(await self._script(_COUNT_AFTER_SCRIPT, [self._key], [after_id, limit]))
 
     async def _script(self, source: str, keys: list[bytes], args: list[Any]) -> Any:
@@ -378,7 +378,7 @@ class RedisStreamLog(AsyncResource):
         """Create a group (and the stream) if missing; see ``StreamLog.ensure_group``."""
         self._check_open()
         try:
-            with _translate("ensure_group"):
+            with translate_errors("ensure_group"):
                 await _call(
                     self._control, b"XGROUP", b"CREATE", self._key, group, start_id, b"MKSTREAM"
                 )
@@ -403,7 +403,7 @@ class RedisStreamLog(AsyncResource):
         if not pending:
             args += self._block_ms(block_s)
         args += [b"STREAMS", self._key, b"0" if pending else b">"]
-        with _translate("read_group"):
+        with translate_errors("read_group"):
             raw = await _call(self._reader, *args)
         return _stream_entries(raw, self._field)
 
@@ -412,7 +412,7 @@ class RedisStreamLog(AsyncResource):
         self._check_open()
         if not ids:
             return 0
-        with _translate("ack"):
+        with translate_errors("ack"):
             return int(await _call(self._control, b"XACK", self._key, group, *ids))
 
     async def claim_idle(
@@ -425,7 +425,7 @@ class RedisStreamLog(AsyncResource):
     ) -> ClaimResult:
         """Claim idle pending entries (``XAUTOCLAIM``); see ``StreamLog.claim_idle``."""
         self._check_open()
-        with _translate("claim_idle"):
+        with translate_errors("claim_idle"):
             raw = await _call(
                 self._control,
                 b"XAUTOCLAIM",
@@ -451,7 +451,7 @@ class RedisStreamLog(AsyncResource):
     async def pending_summary(self, group: str) -> PendingSummary:
         """Summarise a group's PEL (``XPENDING`` and its extended form for the idle time)."""
         self._check_open()
-        with _translate("pending_summary"):
+        with translate_errors("pending_summary"):
             raw = await _call(self._control, b"XPENDING", self._key, group)
             count = int(raw[0])
             if count == 0:
@@ -466,7 +466,7 @@ class RedisStreamLog(AsyncResource):
         self._check_open()
         if not ids:
             return {}
-        with _translate("delivery_counts"):
+        with translate_errors("delivery_counts"):
             pipe = self._control.pipeline(transaction=False)
             for entry_id in ids:
                 pipe.execute_command(b"XPENDING", self._key, group, entry_id, entry_id, 1)
@@ -481,7 +481,7 @@ class RedisStreamLog(AsyncResource):
         """Describe every group (``XINFO GROUPS``)."""
         self._check_open()
         try:
-            with _translate("group_info"):
+            with translate_errors("group_info"):
                 raw = await _call(self._control, b"XINFO", b"GROUPS", self._key)
         except LogGroupMissingError:
             return []
@@ -503,7 +503,7 @@ class RedisStreamLog(AsyncResource):
     async def delete_consumer(self, group: str, consumer: str) -> int:
         """Remove a consumer (``XGROUP DELCONSUMER``); return its pending count."""
         self._check_open()
-        with _translate("delete_consumer"):
+        with translate_errors("delete_consumer"):
             return int(
                 await _call(self._control, b"XGROUP", b"DELCONSUMER", self._key, group, consumer)
             )
@@ -519,7 +519,7 @@ class RedisStreamLog(AsyncResource):
             b"1" if policy.approximate else b"0",
             b"1" if acked else b"0",
         ]
-        with _translate("trim"):
+        with translate_errors("trim"):
             removed = await self._script(_TRIM_SCRIPT, [self._key], args)
         self.trimmed += int(removed)
         return int(removed)
@@ -528,7 +528,7 @@ class RedisStreamLog(AsyncResource):
         """Return the server's version from ``INFO server`` (cached after the first call)."""
         if self._version is None:
             self._check_open()
-            with _translate("server_version"):
+            with translate_errors("server_version"):
                 raw = await _call(self._control, b"INFO", b"server")
             text = _text(raw)
             version = (0, 0, 0)

@@ -28,8 +28,7 @@ the first one's: readers merge the batches they fetch and keep each id once.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from typing import Any, Final
 
 import msgspec
@@ -42,10 +41,10 @@ from hypervisor.observability._aio import AsyncResource
 from hypervisor.observability._log.base import (
     MIN_ID,
     LogError,
-    LogUnavailableError,
     next_id,
     parse_id,
 )
+from hypervisor.observability._log.redis import translate_errors
 from hypervisor.observability.workers._state import Commit, Restored, StateMeta, sort_key
 
 __all__ = ["RedisStateStore", "state_prefix"]
@@ -207,23 +206,6 @@ def state_prefix(stream: str, group: str, derivation: str) -> str:
     return f"hvobs:worker:{{{stream}:{group}}}:{derivation}"
 
 
-@contextmanager
-def _translate(what: str) -> Iterator[None]:
-    try:
-        yield
-    except (rexc.AuthenticationError, rexc.AuthorizationError) as exc:
-        raise LogError(f"{what}: redis refused the credentials: {exc}") from exc
-    except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-        raise LogUnavailableError(f"{what}: redis unreachable: {exc}") from exc
-    except rexc.ResponseError as exc:
-        message = str(exc)
-        if message.startswith(("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")):
-            raise LogUnavailableError(f"{what}: {message}") from exc
-        raise LogError(f"{what}: {message}") from exc
-    except rexc.RedisError as exc:
-        raise LogError(f"{what}: {exc}") from exc
-
-
 def _unsort_key(key: bytes) -> str:
     ms, _, seq = key.partition(b"-")
     return f"{int(ms)}-{int(seq)}"
@@ -371,7 +353,7 @@ class RedisStateStore(AsyncResource):
         if not items:
             return
         member, records = batch_member(items)
-        with _translate("stage"):
+        with translate_errors("stage"):
             await self._stage(
                 keys=[self._idx_key, self._batches_key, self._open_key], args=[member, records]
             )
@@ -384,7 +366,7 @@ class RedisStateStore(AsyncResource):
         low_key, high_key = sort_key(after_id), sort_key(before_id)
         scan = _FETCH_BATCHES
         while True:
-            with _translate("read staged"):
+            with translate_errors("read staged"):
                 more, flat, applied = await self._fetch(
                     keys=[self._open_key, self._batches_key, self._meta_key],
                     args=[low_key, high_key, scan],
@@ -404,7 +386,7 @@ class RedisStateStore(AsyncResource):
         From the batch headers alone, except for batches whose id ranges overlap another's or
         straddle the applied id: their records are read to count each id once.
         """
-        with _translate("backlog"):
+        with translate_errors("backlog"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hget(self._meta_key, "applied")
                 pipe.zrange(self._open_key, 0, -1)
@@ -431,7 +413,7 @@ class RedisStateStore(AsyncResource):
             else:
                 exact.extend(cluster)
         if exact:
-            with _translate("backlog"):
+            with translate_errors("backlog"):
                 blobs: list[Any] = await self._client.hmget(self._batches_key, exact)
             ids: set[str] = set()
             for blob in blobs:
@@ -442,13 +424,13 @@ class RedisStateStore(AsyncResource):
 
     async def meta(self) -> StateMeta:
         """Read the meta hash."""
-        with _translate("read meta"):
+        with translate_errors("read meta"):
             raw: Any = await self._client.hgetall(self._meta_key)
         return _meta(raw)
 
     async def load(self) -> tuple[StateMeta, bytes | None]:
         """Read meta and checkpoint snapshot in one transaction."""
-        with _translate("load state"):
+        with translate_errors("load state"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(self._meta_key)
                 pipe.get(self._snap_key)
@@ -457,7 +439,7 @@ class RedisStateStore(AsyncResource):
 
     async def restore(self) -> Restored:
         """Read meta, checkpoint and redo records in one script call."""
-        with _translate("restore state"):
+        with translate_errors("restore state"):
             raw_meta, snapshot, flat, skips = await self._restore(
                 keys=[
                     self._meta_key,
@@ -478,7 +460,7 @@ class RedisStateStore(AsyncResource):
         self, after_id: str, upto_id: str
     ) -> tuple[list[tuple[str, bytes]], frozenset[str]] | None:
         """Read the redo records after ``after_id`` (one script call); see ``StateStore``."""
-        with _translate("replay state"):
+        with translate_errors("replay state"):
             reply = await self._replay(
                 keys=[self._meta_key, self._idx_key, self._batches_key, self._skip_key],
                 args=[sort_key(after_id), sort_key(upto_id)],
@@ -491,7 +473,7 @@ class RedisStateStore(AsyncResource):
 
     async def seen(self, meta: StateMeta) -> tuple[set[str], set[str]]:
         """Read the two seen generations."""
-        with _translate("load seen ids"):
+        with translate_errors("load seen ids"):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.lrange(self._seen_key(meta.seen_gen - 1), 0, -1)
                 pipe.lrange(self._seen_key(meta.seen_gen), 0, -1)
@@ -524,19 +506,19 @@ class RedisStateStore(AsyncResource):
             b"" if commit.snapshot is None else commit.snapshot,
             *(sort_key(entry_id) for entry_id in commit.skipped),
         ]
-        with _translate("commit"):
+        with translate_errors("commit"):
             done = await self._commit(keys=keys, args=args)
         return bool(done)
 
     async def acquire_lease(self, token: str, ttl_s: float) -> bool:
         """Take or extend the lease (one script call)."""
-        with _translate("lease"):
+        with translate_errors("lease"):
             got = await self._acquire(keys=[self._lease_key], args=[token, int(ttl_s * 1000)])
         return bool(got)
 
     async def lease_round(self, token: str, ttl_s: float) -> int | None:
         """Take or extend the lease and read the version (one script call)."""
-        with _translate("lease"):
+        with translate_errors("lease"):
             version = await self._lease_round(
                 keys=[self._lease_key, self._meta_key], args=[token, int(ttl_s * 1000)]
             )
@@ -544,23 +526,23 @@ class RedisStateStore(AsyncResource):
 
     async def notify(self) -> None:
         """Push the wake-up (one script call)."""
-        with _translate("notify"):
+        with translate_errors("notify"):
             await self._notify(keys=[self._wake_key])
 
     async def wait_notified(self, timeout_s: float) -> bool:
         """``BLPOP`` the wake-up list for at most ``timeout_s``."""
-        with _translate("wait"):
+        with translate_errors("wait"):
             reply = await self._client.blpop([self._wake_key], max(0.001, timeout_s))
         return reply is not None
 
     async def release_lease(self, token: str) -> None:
         """Delete the lease if ``token`` holds it."""
-        with _translate("release lease"):
+        with translate_errors("release lease"):
             await self._release(keys=[self._lease_key], args=[token])
 
     async def reset(self) -> None:
         """Delete every key of this derivation."""
-        with _translate("reset"):
+        with translate_errors("reset"):
             keys = [key async for key in self._client.scan_iter(match=f"{self._prefix}:*")]
             if keys:
                 await self._client.delete(*keys)
