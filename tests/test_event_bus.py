@@ -624,3 +624,26 @@ def test_handlers_registered_for_str_value_receive_member_events(subscribe_first
     event = ev(EventType.RING_ASSIGNED)
     bus.emit(event)
     assert got == [event]
+
+
+def test_emit_is_the_closure_unless_a_subclass_overrides_it() -> None:
+    """A bus's emit stores and dispatches like the method; a subclass's own emit is kept."""
+    seen: list[HypervisorEvent] = []
+
+    class Counting(HypervisorEventBus):
+        def emit(self, event: HypervisorEvent) -> None:
+            seen.append(event)
+            super().emit(event)
+
+    plain = HypervisorEventBus()
+    got: list[HypervisorEvent] = []
+    plain.subscribe(EventType.VFS_WRITE, got.append)
+    event = HypervisorEvent(event_type=EventType.VFS_WRITE)
+    plain.emit(event)
+    HypervisorEventBus.emit(plain, event)  # the documented method, unbound
+    assert got == [event, event]
+    assert plain.query_by_type(EventType.VFS_WRITE) == [event, event]
+    counting = Counting()
+    counting.emit(event)
+    assert seen == [event]
+    assert counting.event_count == 1
