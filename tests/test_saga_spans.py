@@ -810,3 +810,15 @@ def test_open_sagas_pickled_with_their_ids_still_load() -> None:
         "00000000000000aa",
     )
     assert (saga.start, saga.anchor) == (1.0, 5.0)
+    # A lazy record of such a saga takes its stored ids as they are.
+    state = SagaSpanState()
+    state.lazy_records = True
+    state._open_sagas["g1"] = saga
+    step = state.apply(saga_event(EventType.SAGA_STEP_COMMITTED, 2.0, saga_id="g1", step_id="a"))
+    closed = state.apply(saga_event(EventType.SAGA_COMPLETED, 3.0, saga_id="g1"))
+    assert (closed[0].trace_id, closed[0].span_id, closed[0].parent_span_id) == (
+        "0" * 31 + "c",
+        "00000000000000bb",
+        "00000000000000aa",
+    )
+    assert (step[0].trace_id, step[0].parent_span_id) == ("0" * 31 + "c", "00000000000000bb")

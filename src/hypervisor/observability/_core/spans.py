@@ -281,7 +281,7 @@ _SAGA_SPAN: Final = "saga"
 
 def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
     """Compute a lazy record's fields (as the eager path does) and make them its ``__dict__``."""
-    kind, event, saga_id, step_id, step_action, start, end, status, saga, opening_id, extras = (
+    kind, event, saga_id, step_id, step_action, start, end, status, ref, opening_id, extras = (
         pending
     )
     if end is None:  # deferred (a committed step)
@@ -298,14 +298,14 @@ def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
             span = span_id_for("compensate", saga_id, step_id or step_action, event.event_id)
             step_id = step_id or "compensation"
             step_action = step_action or "compensate"
-        if saga is None:
+        if ref is None:  # the saga was not open
             trace_id = trace_id_for_saga(saga_id, event.causal_trace_id)[0]
             parent = None
         else:
-            trace_id, parent, _ = saga.ids()
+            trace_id, parent, _ = _saga_ids(saga_id, ref)
     else:
         name = ("saga.completed." if status == "ok" else "saga.escalated.") + saga_id
-        trace_id, span, parent = saga.ids()
+        trace_id, span, parent = _saga_ids(saga_id, ref)
     attributes = _base_attributes(
         saga_id, step_id, step_action, status, event.agent_did, event.session_id
     )
@@ -361,27 +361,25 @@ class SpanRecordSink(Protocol):
 class _OpenSaga:
     """A created saga: its start, compensation anchor, and ids (computed on first use)."""
 
-    __slots__ = ("_ids", "anchor", "causal_trace_id", "created_id", "saga_id", "start")
+    __slots__ = ("_ids", "anchor", "ref", "saga_id", "start")
 
     def __init__(
         self, start: float, saga_id: str, created_id: str, causal_trace_id: str | None
     ) -> None:
         self.start = start
         self.saga_id = saga_id
-        self.created_id = created_id
-        self.causal_trace_id = causal_trace_id
+        # What the saga's ids derive from. A lazy record keeps this (strings only, so the
+        # garbage collector soon stops tracking it) rather than the saga object itself.
+        self.ref: _SagaRef = (created_id, causal_trace_id)
         # Where the next compensation starts: the last failure or the last compensation's end.
         self.anchor: float | None = None
-        # (trace id, span id, parent span id): functions of the fields above, computed when a
-        # span first needs them (a lazy record may never).
-        self._ids: tuple[str, str, str | None] | None = None
+        self._ids: _SagaIds | None = None
 
-    def ids(self) -> tuple[str, str, str | None]:
+    def ids(self) -> _SagaIds:
+        """``(trace id, span id, parent span id)`` of the saga span."""
         ids = self._ids
         if ids is None:
-            trace_id, parent = trace_id_for_saga(self.saga_id, self.causal_trace_id)
-            span_id = span_id_for("saga", self.saga_id, "", self.created_id)
-            ids = self._ids = (trace_id, span_id, parent)
+            ids = self._ids = _saga_ids(self.saga_id, self.ref)
         return ids
 
     @property
@@ -399,14 +397,30 @@ class _OpenSaga:
     def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
         slots = state[1]
         if "span_id" in slots:  # pickled by a release that stored the ids themselves
-            self._ids = (slots["trace_id"], slots["span_id"], slots["parent_span_id"])
+            ids = (slots["trace_id"], slots["span_id"], slots["parent_span_id"])
+            self._ids = ids
+            self.ref = ids  # a lazy record takes the ids as they are (see _saga_ids)
             self.start = slots["start"]
             self.anchor = slots["anchor"]
-            self.saga_id = self.created_id = ""
-            self.causal_trace_id = None
+            self.saga_id = ""
             return
         for name, value in slots.items():
             setattr(self, name, value)
+
+
+# (created event id, causal trace id) of a saga, or its ids themselves (3 items) when only
+# those are known (a saga loaded from an earlier pickle layout).
+_SagaRef = tuple[str, str | None] | tuple[str, str, str | None]
+_SagaIds = tuple[str, str, str | None]
+
+
+def _saga_ids(saga_id: str, ref: _SagaRef) -> _SagaIds:
+    """``(trace id, span id, parent span id)`` of a saga span."""
+    if len(ref) == 3:
+        return ref
+    created_id, causal_trace_id = ref
+    trace_id, parent = trace_id_for_saga(saga_id, causal_trace_id)
+    return trace_id, span_id_for("saga", saga_id, "", created_id), parent
 
 
 class SagaSpanState:
@@ -648,7 +662,7 @@ class SagaSpanState:
                     start,
                     ts,
                     status,
-                    saga,
+                    None if saga is None else saga.ref,
                     opening_id,
                     _extras(payload)
                     if "error" in payload or "reason" in payload or "result" in payload
@@ -735,7 +749,7 @@ class SagaSpanState:
                     start,
                     ts,
                     "compensating",
-                    saga,
+                    None if saga is None else saga.ref,
                     None,
                     _extras(payload)
                     if "error" in payload or "reason" in payload or "result" in payload
@@ -798,7 +812,7 @@ class SagaSpanState:
                     saga.start,
                     ts,
                     status,
-                    saga,
+                    None if saga is None else saga.ref,
                     None,
                     _extras(payload)
                     if "error" in payload or "reason" in payload or "result" in payload
