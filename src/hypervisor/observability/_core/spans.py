@@ -280,12 +280,28 @@ _SAGA_SPAN: Final = "saga"
 
 
 def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
-    """Compute a lazy record's fields (as the eager path does) and make them its ``__dict__``."""
-    kind, event, saga_id, step_id, step_action, start, end, status, ref, opening_id, extras = (
-        pending
-    )
-    if end is None:  # deferred (a committed step)
-        end = event.timestamp.timestamp()
+    """Compute a lazy record's fields (as the eager path does) and make them its ``__dict__``.
+
+    ``pending`` holds no reference to the event (only strings, times and the saga's id inputs),
+    so a buffered record neither keeps its event alive nor makes the garbage collector visit it.
+    """
+    (
+        kind,
+        saga_id,
+        step_id,
+        step_action,
+        start,
+        end,
+        status,
+        ref,
+        opening_id,
+        extras,
+        agent,
+        session,
+        causal,
+    ) = pending
+    if isinstance(end, datetime):  # deferred (a committed step): the event's timestamp
+        end = end.timestamp()
     if isinstance(start, datetime):  # a step start kept as the started event's datetime
         start = start.timestamp()
     parent: str | None
@@ -295,20 +311,18 @@ def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
             span = span_id_for("step", saga_id, step_id, opening_id)
         else:  # the payload's step id and action; the record's fall back to fixed names
             name = f"saga.compensate.{step_action or step_id}"
-            span = span_id_for("compensate", saga_id, step_id or step_action, event.event_id)
+            span = span_id_for("compensate", saga_id, step_id or step_action, opening_id)
             step_id = step_id or "compensation"
             step_action = step_action or "compensate"
         if ref is None:  # the saga was not open
-            trace_id = trace_id_for_saga(saga_id, event.causal_trace_id)[0]
+            trace_id = trace_id_for_saga(saga_id, causal)[0]
             parent = None
         else:
             trace_id, parent, _ = _saga_ids(saga_id, ref)
     else:
         name = ("saga.completed." if status == "ok" else "saga.escalated.") + saga_id
         trace_id, span, parent = _saga_ids(saga_id, ref)
-    attributes = _base_attributes(
-        saga_id, step_id, step_action, status, event.agent_did, event.session_id
-    )
+    attributes = _base_attributes(saga_id, step_id, step_action, status, agent, session)
     if extras is not None:
         attributes.update(extras)
     _set_attribute(
@@ -655,18 +669,20 @@ class SagaSpanState:
                 "_pending",
                 (
                     _STEP_SPAN,
-                    event,
                     saga_id,
                     step_key,
                     step_action,
                     start,
-                    ts,
+                    event.timestamp if ts is None else ts,
                     status,
                     None if saga is None else saga.ref,
                     opening_id,
                     _extras(payload)
                     if "error" in payload or "reason" in payload or "result" in payload
                     else None,
+                    event.agent_did,
+                    event.session_id,
+                    event.causal_trace_id,
                 ),
             )
             return self._completed_span(record)
@@ -742,7 +758,6 @@ class SagaSpanState:
                 "_pending",
                 (
                     _COMPENSATE_SPAN,
-                    event,
                     saga_id,
                     step_id,
                     step_action,
@@ -750,10 +765,13 @@ class SagaSpanState:
                     ts,
                     "compensating",
                     None if saga is None else saga.ref,
-                    None,
+                    event.event_id,
                     _extras(payload)
                     if "error" in payload or "reason" in payload or "result" in payload
                     else None,
+                    event.agent_did,
+                    event.session_id,
+                    event.causal_trace_id,
                 ),
             )
             return self._completed_span(record)
@@ -805,18 +823,20 @@ class SagaSpanState:
                 "_pending",
                 (
                     _SAGA_SPAN,
-                    event,
                     saga_id,
                     "",
                     step_action,
                     saga.start,
                     ts,
                     status,
-                    None if saga is None else saga.ref,
+                    saga.ref,
                     None,
                     _extras(payload)
                     if "error" in payload or "reason" in payload or "result" in payload
                     else None,
+                    event.agent_did,
+                    event.session_id,
+                    event.causal_trace_id,
                 ),
             )
             return self._completed_span(record)
