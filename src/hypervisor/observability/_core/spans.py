@@ -811,7 +811,11 @@ class SagaSpanState:
         if type(value) is not str:
             value = None if value is None else str(value)
         saga_id: str = value or event.causal_trace_id or "unknown"
-        ts = event.timestamp.timestamp()
+        stamp = event.timestamp
+        # A lazy record converts its end time when read.
+        end: float | datetime = (
+            stamp if self.lazy_records and type(stamp) is datetime else stamp.timestamp()
+        )
         saga = self._open_sagas.pop(saga_id, None)
         if saga is None:
             return None
@@ -827,7 +831,7 @@ class SagaSpanState:
                     "",
                     step_action,
                     saga.start,
-                    ts,
+                    end,
                     status,
                     saga.ref,
                     None,
@@ -848,7 +852,7 @@ class SagaSpanState:
                 "",
                 step_action,
                 saga.start,
-                ts,
+                end if isinstance(end, float) else end.timestamp(),
                 status,
                 saga.trace_id,
                 saga.span_id,
