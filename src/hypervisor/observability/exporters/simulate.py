@@ -323,7 +323,8 @@ class FleetSimulator:
         return events
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The simulator's command line (docker-compose.yml runs it; tests parse its commands)."""
     parser = argparse.ArgumentParser(
         prog="python -m hypervisor.observability.exporters.simulate",
         description="Simulate a fleet of agents and serve its metrics on /metrics.",
@@ -444,7 +445,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulator until ``--duration`` elapses or SIGINT/SIGTERM arrives."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     # One sample per series keeps the demo's /metrics readable; this process owns its client.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     return anyio.run(_run, args)
