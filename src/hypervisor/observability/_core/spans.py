@@ -325,22 +325,19 @@ def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
     attributes = _base_attributes(saga_id, step_id, step_action, status, agent, session)
     if extras is not None:
         attributes.update(extras)
-    _set_attribute(
+    _fill(
         record,
-        "__dict__",
-        {
-            "name": name,
-            "saga_id": saga_id,
-            "step_id": step_id,
-            "step_action": step_action,
-            "start_time": start,
-            "end_time": end,
-            "status": status,
-            "attributes": attributes,
-            "trace_id": trace_id,
-            "span_id": span,
-            "parent_span_id": parent,
-        },
+        name,
+        saga_id,
+        step_id,
+        step_action,
+        start,
+        end,
+        status,
+        attributes,
+        trace_id,
+        span,
+        parent,
     )
 
 
@@ -953,14 +950,40 @@ def _build_record(
     attributes = _base_attributes(
         saga_id, step_id, step_action, status, event.agent_did, event.session_id
     )
-    payload = event.payload
-    if "error" in payload:
-        attributes["agent.saga.error"] = str(payload["error"])
-    if "reason" in payload:
-        attributes["agent.saga.reason"] = str(payload["reason"])
-    if "result" in payload:
-        attributes["agent.saga.result"] = str(payload["result"])
+    attributes.update(_extras(event.payload))
     record = _new_record(SagaSpanRecord)
+    _fill(
+        record,
+        name,
+        saga_id,
+        step_id,
+        step_action,
+        start,
+        end,
+        status,
+        attributes,
+        trace_id,
+        span_id,
+        parent,
+    )
+    return record
+
+
+def _fill(
+    record: SagaSpanRecord,
+    name: str,
+    saga_id: str,
+    step_id: str,
+    step_action: str,
+    start: float,
+    end: float,
+    status: str,
+    attributes: dict[str, Any],
+    trace_id: str,
+    span_id: str,
+    parent: str | None,
+) -> None:
+    """Give a bare record its fields through ``__dict__`` (faster than the frozen ``__init__``)."""
     _set_attribute(
         record,
         "__dict__",
@@ -978,4 +1001,3 @@ def _build_record(
             "parent_span_id": parent,
         },
     )
-    return record
