@@ -626,21 +626,7 @@ class SagaSpanState:
     def _step_ended(self, event: HypervisorEvent, status: str) -> SagaSpanRecord | None:
         self.events_processed += 1
         payload = event.payload
-        get = payload.get
-        value: Any = get("saga_id")
-        if type(value) is not str:
-            value = None if value is None else str(value)
-        saga_id: str = value or event.causal_trace_id or "unknown"
-        value = get("step_id")
-        if type(value) is not str:
-            value = "" if value is None else str(value)
-        step_id: str = value
-        value = get("action")
-        if value is None:
-            value = get("step_action")
-        if type(value) is not str:
-            value = "" if value is None else str(value)
-        step_action: str = value
+        saga_id, step_id, step_action = _saga_keys(event)
         step_key = step_id or step_action
         saga = self._open_sagas.get(saga_id)
         opened = self._open_steps.pop((saga_id, step_key), None)
