@@ -377,6 +377,16 @@ def _fmt_seconds(value: float) -> str:
     return f"{value * 1e6:,.1f} µs" if value < 1e-3 else f"{value * 1e3:,.2f} ms"
 
 
+_WORSE = {"faster": "slower", "smaller": "larger"}
+
+
+def _lower_is_better(mine: float, theirs: float, better: str) -> str:
+    """``"3.0x faster"`` when ours is lower, ``"1.8x larger"`` when it is higher."""
+    if mine <= theirs:
+        return f"{theirs / mine:.1f}x {better}"
+    return f"{mine / theirs:.1f}x {_WORSE[better]}"
+
+
 def report(ours: dict[str, Any], upstream: dict[str, Any] | None) -> None:
     """Print the comparison table and the targets."""
     rows: list[tuple[str, str, str, str]] = []
@@ -387,7 +397,9 @@ def report(ours: dict[str, Any], upstream: dict[str, Any] | None) -> None:
         ratio = ""
         if theirs:
             ratio = (
-                f"{mine / theirs:.2f}x" if better == "higher" else f"{theirs / mine:.1f}x {better}"
+                f"{mine / theirs:.2f}x"
+                if better == "higher"
+                else _lower_is_better(mine, theirs, better)
             )
         rows.append((label, fmt(mine), "-" if theirs is None else fmt(theirs), ratio))
 
@@ -408,7 +420,7 @@ def report(ours: dict[str, Any], upstream: dict[str, Any] | None) -> None:
             "bytes/event: total",
             fmt_bytes(total_mine),
             "-" if total_theirs is None else fmt_bytes(total_theirs),
-            "" if total_theirs is None else f"{total_theirs / total_mine:.1f}x smaller",
+            "" if total_theirs is None else _lower_is_better(total_mine, total_theirs, "smaller"),
         )
     )
     print(
