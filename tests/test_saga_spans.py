@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import re
@@ -730,43 +731,85 @@ def test_state_pickles_without_its_hook() -> None:
     assert rest == apply_all(events[4:], state)[1] == apply_all(events[4:], restored)[1]
 
 
+def apply_deferred(
+    events: list[HypervisorEvent], state: SagaSpanState
+) -> tuple[SagaSpanState, list[SagaSpanRecord | None]]:
+    """Feed ``events`` through the per-type handlers (the bus's path); return what they gave."""
+    returned: list[SagaSpanRecord | None] = []
+    for event in events:
+        returned.append(state.handler_for(event.event_type)(event))
+    return state, returned
+
+
 @settings(max_examples=100, deadline=None)
 @given(saga_streams())
 def test_lazy_records_are_the_eager_records(events: list[HypervisorEvent]) -> None:
-    """lazy_records changes when fields are computed, never their values or record behaviour."""
-    import copy
+    """lazy_records changes when records are built, never their values or behaviour."""
     import pickle
 
-    _, eager = apply_all(events)
+    eager_state, eager = apply_all(events)
     lazy_state = SagaSpanState()
     lazy_state.lazy_records = True
-    _, lazy = apply_all(events, lazy_state)
-    assert [repr(span) for span in lazy] == [repr(span) for span in eager]
-    assert lazy == eager
-    assert lazy_state.completed_spans == eager
-    for span, twin in zip(lazy, eager, strict=True):
-        assert vars(span) == vars(twin)  # materialised: the same plain field dict
+    _, returned = apply_deferred(events, lazy_state)
+    assert returned == [None] * len(events)  # deferred: nothing built on the emit path
+    built = lazy_state.completed_spans
+    assert [repr(span) for span in built] == [repr(span) for span in eager]
+    assert built == eager == eager_state.completed_spans
+    for span, twin in zip(built, eager, strict=True):
+        assert type(span) is SagaSpanRecord
+        assert vars(span) == vars(twin)
         assert list(span.attributes) == list(twin.attributes)
-    lazy_state.reset()
-    lazy_state.lazy_records = True
-    _, unread = apply_all(events, lazy_state)
-    # Never-read lazy records pickle, copy and replace as the eager ones.
-    assert [pickle.loads(pickle.dumps(span)) for span in unread] == eager
-    assert [copy.deepcopy(span) for span in unread] == eager
-    assert [dataclasses.replace(span) for span in unread] == eager
+    # Built once: a second read returns the very same records.
+    assert all(a is b for a, b in zip(lazy_state.completed_spans, built, strict=True))
+    assert [copy.deepcopy(span) for span in built] == eager
+    assert [dataclasses.replace(span) for span in built] == eager
+    # A state pickled with spans still unbuilt holds built records once loaded.
+    again = SagaSpanState()
+    again.lazy_records = True
+    apply_deferred(events, again)
+    loaded = pickle.loads(pickle.dumps(again))
+    assert loaded.lazy_records
+    assert loaded.completed_spans == eager
+    # apply() returns built records even while deferring.
+    applied = SagaSpanState()
+    applied.lazy_records = True
+    assert apply_all(events, applied)[1] == eager
 
 
-def test_lazy_record_behaves_as_a_frozen_dataclass() -> None:
-    """A lazy record is frozen, reports unknown attributes and exposes computed ids and times."""
-    state = SagaSpanState()
-    state.lazy_records = True
+def test_deferral_needs_no_hook_and_keeps_the_caps() -> None:
+    """With an on_span hook spans are built at once even when lazy; caps and evictions hold."""
     events = deploy_saga()
-    _, spans = apply_all(events, state)
+    _, eager = apply_all(events)
+    hooked = SagaSpanState()
+    hooked.lazy_records = True
+    seen: list[SagaSpanRecord] = []
+    hooked.on_span = seen.append
+    _, returned = apply_deferred(events, hooked)
+    assert [span for span in returned if span is not None] == eager == seen
+    hooked.on_span = None  # deferring again from now on
+    assert apply_deferred(events, hooked)[1] == [None] * len(events)
+    assert hooked.completed_spans == eager + eager
+
+    capped = SagaSpanState(max_spans=2)
+    capped.lazy_records = True
+    apply_deferred(events, capped)
+    assert capped.completed_spans == eager[-2:]
+    assert capped.evicted_spans == len(eager) - 2
+    nothing = SagaSpanState(max_spans=0)
+    nothing.lazy_records = True
+    apply_deferred(events, nothing)
+    assert nothing.completed_spans == []
+    assert nothing.evicted_spans == 0
+    nothing.reset()
+    assert nothing.completed_spans == []
+
+
+def test_span_record_is_a_plain_frozen_dataclass() -> None:
+    """Records are frozen dataclasses with the published field order and id defaults."""
+    _, spans = apply_all(deploy_saga())
     step = spans[0]
-    assert "name" not in vars(step)  # nothing computed yet
     with pytest.raises(AttributeError, match="no_such_field"):
         step.no_such_field  # type: ignore[attr-defined]  # noqa: B018
-    assert step.span_id == span_id_for("step", "deploy-v2", "validate-config", events[1].event_id)
     assert step.duration_seconds == pytest.approx(0.5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         step.status = "error"  # type: ignore[misc]
@@ -774,21 +817,26 @@ def test_lazy_record_behaves_as_a_frozen_dataclass() -> None:
     assert SagaSpanRecord("n", "s", "", "", 0.0, 1.0, "ok").parent_span_id is None
 
 
-def test_exporter_buffers_lazily_only_without_a_sink() -> None:
-    """Without a sink the exporter buffers lazy records; with one, the sink gets built records."""
+def test_exporter_defers_spans_only_without_a_sink() -> None:
+    """Without a sink the exporter's handlers defer spans; with one, the sink gets records."""
     bus = HypervisorEventBus()
     exporter = SagaSpanExporter(bus)
     events = deploy_saga()
     for event in events[:3]:
         bus.emit(event)
-    assert "_pending" in vars(exporter.completed_spans[0])
+    assert exporter.state.lazy_records
+    unbuilt = [span for span in exporter.state._spans if type(span) is not SagaSpanRecord]
+    assert len(unbuilt) == 1  # the first step's span, not built yet
     sink = RecordingSpanSink()
     exporter.attach_sink(sink)
+    assert not exporter.state.lazy_records
     for event in events[3:]:
         bus.emit(event)
-    assert all("_pending" not in vars(span) for span in exporter.completed_spans[1:])
     _, eager = apply_all(events)
+    assert sink.records == eager[1:]
     assert exporter.completed_spans == eager
+    exporter.detach_sink()
+    assert exporter.state.lazy_records
 
 
 def test_open_sagas_pickled_with_their_ids_still_load() -> None:
@@ -810,15 +858,21 @@ def test_open_sagas_pickled_with_their_ids_still_load() -> None:
         "00000000000000aa",
     )
     assert (saga.start, saga.anchor) == (1.0, 5.0)
-    # A lazy record of such a saga takes its stored ids as they are.
-    state = SagaSpanState()
-    state.lazy_records = True
-    state._open_sagas["g1"] = saga
-    step = state.apply(saga_event(EventType.SAGA_STEP_COMMITTED, 2.0, saga_id="g1", step_id="a"))
-    closed = state.apply(saga_event(EventType.SAGA_COMPLETED, 3.0, saga_id="g1"))
-    assert (closed[0].trace_id, closed[0].span_id, closed[0].parent_span_id) == (
-        "0" * 31 + "c",
-        "00000000000000bb",
-        "00000000000000aa",
-    )
-    assert (step[0].trace_id, step[0].parent_span_id) == ("0" * 31 + "c", "00000000000000bb")
+    # A span of such a saga takes its stored ids as they are, built at once or deferred.
+    step_event = saga_event(EventType.SAGA_STEP_COMMITTED, 2.0, saga_id="g1", step_id="a")
+    close_event = saga_event(EventType.SAGA_COMPLETED, 3.0, saga_id="g1")
+    for deferred in (False, True):
+        state = SagaSpanState()
+        state.lazy_records = deferred
+        state._open_sagas["g1"] = copy.copy(saga)
+        if deferred:
+            apply_deferred([step_event, close_event], state)
+        else:
+            apply_all([step_event, close_event], state)
+        step, closed = state.completed_spans
+        assert (closed.trace_id, closed.span_id, closed.parent_span_id) == (
+            "0" * 31 + "c",
+            "00000000000000bb",
+            "00000000000000aa",
+        )
+        assert (step.trace_id, step.parent_span_id) == ("0" * 31 + "c", "00000000000000bb")

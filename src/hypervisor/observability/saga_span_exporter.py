@@ -60,9 +60,9 @@ class SagaSpanExporter:
     Completed spans are buffered in :attr:`completed_spans` (the newest ``max_spans``) whether
     or not a sink is attached, and forwarded to the attached sink. The span rules, ids and
     bounds are those of :class:`SagaSpanState`, available as :attr:`state`. While no sink is
-    attached, step and saga spans are buffered as lazy records (``SagaSpanState.lazy_records``):
-    their name, span id and attributes are computed when first read, with the same values, so
-    emitting does not pay for spans nobody reads.
+    attached, spans are buffered unbuilt (``SagaSpanState.lazy_records``): their records are
+    built when :attr:`completed_spans` is next read, with the same values, so emitting does not
+    pay for spans nobody reads.
 
     Args:
         bus: the event bus to subscribe to.

@@ -49,7 +49,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.trace import CausalTraceId
@@ -208,12 +208,7 @@ class SagaSpanRecord:
     A record built by hand without ids gets ids derived from its saga id, step id, name and
     start time, so every record is a valid W3C span. (Not a slotted class: the state machine
     builds records through their ``__dict__``, several times faster than the frozen
-    ``__init__``, on the path of every ``emit()``.)
-
-    A record of a :class:`SagaSpanState` with ``lazy_records`` set holds only what its fields
-    are derived from until one of them is first read; then all of them are computed, with the
-    values an eagerly built record has (its equality, repr, pickling and copies are a plain
-    record's).
+    ``__init__``.)
     """
 
     name: str
@@ -243,48 +238,22 @@ class SagaSpanRecord:
         """``end_time - start_time`` in seconds."""
         return self.end_time - self.start_time
 
-    if not TYPE_CHECKING:  # (mypy would take every attribute for a valid one)
-
-        def __getattr__(self, name: str) -> Any:
-            # Reached only when normal lookup fails: a lazy record's field, not yet computed.
-            if name[:2] == "__":
-                raise AttributeError(name)
-            fields = self.__dict__
-            pending = fields.get("_pending")
-            if pending is not None:
-                _materialise(self, pending)
-                fields = self.__dict__
-            try:
-                return fields[name]
-            except KeyError:
-                raise AttributeError(
-                    f"{type(self).__name__!r} object has no attribute {name!r}"
-                ) from None
-
-    def __getstate__(self) -> dict[str, Any]:
-        pending = self.__dict__.get("_pending")
-        if pending is not None:
-            _materialise(self, pending)
-        return self.__dict__
-
-
-# A lazy record's fields must reach __getattr__: drop the class-level defaults the dataclass left
-# (its __init__ keeps its own copies of them).
-for _name in ("trace_id", "span_id", "parent_span_id"):
-    delattr(SagaSpanRecord, _name)
-del _name
 
 _STEP_SPAN: Final = "step"
 _COMPENSATE_SPAN: Final = "compensate"
 _SAGA_SPAN: Final = "saga"
 
 
-def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
-    """Compute a lazy record's fields (as the eager path does) and make them its ``__dict__``.
+# An unbuilt span (see SagaSpanState.lazy_records): what its record derives from, as a tuple
+# (kind, saga_id, step_id, step_action, start, end, status, saga ref or None, opening event id,
+# payload extras or None, agent, session, causal trace id). It holds no reference to the event
+# (only strings, times and the saga's id inputs), so a buffered span neither keeps its event
+# alive nor, once the collector has seen it hold only atomic values, gets scanned by it again.
+_Unbuilt = tuple[Any, ...]
 
-    ``pending`` holds no reference to the event (only strings, times and the saga's id inputs),
-    so a buffered record neither keeps its event alive nor makes the garbage collector visit it.
-    """
+
+def _build_unbuilt(pending: _Unbuilt) -> SagaSpanRecord:
+    """The record of an unbuilt span: the values the eager path computes."""
     (
         kind,
         saga_id,
@@ -325,6 +294,7 @@ def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
     attributes = _base_attributes(saga_id, step_id, step_action, status, agent, session)
     if extras is not None:
         attributes.update(extras)
+    record = _new_record(SagaSpanRecord)
     _fill(
         record,
         name,
@@ -339,6 +309,7 @@ def _materialise(record: SagaSpanRecord, pending: tuple[Any, ...]) -> None:
         span,
         parent,
     )
+    return record
 
 
 @runtime_checkable
@@ -379,7 +350,7 @@ class _OpenSaga:
     ) -> None:
         self.start = start
         self.saga_id = saga_id
-        # What the saga's ids derive from. A lazy record keeps this (strings only, so the
+        # What the saga's ids derive from. An unbuilt span keeps this (strings only, so the
         # garbage collector soon stops tracking it) rather than the saga object itself.
         self.ref: _SagaRef = (created_id, causal_trace_id)
         # Where the next compensation starts: the last failure or the last compensation's end.
@@ -410,7 +381,7 @@ class _OpenSaga:
         if "span_id" in slots:  # pickled by a release that stored the ids themselves
             ids = (slots["trace_id"], slots["span_id"], slots["parent_span_id"])
             self._ids = ids
-            self.ref = ids  # a lazy record takes the ids as they are (see _saga_ids)
+            self.ref = ids  # an unbuilt span takes the ids as they are (see _saga_ids)
             self.start = slots["start"]
             self.anchor = slots["anchor"]
             self.saga_id = ""
@@ -450,18 +421,20 @@ class SagaSpanState:
     """
 
     __slots__ = (
+        "_defer",
+        "_lazy",
+        "_on_span",
         "_open_sagas",
         "_open_steps",
         "_spans",
+        "_unbuilt",
         "events_processed",
         "evicted_open_sagas",
         "evicted_open_steps",
         "evicted_spans",
-        "lazy_records",
         "max_open_sagas",
         "max_open_steps",
         "max_spans",
-        "on_span",
     )
 
     def __init__(
@@ -478,7 +451,9 @@ class SagaSpanState:
         self.max_spans = max_spans
         self.max_open_steps = max_open_steps
         self.max_open_sagas = max_open_sagas
-        self._spans: deque[SagaSpanRecord] = deque(maxlen=max_spans)
+        # Records, and unbuilt spans while deferring (see lazy_records).
+        self._spans: deque[SagaSpanRecord | _Unbuilt] = deque(maxlen=max_spans)
+        self._unbuilt = False  # whether _spans may hold an unbuilt span
         # Insertion-ordered: the first key is the oldest, evicted first.
         # (start, opening event id); the start is a float or the started event's datetime.
         self._open_steps: dict[tuple[str, str], tuple[float | datetime, str]] = {}
@@ -487,24 +462,51 @@ class SagaSpanState:
         self.evicted_spans = 0
         self.evicted_open_steps = 0
         self.evicted_open_sagas = 0
-        self.on_span: Callable[[SagaSpanRecord], None] | None = None
+        self._on_span: Callable[[SagaSpanRecord], None] | None = None
+        self._lazy = False
+        self._defer = False  # lazy_records and no on_span: buffer spans unbuilt
+
+    @property
+    def on_span(self) -> Callable[[SagaSpanRecord], None] | None:
         """Called with each span as it completes (after buffering); must not raise.
 
         The in-process exporter forwards to its sink through it, so the bus can call the
         per-type handlers of :meth:`handler_for` directly. Not part of the pickled state.
         """
-        self.lazy_records = False
-        """Return spans as lazy records: their name, ids, attributes and (for a committed step)
-        end time, the bulk of a span's cost, are computed when a field is first read, with the
-        same values. A saga's own ids are likewise computed when a span first needs them.
+        return self._on_span
+
+    @on_span.setter
+    def on_span(self, hook: Callable[[SagaSpanRecord], None] | None) -> None:
+        self._on_span = hook
+        self._defer = self._lazy and hook is None
+
+    @property
+    def lazy_records(self) -> bool:
+        """Defer building spans nobody reads yet (default ``False``).
+
+        While it is set and no :attr:`on_span` hook is attached, the per-type handlers of
+        :meth:`handler_for` buffer each completed span unbuilt (a tuple of what it derives from)
+        and return ``None``; its record (name, ids, attributes, epoch times: the bulk of a
+        span's cost) is built, with the same values, when :attr:`completed_spans` is next read.
+        A saga's own ids are likewise computed when a span first needs them. :meth:`apply`
+        still returns built records.
 
         For spans that are mostly only buffered: the in-process exporter sets it while no sink
         is attached. A record read at once (a sink, a worker) is cheaper built eagerly.
         """
+        return self._lazy
+
+    @lazy_records.setter
+    def lazy_records(self, lazy: bool) -> None:
+        self._lazy = lazy
+        self._defer = lazy and self._on_span is None
 
     def __getstate__(self) -> tuple[None, dict[str, Any]]:
+        self._build_spans()
         slots = {name: getattr(self, name) for name in self.__slots__ if hasattr(self, name)}
-        slots.pop("on_span", None)
+        for name in ("_on_span", "_defer", "_lazy", "_unbuilt"):
+            slots.pop(name, None)
+        slots["lazy_records"] = self._lazy
         # Open steps are pickled with float starts, the layout snapshots have always had.
         slots["_open_steps"] = {
             key: (start.timestamp() if isinstance(start, datetime) else start, opening_id)
@@ -514,15 +516,30 @@ class SagaSpanState:
 
     def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
         # Also loads states pickled before ``on_span`` and ``lazy_records`` existed.
-        self.on_span = None
-        self.lazy_records = False
+        self._on_span = None
+        self._lazy = self._defer = self._unbuilt = False
         for name, value in state[1].items():
-            setattr(self, name, value)
+            if name != "on_span":
+                setattr(self, name, value)
+
+    def _build_spans(self) -> None:
+        """Replace the buffered unbuilt spans by their records."""
+        if not self._unbuilt:
+            return
+        spans = self._spans
+        built = [
+            span if type(span) is SagaSpanRecord else _build_unbuilt(span)  # type: ignore[arg-type]
+            for span in spans
+        ]
+        spans.clear()
+        spans.extend(built)
+        self._unbuilt = False
 
     @property
     def completed_spans(self) -> list[SagaSpanRecord]:
         """A copy of the buffered completed spans, oldest first."""
-        return list(self._spans)
+        self._build_spans()
+        return list(self._spans)  # type: ignore[arg-type]  # all built now
 
     @property
     def open_step_count(self) -> int:
@@ -537,6 +554,7 @@ class SagaSpanState:
     def reset(self) -> None:
         """Forget every span, open step, open saga and counter."""
         self._spans.clear()
+        self._unbuilt = False
         self._open_steps.clear()
         self._open_sagas.clear()
         self.events_processed = 0
@@ -551,14 +569,23 @@ class SagaSpanState:
         handler = _HANDLERS.get(event.event_type)
         if handler is None:
             return []
-        record = handler(self, event)
+        defer = self._defer
+        if defer:  # the caller wants the record now
+            self._defer = False
+            try:
+                record = handler(self, event)
+            finally:
+                self._defer = defer
+        else:
+            record = handler(self, event)
         return [] if record is None else [record]
 
     def handler_for(
         self, event_type: EventType
     ) -> Callable[[HypervisorEvent], SagaSpanRecord | None]:
         """The handler of ``event_type`` events: it folds an event of that type as :meth:`apply`
-        does and returns the span completed, or ``None`` (not a list: nothing to allocate).
+        does and returns the span completed, or ``None`` (not a list: nothing to allocate;
+        also ``None`` when the span is deferred, see :attr:`lazy_records`).
 
         A bus can subscribe it for that type and skip :meth:`apply`'s dispatch on every event.
 
@@ -608,7 +635,7 @@ class SagaSpanState:
         steps = self._open_steps
         if key in steps:
             del steps[key]  # a restart re-opens the step as the newest entry
-        # The start is converted to epoch seconds when the span is built (a lazy one: when
+        # The start is converted to epoch seconds when the span is built (a deferred one: when
         # read); pickling converts any still open (see __getstate__).
         stamp = event.timestamp
         steps[key] = (stamp if type(stamp) is datetime else stamp.timestamp(), event.event_id)
@@ -637,19 +664,16 @@ class SagaSpanState:
             start, opening_id = ts, event.event_id
         else:
             start, opening_id = opened
-            # A lazy record of a committed step converts its end time when read (the time is
+            # A deferred span of a committed step converts its end time when built (the time is
             # not needed now; a failure's is, as the saga's compensation anchor).
-            if status == "ok" and self.lazy_records and type(event.timestamp) is datetime:
+            if status == "ok" and self._defer and type(event.timestamp) is datetime:
                 ts = None
             else:
                 ts = event.timestamp.timestamp()
         if saga is not None and status == "error":
             saga.anchor = ts
-        if self.lazy_records:
-            record = _new_record(SagaSpanRecord)
-            _set_attribute(
-                record,
-                "_pending",
+        if self._defer:
+            self._defer_span(
                 (
                     _STEP_SPAN,
                     saga_id,
@@ -666,9 +690,9 @@ class SagaSpanState:
                     event.agent_did,
                     event.session_id,
                     event.causal_trace_id,
-                ),
+                )
             )
-            return self._completed_span(record)
+            return None
         span_id = _blake2b(
             f"step\0{saga_id}\0{step_key}\0{opening_id}".encode(), digest_size=8
         ).hexdigest()
@@ -679,7 +703,7 @@ class SagaSpanState:
             parent: str | None = None
         else:
             trace_id, parent, _ = saga.ids()
-        if ts is None:  # (not reached: only lazy records defer it)
+        if ts is None:  # (not reached: only deferred spans leave it unset)
             ts = event.timestamp.timestamp()
         if isinstance(start, datetime):
             start = start.timestamp()
@@ -733,12 +757,9 @@ class SagaSpanState:
             if anchor is not None and anchor <= ts:
                 start = anchor
             saga.anchor = ts
-        if self.lazy_records:
+        if self._defer:
             payload = event.payload
-            record = _new_record(SagaSpanRecord)
-            _set_attribute(
-                record,
-                "_pending",
+            self._defer_span(
                 (
                     _COMPENSATE_SPAN,
                     saga_id,
@@ -755,9 +776,9 @@ class SagaSpanState:
                     event.agent_did,
                     event.session_id,
                     event.causal_trace_id,
-                ),
+                )
             )
-            return self._completed_span(record)
+            return None
         if saga is None:
             trace_id: str = trace_id_for_saga(saga_id, event.causal_trace_id)[0]
             parent: str | None = None
@@ -795,19 +816,16 @@ class SagaSpanState:
             value = None if value is None else str(value)
         saga_id: str = value or event.causal_trace_id or "unknown"
         stamp = event.timestamp
-        # A lazy record converts its end time when read.
+        # A deferred span converts its end time when built.
         end: float | datetime = (
-            stamp if self.lazy_records and type(stamp) is datetime else stamp.timestamp()
+            stamp if self._defer and type(stamp) is datetime else stamp.timestamp()
         )
         saga = self._open_sagas.pop(saga_id, None)
         if saga is None:
             return None
-        if self.lazy_records:
+        if self._defer:
             payload = event.payload
-            record = _new_record(SagaSpanRecord)
-            _set_attribute(
-                record,
-                "_pending",
+            self._defer_span(
                 (
                     _SAGA_SPAN,
                     saga_id,
@@ -824,9 +842,9 @@ class SagaSpanState:
                     event.agent_did,
                     event.session_id,
                     event.causal_trace_id,
-                ),
+                )
             )
-            return self._completed_span(record)
+            return None
         return self._completed_span(
             _build_record(
                 event,
@@ -843,13 +861,22 @@ class SagaSpanState:
             )
         )
 
+    def _defer_span(self, span: _Unbuilt) -> None:
+        """Buffer an unbuilt span (built when :attr:`completed_spans` is next read)."""
+        if self.max_spans:
+            spans = self._spans
+            if len(spans) == self.max_spans:
+                self.evicted_spans += 1
+            spans.append(span)
+            self._unbuilt = True
+
     def _completed_span(self, record: SagaSpanRecord) -> SagaSpanRecord | None:
         if self.max_spans:
             spans = self._spans
             if len(spans) == self.max_spans:
                 self.evicted_spans += 1
             spans.append(record)
-        on_span = self.on_span
+        on_span = self._on_span
         if on_span is not None:
             on_span(record)
         return record
