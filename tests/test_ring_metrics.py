@@ -546,3 +546,73 @@ def test_each_exporter_gets_the_totals_once() -> None:
         labels = {"agent_did": "did:mesh:a", "session_id": "s1"}
         assert exporter.counter(METRIC_RING_BREACHES_TOTAL, **labels) == 2.0
         assert [c.value for c in exporter.counter_calls()] == [1.0, 1.0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(ring_streams(), st.randoms(use_true_random=False))
+def test_per_type_handlers_equal_apply(events: list[HypervisorEvent], rng: Any) -> None:
+    """handler_for(type)(event) folds as apply(event) does, in any timestamp order, and the
+    newest timestamp is the largest one applied."""
+    rng.shuffle(events)  # timestamps out of order too
+    by_apply = apply_all(events)
+    by_handlers = RingMetricsState()
+    for event in events:
+        by_handlers.handler_for(event.event_type)(event)
+    assert by_handlers.snapshot() == by_apply.snapshot()
+    assert by_handlers.open_elevations() == by_apply.open_elevations()
+    assert by_handlers.bad_events == by_apply.bad_events
+    assert by_handlers.newest_timestamp == by_apply.newest_timestamp
+    expected = max((e.timestamp.timestamp() for e in events), default=None)
+    assert by_apply.newest_timestamp == expected
+
+
+def test_handler_for_takes_ring_types_only() -> None:
+    """A plain string value finds its type's handler; other types raise KeyError."""
+    state = RingMetricsState()
+    state.handler_for("ring.assigned")(ring_event(EventType.RING_ASSIGNED, ring=2))  # type: ignore[arg-type]
+    assert state.current_rings == {"did:mesh:a": 2}
+    with pytest.raises(KeyError):
+        state.handler_for(EventType.SAGA_CREATED)
+
+
+def test_naive_timestamps_are_read_as_local_time() -> None:
+    """A naive timestamp counts as local time (as datetime.timestamp reads it) among aware ones."""
+    naive = datetime(2026, 3, 1, 12, 0, 30)
+    events = [
+        ring_event(EventType.RING_ELEVATED, 0.0, from_ring=2, to_ring=1),
+        HypervisorEvent(
+            event_type=EventType.RING_BREACH_DETECTED, timestamp=naive, agent_did="did:mesh:b"
+        ),
+        ring_event(EventType.RING_ASSIGNED, 10.0, ring=3),
+    ]
+    state = apply_all(events)
+    expected = max(e.timestamp.timestamp() for e in events)
+    assert state.newest_timestamp == expected
+    assert state.open_elevations() == {"did:mesh:a": expected - T0.timestamp()}
+
+
+def test_state_snapshots_keep_epoch_seconds_and_load_in_the_worker_loader() -> None:
+    """A pickled state keeps ``newest_timestamp`` in epoch seconds (the snapshot layout), loads
+    through the workers' restricted loader, and goes on as the original."""
+    import pickle
+
+    from hypervisor.observability.workers._snapshot import dump_state, load_state
+
+    events = [
+        ring_event(EventType.RING_ELEVATED, 1.25, from_ring=2, to_ring=1),
+        ring_event(EventType.RING_ASSIGNED, 7.5, agent="did:mesh:b", ring=3),
+    ]
+    state = apply_all(events)
+    slots = state.__getstate__()[1]
+    assert slots["newest_timestamp"] == state.newest_timestamp == T0.timestamp() + 7.5
+    assert "_newest" not in slots
+    for loaded in (load_state(dump_state(state)), pickle.loads(pickle.dumps(state))):
+        assert isinstance(loaded, RingMetricsState)
+        assert loaded.newest_timestamp == state.newest_timestamp
+        assert loaded.open_elevations() == state.open_elevations()
+        later = ring_event(EventType.RING_DEMOTED, 9.0, to_ring=2)
+        loaded.apply(later)
+        assert loaded.elevation_durations == {"did:mesh:a": 7.75}
+    empty = load_state(dump_state(RingMetricsState()))
+    assert isinstance(empty, RingMetricsState)
+    assert empty.newest_timestamp is None

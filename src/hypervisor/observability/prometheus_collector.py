@@ -102,10 +102,9 @@ class RingMetricsCollector:
         # exporters are kept (strongly) by identity instead.
         self._baselines: weakref.WeakKeyDictionary[object, _Baseline] = weakref.WeakKeyDictionary()
         self._baselines_by_id: dict[int, tuple[object, _Baseline]] = {}
-        # The state's own bound method is the handler: nothing between emit() and the update.
-        handler = self._state.apply
+        # The state's per-type handlers are subscribed: nothing between emit() and the update.
         for event_type in sorted(RING_EVENTS, key=lambda member: member.value):
-            bus.subscribe(event_type=event_type, handler=handler)
+            bus.subscribe(event_type=event_type, handler=self._state.handler_for(event_type))
 
     @property
     def state(self) -> RingMetricsState:

@@ -30,6 +30,9 @@ Rules (the published ones, with this project's fixes):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
@@ -69,6 +72,8 @@ _BREACH: Final = EventType.RING_BREACH_DETECTED
 _ASSIGNED: Final = EventType.RING_ASSIGNED
 _DEMOTED: Final = EventType.RING_DEMOTED
 _EXPIRED: Final = EventType.RING_ELEVATION_EXPIRED
+# Below every aware timestamp: the newest timestamp before any event is applied.
+_NO_TIME: Final = datetime.min.replace(tzinfo=UTC)
 
 
 def parse_ring(value: object) -> int | None:
@@ -129,13 +134,13 @@ class RingMetricsState:
 
     __slots__ = (
         "_elevation_origins",
+        "_newest",
         "bad_events",
         "breaches",
         "current_rings",
         "elevation_durations",
         "elevation_starts",
         "events_processed",
-        "newest_timestamp",
         "transitions",
     )
 
@@ -149,35 +154,92 @@ class RingMetricsState:
         self._elevation_origins: dict[str, int | None] = {}
         self.events_processed = 0
         self.bad_events = 0
-        self.newest_timestamp: float | None = None
+        # The newest timestamp applied, as an aware datetime (converting every event's
+        # timestamp to epoch seconds would cost more than the rest of a breach's update).
+        self._newest = _NO_TIME
+
+    @property
+    def newest_timestamp(self) -> float | None:
+        """The newest event timestamp applied (epoch seconds), ``None`` if none."""
+        newest = self._newest
+        return None if newest is _NO_TIME else newest.timestamp()
+
+    def __getstate__(self) -> tuple[None, dict[str, Any]]:
+        # The snapshot layout keeps the newest timestamp in epoch seconds (a worker's snapshot
+        # loader admits no datetime).
+        slots = {name: getattr(self, name) for name in self.__slots__ if name != "_newest"}
+        slots["newest_timestamp"] = self.newest_timestamp
+        return None, slots
+
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        slots = dict(state[1])
+        seconds = slots.pop("newest_timestamp", None)
+        self._newest = _NO_TIME if seconds is None else datetime.fromtimestamp(seconds, UTC)
+        for name, value in slots.items():
+            setattr(self, name, value)
 
     def apply(self, event: HypervisorEvent) -> None:
-        """Fold one event into the state; never raises for a malformed payload."""
+        """Fold one event into the state; never raises for a malformed payload.
+
+        Events of other types are ignored.
+        """
         event_type = event.event_type
-        # Identity tests: an enum member's hash is a Python-level call, too slow for emit().
-        if not (
+        if event_type is _BREACH:
+            self._breach(event)
+        elif (
             event_type is _ASSIGNED
             or event_type is _ELEVATED
             or event_type is _DEMOTED
             or event_type is _EXPIRED
-            or event_type is _BREACH
         ):
-            if type(event_type) is EventType or event_type not in RING_EVENTS:
-                return
+            self._transition(event_type, event)
+        elif type(event_type) is not EventType and event_type in RING_EVENTS:
             # A plain string value (events are not validated at construction).
-            event_type = EventType(event_type)
-        self.events_processed += 1
-        ts = event.timestamp.timestamp()
-        newest = self.newest_timestamp
-        if newest is None or ts > newest:
-            self.newest_timestamp = ts
-        agent = event.agent_did or "unknown"
-        if event_type is _BREACH:
-            key2 = (agent, event.session_id or "unknown")
-            breaches = self.breaches
-            breaches[key2] = breaches.get(key2, 0) + 1
-            return
+            self.handler_for(EventType(event_type))(event)
 
+    def handler_for(self, event_type: EventType) -> Callable[[HypervisorEvent], None]:
+        """The handler of ``event_type`` events: it folds an event of that type as :meth:`apply`
+        does, without resolving the type again. A bus can subscribe it for that type.
+
+        Raises:
+            KeyError: ``event_type`` is not one of :data:`RING_EVENTS`.
+        """
+        if event_type not in RING_EVENTS:
+            raise KeyError(event_type)
+        member = EventType(event_type)
+        if member is _BREACH:
+            return self._breach
+        return partial(self._transition, member)
+
+    def _see(self, stamp: datetime) -> None:
+        """Record ``stamp`` as the newest timestamp if it is (a naive one is local time, as
+        ``datetime.timestamp`` reads it)."""
+        if stamp.utcoffset() is None:
+            stamp = datetime.fromtimestamp(stamp.timestamp(), UTC)
+        if stamp > self._newest:
+            self._newest = stamp
+
+    def _breach(self, event: HypervisorEvent) -> None:
+        self.events_processed += 1
+        stamp = event.timestamp
+        try:
+            if stamp > self._newest:
+                self._newest = stamp
+        except TypeError:  # naive, compared with an aware one
+            self._see(stamp)
+        key2 = (event.agent_did or "unknown", event.session_id or "unknown")
+        breaches = self.breaches
+        breaches[key2] = breaches.get(key2, 0) + 1
+
+    def _transition(self, event_type: EventType, event: HypervisorEvent) -> None:
+        self.events_processed += 1
+        stamp = event.timestamp
+        try:
+            if stamp > self._newest:
+                self._newest = stamp
+        except TypeError:  # naive, compared with an aware one
+            self._see(stamp)
+        agent = event.agent_did or "unknown"
         payload = event.payload
         get = payload.get
         to_ring: Any = get("to_ring")
@@ -211,11 +273,12 @@ class RingMetricsState:
         if event_type is _ELEVATED:
             origin = from_ring if from_ring is not None else self.current_rings.get(agent)
             self._elevation_origins[agent] = origin
-            self.elevation_starts[agent] = ts
+            self.elevation_starts[agent] = stamp.timestamp()
         elif event_type is not _ASSIGNED:
             start = self.elevation_starts.pop(agent, None)
             origin = self._elevation_origins.pop(agent, None)
             if start is not None:
+                ts = stamp.timestamp()
                 self.elevation_durations[agent] = ts - start if ts > start else 0.0
             if to_ring is None:
                 to_ring = origin
@@ -258,4 +321,4 @@ class RingMetricsState:
         self._elevation_origins.clear()
         self.events_processed = 0
         self.bad_events = 0
-        self.newest_timestamp = None
+        self._newest = _NO_TIME
