@@ -876,3 +876,51 @@ def test_open_sagas_pickled_with_their_ids_still_load() -> None:
             "00000000000000aa",
         )
         assert (step.trace_id, step.parent_span_id) == ("0" * 31 + "c", "00000000000000bb")
+
+
+def test_snapshots_name_records_where_every_release_finds_them() -> None:
+    """Worker snapshots name ``SagaSpanRecord`` under ``_core.spans``, as before the record moved
+    to ``span_records``, so workers of older and newer releases read each other's snapshots
+    (through the workers' restricted unpickler), records and open saga intact."""
+    import io
+    import pickle
+
+    from hypervisor.observability._core import span_records, spans
+    from hypervisor.observability.workers._snapshot import (
+        SNAPSHOT_FORMAT,
+        dump_state,
+        load_state,
+    )
+
+    class NameRecorder(pickle.Unpickler):
+        """Loads a pickle, noting every ``module.name`` it refers to."""
+
+        def __init__(self, data: bytes) -> None:
+            super().__init__(io.BytesIO(data))
+            self.names: set[str] = set()
+
+        def find_class(self, module: str, name: str, /) -> Any:
+            self.names.add(f"{module}.{name}")
+            return super().find_class(module, name)
+
+    events = deploy_saga()
+    state, _ = apply_all(events[:4])  # one completed span, the saga and a step still open
+    assert len(state.completed_spans) == 1
+    snapshot = dump_state(state)
+    recorder = NameRecorder(snapshot.removeprefix(SNAPSHOT_FORMAT))
+    recorder.load()
+    assert {
+        "hypervisor.observability._core.spans.SagaSpanRecord",
+        "hypervisor.observability._core.spans.SagaSpanState",
+        "hypervisor.observability._core.spans._OpenSaga",
+    } <= recorder.names
+    assert not any(span_records.__name__ in name for name in recorder.names)
+    assert spans.SagaSpanRecord is span_records.SagaSpanRecord is SagaSpanRecord
+    restored = load_state(snapshot)
+    assert isinstance(restored, SagaSpanState)
+    assert [type(span) for span in restored.completed_spans] == [SagaSpanRecord]
+    assert restored.completed_spans == state.completed_spans
+    assert (restored.open_saga_count, restored.open_step_count) == (1, 1)
+    rest = apply_all(events[4:], restored)[1]
+    assert rest
+    assert rest == apply_all(events[4:], state)[1]

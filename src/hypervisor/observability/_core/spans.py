@@ -38,21 +38,49 @@ This project's additions:
   at the end of the saga's most recent failed step, or at the end of the previous compensation
   when compensations follow each other; with neither (or if that point is later than the
   compensating event) it starts and ends at the compensating event, as published.
+
+This module is the state machine; the ids are derived in
+:mod:`~hypervisor.observability._core.span_ids`, and the records, the sink protocols and the
+building of records are in :mod:`~hypervisor.observability._core.span_records`. The public names
+of both are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
-from hypervisor.observability._core.trace import CausalTraceId
+from hypervisor.observability._core.span_ids import (
+    _blake2b,
+    _saga_ids,
+    _SagaIds,
+    _SagaRef,
+    span_id_for,
+    trace_id_for_saga,
+)
+
+# SagaSpanRecord is defined in span_records, but pickles (worker snapshots) name it
+# ``hypervisor.observability._core.spans.SagaSpanRecord``, where it was first defined: it must
+# stay an attribute of this module.
+from hypervisor.observability._core.span_records import (
+    _COMPENSATE_SPAN,
+    _SAGA_SPAN,
+    _STEP_SPAN,
+    SagaSpanRecord,
+    SpanRecordSink,
+    SpanSink,
+    _base_attributes,
+    _build_record,
+    _build_unbuilt,
+    _extras,
+    _new_record,
+    _set_attribute,
+    _Unbuilt,
+)
 
 __all__ = [
     "DEFAULT_MAX_OPEN_SAGAS",
@@ -95,249 +123,6 @@ _FAILED: Final = EventType.SAGA_STEP_FAILED
 _COMPENSATING: Final = EventType.SAGA_COMPENSATING
 _COMPLETED: Final = EventType.SAGA_COMPLETED
 _ESCALATED: Final = EventType.SAGA_ESCALATED
-_new_record = object.__new__
-_set_attribute = object.__setattr__
-
-
-_blake2b = hashlib.blake2b
-
-
-def _digest(width: int, *parts: str) -> str:
-    """``width`` hex characters of BLAKE2b over ``parts`` (NUL-separated), never all zeros."""
-    value = _blake2b("\0".join(parts).encode(), digest_size=width // 2).hexdigest()
-    if value == "0" * width:
-        return value[:-1] + "1"
-    return value
-
-
-# A causal trace id as CausalTraceId.from_string accepts it: two or three segments of at most 64
-# letters, digits, '-' or '_' (which also bounds the length as it does).
-_CAUSAL: Final = re.compile(r"([A-Za-z0-9_-]{1,64})/([A-Za-z0-9_-]{1,64})(?:/[A-Za-z0-9_-]{1,64})?")
-_HEX: Final = re.compile(r"[0-9a-f]+")
-_HEX_DIGITS: Final = "0123456789abcdef"
-_SEGMENT_CHARS: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
-_ZERO_TRACE: Final = "0" * 32
-_ZERO_SPAN: Final = "0" * 16
-
-
-def _w3c_segment(segment: str, width: int) -> str:
-    """``CausalTraceId.to_traceparent``'s mapping of one segment to ``width`` hex characters."""
-    lowered = segment.lower()
-    if len(lowered) <= width and _HEX.fullmatch(lowered):
-        value = lowered.rjust(width, "0")
-    else:
-        value = _blake2b(segment.encode(), digest_size=width // 2).hexdigest()
-    if value == "0" * width:
-        return value[:-1] + "1"
-    return value
-
-
-def trace_id_for_saga(saga_id: str, causal_trace_id: str | None) -> tuple[str, str | None]:
-    """Return ``(W3C trace id, W3C span id of the causal span or None)`` for a saga.
-
-    The causal trace id, when it parses, gives both (as ``CausalTraceId.to_traceparent`` maps
-    it), so a saga's spans join the trace of the agents that ran it; otherwise the trace id is a
-    hash of the saga id and there is no parent.
-    """
-    # The parse and the mapping of CausalTraceId.from_string(...).to_traceparent(), without
-    # building the object and the header string: several times faster, same result (tested).
-    if causal_trace_id:
-        if type(causal_trace_id) is str:
-            # The common shape first, with C-speed string methods: lowercase hex trace and span
-            # segments that fit their W3C width (padded), any valid parent segment.
-            parts = causal_trace_id.split("/")
-            count = len(parts)
-            if count == 2 or count == 3:
-                trace, span = parts[0], parts[1]
-                if (
-                    0 < len(trace) <= 32
-                    and 0 < len(span) <= 16
-                    and not trace.strip(_HEX_DIGITS)
-                    and not span.strip(_HEX_DIGITS)
-                    and (
-                        count == 2
-                        or (0 < len(parts[2]) <= 64 and not parts[2].strip(_SEGMENT_CHARS))
-                    )
-                ):
-                    trace = trace.rjust(32, "0")
-                    span = span.rjust(16, "0")
-                    if trace == _ZERO_TRACE:
-                        trace = _ZERO_TRACE[:-1] + "1"
-                    if span == _ZERO_SPAN:
-                        span = _ZERO_SPAN[:-1] + "1"
-                    return trace, span
-        match = _CAUSAL.fullmatch(causal_trace_id) if type(causal_trace_id) is str else None
-        if match is not None:
-            return _w3c_segment(match[1], 32), _w3c_segment(match[2], 16)
-        if type(causal_trace_id) is not str:
-            try:
-                causal = CausalTraceId.from_string(causal_trace_id)
-            except ValueError:
-                pass
-            else:
-                _, trace, span, _ = causal.to_traceparent().split("-")
-                return trace, span
-    return _digest(32, "saga-trace", saga_id), None
-
-
-def span_id_for(kind: str, saga_id: str, key: str, opening_event_id: str) -> str:
-    """Return the 16-hex span id of a ``kind`` span, derived from stable inputs only.
-
-    ``kind`` is ``"saga"`` (``key`` empty, the ``saga.created`` event id), ``"step"`` (the step
-    key, the ``saga.step_started`` event id, or the ending event's when the start is unknown)
-    or ``"compensate"`` (step id or action, the ``saga.compensating`` event id).
-    """
-    value = _blake2b(
-        f"{kind}\0{saga_id}\0{key}\0{opening_event_id}".encode(), digest_size=8
-    ).hexdigest()
-    return value if value != "0000000000000000" else "0000000000000001"
-
-
-@dataclass(frozen=True)
-class SagaSpanRecord:
-    """An immutable, completed saga span.
-
-    The first eight fields are the published ones, in the published order. Times are epoch
-    seconds (float). ``status`` is ``"ok"``, ``"error"`` or ``"compensating"``.
-
-    Attributes:
-        trace_id: W3C trace id (32 lowercase hex).
-        span_id: W3C span id (16 lowercase hex).
-        parent_span_id: the parent's W3C span id, ``None`` for a root span.
-
-    A record built by hand without ids gets ids derived from its saga id, step id, name and
-    start time, so every record is a valid W3C span. (Not a slotted class: the state machine
-    builds records through their ``__dict__``, several times faster than the frozen
-    ``__init__``.)
-    """
-
-    name: str
-    saga_id: str
-    step_id: str
-    step_action: str
-    start_time: float
-    end_time: float
-    status: str
-    attributes: dict[str, Any] = field(default_factory=dict)
-    trace_id: str = ""
-    span_id: str = ""
-    parent_span_id: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.trace_id:
-            object.__setattr__(self, "trace_id", _digest(32, "saga-trace", self.saga_id))
-        if not self.span_id:
-            object.__setattr__(
-                self,
-                "span_id",
-                _digest(16, "record", self.saga_id, self.step_id, self.name, repr(self.start_time)),
-            )
-
-    @property
-    def duration_seconds(self) -> float:
-        """``end_time - start_time`` in seconds."""
-        return self.end_time - self.start_time
-
-
-_STEP_SPAN: Final = "step"
-_COMPENSATE_SPAN: Final = "compensate"
-_SAGA_SPAN: Final = "saga"
-
-
-# An unbuilt span (see SagaSpanState.lazy_records): what its record derives from, as a tuple
-# (kind, saga_id, step_id, step_action, start, end, status, saga ref or None, opening event id,
-# payload extras or None, agent, session, causal trace id). It holds no reference to the event
-# (only strings, times and the saga's id inputs), so a buffered span neither keeps its event
-# alive nor, once the collector has seen it hold only atomic values, gets scanned by it again.
-_Unbuilt = tuple[Any, ...]
-
-
-def _build_unbuilt(pending: _Unbuilt) -> SagaSpanRecord:
-    """The record of an unbuilt span: the values the eager path computes."""
-    (
-        kind,
-        saga_id,
-        step_id,
-        step_action,
-        start,
-        end,
-        status,
-        ref,
-        opening_id,
-        extras,
-        agent,
-        session,
-        causal,
-    ) = pending
-    if isinstance(end, datetime):  # deferred (a committed step): the event's timestamp
-        end = end.timestamp()
-    if isinstance(start, datetime):  # a step start kept as the started event's datetime
-        start = start.timestamp()
-    parent: str | None
-    if kind is _STEP_SPAN or kind is _COMPENSATE_SPAN:
-        if kind is _STEP_SPAN:
-            name = f"saga.step.{step_action or step_id}"
-            span = span_id_for("step", saga_id, step_id, opening_id)
-        else:  # the payload's step id and action; the record's fall back to fixed names
-            name = f"saga.compensate.{step_action or step_id}"
-            span = span_id_for("compensate", saga_id, step_id or step_action, opening_id)
-            step_id = step_id or "compensation"
-            step_action = step_action or "compensate"
-        if ref is None:  # the saga was not open
-            trace_id = trace_id_for_saga(saga_id, causal)[0]
-            parent = None
-        else:
-            trace_id, parent, _ = _saga_ids(saga_id, ref)
-    else:
-        name = ("saga.completed." if status == "ok" else "saga.escalated.") + saga_id
-        trace_id, span, parent = _saga_ids(saga_id, ref)
-    attributes = _base_attributes(saga_id, step_id, step_action, status, agent, session)
-    if extras is not None:
-        attributes.update(extras)
-    record = _new_record(SagaSpanRecord)
-    _fill(
-        record,
-        name,
-        saga_id,
-        step_id,
-        step_action,
-        start,
-        end,
-        status,
-        attributes,
-        trace_id,
-        span,
-        parent,
-    )
-    return record
-
-
-@runtime_checkable
-class SpanSink(Protocol):
-    """Receives completed spans (the published protocol); called with keyword arguments."""
-
-    def record_span(
-        self,
-        name: str,
-        start_time: float,
-        end_time: float,
-        attributes: dict[str, Any],
-        status: str,
-    ) -> None:
-        """Receive one completed span."""
-        ...
-
-
-@runtime_checkable
-class SpanRecordSink(Protocol):
-    """Receives whole :class:`SagaSpanRecord` objects, ids included.
-
-    A sink with ``export_span`` is given records through it instead of ``record_span``.
-    """
-
-    def export_span(self, record: SagaSpanRecord) -> None:
-        """Receive one completed span record."""
-        ...
 
 
 class _OpenSaga:
@@ -388,21 +173,6 @@ class _OpenSaga:
             return
         for name, value in slots.items():
             setattr(self, name, value)
-
-
-# (created event id, causal trace id) of a saga, or its ids themselves (3 items) when only
-# those are known (a saga loaded from an earlier pickle layout).
-_SagaRef = tuple[str, str | None] | tuple[str, str, str | None]
-_SagaIds = tuple[str, str, str | None]
-
-
-def _saga_ids(saga_id: str, ref: _SagaRef) -> _SagaIds:
-    """``(trace id, span id, parent span id)`` of a saga span."""
-    if len(ref) == 3:
-        return ref
-    created_id, causal_trace_id = ref
-    trace_id, parent = trace_id_for_saga(saga_id, causal_trace_id)
-    return trace_id, span_id_for("saga", saga_id, "", created_id), parent
 
 
 class SagaSpanState:
@@ -911,106 +681,3 @@ def _saga_keys(event: HypervisorEvent) -> tuple[str, str, str]:
     if type(value) is not str:
         value = "" if value is None else str(value)
     return saga_id, step_id, value
-
-
-def _extras(payload: dict[str, Any]) -> dict[str, str]:
-    """The optional attributes a payload gives, in the published order."""
-    extras: dict[str, str] = {}
-    if "error" in payload:
-        extras["agent.saga.error"] = str(payload["error"])
-    if "reason" in payload:
-        extras["agent.saga.reason"] = str(payload["reason"])
-    if "result" in payload:
-        extras["agent.saga.result"] = str(payload["result"])
-    return extras
-
-
-def _base_attributes(
-    saga_id: str,
-    step_id: str,
-    step_action: str,
-    status: str,
-    agent: str | None,
-    session: str | None,
-) -> dict[str, Any]:
-    attributes: dict[str, Any] = {
-        "agent.saga.id": saga_id,
-        "agent.saga.step_id": step_id,
-        "agent.saga.step_action": step_action,
-        "agent.saga.state": status,
-    }
-    if agent:
-        attributes["agent.did"] = agent
-    if session:
-        attributes["session.id"] = session
-    return attributes
-
-
-def _build_record(
-    event: HypervisorEvent,
-    name: str,
-    saga_id: str,
-    step_id: str,
-    step_action: str,
-    start: float,
-    end: float,
-    status: str,
-    trace_id: str,
-    span_id: str,
-    parent: str | None,
-) -> SagaSpanRecord:
-    """A record with the published attributes, built through its ``__dict__`` (fast)."""
-    attributes = _base_attributes(
-        saga_id, step_id, step_action, status, event.agent_did, event.session_id
-    )
-    attributes.update(_extras(event.payload))
-    record = _new_record(SagaSpanRecord)
-    _fill(
-        record,
-        name,
-        saga_id,
-        step_id,
-        step_action,
-        start,
-        end,
-        status,
-        attributes,
-        trace_id,
-        span_id,
-        parent,
-    )
-    return record
-
-
-def _fill(
-    record: SagaSpanRecord,
-    name: str,
-    saga_id: str,
-    step_id: str,
-    step_action: str,
-    start: float,
-    end: float,
-    status: str,
-    attributes: dict[str, Any],
-    trace_id: str,
-    span_id: str,
-    parent: str | None,
-) -> None:
-    """Give a bare record its fields through ``__dict__`` (faster than the frozen ``__init__``)."""
-    _set_attribute(
-        record,
-        "__dict__",
-        {
-            "name": name,
-            "saga_id": saga_id,
-            "step_id": step_id,
-            "step_action": step_action,
-            "start_time": start,
-            "end_time": end,
-            "status": status,
-            "attributes": attributes,
-            "trace_id": trace_id,
-            "span_id": span_id,
-            "parent_span_id": parent,
-        },
-    )
