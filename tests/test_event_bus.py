@@ -647,3 +647,111 @@ def test_emit_is_the_closure_unless_a_subclass_overrides_it() -> None:
     counting.emit(event)
     assert seen == [event]
     assert counting.event_count == 1
+
+
+# -- staged emits --------------------------------------------------------------------------------
+
+
+def test_every_read_sees_every_event_emitted_before_it() -> None:
+    """emit() stages events and stores them in batches, invisibly: each read (counts, queries,
+    from a handler too) sees every event emitted before it, the handler's own included."""
+    bus = HypervisorEventBus(max_events=None)
+    seen_by_handler: list[int] = []
+
+    def check(event: HypervisorEvent) -> None:
+        mine = bus.query_by_session(event.session_id or "")
+        seen_by_handler.append(len(mine))
+        assert mine[-1] is event
+
+    bus.subscribe(EventType.RING_BREACH_DETECTED, check)
+    for i in range(200):
+        bus.emit(ev(EventType.VFS_WRITE, "s1", seconds=i))
+        assert bus.event_count == i + 1
+        assert bus.query(limit=1)[0].timestamp == T0 + timedelta(seconds=i)
+        assert len(bus.all_events) == i + 1
+    bus.emit(ev(EventType.RING_BREACH_DETECTED, "s1", seconds=300))
+    assert seen_by_handler == [201]
+    assert bus.type_counts() == {"vfs.write": 200, "ring.breach_detected": 1}
+
+
+def test_bounded_bus_evicts_exactly_with_staged_emits() -> None:
+    """The cap and the eviction count are exact whenever they are read."""
+    bus = HypervisorEventBus(max_events=10)
+    for i in range(1000):
+        bus.emit(ev(EventType.VFS_WRITE, f"s{i % 3}", seconds=i))
+        if i % 97 == 0:
+            assert bus.event_count == min(i + 1, 10)
+            assert bus.evicted_count == max(0, i + 1 - 10)
+    assert [e.timestamp for e in bus.all_events] == [
+        T0 + timedelta(seconds=i) for i in range(990, 1000)
+    ]
+    assert bus.evicted_count == 990
+    assert sum(len(bus.query_by_session(f"s{k}")) for k in range(3)) == 10
+
+
+def test_threads_staging_and_reading_at_once_lose_nothing() -> None:
+    """With the interpreter switching threads as often as it can, writers staging events and
+    readers moving them into the store at the same time keep every event, once, in each
+    writer's order."""
+    import sys
+
+    threads_n, per_thread = 3, 4000
+    bus = HypervisorEventBus(max_events=None)
+    done = threading.Event()
+    counts: list[int] = []
+
+    def writer(n: int) -> None:
+        for i in range(per_thread):
+            bus.emit(ev(EventType.VFS_WRITE, f"w{n}", f"agent{i % 5}", seq=i))
+
+    def reader() -> None:
+        while not done.is_set():
+            counts.append(bus.event_count)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        watcher = threading.Thread(target=reader)
+        watcher.start()
+        writers = [threading.Thread(target=writer, args=(n,)) for n in range(threads_n)]
+        for thread in writers:
+            thread.start()
+        for thread in writers:
+            thread.join()
+        done.set()
+        watcher.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert bus.event_count == threads_n * per_thread
+    assert counts == sorted(counts)  # the store only grows
+    for n in range(threads_n):
+        assert [e.payload["seq"] for e in bus.query_by_session(f"w{n}")] == list(range(per_thread))
+    assert sum(len(bus.query_by_agent(f"agent{k}")) for k in range(5)) == bus.event_count
+
+
+def test_an_unindexable_event_is_delivered_not_stored_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An event whose session is unhashable reaches the handlers but not the store: logged once
+    (then at debug level), counted in rejected_count; the events around it are stored."""
+    bus = HypervisorEventBus(max_events=3)
+    delivered: list[HypervisorEvent] = []
+    bus.subscribe(None, delivered.append)
+    bad = HypervisorEvent(session_id=["not", "hashable"])  # type: ignore[arg-type]
+    good = [ev(seconds=i) for i in range(4)]
+    with caplog.at_level(logging.DEBUG, logger="hypervisor.observability"):
+        bus.emit(good[0])
+        bus.emit(bad)
+        bus.emit(good[1])
+        bus.emit(bad)
+        for event in good[2:]:
+            bus.emit(event)
+        assert bus.all_events == good[1:]
+    assert delivered == [good[0], bad, good[1], bad, *good[2:]]
+    assert bus.rejected_count == 2
+    assert bus.evicted_count == 1
+    assert bus.query_by_session("s1") == good[1:]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert bad.event_id in errors[0].getMessage()
+    assert "must be hashable" in errors[0].getMessage()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -87,6 +88,29 @@ class StoreMachine(RuleBasedStateMachine):
     def extend(self, batch: list[HypervisorEvent]) -> None:
         self.store.extend(batch)
         self.model.extend(batch)
+
+    @rule(
+        batch=st.lists(events, max_size=8),
+        bad_at=st.integers(min_value=0, max_value=8),
+        base=events,
+        field=st.sampled_from(["event_type", "session_id", "agent_did"]),
+    )
+    def extend_with_an_unindexable_event(
+        self, batch: list[HypervisorEvent], bad_at: int, base: HypervisorEvent, field: str
+    ) -> None:
+        """An event with an unhashable key (its other keys valid) is rejected and changes
+        nothing: with on_rejected the rest of the batch is stored; without, the error is raised
+        after what preceded it was stored."""
+        bad = msgspec.structs.replace(base, **{field: ["unhashable"]})
+        at = min(bad_at, len(batch))
+        mixed = [*batch[:at], bad, *batch[at:]]
+        rejected: list[HypervisorEvent] = []
+        self.store.extend(mixed, lambda event, exc: rejected.append(event))
+        assert rejected == [bad]
+        self.model.extend(batch)
+        with pytest.raises(TypeError):
+            self.store.extend(mixed)
+        self.model.extend(batch[:at])
 
     @rule(step=st.integers(min_value=0, max_value=5), n=st.integers(min_value=1, max_value=30))
     def append_in_order(self, step: int, n: int) -> None:

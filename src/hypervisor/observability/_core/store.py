@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import sys
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import TypeAlias
 
@@ -156,52 +156,13 @@ class EventStore:
     # -- writing ---------------------------------------------------------------------------
 
     def append(self, event: HypervisorEvent) -> None:
-        """Store ``event`` as the newest, evicting the oldest when the store is full."""
-        seq = self._next
-        cap = self._cap
-        slots = self._slots
-        # Subscripting inside try is the cheapest lookup when the key is almost always there.
-        key: Hashable = event.event_type
-        try:
-            type_seqs = self._by_type[key]
-        except KeyError:
-            type_seqs = self._by_type[key] = [_TYPE_HEAD, self._type_code(key)]
-        type_seqs.append(seq)
-        # A type's list keeps its code at [1]: the code comes with the list's lookup.
-        code = type_seqs[1]
-        if len(slots) < cap:
-            slots.append(event)
-            self._codes.append(code)
-        else:
-            self._evict_oldest()
-            slot = seq % cap
-            slots[slot] = event
-            self._codes[slot] = code
-        self._next = seq + 1
+        """Store ``event`` as the newest, evicting the oldest when the store is full.
 
-        key = event.session_id
-        if key is not None:
-            try:
-                self._by_session[key].append(seq)
-            except KeyError:
-                self._by_session[key] = [1, seq]
-        key = event.agent_did
-        if key is not None:
-            try:
-                self._by_agent[key].append(seq)
-            except KeyError:
-                self._by_agent[key] = [1, seq]
-
-        ts = event.timestamp
-        try:
-            if ts >= self._hwm:
-                self._hwm = ts
-                return
-        except TypeError:
-            # A naive or non-datetime timestamp: keep it out of the ring's sorted keys.
-            self._add_late(seq, ts)
-            return
-        self._add_late(seq, ts)
+        Raises:
+            TypeError: the event's type, session or agent cannot be a key (not hashable); the
+                store is left as it was.
+        """
+        self.extend((event,))
 
     def _type_code(self, key: Hashable) -> int:
         """The code of type ``key``, assigned on first sight (0 once the codes are used up)."""
@@ -213,11 +174,107 @@ class EventStore:
             code = codes[key] = len(codes) + 1
         return code
 
-    def extend(self, events: Iterable[HypervisorEvent]) -> None:
-        """Append each of ``events`` in order."""
-        append = self.append
-        for event in events:
-            append(event)
+    def extend(
+        self,
+        events: Iterable[HypervisorEvent],
+        on_rejected: Callable[[HypervisorEvent, Exception], None] | None = None,
+    ) -> None:
+        """Append each of ``events`` in order (the oldest are evicted when the store is full).
+
+        One loop with the store's containers in locals: a batch costs less per event than one
+        ``append`` call per event.
+
+        Args:
+            events: the events, oldest first.
+            on_rejected: called with an event whose type, session or agent cannot be a key
+                (not hashable) and the error, and the rest are stored; without it the error is
+                raised, the events before the rejected one stored and the rest not.
+
+        Raises:
+            TypeError: an event was rejected and there is no ``on_rejected``. The store is
+                consistent: the rejected event changed nothing.
+        """
+        cap = self._cap
+        slots = self._slots
+        codes = self._codes
+        by_type = self._by_type
+        by_session = self._by_session
+        by_agent = self._by_agent
+        seq = self._next
+        hwm = self._hwm
+        try:
+            for event in events:
+                # Every lookup before any change, so that an unhashable key raises while the
+                # store is untouched. (Subscripting inside try is the cheapest lookup when the
+                # key is almost always there.)
+                key: Hashable = event.event_type
+                session = event.session_id
+                agent = event.agent_did
+                session_seqs = agent_seqs = None
+                try:
+                    try:
+                        type_seqs = by_type[key]
+                    except KeyError:
+                        type_seqs = None
+                    if session is not None:
+                        try:
+                            session_seqs = by_session[session]
+                        except KeyError:
+                            session_seqs = None
+                    if agent is not None:
+                        try:
+                            agent_seqs = by_agent[agent]
+                        except KeyError:
+                            agent_seqs = None
+                except TypeError as exc:
+                    if on_rejected is None:
+                        raise
+                    on_rejected(event, exc)
+                    continue
+
+                this = seq
+                full = len(slots) >= cap
+                if full and self._evict_oldest():
+                    # The eviction dropped a key whose only live event it was: look again.
+                    type_seqs = by_type.get(key)
+                    session_seqs = None if session is None else by_session.get(session)
+                    agent_seqs = None if agent is None else by_agent.get(agent)
+                if type_seqs is None:
+                    type_seqs = by_type[key] = [_TYPE_HEAD, self._type_code(key)]
+                type_seqs.append(this)
+                # A type's list keeps its code at [1]: the code comes with the list's lookup.
+                if full:
+                    slot = this % cap
+                    slots[slot] = event
+                    codes[slot] = type_seqs[1]
+                else:
+                    slots.append(event)
+                    codes.append(type_seqs[1])
+                seq = this + 1
+                if session is not None:
+                    if session_seqs is None:
+                        by_session[session] = [1, this]
+                    else:
+                        session_seqs.append(this)
+                if agent is not None:
+                    if agent_seqs is None:
+                        by_agent[agent] = [1, this]
+                    else:
+                        agent_seqs.append(this)
+
+                ts = event.timestamp
+                try:
+                    if ts >= hwm:
+                        hwm = ts
+                        continue
+                except TypeError:
+                    pass  # a naive or non-datetime timestamp: kept out of the ring's sorted keys
+                self._hwm = hwm
+                self._add_late(this, ts)
+                hwm = self._hwm
+        finally:
+            self._next = seq
+            self._hwm = hwm
 
     def _add_late(self, seq: int, ts: object) -> None:
         comparable = _normalise(ts)
@@ -230,7 +287,9 @@ class EventStore:
         self._late[seq] = (key, comparable)
         self._late_seqs.append(seq)
 
-    def _evict_oldest(self) -> None:
+    def _evict_oldest(self) -> bool:
+        """Evict the oldest event; return whether a key of an index was dropped with it."""
+        dropped = False
         seq = self._first
         event = self._slots[seq % self._cap]
         self._first = seq + 1
@@ -242,7 +301,7 @@ class EventStore:
         if head * 2 < len(seqs) or (head < _COMPACT_MIN and head < len(seqs)):
             seqs[0] = head
         else:
-            _pop_head(self._by_type, key, _TYPE_HEAD)
+            dropped = _pop_head(self._by_type, key, _TYPE_HEAD)
         key = event.session_id
         if key is not None:
             seqs = self._by_session[key]
@@ -250,7 +309,7 @@ class EventStore:
             if head * 2 < len(seqs) or (head < _COMPACT_MIN and head < len(seqs)):
                 seqs[0] = head
             else:
-                _pop_head(self._by_session, key)
+                dropped = _pop_head(self._by_session, key) or dropped
         key = event.agent_did
         if key is not None:
             seqs = self._by_agent[key]
@@ -258,9 +317,10 @@ class EventStore:
             if head * 2 < len(seqs) or (head < _COMPACT_MIN and head < len(seqs)):
                 seqs[0] = head
             else:
-                _pop_head(self._by_agent, key)
+                dropped = _pop_head(self._by_agent, key) or dropped
         if self._late:
             self._evict_late(seq)
+        return dropped
 
     def _evict_late(self, seq: int) -> None:
         entry = self._late.pop(seq, None)
@@ -488,8 +548,9 @@ def _matching(
     ]
 
 
-def _pop_head(index: _Index, key: Hashable, first: int = 1) -> None:
-    """Drop the oldest live entry of ``index[key]`` (the evicted event's seq).
+def _pop_head(index: _Index, key: Hashable, first: int = 1) -> bool:
+    """Drop the oldest live entry of ``index[key]`` (the evicted event's seq); return whether
+    that dropped the key (it was the key's only live entry).
 
     ``first`` is the position of a list's first entry (after its header).
     """
@@ -498,8 +559,10 @@ def _pop_head(index: _Index, key: Hashable, first: int = 1) -> None:
     size = len(seqs)
     if head >= size:
         del index[key]
-    elif head >= _COMPACT_MIN and head * 2 >= size:
+        return True
+    if head >= _COMPACT_MIN and head * 2 >= size:
         del seqs[first:head]
         seqs[0] = first
     else:
         seqs[0] = head
+    return False
