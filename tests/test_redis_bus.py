@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -526,3 +527,102 @@ async def test_rediss_url_with_acl_user_over_real_tls(tmp_path: Path, stream_nam
         with pytest.raises(BusUnavailableError):
             async with RedisEventBus.from_url(url, stream_name, retry_deadline_s=0.5):
                 pass
+
+
+class _ReplyDroppingProxy:
+    """A TCP proxy to a redis-server that, once armed, closes the connection that next sends an
+    ``XADD`` right after the server's reply reaches the proxy, without passing the reply on:
+    the command is applied, the client never learns it (a reply lost on the network)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.armed = False
+        self.dropped = 0
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> _ReplyDroppingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        doomed = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                if self.armed and b"XADD" in data:
+                    self.armed = False
+                    doomed.set()
+                server_w.write(data)
+                await server_w.drain()
+
+        async def downstream() -> None:
+            while data := await server_r.read(65536):
+                if doomed.is_set():
+                    self.dropped += 1
+                    break
+                client_w.write(data)
+                await client_w.drain()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(upstream)
+                await downstream()
+                tg.cancel_scope.cancel()
+        except OSError:
+            pass
+        finally:
+            for writer in (client_w, server_w):
+                writer.close()
+
+
+async def test_a_batch_stored_twice_after_a_lost_reply_is_applied_once(
+    redis_server: RedisServer, stream_name: str
+) -> None:
+    """The reply to an append is lost after Redis applied it (the connection drops); the bus
+    retries and the stream holds the batch twice. The reader applies and dispatches each event
+    once and counts the copy."""
+    events = [HypervisorEvent(event_type=EventType.VFS_WRITE, payload={"i": i}) for i in range(5)]
+    async with _ReplyDroppingProxy(redis_server.port) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        async with RedisEventBus.from_url(
+            url, stream_name, max_events=None, retry_base_s=0.01, retry_cap_s=0.05
+        ) as bus:
+            seen: list[HypervisorEvent] = []
+            bus.subscribe(None, seen.append)
+            proxy.armed = True
+            await bus.emit_many(events)
+            assert proxy.dropped == 1
+            assert bus.retries >= 1
+            await bus.sync()
+            copies = await _stored_events(redis_server.url, stream_name)
+            assert copies == events + events  # the lost-reply attempt was stored as well
+            assert await bus.all_events() == events
+            assert seen == events
+            assert bus.duplicates == len(events)
+            assert bus.applied == len(events)
+
+
+async def test_dedupe_window_is_bounded_and_can_be_turned_off() -> None:
+    """Only ids among the last ``dedupe_window`` applied are dropped; 0 keeps every copy."""
+    events = [HypervisorEvent(payload={"i": i}) for i in range(5)]
+    async with RedisEventBus.in_memory(max_events=None, dedupe_window=3) as bus:
+        await bus.emit_many(events)
+        await bus.emit_many([events[0], events[4]])  # events[0] left the window, [4] has not
+        await bus.sync()
+        assert await bus.all_events() == [*events, events[0]]
+        assert bus.duplicates == 1
+        assert len(bus._recent_ids) == len(bus._recent_set) == 3
+    async with RedisEventBus.in_memory(max_events=None, dedupe_window=0) as bus:
+        await bus.emit_many(events + events)
+        await bus.sync()
+        assert await bus.event_count() == 10
+        assert bus.duplicates == 0
+    with pytest.raises(ValueError, match="dedupe_window"):
+        RedisEventBus.in_memory(dedupe_window=-1)

@@ -10,8 +10,10 @@ gets ``BusUnavailableError`` and buffered (``emit_nowait``) events count as fail
 next ``flush()`` raise. Nothing is dropped silently.
 
 Reading: one reader task tails the log (backfilling from its oldest retained entry), decodes with
-the core codec (an undecodable entry is skipped and counted), appends to a local core
-``EventStore`` (the same indexes as the in-process bus) and dispatches to local subscribers.
+the core codec (an undecodable entry is skipped and counted), drops a copy of an event it applied
+shortly before (a producer that retried a batch whose reply was lost appended it twice), appends
+to a local core ``EventStore`` (the same indexes as the in-process bus) and dispatches to local
+subscribers.
 Queries are answered from that store; ``sync()`` waits until it holds everything up to the log's
 head as of the call.
 """
@@ -144,6 +146,10 @@ class RedisEventBus(AsyncResource):
             (else only new entries).
         reader: run the tailing reader and local index at all (producers may not need it).
         owns_log: close the log in ``aclose()``.
+        dedupe_window: the reader drops an event whose id was among the last ``dedupe_window``
+            it applied (counted in :attr:`duplicates`). A batch whose append reply was lost is
+            retried, and if the first attempt did land the log holds it twice; 0 keeps every
+            copy.
     """
 
     def __init__(
@@ -162,9 +168,12 @@ class RedisEventBus(AsyncResource):
         backfill: bool = True,
         reader: bool = True,
         owns_log: bool = True,
+        dedupe_window: int = 100_000,
     ) -> None:
         if buffer_size < 1 or batch_size < 1:
             raise ValueError("buffer_size and batch_size must be >= 1")
+        if dedupe_window < 0:
+            raise ValueError(f"dedupe_window must be >= 0, got {dedupe_window}")
         self._log = log
         self._store = EventStore(max_events)
         self._dispatcher = Dispatcher()
@@ -193,6 +202,10 @@ class RedisEventBus(AsyncResource):
         self._read_no = 0
         self._empty_read_no = -1
         self._sync_waiters: list[_SyncWaiter] = []
+        # The ids of the newest events applied, oldest first, and as a set.
+        self._dedupe_window = dedupe_window
+        self._recent_ids: deque[str] = deque()
+        self._recent_set: set[str] = set()
 
         self._tasks: list[tuple[asyncio.Task[None], anyio.CancelScope]] = []
         self._started = False
@@ -212,6 +225,8 @@ class RedisEventBus(AsyncResource):
         """Log entries that could not be decoded (skipped)."""
         self.deleted_entries = 0
         """Entries read without a body (deleted from the log)."""
+        self.duplicates = 0
+        """Events the reader dropped as copies of one it applied shortly before."""
         self.reader_errors = 0
         """Tailing reads that failed (the reader reconnected and resumed)."""
 
@@ -626,6 +641,8 @@ class RedisEventBus(AsyncResource):
                     bad[0][1],
                 )
             self.decode_errors += len(bad)
+        if self._dedupe_window:
+            events = self._drop_copies(events)
         self._store.extend(events)
         self.applied += len(events)
         self._applied = parse_id(entries[-1].id)
@@ -633,6 +650,30 @@ class RedisEventBus(AsyncResource):
             dispatch = self._dispatcher.dispatch
             for event in events:
                 dispatch(event)
+
+    def _drop_copies(self, events: list[HypervisorEvent]) -> list[HypervisorEvent]:
+        """``events`` without those whose id is among the newest ids applied."""
+        recent = self._recent_set
+        order = self._recent_ids
+        kept: list[HypervisorEvent] = []
+        for event in events:
+            event_id = event.event_id
+            if event_id in recent:
+                if self.duplicates == 0:
+                    _log.warning(
+                        "%s: dropping event %s, already applied (a producer retried a batch"
+                        " that had been stored); further copies are counted",
+                        self._log.name,
+                        event_id,
+                    )
+                self.duplicates += 1
+                continue
+            recent.add(event_id)
+            order.append(event_id)
+            kept.append(event)
+        for _ in range(len(order) - self._dedupe_window):
+            recent.discard(order.popleft())
+        return kept
 
     def _wake_syncs(self) -> None:
         applied = self._applied
