@@ -184,15 +184,14 @@ class RingMetricsState:
         Events of other types are ignored.
         """
         event_type = event.event_type
-        if event_type is _BREACH:
-            self._breach(event)
-        elif (
+        if (
             event_type is _ASSIGNED
             or event_type is _ELEVATED
             or event_type is _DEMOTED
             or event_type is _EXPIRED
+            or event_type is _BREACH
         ):
-            self._transition(event_type, event)
+            self._fold(event_type, event)
         elif type(event_type) is not EventType and event_type in RING_EVENTS:
             # A plain string value (events are not validated at construction).
             self.handler_for(EventType(event_type))(event)
@@ -206,10 +205,7 @@ class RingMetricsState:
         """
         if event_type not in RING_EVENTS:
             raise KeyError(event_type)
-        member = EventType(event_type)
-        if member is _BREACH:
-            return self._breach
-        return partial(self._transition, member)
+        return partial(self._fold, EventType(event_type))
 
     def _see(self, stamp: datetime) -> None:
         """Record ``stamp`` as the newest timestamp if it is (a naive one is local time, as
@@ -219,19 +215,8 @@ class RingMetricsState:
         if stamp > self._newest:
             self._newest = stamp
 
-    def _breach(self, event: HypervisorEvent) -> None:
-        self.events_processed += 1
-        stamp = event.timestamp
-        try:
-            if stamp > self._newest:
-                self._newest = stamp
-        except TypeError:  # naive, compared with an aware one
-            self._see(stamp)
-        key2 = (event.agent_did or "unknown", event.session_id or "unknown")
-        breaches = self.breaches
-        breaches[key2] = breaches.get(key2, 0) + 1
-
-    def _transition(self, event_type: EventType, event: HypervisorEvent) -> None:
+    def _fold(self, event_type: EventType, event: HypervisorEvent) -> None:
+        """Fold ``event``, a ring event of ``event_type``."""
         self.events_processed += 1
         stamp = event.timestamp
         try:
@@ -240,6 +225,11 @@ class RingMetricsState:
         except TypeError:  # naive, compared with an aware one
             self._see(stamp)
         agent = event.agent_did or "unknown"
+        if event_type is _BREACH:
+            key2 = (agent, event.session_id or "unknown")
+            breaches = self.breaches
+            breaches[key2] = breaches.get(key2, 0) + 1
+            return
         payload = event.payload
         get = payload.get
         to_ring: Any = get("to_ring")

@@ -23,7 +23,7 @@ from hypervisor.observability._core.span_ids import (
 
 __all__ = ["SagaSpanRecord", "SpanRecordSink", "SpanSink"]
 
-# A bare record and the setter that gives it its fields (see _fill); spans' handlers use them too.
+# A bare record and the setter that gives it its fields (see _record).
 _new_record = object.__new__
 _set_attribute = object.__setattr__
 
@@ -164,22 +164,9 @@ def _build_unbuilt(pending: _Unbuilt) -> SagaSpanRecord:
     attributes = _base_attributes(saga_id, step_id, step_action, status, agent, session)
     if extras is not None:
         attributes.update(extras)
-    record = _new_record(SagaSpanRecord)
-    _fill(
-        record,
-        name,
-        saga_id,
-        step_id,
-        step_action,
-        start,
-        end,
-        status,
-        attributes,
-        trace_id,
-        span,
-        parent,
+    return _record(
+        name, saga_id, step_id, step_action, start, end, status, attributes, trace_id, span, parent
     )
-    return record
 
 
 def _extras(payload: dict[str, Any]) -> dict[str, str]:
@@ -233,9 +220,7 @@ def _build_record(
         saga_id, step_id, step_action, status, event.agent_did, event.session_id
     )
     attributes.update(_extras(event.payload))
-    record = _new_record(SagaSpanRecord)
-    _fill(
-        record,
+    return _record(
         name,
         saga_id,
         step_id,
@@ -248,11 +233,9 @@ def _build_record(
         span_id,
         parent,
     )
-    return record
 
 
-def _fill(
-    record: SagaSpanRecord,
+def _record(
     name: str,
     saga_id: str,
     step_id: str,
@@ -264,8 +247,10 @@ def _fill(
     trace_id: str,
     span_id: str,
     parent: str | None,
-) -> None:
-    """Give a bare record its fields through ``__dict__`` (faster than the frozen ``__init__``)."""
+) -> SagaSpanRecord:
+    """A record with these fields, given through its ``__dict__`` (faster than the frozen
+    ``__init__``)."""
+    record = _new_record(SagaSpanRecord)
     _set_attribute(
         record,
         "__dict__",
@@ -283,3 +268,4 @@ def _fill(
             "parent_span_id": parent,
         },
     )
+    return record

@@ -77,8 +77,7 @@ from hypervisor.observability._core.span_records import (
     _build_record,
     _build_unbuilt,
     _extras,
-    _new_record,
-    _set_attribute,
+    _record,
     _Unbuilt,
 )
 
@@ -496,25 +495,21 @@ class SagaSpanState:
             attributes["agent.saga.reason"] = str(payload["reason"])
         if "result" in payload:
             attributes["agent.saga.result"] = str(payload["result"])
-        record = _new_record(SagaSpanRecord)
-        _set_attribute(
-            record,
-            "__dict__",
-            {
-                "name": f"saga.step.{step_action or step_key}",
-                "saga_id": saga_id,
-                "step_id": step_key,
-                "step_action": step_action,
-                "start_time": start,
-                "end_time": ts,
-                "status": status,
-                "attributes": attributes,
-                "trace_id": trace_id,
-                "span_id": span_id,
-                "parent_span_id": parent,
-            },
+        return self._completed_span(
+            _record(
+                f"saga.step.{step_action or step_key}",
+                saga_id,
+                step_key,
+                step_action,
+                start,
+                ts,
+                status,
+                attributes,
+                trace_id,
+                span_id,
+                parent,
+            )
         )
-        return self._completed_span(record)
 
     def _compensating(self, event: HypervisorEvent) -> SagaSpanRecord | None:
         self.events_processed += 1
