@@ -9,22 +9,21 @@ exponential backoff and full jitter until ``retry_deadline_s``; then every waite
 gets ``BusUnavailableError`` and buffered (``emit_nowait``) events count as failed and make the
 next ``flush()`` raise. Nothing is dropped silently.
 
-Reading: one reader task tails the log (backfilling from its oldest retained entry), decodes with
-the core codec (an undecodable entry is skipped and counted), drops a copy of an event it applied
-shortly before (a producer that retried a batch whose reply was lost appended it twice), appends
-to a local core ``EventStore`` (the same indexes as the in-process bus) and dispatches to local
-subscribers.
-Queries are answered from that store; ``sync()`` waits until it holds everything up to the log's
-head as of the call.
+Reading: one reader task tails the log (backfilling the newest ``max_events`` retained entries,
+or all of them when unbounded), decodes with the core codec (an undecodable entry is skipped and
+counted), drops a copy of an event it applied shortly before (a producer that retried a batch
+whose reply was lost appended it twice), appends to a local core ``EventStore`` (the same indexes
+as the in-process bus) and dispatches to local subscribers. Queries are answered from that
+store; ``sync()`` waits until it holds everything up to the log's head as of the call.
+
+The bus owns both sides and their tasks: the writing machinery is ``_bus_writer.BusWriter``, the
+reading machinery ``_bus_reader.BusReader``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Self
@@ -33,13 +32,13 @@ import anyio
 import msgspec
 
 from hypervisor.observability._aio import AsyncResource
-from hypervisor.observability._core.codec import decode_events, encode_event
+from hypervisor.observability._bus_reader import BusReader
+from hypervisor.observability._bus_writer import BusWriter, Tracker
+from hypervisor.observability._core.codec import encode_event
 from hypervisor.observability._core.dispatch import Dispatcher
 from hypervisor.observability._core.events import EventHandler, EventType, HypervisorEvent
 from hypervisor.observability._core.store import DEFAULT_MAX_EVENTS, EventStore
 from hypervisor.observability._log.base import (
-    LogError,
-    LogUnavailableError,
     StreamLog,
     TrimPolicy,
     format_id,
@@ -58,8 +57,6 @@ _log = logging.getLogger("hypervisor.observability.redis_bus")
 
 DEFAULT_STREAM = "hvobs:events"
 """The stream key used when none is given."""
-
-_IdTuple = tuple[int, int]
 
 
 class IndexLag(msgspec.Struct, frozen=True):
@@ -90,29 +87,6 @@ def _retention(
     if (max_len is not None and max_len < 1) or (max_age_s is not None and max_age_s <= 0):
         raise ValueError("max_len must be >= 1 and max_age_s > 0")
     return TrimPolicy(max_len=max_len, max_age_s=max_age_s)
-
-
-class _Tracker:
-    """Shared by the events of one ``emit_many`` call: records whether any of them failed."""
-
-    __slots__ = ("error",)
-
-    def __init__(self) -> None:
-        self.error: BaseException | None = None
-
-
-# Who waits for a buffered event: an awaited emit's future, an emit_many call's tracker, or
-# nobody (emit_nowait; its failure is reported by the next flush()).
-_Waiter = asyncio.Future[None] | _Tracker | None
-
-
-class _SyncWaiter:
-    __slots__ = ("future", "read_no", "target")
-
-    def __init__(self, target: _IdTuple, read_no: int, future: asyncio.Future[None]) -> None:
-        self.target = target
-        self.read_no = read_no
-        self.future = future
 
 
 class RedisEventBus(AsyncResource):
@@ -178,57 +152,36 @@ class RedisEventBus(AsyncResource):
         self._store = EventStore(max_events)
         self._dispatcher = Dispatcher()
         self._buffer_size = buffer_size
-        self._batch_size = batch_size
-        self._linger_s = linger_s
-        self._retry_deadline_s = retry_deadline_s
-        self._retry_base_s = retry_base_s
-        self._retry_cap_s = retry_cap_s
-        self._read_count = read_count
-        self._block_s = block_s
         self._backfill = backfill
         self._run_reader = reader
         self._owns_log = owns_log
 
-        self._buffer: deque[tuple[bytes, _Waiter]] = deque()
-        self._enqueued = 0  # sequence number of the last event put into the buffer
-        self._done = 0  # sequence number of the last event whose batch finished (ok or failed)
-        self._unreported_failures = 0
-        self._last_error: BaseException | None = None
-        self._done_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._wake: asyncio.Event | None = None
-        self._space: asyncio.Event | None = None
-
-        self._applied: _IdTuple = (0, 0)
-        self._read_no = 0
-        self._empty_read_no = -1
-        self._sync_waiters: list[_SyncWaiter] = []
-        # The ids of the newest events applied, oldest first, and as a set.
-        self._dedupe_window = dedupe_window
-        self._recent_ids: deque[str] = deque()
-        self._recent_set: set[str] = set()
+        self._writer = BusWriter(
+            log,
+            batch_size=batch_size,
+            linger_s=linger_s,
+            retry_deadline_s=retry_deadline_s,
+            retry_base_s=retry_base_s,
+            retry_cap_s=retry_cap_s,
+        )
+        self._reader = BusReader(
+            log,
+            self._store,
+            self._dispatcher,
+            read_count=read_count,
+            block_s=block_s,
+            retry_base_s=retry_base_s,
+            retry_cap_s=retry_cap_s,
+            dedupe_window=dedupe_window,
+        )
+        # The writer's buffer (never rebound) and enqueue, bound once here so that the emit
+        # methods reach them in one attribute lookup per event, as when they lived on the bus.
+        self._buffer = self._writer.buffer
+        self._enqueue = self._writer.enqueue
 
         self._tasks: list[tuple[asyncio.Task[None], anyio.CancelScope]] = []
         self._started = False
         self._closed = False
-
-        self.emitted = 0
-        """Events stored in the log by this bus."""
-        self.failed = 0
-        """Events whose batch failed past the retry deadline (their emitters were told)."""
-        self.retries = 0
-        """Append attempts retried after a transient error."""
-        self.batches = 0
-        """Append round trips that succeeded."""
-        self.applied = 0
-        """Events applied to the local index (decoded entries read from the log)."""
-        self.decode_errors = 0
-        """Log entries that could not be decoded (skipped)."""
-        self.deleted_entries = 0
-        """Entries read without a body (deleted from the log)."""
-        self.duplicates = 0
-        """Events the reader dropped as copies of one it applied shortly before."""
-        self.reader_errors = 0
-        """Tailing reads that failed (the reader reconnected and resumed)."""
 
     # -- construction -------------------------------------------------------------------------
 
@@ -301,23 +254,22 @@ class RedisEventBus(AsyncResource):
         if self._started:
             return
         self._started = True
-        self._wake = asyncio.Event()
-        self._space = asyncio.Event()
+        self._writer.open()
         start_after = "0-0"
         if self._run_reader and not self._backfill:
-            start_after = await self._with_retry(self._log.head_id)
+            start_after = await self._writer.with_retry(self._log.head_id)
         elif self._run_reader and self._store.max_events is not None:
             # Older entries would be evicted from the index at once: skip reading them.
-            first = await self._with_retry(self._log.id_from_end, self._store.max_events)
+            first = await self._writer.with_retry(self._log.id_from_end, self._store.max_events)
             start_after = "0-0" if first is None else previous_id(first)
-        self._applied = parse_id(start_after)
+        self._reader.last_applied = parse_id(start_after)
         # Plain asyncio tasks rather than a task group held open across calls, so aclose()
         # works from any scope or task; each runs in an anyio cancel scope because that
         # cancellation is level-triggered: redis-py can swallow a one-shot task.cancel() in
         # the middle of a blocking read.
-        self._spawn(self._flusher, "hvobs-flusher")
+        self._spawn(self._writer.run, "hvobs-flusher")
         if self._run_reader:
-            self._spawn(self._reader, "hvobs-reader")
+            self._spawn(self._reader.run, "hvobs-reader")
         if self._run_reader and wait_backfill:
             try:
                 await self.sync()
@@ -337,31 +289,21 @@ class RedisEventBus(AsyncResource):
             return
         self._closed = True
         tasks, self._tasks = self._tasks, []
-        timeout = self._retry_deadline_s + 1.0 if flush_timeout_s is None else flush_timeout_s
+        writer = self._writer
+        timeout = writer.retry_deadline_s + 1.0 if flush_timeout_s is None else flush_timeout_s
         try:
             if tasks:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
-                    await self._wait_done(self._enqueued)
+                    await writer.wait_done(writer.enqueued)
         finally:
             for _, scope in tasks:
                 scope.cancel()
             with anyio.CancelScope(shield=True):
                 await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)
-            if self._buffer:
-                _log.error(
-                    "%s: closing with %d events not stored (backend unavailable)",
-                    self._log.name,
-                    len(self._buffer),
-                )
-                closed = BusClosedError("the bus was closed before the event was stored")
-                self._fail_batch(list(self._buffer), closed)
-                self._buffer.clear()
-            for waiter in self._sync_waiters:
-                if not waiter.future.done():
-                    waiter.future.set_exception(BusClosedError("the bus was closed"))
-            self._sync_waiters.clear()
-            if self._space is not None:
-                self._space.set()
+            writer.fail_buffered()
+            self._reader.fail_syncs()
+            if writer.space is not None:
+                writer.space.set()
             if self._owns_log:
                 with anyio.CancelScope(shield=True):
                     await self._log.aclose()
@@ -394,16 +336,9 @@ class RedisEventBus(AsyncResource):
 
     # -- emitting -----------------------------------------------------------------------------
 
-    def _enqueue(self, data: bytes, future: _Waiter) -> None:
-        self._buffer.append((data, future))
-        self._enqueued += 1
-        wake = self._wake
-        if wake is not None and not wake.is_set():
-            wake.set()
-
     async def _wait_space(self, needed: int = 1) -> None:
         while len(self._buffer) + needed > self._buffer_size:
-            space = self._space
+            space = self._writer.space
             assert space is not None
             space.clear()
             await space.wait()
@@ -446,15 +381,15 @@ class RedisEventBus(AsyncResource):
         self._check_running()
         if not encoded:
             return
-        tracker = _Tracker()
-        step = max(1, min(self._buffer_size, self._batch_size * 4))
+        tracker = Tracker()
+        step = max(1, min(self._buffer_size, self._writer.batch_size * 4))
         for offset in range(0, len(encoded), step):
             chunk = encoded[offset : offset + step]
             if len(self._buffer) + len(chunk) > self._buffer_size:
                 await self._wait_space(len(chunk))
             for data in chunk:
                 self._enqueue(data, tracker)
-        await self._wait_done(self._enqueued)
+        await self._writer.wait_done(self._writer.enqueued)
         if tracker.error is not None:
             raise BusUnavailableError(
                 f"some of the {len(encoded)} events were not stored: {tracker.error}"
@@ -484,208 +419,20 @@ class RedisEventBus(AsyncResource):
                 previous ``flush()`` (the count is in the message).
         """
         self._check_running()
-        await self._wait_done(self._enqueued)
-        if self._unreported_failures:
-            lost, self._unreported_failures = self._unreported_failures, 0
+        writer = self._writer
+        await writer.wait_done(writer.enqueued)
+        if writer.unreported_failures:
+            lost, writer.unreported_failures = writer.unreported_failures, 0
             raise BusUnavailableError(
-                f"{lost} buffered events could not be stored: {self._last_error}"
-            ) from self._last_error
+                f"{lost} buffered events could not be stored: {writer.last_error}"
+            ) from writer.last_error
 
-    async def _wait_done(self, target: int) -> None:
-        if self._done >= target:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._done_waiters.append((target, future))
-        await future
-
-    async def _flusher(self) -> None:
-        wake = self._wake
-        space = self._space
-        assert wake is not None
-        assert space is not None
-        buffer = self._buffer
-        while True:
-            if not buffer:
-                wake.clear()
-                await wake.wait()
-                continue
-            if self._linger_s > 0 and len(buffer) < self._batch_size:
-                await anyio.sleep(self._linger_s)
-            count = min(len(buffer), self._batch_size)
-            batch = [buffer.popleft() for _ in range(count)]
-            space.set()
-            await self._append_batch(batch)
-
-    async def _append_batch(self, batch: list[tuple[bytes, _Waiter]]) -> None:
-        datas = [data for data, _ in batch]
-        try:
-            await self._with_retry(self._log.append_many, datas)
-        except BusUnavailableError as exc:
-            self._fail_batch(batch, exc)
-            return
-        except Exception as exc:  # a bug below us must not kill the flusher and hang emitters
-            _log.exception("%s: append failed unexpectedly", self._log.name)
-            error = BusUnavailableError(f"{self._log.name}: append failed: {exc!r}")
-            error.__cause__ = exc
-            self._fail_batch(batch, error)
-            return
-        except BaseException:
-            # Cancelled mid-append (aclose past its flush timeout): whether Redis stored the
-            # batch is unknown, so its emitters must not be told it was.
-            self._fail_batch(batch, BusClosedError("the bus was closed while storing the event"))
-            raise
-        self.emitted += len(batch)
-        self.batches += 1
-        for _, waiter in batch:
-            if isinstance(waiter, asyncio.Future) and not waiter.done():
-                waiter.set_result(None)
-        self._advance(len(batch))
-
-    def _fail_batch(self, batch: list[tuple[bytes, _Waiter]], error: BaseException) -> None:
-        if not batch:
-            return
-        self.failed += len(batch)
-        self._last_error = error
-        for _, waiter in batch:
-            if waiter is None:
-                self._unreported_failures += 1
-            elif isinstance(waiter, _Tracker):
-                waiter.error = error
-            elif not waiter.done():
-                waiter.set_exception(error)
-        self._advance(len(batch))
-
-    def _advance(self, count: int) -> None:
-        self._done += count
-        last = self._done
-        if self._done_waiters:
-            remaining: list[tuple[int, asyncio.Future[None]]] = []
-            for target, future in self._done_waiters:
-                if target <= last:
-                    if not future.done():
-                        future.set_result(None)
-                else:
-                    remaining.append((target, future))
-            self._done_waiters = remaining
-
-    async def _with_retry(self, call: Any, *args: Any) -> Any:
-        """Run ``call(*args)``, retrying transient log errors with backoff and full jitter until
-        the deadline; then (or at once for a permanent error) raise ``BusUnavailableError``."""
-        deadline = time.monotonic() + self._retry_deadline_s
-        attempt = 0
-        while True:
-            try:
-                return await call(*args)
-            except LogUnavailableError as exc:
-                now = time.monotonic()
-                if now >= deadline:
-                    raise BusUnavailableError(
-                        f"{self._log.name}: backend unavailable for "
-                        f"{self._retry_deadline_s:g} s: {exc}"
-                    ) from exc
-                self.retries += 1
-                if attempt == 0:
-                    _log.warning("%s: append failed, retrying: %s", self._log.name, exc)
-                backoff = min(self._retry_cap_s, self._retry_base_s * 2**attempt)
-                attempt += 1
-                await anyio.sleep(min(random.uniform(0, backoff), max(0.0, deadline - now)))
-            except LogError as exc:  # not transient: retrying cannot help
-                raise BusUnavailableError(f"{self._log.name}: {exc}") from exc
+    @property
+    def buffered(self) -> int:
+        """Events waiting in the emit buffer."""
+        return len(self._buffer)
 
     # -- reading ------------------------------------------------------------------------------
-
-    async def _reader(self) -> None:
-        log = self._log
-        attempt = 0
-        while True:
-            self._read_no += 1
-            read_no = self._read_no
-            try:
-                entries = await log.read(format_id(*self._applied), self._read_count, self._block_s)
-            except LogError as exc:
-                self.reader_errors += 1
-                if attempt == 0:
-                    _log.warning("%s: tailing read failed, reconnecting: %s", log.name, exc)
-                backoff = min(self._retry_cap_s, self._retry_base_s * 2**attempt)
-                attempt += 1
-                await anyio.sleep(random.uniform(0, backoff))
-                continue
-            if attempt:
-                _log.info("%s: tailing reader resumed after %d attempts", log.name, attempt)
-                attempt = 0
-            if entries:
-                try:
-                    self._apply(entries)
-                except Exception:  # never let one bad batch stop the index; skip past it
-                    self.reader_errors += 1
-                    _log.exception("%s: applying %d entries failed", log.name, len(entries))
-                    self._applied = parse_id(entries[-1].id)
-            else:
-                self._empty_read_no = read_no
-            if self._sync_waiters:
-                self._wake_syncs()
-
-    def _apply(self, entries: list[Any]) -> None:
-        datas: list[bytes] = []
-        for entry in entries:
-            if entry.data is None:
-                self.deleted_entries += 1
-            else:
-                datas.append(entry.data)
-        events, bad = decode_events(datas)
-        if bad:
-            if self.decode_errors == 0:
-                _log.warning(
-                    "%s: skipping undecodable entry (%s); further ones are counted",
-                    self._log.name,
-                    bad[0][1],
-                )
-            self.decode_errors += len(bad)
-        if self._dedupe_window:
-            events = self._drop_copies(events)
-        self._store.extend(events)
-        self.applied += len(events)
-        self._applied = parse_id(entries[-1].id)
-        if self._dispatcher.has_handlers:
-            dispatch = self._dispatcher.dispatch
-            for event in events:
-                dispatch(event)
-
-    def _drop_copies(self, events: list[HypervisorEvent]) -> list[HypervisorEvent]:
-        """``events`` without those whose id is among the newest ids applied."""
-        recent = self._recent_set
-        order = self._recent_ids
-        kept: list[HypervisorEvent] = []
-        for event in events:
-            event_id = event.event_id
-            if event_id in recent:
-                if self.duplicates == 0:
-                    _log.warning(
-                        "%s: dropping event %s, already applied (a producer retried a batch"
-                        " that had been stored); further copies are counted",
-                        self._log.name,
-                        event_id,
-                    )
-                self.duplicates += 1
-                continue
-            recent.add(event_id)
-            order.append(event_id)
-            kept.append(event)
-        for _ in range(len(order) - self._dedupe_window):
-            recent.discard(order.popleft())
-        return kept
-
-    def _wake_syncs(self) -> None:
-        applied = self._applied
-        empty = self._empty_read_no
-        remaining: list[_SyncWaiter] = []
-        for waiter in self._sync_waiters:
-            if waiter.target <= applied or empty > waiter.read_no:
-                if not waiter.future.done():
-                    waiter.future.set_result(None)
-            else:
-                remaining.append(waiter)
-        self._sync_waiters = remaining
 
     async def sync(self) -> None:
         """Wait until the local index holds every entry up to the log's head as of the call.
@@ -697,32 +444,71 @@ class RedisEventBus(AsyncResource):
         self._check_running()
         if not self._run_reader:
             raise BusClosedError("this bus runs without a reader (reader=False)")
-        read_no = self._read_no
-        head = parse_id(await self._with_retry(self._log.head_id))
-        if head <= self._applied:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sync_waiters.append(_SyncWaiter(head, read_no, future))
-        await future
+        read_no = self._reader.read_no
+        head = parse_id(await self._writer.with_retry(self._log.head_id))
+        await self._reader.wait_applied(head, read_no)
 
     async def index_lag(self, limit: int = 1_000_000) -> IndexLag:
         """How far the local index is behind the log's head (entries and seconds)."""
         self._check_running()
-        applied = format_id(*self._applied)
+        reader = self._reader
+        applied = format_id(*reader.last_applied)
         head = await self._log.head_id()
         entries = await self._log.count_after(applied, limit)
-        seconds = max(0.0, (parse_id(head)[0] - self._applied[0]) / 1000) if entries else 0.0
+        seconds = max(0.0, (parse_id(head)[0] - reader.last_applied[0]) / 1000) if entries else 0.0
         return IndexLag(entries, seconds, head, applied)
 
     @property
     def applied_id(self) -> str:
         """The newest log id applied to the local index."""
-        return format_id(*self._applied)
+        return format_id(*self._reader.last_applied)
+
+    # -- counters -----------------------------------------------------------------------------
 
     @property
-    def buffered(self) -> int:
-        """Events waiting in the emit buffer."""
-        return len(self._buffer)
+    def emitted(self) -> int:
+        """Events stored in the log by this bus."""
+        return self._writer.emitted
+
+    @property
+    def failed(self) -> int:
+        """Events whose batch failed past the retry deadline (their emitters were told)."""
+        return self._writer.failed
+
+    @property
+    def retries(self) -> int:
+        """Append attempts retried after a transient error."""
+        return self._writer.retries
+
+    @property
+    def batches(self) -> int:
+        """Append round trips that succeeded."""
+        return self._writer.batches
+
+    @property
+    def applied(self) -> int:
+        """Events applied to the local index (decoded entries read from the log)."""
+        return self._reader.applied
+
+    @property
+    def decode_errors(self) -> int:
+        """Log entries that could not be decoded (skipped)."""
+        return self._reader.decode_errors
+
+    @property
+    def deleted_entries(self) -> int:
+        """Entries read without a body (deleted from the log)."""
+        return self._reader.deleted_entries
+
+    @property
+    def duplicates(self) -> int:
+        """Events the reader dropped as copies of one it applied shortly before."""
+        return self._reader.duplicates
+
+    @property
+    def reader_errors(self) -> int:
+        """Tailing reads that failed (the reader reconnected and resumed)."""
+        return self._reader.reader_errors
 
     # -- subscriptions ------------------------------------------------------------------------
 

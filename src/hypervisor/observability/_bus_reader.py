@@ -1,0 +1,195 @@
+"""The reading side of ``RedisEventBus``: the tailing reader task and ``sync()`` waiters.
+
+The reader tails the log after the last id it applied, decodes each batch with the core codec
+(an undecodable entry is skipped and counted), drops a copy of an event it applied shortly
+before, appends the rest to the bus's ``EventStore`` and dispatches them to local subscribers.
+After every read it completes the ``sync()`` waiters whose target is applied, or that a read
+which started after their call found nothing more to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from typing import Any
+
+import anyio
+
+from hypervisor.observability._core.codec import decode_events
+from hypervisor.observability._core.dispatch import Dispatcher
+from hypervisor.observability._core.events import HypervisorEvent
+from hypervisor.observability._core.store import EventStore
+from hypervisor.observability._log.base import LogError, StreamLog, format_id, parse_id
+from hypervisor.observability.errors import BusClosedError
+
+__all__ = ["BusReader", "IdTuple"]
+
+_log = logging.getLogger("hypervisor.observability.redis_bus")
+
+IdTuple = tuple[int, int]
+
+
+class _SyncWaiter:
+    __slots__ = ("future", "read_no", "target")
+
+    def __init__(self, target: IdTuple, read_no: int, future: asyncio.Future[None]) -> None:
+        self.target = target
+        self.read_no = read_no
+        self.future = future
+
+
+class BusReader:
+    """The tailing reader, its position in the log and the read counters of one bus.
+
+    :meth:`run` is the reader task's body; the bus sets ``last_applied`` before starting it
+    (where the reading starts) and reads it for ``applied_id`` and ``index_lag()``.
+    """
+
+    def __init__(
+        self,
+        log: StreamLog,
+        store: EventStore,
+        dispatcher: Dispatcher,
+        *,
+        read_count: int,
+        block_s: float,
+        retry_base_s: float,
+        retry_cap_s: float,
+        dedupe_window: int,
+    ) -> None:
+        self.log = log
+        self.store = store
+        self.dispatcher = dispatcher
+        self.read_count = read_count
+        self.block_s = block_s
+        self.retry_base_s = retry_base_s
+        self.retry_cap_s = retry_cap_s
+
+        self.last_applied: IdTuple = (0, 0)
+        self.read_no = 0
+        self.empty_read_no = -1
+        self.sync_waiters: list[_SyncWaiter] = []
+        # The ids of the newest events applied, oldest first, and as a set.
+        self.dedupe_window = dedupe_window
+        self.recent_ids: deque[str] = deque()
+        self.recent_set: set[str] = set()
+
+        # Read through the bus's properties of the same names (documented there).
+        self.applied = 0
+        self.decode_errors = 0
+        self.deleted_entries = 0
+        self.duplicates = 0
+        self.reader_errors = 0
+
+    async def run(self) -> None:
+        """The reader: tail the log and apply what it reads, until cancelled."""
+        log = self.log
+        attempt = 0
+        while True:
+            self.read_no += 1
+            read_no = self.read_no
+            try:
+                entries = await log.read(
+                    format_id(*self.last_applied), self.read_count, self.block_s
+                )
+            except LogError as exc:
+                self.reader_errors += 1
+                if attempt == 0:
+                    _log.warning("%s: tailing read failed, reconnecting: %s", log.name, exc)
+                backoff = min(self.retry_cap_s, self.retry_base_s * 2**attempt)
+                attempt += 1
+                await anyio.sleep(random.uniform(0, backoff))
+                continue
+            if attempt:
+                _log.info("%s: tailing reader resumed after %d attempts", log.name, attempt)
+                attempt = 0
+            if entries:
+                try:
+                    self._apply(entries)
+                except Exception:  # never let one bad batch stop the index; skip past it
+                    self.reader_errors += 1
+                    _log.exception("%s: applying %d entries failed", log.name, len(entries))
+                    self.last_applied = parse_id(entries[-1].id)
+            else:
+                self.empty_read_no = read_no
+            if self.sync_waiters:
+                self._wake_syncs()
+
+    def _apply(self, entries: list[Any]) -> None:
+        datas: list[bytes] = []
+        for entry in entries:
+            if entry.data is None:
+                self.deleted_entries += 1
+            else:
+                datas.append(entry.data)
+        events, bad = decode_events(datas)
+        if bad:
+            if self.decode_errors == 0:
+                _log.warning(
+                    "%s: skipping undecodable entry (%s); further ones are counted",
+                    self.log.name,
+                    bad[0][1],
+                )
+            self.decode_errors += len(bad)
+        if self.dedupe_window:
+            events = self._drop_copies(events)
+        self.store.extend(events)
+        self.applied += len(events)
+        self.last_applied = parse_id(entries[-1].id)
+        if self.dispatcher.has_handlers:
+            dispatch = self.dispatcher.dispatch
+            for event in events:
+                dispatch(event)
+
+    def _drop_copies(self, events: list[HypervisorEvent]) -> list[HypervisorEvent]:
+        """``events`` without those whose id is among the newest ids applied."""
+        recent = self.recent_set
+        order = self.recent_ids
+        kept: list[HypervisorEvent] = []
+        for event in events:
+            event_id = event.event_id
+            if event_id in recent:
+                if self.duplicates == 0:
+                    _log.warning(
+                        "%s: dropping event %s, already applied (a producer retried a batch"
+                        " that had been stored); further copies are counted",
+                        self.log.name,
+                        event_id,
+                    )
+                self.duplicates += 1
+                continue
+            recent.add(event_id)
+            order.append(event_id)
+            kept.append(event)
+        for _ in range(len(order) - self.dedupe_window):
+            recent.discard(order.popleft())
+        return kept
+
+    async def wait_applied(self, target: IdTuple, read_no: int) -> None:
+        """Wait until ``target`` is applied, or a read after read ``read_no`` found nothing."""
+        if target <= self.last_applied:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sync_waiters.append(_SyncWaiter(target, read_no, future))
+        await future
+
+    def _wake_syncs(self) -> None:
+        applied = self.last_applied
+        empty = self.empty_read_no
+        remaining: list[_SyncWaiter] = []
+        for waiter in self.sync_waiters:
+            if waiter.target <= applied or empty > waiter.read_no:
+                if not waiter.future.done():
+                    waiter.future.set_result(None)
+            else:
+                remaining.append(waiter)
+        self.sync_waiters = remaining
+
+    def fail_syncs(self) -> None:
+        """Fail every ``sync()`` still waiting (the bus is closing and the reader has stopped)."""
+        for waiter in self.sync_waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(BusClosedError("the bus was closed"))
+        self.sync_waiters.clear()
