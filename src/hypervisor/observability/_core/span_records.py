@@ -17,6 +17,8 @@ from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability._core.span_ids import (
     _digest,
     _saga_ids,
+    _SagaIds,
+    _SagaRef,
     span_id_for,
     trace_id_for_saga,
 )
@@ -122,8 +124,12 @@ _SAGA_SPAN: Final = "saga"
 _Unbuilt = tuple[Any, ...]
 
 
-def _build_unbuilt(pending: _Unbuilt) -> SagaSpanRecord:
-    """The record of an unbuilt span: the values the eager path computes."""
+def _build_unbuilt(pending: _Unbuilt, saga_ids: dict[tuple[str, Any], _SagaIds]) -> SagaSpanRecord:
+    """The record of an unbuilt span: the values the eager path computes.
+
+    ``saga_ids`` caches a saga's ids across the spans of one build (the eager path keeps them
+    on the open saga): ``(saga_id, ref) -> (trace id, span id, parent span id)``.
+    """
     (
         kind,
         saga_id,
@@ -157,16 +163,26 @@ def _build_unbuilt(pending: _Unbuilt) -> SagaSpanRecord:
             trace_id = trace_id_for_saga(saga_id, causal)[0]
             parent = None
         else:
-            trace_id, parent, _ = _saga_ids(saga_id, ref)
+            trace_id, parent, _ = _cached_saga_ids(saga_ids, saga_id, ref)
     else:
         name = ("saga.completed." if status == "ok" else "saga.escalated.") + saga_id
-        trace_id, span, parent = _saga_ids(saga_id, ref)
+        trace_id, span, parent = _cached_saga_ids(saga_ids, saga_id, ref)
     attributes = _base_attributes(saga_id, step_id, step_action, status, agent, session)
     if extras is not None:
         attributes.update(extras)
     return _record(
         name, saga_id, step_id, step_action, start, end, status, attributes, trace_id, span, parent
     )
+
+
+def _cached_saga_ids(
+    cache: dict[tuple[str, Any], _SagaIds], saga_id: str, ref: _SagaRef
+) -> _SagaIds:
+    key = (saga_id, ref)
+    ids = cache.get(key)
+    if ids is None:
+        ids = cache[key] = _saga_ids(saga_id, ref)
+    return ids
 
 
 def _extras(payload: dict[str, Any]) -> dict[str, str]:

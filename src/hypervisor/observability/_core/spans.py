@@ -296,8 +296,9 @@ class SagaSpanState:
         if not self._unbuilt:
             return
         spans = self._spans
+        saga_ids: dict[tuple[str, Any], _SagaIds] = {}  # a saga's ids, once per build
         built = [
-            span if type(span) is SagaSpanRecord else _build_unbuilt(span)  # type: ignore[arg-type]
+            span if type(span) is SagaSpanRecord else _build_unbuilt(span, saga_ids)  # type: ignore[arg-type]
             for span in spans
         ]
         spans.clear()
