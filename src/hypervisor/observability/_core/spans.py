@@ -490,12 +490,8 @@ class SagaSpanState:
             }
         else:
             attributes = _base_attributes(saga_id, step_key, step_action, status, agent, session)
-        if "error" in payload:
-            attributes["agent.saga.error"] = str(payload["error"])
-        if "reason" in payload:
-            attributes["agent.saga.reason"] = str(payload["reason"])
-        if "result" in payload:
-            attributes["agent.saga.result"] = str(payload["result"])
+        if "error" in payload or "reason" in payload or "result" in payload:
+            attributes.update(_extras(payload))
         return self._completed_span(
             _record(
                 f"saga.step.{step_action or step_key}",
