@@ -55,7 +55,6 @@ from typing import Any, Final
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.span_ids import (
-    _blake2b,
     _saga_ids,
     _SagaIds,
     _SagaRef,
@@ -444,30 +443,19 @@ class SagaSpanState:
             saga.anchor = ts
         if self._defer:
             self._defer_span(
-                (
-                    _STEP_SPAN,
-                    saga_id,
-                    step_key,
-                    step_action,
-                    start,
-                    event.timestamp if ts is None else ts,
-                    status,
-                    None if saga is None else saga.ref,
-                    opening_id,
-                    _extras(payload)
-                    if "error" in payload or "reason" in payload or "result" in payload
-                    else None,
-                    event.agent_did,
-                    event.session_id,
-                    event.causal_trace_id,
-                )
+                event,
+                _STEP_SPAN,
+                saga_id,
+                step_key,
+                step_action,
+                start,
+                event.timestamp if ts is None else ts,
+                status,
+                None if saga is None else saga.ref,
+                opening_id,
             )
             return None
-        span_id = _blake2b(
-            f"step\0{saga_id}\0{step_key}\0{opening_id}".encode(), digest_size=8
-        ).hexdigest()
-        if span_id == "0000000000000000":
-            span_id = "0000000000000001"
+        span_id = span_id_for("step", saga_id, step_key, opening_id)
         if saga is None:
             trace_id: str = trace_id_for_saga(saga_id, event.causal_trace_id)[0]
             parent: str | None = None
@@ -520,25 +508,17 @@ class SagaSpanState:
                 start = anchor
             saga.anchor = ts
         if self._defer:
-            payload = event.payload
             self._defer_span(
-                (
-                    _COMPENSATE_SPAN,
-                    saga_id,
-                    step_id,
-                    step_action,
-                    start,
-                    ts,
-                    "compensating",
-                    None if saga is None else saga.ref,
-                    event.event_id,
-                    _extras(payload)
-                    if "error" in payload or "reason" in payload or "result" in payload
-                    else None,
-                    event.agent_did,
-                    event.session_id,
-                    event.causal_trace_id,
-                )
+                event,
+                _COMPENSATE_SPAN,
+                saga_id,
+                step_id,
+                step_action,
+                start,
+                ts,
+                "compensating",
+                None if saga is None else saga.ref,
+                event.event_id,
             )
             return None
         if saga is None:
@@ -586,25 +566,8 @@ class SagaSpanState:
         if saga is None:
             return None
         if self._defer:
-            payload = event.payload
             self._defer_span(
-                (
-                    _SAGA_SPAN,
-                    saga_id,
-                    "",
-                    step_action,
-                    saga.start,
-                    end,
-                    status,
-                    saga.ref,
-                    None,
-                    _extras(payload)
-                    if "error" in payload or "reason" in payload or "result" in payload
-                    else None,
-                    event.agent_did,
-                    event.session_id,
-                    event.causal_trace_id,
-                )
+                event, _SAGA_SPAN, saga_id, "", step_action, saga.start, end, status, saga.ref, None
             )
             return None
         return self._completed_span(
@@ -623,13 +586,45 @@ class SagaSpanState:
             )
         )
 
-    def _defer_span(self, span: _Unbuilt) -> None:
-        """Buffer an unbuilt span (built when :attr:`completed_spans` is next read)."""
+    def _defer_span(
+        self,
+        event: HypervisorEvent,
+        kind: str,
+        saga_id: str,
+        step_id: str,
+        step_action: str,
+        start: float | datetime,
+        end: float | datetime,
+        status: str,
+        ref: _SagaRef | None,
+        opening_id: str | None,
+    ) -> None:
+        """Buffer the unbuilt span ``event`` completed (built when :attr:`completed_spans` is
+        next read); the event gives its optional attributes, agent, session and causal id."""
         if self.max_spans:
+            payload = event.payload
             spans = self._spans
             if len(spans) == self.max_spans:
                 self.evicted_spans += 1
-            spans.append(span)
+            spans.append(
+                (
+                    kind,
+                    saga_id,
+                    step_id,
+                    step_action,
+                    start,
+                    end,
+                    status,
+                    ref,
+                    opening_id,
+                    _extras(payload)
+                    if "error" in payload or "reason" in payload or "result" in payload
+                    else None,
+                    event.agent_did,
+                    event.session_id,
+                    event.causal_trace_id,
+                )
+            )
             self._unbuilt = True
 
     def _completed_span(self, record: SagaSpanRecord) -> SagaSpanRecord | None:
