@@ -609,20 +609,20 @@ async def test_a_batch_stored_twice_after_a_lost_reply_is_applied_once(
             assert bus.applied == len(events)
 
 
-async def test_dedupe_window_is_bounded_and_can_be_turned_off() -> None:
-    """Only ids among the last ``dedupe_window`` applied are dropped; 0 keeps every copy."""
+async def test_dedup_window_is_bounded_and_can_be_turned_off() -> None:
+    """Only ids among the last ``dedup_window`` applied are dropped; 0 keeps every copy."""
     events = [HypervisorEvent(payload={"i": i}) for i in range(5)]
-    async with RedisEventBus.in_memory(max_events=None, dedupe_window=3) as bus:
+    async with RedisEventBus.in_memory(max_events=None, dedup_window=3) as bus:
         await bus.emit_many(events)
         await bus.emit_many([events[0], events[4]])  # events[0] left the window, [4] has not
         await bus.sync()
         assert await bus.all_events() == [*events, events[0]]
         assert bus.duplicates == 1
         assert len(bus._reader.recent_ids) == len(bus._reader.recent_set) == 3
-    async with RedisEventBus.in_memory(max_events=None, dedupe_window=0) as bus:
+    async with RedisEventBus.in_memory(max_events=None, dedup_window=0) as bus:
         await bus.emit_many(events + events)
         await bus.sync()
         assert await bus.event_count() == 10
         assert bus.duplicates == 0
-    with pytest.raises(ValueError, match="dedupe_window"):
-        RedisEventBus.in_memory(dedupe_window=-1)
+    with pytest.raises(ValueError, match="dedup_window"):
+        RedisEventBus.in_memory(dedup_window=-1)

@@ -57,7 +57,7 @@ class BusReader:
         block_s: float,
         retry_base_s: float,
         retry_cap_s: float,
-        dedupe_window: int,
+        dedup_window: int,
     ) -> None:
         self.log = log
         self.store = store
@@ -72,7 +72,7 @@ class BusReader:
         self.empty_read_no = -1
         self.sync_waiters: list[_SyncWaiter] = []
         # The ids of the newest events applied, oldest first, and as a set.
-        self.dedupe_window = dedupe_window
+        self.dedup_window = dedup_window
         self.recent_ids: deque[str] = deque()
         self.recent_set: set[str] = set()
 
@@ -133,7 +133,7 @@ class BusReader:
                     bad[0][1],
                 )
             self.decode_errors += len(bad)
-        if self.dedupe_window:
+        if self.dedup_window:
             events = self._drop_copies(events)
         self.store.extend(events)
         self.applied += len(events)
@@ -163,7 +163,7 @@ class BusReader:
             recent.add(event_id)
             order.append(event_id)
             kept.append(event)
-        for _ in range(len(order) - self.dedupe_window):
+        for _ in range(len(order) - self.dedup_window):
             recent.discard(order.popleft())
         return kept
 

@@ -120,7 +120,7 @@ class RedisEventBus(AsyncResource):
             (else only new entries).
         reader: run the tailing reader and local index at all (producers may not need it).
         owns_log: close the log in ``aclose()``.
-        dedupe_window: the reader drops an event whose id was among the last ``dedupe_window``
+        dedup_window: the reader drops an event whose id was among the last ``dedup_window``
             it applied (counted in :attr:`duplicates`). A batch whose append reply was lost is
             retried, and if the first attempt did land the log holds it twice; 0 keeps every
             copy.
@@ -142,12 +142,12 @@ class RedisEventBus(AsyncResource):
         backfill: bool = True,
         reader: bool = True,
         owns_log: bool = True,
-        dedupe_window: int = 100_000,
+        dedup_window: int = 100_000,
     ) -> None:
         if buffer_size < 1 or batch_size < 1:
             raise ValueError("buffer_size and batch_size must be >= 1")
-        if dedupe_window < 0:
-            raise ValueError(f"dedupe_window must be >= 0, got {dedupe_window}")
+        if dedup_window < 0:
+            raise ValueError(f"dedup_window must be >= 0, got {dedup_window}")
         self._log = log
         self._store = EventStore(max_events)
         self._dispatcher = Dispatcher()
@@ -172,7 +172,7 @@ class RedisEventBus(AsyncResource):
             block_s=block_s,
             retry_base_s=retry_base_s,
             retry_cap_s=retry_cap_s,
-            dedupe_window=dedupe_window,
+            dedup_window=dedup_window,
         )
         # The writer's buffer (never rebound) and enqueue, bound once here so that the emit
         # methods reach them in one attribute lookup per event, as when they lived on the bus.
