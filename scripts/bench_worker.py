@@ -37,23 +37,23 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from hypervisor.observability._backends.log import parse_id
+from hypervisor.observability._backends.redis_log import RedisStreamLog
+from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
 from hypervisor.observability._core.codec import decode_event, encode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
-from hypervisor.observability._log.base import parse_id
-from hypervisor.observability._log.redis import RedisStreamLog
 from hypervisor.observability.workers import watermark
-from hypervisor.observability.workers._redis_state import RedisStateStore, state_prefix
 from redis_server import RedisServer
 
 _WORKER = textwrap.dedent(
     """
     import sys, anyio
-    from hypervisor.observability._log.base import TrimPolicy
-    from hypervisor.observability._log.redis import RedisStreamLog
+    from hypervisor.observability._backends.log import TrimPolicy
+    from hypervisor.observability._backends.redis_log import RedisStreamLog
     from hypervisor.observability.workers import (
         RingMetricsDerivation, SagaSpansDerivation, Worker, WorkerConfig, dlq_name)
     from hypervisor.observability.workers._cli import serve_worker
-    from hypervisor.observability.workers._redis_state import RedisStateStore, state_prefix
+    from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
     url, stream, group, consumer, kinds = sys.argv[1:6]
     trim = TrimPolicy(max_len=100_000) if "trim" in kinds else None
 

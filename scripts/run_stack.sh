@@ -103,7 +103,7 @@ fi
 fleets=(east west)
 sim_targets=()
 for i in "${!sim_ports[@]}"; do
-    args=(-m hypervisor.observability.exporters.simulate --host "$host" --port "${sim_ports[$i]}"
+    args=(-m hypervisor.observability.demo.simulate --host "$host" --port "${sim_ports[$i]}"
         --fleet "${fleets[$i]:-fleet$((i + 1))}" --seed "$((i + 1))")
     if [ "$i" -gt 0 ]; then args+=(--agents 4 --breach-rate 0.2); fi
     if [ -n "$redis_url" ]; then args+=(--redis "$redis_url"); fi

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from hypervisor.observability.cli import build_parser
-from hypervisor.observability.exporters.simulate import build_parser as simulator_parser
+from hypervisor.observability.demo.simulate import build_parser as simulator_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tutorial's .NET governance service is the user's own; the stack only scrapes it.
@@ -58,7 +58,7 @@ def test_every_python_command_parses_with_the_real_cli(compose: dict[str, Any]) 
             args = build_parser().parse_args(argv[1:])
             assert callable(args.handler), name
         else:
-            assert argv[:3] == ["python", "-m", "hypervisor.observability.exporters.simulate"], name
+            assert argv[:3] == ["python", "-m", "hypervisor.observability.demo.simulate"], name
             simulator_parser().parse_args(argv[3:])
 
 

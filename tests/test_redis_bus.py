@@ -15,9 +15,9 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
+from hypervisor.observability._backends import LogUnavailableError, RedisStreamLog, TrimPolicy
 from hypervisor.observability._core.codec import decode_events
 from hypervisor.observability._core.events import EventType, HypervisorEvent
-from hypervisor.observability._log import LogUnavailableError, RedisStreamLog, TrimPolicy
 from hypervisor.observability.errors import (
     BusClosedError,
     BusFullError,

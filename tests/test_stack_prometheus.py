@@ -150,7 +150,7 @@ def fleet(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         [
             sys.executable,
             "-m",
-            "hypervisor.observability.exporters.simulate",
+            "hypervisor.observability.demo.simulate",
             "--port",
             str(ports.simulator),
             "--otel-metrics-port",
@@ -398,7 +398,7 @@ def test_simulator_feeds_the_shared_stream_in_redis_mode(
         [
             sys.executable,
             "-m",
-            "hypervisor.observability.exporters.simulate",
+            "hypervisor.observability.demo.simulate",
             "--port",
             "0",
             "--redis",

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from hypervisor.observability._log import (
+from hypervisor.observability._backends import (
     LogGroupMissingError,
     MemoryStreamLog,
     RedisStreamLog,

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
 
+from hypervisor.observability._backends.redis_log import RedisStreamLog
 from hypervisor.observability._core.codec import encode_event
-from hypervisor.observability._log.redis import RedisStreamLog
 from otlp_receiver import OtlpReceiver, receiver as receiver
 from redis_server import RedisServer
 from test_workers_procs import WorkerProc, procs as procs, worker_argv

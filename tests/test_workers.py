@@ -12,12 +12,12 @@ from typing import Any
 import anyio
 import pytest
 
+from hypervisor.observability._backends.log import LogUnavailableError, parse_id
+from hypervisor.observability._backends.memory_log import MemoryStreamLog
 from hypervisor.observability._core.codec import encode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.ring import RingMetricsState
 from hypervisor.observability._core.spans import SagaSpanRecord
-from hypervisor.observability._log.base import LogUnavailableError, parse_id
-from hypervisor.observability._log.memory import MemoryStreamLog
 from hypervisor.observability.testing import RecordingSpanSink
 from hypervisor.observability.workers import (
     REASON_MAX_DELIVERIES,

@@ -22,12 +22,12 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hypervisor.observability._backends.log import parse_id
+from hypervisor.observability._backends.redis_log import RedisStreamLog
+from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
 from hypervisor.observability._core.codec import decode_event, encode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
-from hypervisor.observability._log.base import parse_id
-from hypervisor.observability._log.redis import RedisStreamLog
 from hypervisor.observability.workers import span_to_dict, watermark
-from hypervisor.observability.workers._redis_state import RedisStateStore, state_prefix
 from redis_server import RedisServer
 from test_workers_support import Reference, random_events, reference
 
@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 _PRODUCER = """
 import sys, random, time, anyio, msgspec
-from hypervisor.observability._log.redis import RedisStreamLog
+from hypervisor.observability._backends.redis_log import RedisStreamLog
 url, stream, path, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 entries = msgspec.msgpack.decode(open(path, "rb").read(), type=list[bytes])
 rng = random.Random(seed)
@@ -52,10 +52,10 @@ anyio.run(main)
 
 _POISON_WORKER = """
 import sys, anyio
-from hypervisor.observability._log.redis import RedisStreamLog
+from hypervisor.observability._backends.redis_log import RedisStreamLog
 from hypervisor.observability.workers import RingMetricsDerivation, Worker, WorkerConfig, dlq_name
 from hypervisor.observability.workers._cli import serve_worker
-from hypervisor.observability.workers._redis_state import RedisStateStore, state_prefix
+from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
 url, stream, poison = sys.argv[1], sys.argv[2], sys.argv[3]
 
 class Poison(RingMetricsDerivation):

@@ -13,11 +13,12 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
+from hypervisor.observability._backends.log import parse_id
+from hypervisor.observability._backends.memory_log import MemoryStreamLog
+from hypervisor.observability._backends.redis_log import RedisStreamLog
+from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
 from hypervisor.observability._core.codec import encode_event
 from hypervisor.observability._core.ring import RING_EVENTS, RingMetricsState
-from hypervisor.observability._log.base import parse_id
-from hypervisor.observability._log.memory import MemoryStreamLog
-from hypervisor.observability._log.redis import RedisStreamLog
 from hypervisor.observability.testing import RecordingSpanSink
 from hypervisor.observability.workers import (
     Applier,
@@ -33,7 +34,6 @@ from hypervisor.observability.workers import (
 )
 from hypervisor.observability.workers._apply import restore_state
 from hypervisor.observability.workers._http import SnapshotView
-from hypervisor.observability.workers._redis_state import RedisStateStore, state_prefix
 from hypervisor.observability.workers._snapshot import load_state
 from redis_server import RedisServer
 from test_workers_support import random_events, reference, span_key

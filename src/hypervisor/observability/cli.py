@@ -82,7 +82,7 @@ def run_demo(args: argparse.Namespace) -> int:
     # Other backends plug in here: a feeder that emits the fleet's events on that bus and
     # returns a DemoResult.
     if args.redis:
-        from hypervisor.observability._demo_redis import feed_redis
+        from hypervisor.observability.demo.over_redis import feed_redis
 
         result = feed_redis(fleet, args.redis, sagas=args.sagas)
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.observability._lazy import lazy_exports
+from hypervisor.observability._util.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from hypervisor.observability.exporters.governance import GovernanceMetrics

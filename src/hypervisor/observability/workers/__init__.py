@@ -9,6 +9,12 @@ crashes and redeliveries.
 
 from __future__ import annotations
 
+from hypervisor.observability._backends.state import (
+    Commit,
+    MemoryStateStore,
+    StateMeta,
+    StateStore,
+)
 from hypervisor.observability.workers._apply import Applier, watermark
 from hypervisor.observability.workers._derivations import (
     RING_METRICS,
@@ -34,12 +40,6 @@ from hypervisor.observability.workers._runtime import (
 )
 from hypervisor.observability.workers._sinks import JsonLinesSpanSink, span_to_dict
 from hypervisor.observability.workers._snapshot import WorkerStateError
-from hypervisor.observability.workers._state import (
-    Commit,
-    MemoryStateStore,
-    StateMeta,
-    StateStore,
-)
 
 __all__ = [
     "REASON_MAX_DELIVERIES",

@@ -20,18 +20,18 @@ from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
-from hypervisor.observability._core.codec import decode_event
-from hypervisor.observability._core.spans import SagaSpanRecord
-from hypervisor.observability._log.base import (
+from hypervisor.observability._backends.log import (
     LogGroupMissingError,
     StreamLog,
     next_id,
     parse_id,
 )
+from hypervisor.observability._backends.state import Commit, Restored, StateMeta
+from hypervisor.observability._core.codec import decode_event
+from hypervisor.observability._core.spans import SagaSpanRecord
 from hypervisor.observability.errors import EventDecodeError
 from hypervisor.observability.workers._derivations import Derivation
 from hypervisor.observability.workers._snapshot import dump_state, load_state
-from hypervisor.observability.workers._state import Commit, Restored, StateMeta
 
 __all__ = ["Applier", "fold", "restore_state", "watermark"]
 

@@ -169,8 +169,8 @@ async def _stop_on_signal(worker: Worker) -> None:
 
 
 async def _run_worker(args: argparse.Namespace) -> int:
-    from hypervisor.observability._log.redis import RedisStreamLog
-    from hypervisor.observability.workers._redis_state import RedisStateStore, state_prefix
+    from hypervisor.observability._backends.redis_log import RedisStreamLog
+    from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
     from hypervisor.observability.workers._sinks import JsonLinesSpanSink
 
     sink = None
@@ -231,7 +231,7 @@ def run_worker(args: argparse.Namespace) -> int:
 async def _run_dlq(args: argparse.Namespace) -> int:
     import msgspec
 
-    from hypervisor.observability._log.redis import RedisStreamLog
+    from hypervisor.observability._backends.redis_log import RedisStreamLog
     from hypervisor.observability.workers._dlq import list_dead_letters, replay_dead_letters
 
     async with (

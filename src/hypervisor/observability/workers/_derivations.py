@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar, Final
 
+from hypervisor.observability._backends.state import StateStore
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.ring import RING_EVENTS, RingMetricsState
 from hypervisor.observability._core.spans import (
@@ -17,7 +18,6 @@ from hypervisor.observability._core.spans import (
     SpanSink,
 )
 from hypervisor.observability.workers._sinks import export_records
-from hypervisor.observability.workers._state import StateStore
 
 __all__ = [
     "RING_METRICS",

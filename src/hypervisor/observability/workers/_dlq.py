@@ -14,7 +14,7 @@ from typing import Final
 
 import msgspec
 
-from hypervisor.observability._log.base import MIN_ID, StreamLog, parse_id
+from hypervisor.observability._backends.log import MIN_ID, StreamLog, parse_id
 
 __all__ = [
     "REASON_MAX_DELIVERIES",

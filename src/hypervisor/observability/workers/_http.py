@@ -27,8 +27,9 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from hypervisor.observability._backends.log import LogError, parse_id
+from hypervisor.observability._backends.state import StateMeta
 from hypervisor.observability._core.ring import RingMetricsState
-from hypervisor.observability._log.base import LogError, parse_id
 from hypervisor.observability.exporters.prometheus import (
     DEFAULT_MAX_AGENTS,
     DEFAULT_MAX_SESSIONS,
@@ -40,7 +41,6 @@ from hypervisor.observability.workers._derivations import RING_METRICS, Derivati
 from hypervisor.observability.workers._dlq import REASON_MAX_DELIVERIES, REASON_UNDECODABLE
 from hypervisor.observability.workers._runtime import BATCH_BUCKETS, Worker
 from hypervisor.observability.workers._snapshot import WorkerStateError
-from hypervisor.observability.workers._state import StateMeta
 
 __all__ = ["SnapshotView", "WorkerHttpServer", "health_document"]
 

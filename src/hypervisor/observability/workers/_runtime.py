@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from hypervisor.observability._aio import AsyncResource
-from hypervisor.observability._core.codec import decode_event
-from hypervisor.observability._core.events import EventType, HypervisorEvent
-from hypervisor.observability._log.base import (
+from hypervisor.observability._backends.log import (
     MIN_ID,
     Entry,
     LogError,
     LogGroupMissingError,
     StreamLog,
 )
+from hypervisor.observability._core.codec import decode_event
+from hypervisor.observability._core.events import EventType, HypervisorEvent
+from hypervisor.observability._util.aio import AsyncResource
 from hypervisor.observability.errors import EventDecodeError
 from hypervisor.observability.workers._apply import Applier
 from hypervisor.observability.workers._derivations import Derivation
@@ -173,7 +173,7 @@ class Worker(AsyncResource):
         self.derivations = list(derivations)
         self.config = config
         if dlq is None:
-            from hypervisor.observability._log.memory import MemoryStreamLog
+            from hypervisor.observability._backends.memory_log import MemoryStreamLog
 
             dlq = MemoryStreamLog(dlq_name(log.name))
         self.dlq = dlq

@@ -27,8 +27,7 @@ import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from hypervisor.observability._aio import AsyncResource
-from hypervisor.observability._log.base import (
+from hypervisor.observability._backends.log import (
     ClaimResult,
     ConsumerPending,
     Entry,
@@ -39,6 +38,7 @@ from hypervisor.observability._log.base import (
     PendingSummary,
     TrimPolicy,
 )
+from hypervisor.observability._util.aio import AsyncResource
 
 __all__ = ["DEFAULT_FIELD", "RedisStreamLog", "translate_errors"]
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import anyio
 
+from hypervisor.observability._backends.log import LogError, StreamLog, format_id, parse_id
 from hypervisor.observability._core.codec import decode_events
 from hypervisor.observability._core.dispatch import Dispatcher
 from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability._core.store import EventStore
-from hypervisor.observability._log.base import LogError, StreamLog, format_id, parse_id
 from hypervisor.observability.errors import BusClosedError
 
 __all__ = ["BusReader", "IdTuple"]

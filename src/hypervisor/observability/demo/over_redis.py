@@ -7,7 +7,7 @@ deterministic) and emits only its own agent's events, in order, on its own ``Red
 The parent's tailing reader sees the interleaved stream of all producers and feeds the
 consumers, exactly as a monitoring process of a real fleet would.
 
-Run a producer directly: ``python -m hypervisor.observability._demo_redis URL STREAM SEED
+Run a producer directly: ``python -m hypervisor.observability.demo.over_redis URL STREAM SEED
 AGENTS SAGAS AGENT_DID``.
 """
 
@@ -18,13 +18,13 @@ import uuid
 
 import anyio
 
-from hypervisor.observability.demo import DemoResult, Fleet, generate_fleet
+from hypervisor.observability.demo.fleet import DemoResult, Fleet, generate_fleet
 
 __all__ = ["feed_redis"]
 
 
 async def _produce(url: str, stream: str, fleet: Fleet, agent_did: str) -> int:
-    from hypervisor.observability.redis_bus import RedisEventBus
+    from hypervisor.observability._bus.bus import RedisEventBus
 
     mine = [event for event in fleet.events if event.agent_did == agent_did]
     async with RedisEventBus.from_url(url, stream, reader=False) as bus:
@@ -33,9 +33,9 @@ async def _produce(url: str, stream: str, fleet: Fleet, agent_did: str) -> int:
 
 
 async def _feed(fleet: Fleet, url: str, stream: str, sagas: int) -> DemoResult:
-    from hypervisor.observability.prometheus_collector import RingMetricsCollector
-    from hypervisor.observability.redis_bus import RedisEventBus
-    from hypervisor.observability.saga_span_exporter import SagaSpanExporter
+    from hypervisor.observability._bus.bus import RedisEventBus
+    from hypervisor.observability._core.ring_collector import RingMetricsCollector
+    from hypervisor.observability._core.span_exporter import SagaSpanExporter
 
     agents = [agent.did for agent in fleet.agents]
     async with RedisEventBus.from_url(url, stream, max_events=None) as bus:

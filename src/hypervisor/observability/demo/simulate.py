@@ -1,6 +1,6 @@
 """A fleet simulator: a steady, realistic agent workload, with its metrics on ``/metrics``.
 
-Run ``python -m hypervisor.observability.exporters.simulate --port 8000``. Every tick the
+Run ``python -m hypervisor.observability.demo.simulate --port 8000``. Every tick the
 simulated agents get ring assignments, elevations, demotions and expiries, ask the governance
 layer for tool calls (allowed, denied, rate limited; with evaluation latencies), write audit
 records and run sagas whose steps sometimes fail and are compensated. Three agents are there to
@@ -326,7 +326,7 @@ class FleetSimulator:
 def build_parser() -> argparse.ArgumentParser:
     """The simulator's command line (docker-compose.yml runs it; tests parse its commands)."""
     parser = argparse.ArgumentParser(
-        prog="python -m hypervisor.observability.exporters.simulate",
+        prog="python -m hypervisor.observability.demo.simulate",
         description="Simulate a fleet of agents and serve its metrics on /metrics.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve /metrics on")
@@ -380,15 +380,15 @@ async def _run(args: argparse.Namespace) -> int:
     emit_local = None
     redis_bus = None
     if args.redis:
-        from hypervisor.observability.redis_bus import RedisEventBus
+        from hypervisor.observability._bus.bus import RedisEventBus
 
         # A producer only: no tailing reader and no local index.
         redis_bus = RedisEventBus.from_url(args.redis, stream=args.stream, reader=False)
         await redis_bus.start(wait_backfill=False)
     else:
-        from hypervisor.observability.event_bus import HypervisorEventBus
-        from hypervisor.observability.prometheus_collector import RingMetricsCollector
-        from hypervisor.observability.saga_span_exporter import SagaSpanExporter
+        from hypervisor.observability._core.event_bus import HypervisorEventBus
+        from hypervisor.observability._core.ring_collector import RingMetricsCollector
+        from hypervisor.observability._core.span_exporter import SagaSpanExporter
 
         bus = HypervisorEventBus(max_events=50_000)
         register_ring_metrics(RingMetricsCollector(bus), registry)

@@ -18,7 +18,7 @@ A store holds, for one derivation of one consumer group:
   version check of ``commit``).
 
 ``MemoryStateStore`` keeps all of it in process (tests, embedded use); ``RedisStateStore`` (in
-``_redis_state``) in Redis keys.
+``redis_state``) in Redis keys.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Protocol, Self, runtime_checkable
 
 import anyio
 
-from hypervisor.observability._aio import AsyncResource
-from hypervisor.observability._log.base import MIN_ID, parse_id
+from hypervisor.observability._backends.log import MIN_ID, parse_id
+from hypervisor.observability._util.aio import AsyncResource
 
 __all__ = ["Commit", "MemoryStateStore", "Restored", "StateMeta", "StateStore", "sort_key"]
 

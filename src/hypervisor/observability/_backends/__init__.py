@@ -1,14 +1,16 @@
-"""The backend seam: ``StreamLog`` and its implementations.
+"""The backend seam: the event log (``StreamLog``) and the workers' state store (``StateStore``).
 
-``MemoryStreamLog`` lives in process; ``RedisStreamLog`` (in ``_log.redis``, the only module that
-imports redis-py) is loaded on first use so importing this package never imports redis.
+``log`` and ``state`` define the protocols; ``memory_log`` and ``state`` hold the in-process
+implementations; ``redis_log`` and ``redis_state`` the Redis ones, the only modules of the package
+that import redis-py. ``RedisStreamLog`` is loaded on first use, so importing this package never
+imports redis.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hypervisor.observability._log.base import (
+from hypervisor.observability._backends.log import (
     MAX_ID,
     MIN_ID,
     ClaimResult,
@@ -28,8 +30,8 @@ from hypervisor.observability._log.base import (
 )
 
 if TYPE_CHECKING:
-    from hypervisor.observability._log.memory import MemoryStreamLog
-    from hypervisor.observability._log.redis import RedisStreamLog
+    from hypervisor.observability._backends.memory_log import MemoryStreamLog
+    from hypervisor.observability._backends.redis_log import RedisStreamLog
 
 __all__ = [
     "MAX_ID",
@@ -55,11 +57,11 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "MemoryStreamLog":
-        from hypervisor.observability._log.memory import MemoryStreamLog
+        from hypervisor.observability._backends.memory_log import MemoryStreamLog
 
         return MemoryStreamLog
     if name == "RedisStreamLog":
-        from hypervisor.observability._log.redis import RedisStreamLog
+        from hypervisor.observability._backends.redis_log import RedisStreamLog
 
         return RedisStreamLog
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

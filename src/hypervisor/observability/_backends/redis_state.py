@@ -1,7 +1,6 @@
 """``RedisStateStore``: the ``StateStore`` seam on Redis keys.
 
-The one module of the workers package that imports redis-py: the log seam (``_log``) has no
-place for sorted sets, scripts or leases, and these are the worker's own keys. Keys of one
+The workers' keys: the log protocol has no place for sorted sets, scripts or leases. Keys of one
 derivation share a hash tag, so every script stays in one slot on a cluster:
 
 * ``<prefix>:idx``: sorted set, all scores 0, one member per staged *batch*:
@@ -37,15 +36,15 @@ import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from hypervisor.observability._aio import AsyncResource
-from hypervisor.observability._log.base import (
+from hypervisor.observability._backends.log import (
     MIN_ID,
     LogError,
     next_id,
     parse_id,
 )
-from hypervisor.observability._log.redis import translate_errors
-from hypervisor.observability.workers._state import Commit, Restored, StateMeta, sort_key
+from hypervisor.observability._backends.redis_log import translate_errors
+from hypervisor.observability._backends.state import Commit, Restored, StateMeta, sort_key
+from hypervisor.observability._util.aio import AsyncResource
 
 __all__ = ["RedisStateStore", "state_prefix"]
 

@@ -283,9 +283,9 @@ def _run_saga(build: _Builder, saga_id: str, owner: DemoAgent, at: float, plan: 
 
 def feed_in_process(fleet: Fleet) -> DemoResult:
     """Emit the fleet's events on an in-process bus observed by the published consumers."""
-    from hypervisor.observability.event_bus import HypervisorEventBus
-    from hypervisor.observability.prometheus_collector import RingMetricsCollector
-    from hypervisor.observability.saga_span_exporter import SagaSpanExporter
+    from hypervisor.observability._core.event_bus import HypervisorEventBus
+    from hypervisor.observability._core.ring_collector import RingMetricsCollector
+    from hypervisor.observability._core.span_exporter import SagaSpanExporter
 
     bus = HypervisorEventBus()
     collector = RingMetricsCollector(bus)

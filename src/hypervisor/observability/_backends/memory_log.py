@@ -13,8 +13,7 @@ from bisect import bisect_right
 
 import anyio
 
-from hypervisor.observability._aio import AsyncResource
-from hypervisor.observability._log.base import (
+from hypervisor.observability._backends.log import (
     ClaimResult,
     ConsumerPending,
     Entry,
@@ -26,6 +25,7 @@ from hypervisor.observability._log.base import (
     format_id,
     parse_id,
 )
+from hypervisor.observability._util.aio import AsyncResource
 
 __all__ = ["MemoryStreamLog"]
 

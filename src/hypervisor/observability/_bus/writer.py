@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from hypervisor.observability._log.base import LogError, LogUnavailableError, StreamLog
+from hypervisor.observability._backends.log import LogError, LogUnavailableError, StreamLog
 from hypervisor.observability.errors import BusClosedError, BusUnavailableError
 
 __all__ = ["BusWriter", "Tracker", "Waiter"]

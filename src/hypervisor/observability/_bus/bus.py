@@ -1,0 +1,591 @@
+"""``RedisEventBus``: the asynchronous, multi-process event bus on a shared ``StreamLog``.
+
+Writing: ``emit`` encodes the event at the call (so an unencodable payload raises there), puts
+``(bytes, future)`` into a bounded buffer and awaits the future; one flusher task drains the
+buffer into one ``append_many`` per batch (one pipelined round trip). While a batch is in flight
+new emits pile up, so the next batch carries all of them: concurrency turns into batch size
+without any timer, and a lone emitter pays one round trip. Transient failures are retried with
+exponential backoff and full jitter until ``retry_deadline_s``; then every waiter of the batch
+gets ``BusUnavailableError`` and buffered (``emit_nowait``) events count as failed and make the
+next ``flush()`` raise. Nothing is dropped silently.
+
+Reading: one reader task tails the log (backfilling the newest ``max_events`` retained entries,
+or all of them when unbounded), decodes with the core codec (an undecodable entry is skipped and
+counted), drops a copy of an event it applied shortly before (a producer that retried a batch
+whose reply was lost appended it twice), appends to a local core ``EventStore`` (the same indexes
+as the in-process bus) and dispatches to local subscribers. Queries are answered from that
+store; ``sync()`` waits until it holds everything up to the log's head as of the call.
+
+The bus owns both sides and their tasks: the writing machinery is ``writer.BusWriter``, the
+reading machinery ``reader.BusReader``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, Self
+
+import anyio
+import msgspec
+
+from hypervisor.observability._backends.log import (
+    StreamLog,
+    TrimPolicy,
+    format_id,
+    parse_id,
+    previous_id,
+)
+from hypervisor.observability._bus.reader import BusReader
+from hypervisor.observability._bus.writer import BusWriter, Tracker
+from hypervisor.observability._core.codec import encode_event
+from hypervisor.observability._core.dispatch import Dispatcher
+from hypervisor.observability._core.events import EventHandler, EventType, HypervisorEvent
+from hypervisor.observability._core.store import DEFAULT_MAX_EVENTS, EventStore
+from hypervisor.observability._util.aio import AsyncResource
+from hypervisor.observability.errors import (
+    BusClosedError,
+    BusFullError,
+    BusUnavailableError,
+)
+
+__all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy"]
+
+_log = logging.getLogger("hypervisor.observability.redis_bus")
+
+DEFAULT_STREAM = "hvobs:events"
+"""The stream key used when none is given."""
+
+
+class IndexLag(msgspec.Struct, frozen=True):
+    """How far the local index is behind the log.
+
+    Attributes:
+        entries: entries in the log after the last one applied (capped at the count limit).
+        seconds: age difference between the log's head and the last applied entry (from ids).
+        head_id: the log's newest id.
+        applied_id: the newest id applied to the local index.
+    """
+
+    entries: int
+    seconds: float
+    head_id: str
+    applied_id: str
+
+
+def _retention(
+    max_len: int | None, max_age_s: float | None, retention: TrimPolicy | None
+) -> TrimPolicy | None:
+    if retention is not None:
+        if max_len is not None or max_age_s is not None:
+            raise ValueError("pass either retention or max_len/max_age_s, not both")
+        return retention
+    if max_len is None and max_age_s is None:
+        return None
+    if (max_len is not None and max_len < 1) or (max_age_s is not None and max_age_s <= 0):
+        raise ValueError("max_len must be >= 1 and max_age_s > 0")
+    return TrimPolicy(max_len=max_len, max_age_s=max_age_s)
+
+
+class RedisEventBus(AsyncResource):
+    """An event bus shared by many processes through a ``StreamLog`` (Redis Streams in production).
+
+    Use as an async context manager (or ``await start()`` / ``await aclose()``)::
+
+        async with RedisEventBus.from_url("redis://localhost:6379/0") as bus:
+            await bus.emit(HypervisorEvent(event_type=EventType.SESSION_CREATED))
+            await bus.sync()
+            print(await bus.event_count())
+
+    Args:
+        log: the log to write to and tail. ``from_url`` builds a Redis one; ``in_memory`` a
+            process-local one.
+        max_events: capacity of the local index (oldest evicted first); ``None`` for unbounded.
+        buffer_size: events that may wait in the emit buffer; beyond that ``emit`` waits and
+            ``emit_nowait`` raises ``BusFullError``.
+        batch_size: the most events appended in one round trip.
+        linger_s: how long the flusher waits for a batch to fill when it is idle and the buffer
+            holds fewer than ``batch_size`` events; 0 sends at once (lowest latency; concurrency
+            still forms batches while a round trip is in flight).
+        retry_deadline_s: how long a batch is retried on transient errors before its emitters
+            get ``BusUnavailableError``.
+        retry_base_s: first backoff; doubles per attempt, full jitter, capped at
+            ``retry_cap_s``.
+        retry_cap_s: the longest single backoff.
+        read_count: entries per read of the tailing reader.
+        block_s: how long one tailing read blocks waiting for new entries.
+        backfill: read the log's retained history on start, its newest ``max_events`` entries
+            (else only new entries).
+        reader: run the tailing reader and local index at all (producers may not need it).
+        owns_log: close the log in ``aclose()``.
+        dedup_window: the reader drops an event whose id was among the last ``dedup_window``
+            it applied (counted in :attr:`duplicates`). A batch whose append reply was lost is
+            retried, and if the first attempt did land the log holds it twice; 0 keeps every
+            copy.
+    """
+
+    def __init__(
+        self,
+        log: StreamLog,
+        *,
+        max_events: int | None = DEFAULT_MAX_EVENTS,
+        buffer_size: int = 65_536,
+        batch_size: int = 1024,
+        linger_s: float = 0.0,
+        retry_deadline_s: float = 30.0,
+        retry_base_s: float = 0.05,
+        retry_cap_s: float = 2.0,
+        read_count: int = 2048,
+        block_s: float = 1.0,
+        backfill: bool = True,
+        reader: bool = True,
+        owns_log: bool = True,
+        dedup_window: int = 100_000,
+    ) -> None:
+        if buffer_size < 1 or batch_size < 1:
+            raise ValueError("buffer_size and batch_size must be >= 1")
+        if dedup_window < 0:
+            raise ValueError(f"dedup_window must be >= 0, got {dedup_window}")
+        self._log = log
+        self._store = EventStore(max_events)
+        self._dispatcher = Dispatcher()
+        self._buffer_size = buffer_size
+        self._backfill = backfill
+        self._run_reader = reader
+        self._owns_log = owns_log
+
+        self._writer = BusWriter(
+            log,
+            batch_size=batch_size,
+            linger_s=linger_s,
+            retry_deadline_s=retry_deadline_s,
+            retry_base_s=retry_base_s,
+            retry_cap_s=retry_cap_s,
+        )
+        self._reader = BusReader(
+            log,
+            self._store,
+            self._dispatcher,
+            read_count=read_count,
+            block_s=block_s,
+            retry_base_s=retry_base_s,
+            retry_cap_s=retry_cap_s,
+            dedup_window=dedup_window,
+        )
+        # The writer's buffer (never rebound) and enqueue, bound once here so that the emit
+        # methods reach them in one attribute lookup per event, as when they lived on the bus.
+        self._buffer = self._writer.buffer
+        self._enqueue = self._writer.enqueue
+
+        self._tasks: list[tuple[asyncio.Task[None], anyio.CancelScope]] = []
+        self._started = False
+        self._closed = False
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        stream: str = DEFAULT_STREAM,
+        *,
+        max_len: int | None = None,
+        max_age_s: float | None = None,
+        retention: TrimPolicy | None = None,
+        log_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> RedisEventBus:
+        """Build a bus on a Redis stream.
+
+        Args:
+            url: ``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS; the ACL
+                username and password come from the URL.
+            stream: the stream key all processes of the fleet share.
+            max_len: keep about this many entries in the stream (trimmed with ``~``, never
+                past entries a consumer group has not acknowledged).
+            max_age_s: drop entries older than this (same guarantee).
+            retention: the full retention policy instead of ``max_len``/``max_age_s``.
+            log_options: extra ``RedisStreamLog`` options (timeouts, TLS files, ...).
+            **options: ``RedisEventBus`` options.
+        """
+        from hypervisor.observability._backends.redis_log import RedisStreamLog
+
+        retention = _retention(max_len, max_age_s, retention)
+        block_s = float(options.get("block_s", 1.0))
+        settings: dict[str, Any] = {"max_block_s": max(5.0, block_s)}
+        settings.update(log_options or {})
+        log = RedisStreamLog(url, stream, retention=retention, **settings)
+        return cls(log, **options)
+
+    @classmethod
+    def in_memory(
+        cls,
+        stream: str = DEFAULT_STREAM,
+        *,
+        max_len: int | None = None,
+        max_age_s: float | None = None,
+        retention: TrimPolicy | None = None,
+        **options: Any,
+    ) -> RedisEventBus:
+        """Build a bus on a process-local ``MemoryStreamLog`` (tests, demos, one process).
+
+        Retention arguments as for ``from_url`` (applied exactly here).
+        """
+        from hypervisor.observability._backends.memory_log import MemoryStreamLog
+
+        policy = _retention(max_len, max_age_s, retention)
+        return cls(MemoryStreamLog(stream, retention=policy), **options)
+
+    @property
+    def log(self) -> StreamLog:
+        """The underlying log."""
+        return self._log
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def start(self, *, wait_backfill: bool = True) -> None:
+        """Start the flusher and the tailing reader; by default wait until history is indexed."""
+        if self._started:
+            return
+        self._started = True
+        self._writer.open()
+        start_after = "0-0"
+        if self._run_reader and not self._backfill:
+            start_after = await self._writer.with_retry(self._log.head_id)
+        elif self._run_reader and self._store.max_events is not None:
+            # Older entries would be evicted from the index at once: skip reading them.
+            first = await self._writer.with_retry(self._log.id_from_end, self._store.max_events)
+            start_after = "0-0" if first is None else previous_id(first)
+        self._reader.last_applied = parse_id(start_after)
+        # Plain asyncio tasks rather than a task group held open across calls, so aclose()
+        # works from any scope or task; each runs in an anyio cancel scope because that
+        # cancellation is level-triggered: redis-py can swallow a one-shot task.cancel() in
+        # the middle of a blocking read.
+        self._spawn(self._writer.run, "hvobs-flusher")
+        if self._run_reader:
+            self._spawn(self._reader.run, "hvobs-reader")
+        if self._run_reader and wait_backfill:
+            try:
+                await self.sync()
+            except BaseException:
+                await self.aclose(flush_timeout_s=0.0)
+                raise
+
+    async def aclose(self, *, flush_timeout_s: float | None = None) -> None:
+        """Flush what is buffered, stop the tasks and close the log. Idempotent.
+
+        Args:
+            flush_timeout_s: how long to wait for buffered events to be stored (default: the
+                retry deadline plus a second). Events still buffered then fail: their
+                emitters get ``BusClosedError`` and they count in ``failed``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        tasks, self._tasks = self._tasks, []
+        writer = self._writer
+        timeout = writer.retry_deadline_s + 1.0 if flush_timeout_s is None else flush_timeout_s
+        try:
+            if tasks:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+                    await writer.wait_done(writer.enqueued)
+        finally:
+            for _, scope in tasks:
+                scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)
+            writer.fail_buffered()
+            self._reader.fail_syncs()
+            if writer.space is not None:
+                writer.space.set()
+            if self._owns_log:
+                with anyio.CancelScope(shield=True):
+                    await self._log.aclose()
+
+    def _spawn(self, body: Callable[[], Awaitable[None]], name: str) -> None:
+        scope = anyio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await body()
+
+        task = asyncio.get_running_loop().create_task(run(), name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append((task, scope))
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            _log.error(
+                "%s: background task %s stopped",
+                self._log.name,
+                task.get_name(),
+                exc_info=task.exception(),
+            )
+
+    def _check_running(self) -> None:
+        if self._closed:
+            raise BusClosedError("the bus was closed")
+        if not self._started:
+            raise BusClosedError("the bus is not started: use `async with bus` or `await start()`")
+
+    # -- emitting -----------------------------------------------------------------------------
+
+    async def _wait_space(self, needed: int = 1) -> None:
+        while len(self._buffer) + needed > self._buffer_size:
+            space = self._writer.space
+            assert space is not None
+            space.clear()
+            await space.wait()
+            self._check_running()
+
+    async def emit(self, event: HypervisorEvent, *, block: bool = True) -> None:
+        """Store ``event`` in the log; return once the backend has stored it.
+
+        Args:
+            event: the event.
+            block: wait while the buffer is full (else raise ``BusFullError``).
+
+        Raises:
+            EventEncodeError: the event cannot be encoded (raised before buffering).
+            BusFullError: the buffer is full and ``block`` is false.
+            BusUnavailableError: the backend stayed unreachable past ``retry_deadline_s``.
+            BusClosedError: the bus is closed or not started.
+        """
+        data = encode_event(event)
+        self._check_running()
+        if len(self._buffer) >= self._buffer_size:
+            if not block:
+                raise BusFullError(f"emit buffer full ({self._buffer_size} events)")
+            await self._wait_space()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(data, future)
+        await future
+
+    async def emit_many(self, events: Iterable[HypervisorEvent]) -> None:
+        """Store many events in order; return once the backend has stored all of them.
+
+        Every event is encoded first, so an unencodable one raises before any is buffered.
+
+        Raises:
+            EventEncodeError: an event cannot be encoded (nothing was buffered).
+            BusUnavailableError: some of them could not be stored before the retry deadline.
+            BusClosedError: the bus is closed or not started.
+        """
+        encoded = [encode_event(event) for event in events]
+        self._check_running()
+        if not encoded:
+            return
+        tracker = Tracker()
+        step = max(1, min(self._buffer_size, self._writer.batch_size * 4))
+        for offset in range(0, len(encoded), step):
+            chunk = encoded[offset : offset + step]
+            if len(self._buffer) + len(chunk) > self._buffer_size:
+                await self._wait_space(len(chunk))
+            for data in chunk:
+                self._enqueue(data, tracker)
+        await self._writer.wait_done(self._writer.enqueued)
+        if tracker.error is not None:
+            raise BusUnavailableError(
+                f"some of the {len(encoded)} events were not stored: {tracker.error}"
+            ) from tracker.error
+
+    def emit_nowait(self, event: HypervisorEvent) -> None:
+        """Buffer ``event`` for the flusher and return at once; ``flush()`` confirms storage.
+
+        Raises:
+            EventEncodeError: the event cannot be encoded.
+            BusFullError: the buffer holds ``buffer_size`` events already.
+            BusClosedError: the bus is closed or not started.
+        """
+        data = encode_event(event)
+        self._check_running()
+        if len(self._buffer) >= self._buffer_size:
+            raise BusFullError(
+                f"emit buffer full ({self._buffer_size} events); await emit() or flush()"
+            )
+        self._enqueue(data, None)
+
+    async def flush(self) -> None:
+        """Wait until everything buffered before the call is stored.
+
+        Raises:
+            BusUnavailableError: buffered events were lost to an unreachable backend since the
+                previous ``flush()`` (the count is in the message).
+        """
+        self._check_running()
+        writer = self._writer
+        await writer.wait_done(writer.enqueued)
+        if writer.unreported_failures:
+            lost, writer.unreported_failures = writer.unreported_failures, 0
+            raise BusUnavailableError(
+                f"{lost} buffered events could not be stored: {writer.last_error}"
+            ) from writer.last_error
+
+    @property
+    def buffered(self) -> int:
+        """Events waiting in the emit buffer."""
+        return len(self._buffer)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Wait until the local index holds every entry up to the log's head as of the call.
+
+        Raises:
+            BusClosedError: the bus is closed, not started, or runs without a reader.
+            BusUnavailableError: the head could not be read before the retry deadline.
+        """
+        self._check_running()
+        if not self._run_reader:
+            raise BusClosedError("this bus runs without a reader (reader=False)")
+        read_no = self._reader.read_no
+        head = parse_id(await self._writer.with_retry(self._log.head_id))
+        await self._reader.wait_applied(head, read_no)
+
+    async def index_lag(self, limit: int = 1_000_000) -> IndexLag:
+        """How far the local index is behind the log's head (entries and seconds)."""
+        self._check_running()
+        reader = self._reader
+        applied = format_id(*reader.last_applied)
+        head = await self._log.head_id()
+        entries = await self._log.count_after(applied, limit)
+        seconds = max(0.0, (parse_id(head)[0] - reader.last_applied[0]) / 1000) if entries else 0.0
+        return IndexLag(entries, seconds, head, applied)
+
+    @property
+    def applied_id(self) -> str:
+        """The newest log id applied to the local index."""
+        return format_id(*self._reader.last_applied)
+
+    # -- counters -----------------------------------------------------------------------------
+
+    @property
+    def emitted(self) -> int:
+        """Events stored in the log by this bus."""
+        return self._writer.emitted
+
+    @property
+    def failed(self) -> int:
+        """Events whose batch failed past the retry deadline (their emitters were told)."""
+        return self._writer.failed
+
+    @property
+    def retries(self) -> int:
+        """Append attempts retried after a transient error."""
+        return self._writer.retries
+
+    @property
+    def batches(self) -> int:
+        """Append round trips that succeeded."""
+        return self._writer.batches
+
+    @property
+    def applied(self) -> int:
+        """Events applied to the local index (decoded entries read from the log)."""
+        return self._reader.applied
+
+    @property
+    def decode_errors(self) -> int:
+        """Log entries that could not be decoded (skipped)."""
+        return self._reader.decode_errors
+
+    @property
+    def deleted_entries(self) -> int:
+        """Entries read without a body (deleted from the log)."""
+        return self._reader.deleted_entries
+
+    @property
+    def duplicates(self) -> int:
+        """Events the reader dropped as copies of one it applied shortly before."""
+        return self._reader.duplicates
+
+    @property
+    def reader_errors(self) -> int:
+        """Tailing reads that failed (the reader reconnected and resumed)."""
+        return self._reader.reader_errors
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    def subscribe(
+        self, event_type: EventType | None = None, handler: EventHandler | None = None
+    ) -> None:
+        """Call ``handler`` for each event of ``event_type`` (all when ``None``) read from the
+        log, whichever process emitted it. A ``None`` handler is ignored."""
+        if handler is None:
+            return
+        self._dispatcher.subscribe(event_type, handler)
+
+    def unsubscribe(self, event_type: EventType | None, handler: EventHandler) -> bool:
+        """Remove one registration of ``handler``; return whether it was registered."""
+        return self._dispatcher.unsubscribe(event_type, handler)
+
+    @property
+    def handler_errors(self) -> int:
+        """How many handler calls raised."""
+        return self._dispatcher.handler_errors
+
+    # -- queries (from the local index) -------------------------------------------------------
+
+    @property
+    def max_events(self) -> int | None:
+        """Capacity of the local index."""
+        return self._store.max_events
+
+    @property
+    def evicted_count(self) -> int:
+        """Events evicted from the local index to respect ``max_events``."""
+        return self._store.evicted
+
+    async def query_by_type(self, event_type: EventType) -> list[HypervisorEvent]:
+        """Indexed events of ``event_type``, oldest first."""
+        return self._store.by_type(event_type)
+
+    async def query_by_session(self, session_id: str) -> list[HypervisorEvent]:
+        """Indexed events of ``session_id``, oldest first."""
+        return self._store.by_session(session_id)
+
+    async def query_by_agent(self, agent_did: str) -> list[HypervisorEvent]:
+        """Indexed events involving ``agent_did``, oldest first."""
+        return self._store.by_agent(agent_did)
+
+    async def query_by_time_range(
+        self, start: datetime, end: datetime | None = None
+    ) -> list[HypervisorEvent]:
+        """Indexed events with ``start <= timestamp <= end`` (``end`` defaults to now).
+
+        Raises:
+            ValueError: ``start`` or ``end`` is naive.
+        """
+        return self._store.time_range(start, datetime.now(UTC) if end is None else end)
+
+    async def query(
+        self,
+        event_type: EventType | None = None,
+        session_id: str | None = None,
+        agent_did: str | None = None,
+        limit: int | None = None,
+    ) -> list[HypervisorEvent]:
+        """Indexed events matching every given filter, oldest first; the newest ``limit``.
+
+        Raises:
+            ValueError: ``limit`` is not ``None`` nor an int >= 1.
+        """
+        return self._store.query(event_type, session_id, agent_did, limit)
+
+    async def event_count(self) -> int:
+        """Events in the local index."""
+        return len(self._store)
+
+    async def all_events(self) -> list[HypervisorEvent]:
+        """A copy of the indexed events, oldest first."""
+        return self._store.all()
+
+    async def type_counts(self) -> dict[str, int]:
+        """Indexed events per type value."""
+        return self._store.type_counts()
