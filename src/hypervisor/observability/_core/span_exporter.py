@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from hypervisor.observability._core.events import EventHandler, EventType
+from hypervisor.observability._core.span_records import deliverer
 from hypervisor.observability._core.spans import (
     DEFAULT_MAX_OPEN_SAGAS,
     DEFAULT_MAX_OPEN_STEPS,
@@ -33,25 +34,6 @@ class _EventSource(Protocol):
     def subscribe(
         self, event_type: EventType | None = None, handler: EventHandler | None = None
     ) -> object: ...
-
-
-def _deliverer(sink: SpanSink | SpanRecordSink) -> Callable[[SagaSpanRecord], None]:
-    """Return how a record reaches ``sink``: ``export_span`` if it has one, else ``record_span``."""
-    export_span = getattr(sink, "export_span", None)
-    if callable(export_span):
-        return export_span  # type: ignore[no-any-return]
-    record_span = sink.record_span  # type: ignore[union-attr]
-
-    def deliver(record: SagaSpanRecord) -> None:
-        record_span(
-            name=record.name,
-            start_time=record.start_time,
-            end_time=record.end_time,
-            attributes=record.attributes,
-            status=record.status,
-        )
-
-    return deliver
 
 
 class SagaSpanExporter:
@@ -127,7 +109,7 @@ class SagaSpanExporter:
 
     def attach_sink(self, sink: SpanSink | SpanRecordSink) -> None:
         """Forward every span completed from now on to ``sink`` (replacing any other sink)."""
-        self._deliver = _deliverer(sink)
+        self._deliver = deliverer(sink)
         self._sink = sink
         self._state.on_span = self._forward
         self._state.lazy_records = False  # the sink reads every record at once

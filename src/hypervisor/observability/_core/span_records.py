@@ -9,6 +9,7 @@ fields through its ``__dict__``, several times faster than the frozen ``__init__
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Protocol, runtime_checkable
@@ -23,7 +24,7 @@ from hypervisor.observability._core.span_ids import (
     trace_id_for_saga,
 )
 
-__all__ = ["SagaSpanRecord", "SpanRecordSink", "SpanSink"]
+__all__ = ["SagaSpanRecord", "SpanRecordSink", "SpanSink", "deliverer"]
 
 # A bare record and the setter that gives it its fields (see _record).
 _new_record = object.__new__
@@ -109,6 +110,28 @@ class SpanRecordSink(Protocol):
     def export_span(self, record: SagaSpanRecord) -> None:
         """Receive one completed span record."""
         ...
+
+
+def deliverer(sink: SpanSink | SpanRecordSink) -> Callable[[SagaSpanRecord], None]:
+    """Return how a record reaches ``sink``, the one adapter of the two sink protocols.
+
+    A sink with ``export_span`` gets whole records (ids included); a published ``SpanSink`` gets
+    ``record_span(...)`` with the published keywords.
+    """
+    if isinstance(sink, SpanRecordSink):
+        return sink.export_span
+    record_span = sink.record_span
+
+    def deliver(record: SagaSpanRecord) -> None:
+        record_span(
+            name=record.name,
+            start_time=record.start_time,
+            end_time=record.end_time,
+            attributes=record.attributes,
+            status=record.status,
+        )
+
+    return deliver
 
 
 _STEP_SPAN: Final = "step"

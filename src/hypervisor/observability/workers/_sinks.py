@@ -9,6 +9,7 @@ from typing import IO, Any, Self
 
 import msgspec
 
+from hypervisor.observability._core.span_records import deliverer
 from hypervisor.observability._core.spans import SagaSpanRecord, SpanRecordSink, SpanSink
 
 __all__ = ["JsonLinesSpanSink", "export_records", "span_to_dict"]
@@ -90,23 +91,14 @@ class JsonLinesSpanSink:
 def export_records(records: list[SagaSpanRecord], sinks: list[SpanRecordSink | SpanSink]) -> None:
     """Hand ``records`` to every sink, then flush sinks that buffer.
 
-    A sink with ``export_span`` gets whole records (ids included); a published ``SpanSink`` gets
-    ``record_span(...)`` keywords. Errors propagate: the caller must not commit state whose spans
+    Each sink gets them through :func:`~hypervisor.observability._core.span_records.deliverer`.
+    Errors propagate: the caller must not commit state whose spans
     a sink did not take.
     """
     for sink in sinks:
-        if isinstance(sink, SpanRecordSink):
-            for record in records:
-                sink.export_span(record)
-        else:
-            for record in records:
-                sink.record_span(
-                    name=record.name,
-                    start_time=record.start_time,
-                    end_time=record.end_time,
-                    attributes=record.attributes,
-                    status=record.status,
-                )
+        deliver = deliverer(sink)
+        for record in records:
+            deliver(record)
         flush = getattr(sink, "flush", None)
         if callable(flush):
             flush()
