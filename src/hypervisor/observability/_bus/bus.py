@@ -45,6 +45,7 @@ from hypervisor.observability._core.dispatch import Dispatcher
 from hypervisor.observability._core.events import EventHandler, EventType, HypervisorEvent
 from hypervisor.observability._core.store import DEFAULT_MAX_EVENTS, EventStore
 from hypervisor.observability._util.aio import AsyncResource
+from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
     BusClosedError,
     BusFullError,
@@ -156,13 +157,13 @@ class RedisEventBus(AsyncResource):
         self._run_reader = reader
         self._owns_log = owns_log
 
+        backoff = Backoff(retry_base_s, retry_cap_s)
         self._writer = BusWriter(
             log,
             batch_size=batch_size,
             linger_s=linger_s,
             retry_deadline_s=retry_deadline_s,
-            retry_base_s=retry_base_s,
-            retry_cap_s=retry_cap_s,
+            backoff=backoff,
         )
         self._reader = BusReader(
             log,
@@ -170,8 +171,7 @@ class RedisEventBus(AsyncResource):
             self._dispatcher,
             read_count=read_count,
             block_s=block_s,
-            retry_base_s=retry_base_s,
-            retry_cap_s=retry_cap_s,
+            backoff=backoff,
             dedup_window=dedup_window,
         )
         # The writer's buffer (never rebound) and enqueue, bound once here so that the emit

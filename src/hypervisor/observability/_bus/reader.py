@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from typing import Any
-
-import anyio
 
 from hypervisor.observability._backends.log import LogError, StreamLog, format_id, parse_id
 from hypervisor.observability._core.codec import decode_events
 from hypervisor.observability._core.dispatch import Dispatcher
 from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability._core.store import EventStore
+from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import BusClosedError
 
 __all__ = ["BusReader", "IdTuple"]
@@ -55,8 +53,7 @@ class BusReader:
         *,
         read_count: int,
         block_s: float,
-        retry_base_s: float,
-        retry_cap_s: float,
+        backoff: Backoff,
         dedup_window: int,
     ) -> None:
         self.log = log
@@ -64,8 +61,7 @@ class BusReader:
         self.dispatcher = dispatcher
         self.read_count = read_count
         self.block_s = block_s
-        self.retry_base_s = retry_base_s
-        self.retry_cap_s = retry_cap_s
+        self._backoff = backoff
 
         self.last_applied: IdTuple = (0, 0)
         self.read_no = 0
@@ -98,9 +94,8 @@ class BusReader:
                 self.reader_errors += 1
                 if attempt == 0:
                     _log.warning("%s: tailing read failed, reconnecting: %s", log.name, exc)
-                backoff = min(self.retry_cap_s, self.retry_base_s * 2**attempt)
+                await self._backoff.wait(attempt)
                 attempt += 1
-                await anyio.sleep(random.uniform(0, backoff))
                 continue
             if attempt:
                 _log.info("%s: tailing reader resumed after %d attempts", log.name, attempt)

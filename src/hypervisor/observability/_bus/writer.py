@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
 
 import anyio
 
 from hypervisor.observability._backends.log import LogError, LogUnavailableError, StreamLog
+from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import BusClosedError, BusUnavailableError
 
 __all__ = ["BusWriter", "Tracker", "Waiter"]
 
 _log = logging.getLogger("hypervisor.observability.redis_bus")
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class Tracker:
@@ -56,15 +60,13 @@ class BusWriter:
         batch_size: int,
         linger_s: float,
         retry_deadline_s: float,
-        retry_base_s: float,
-        retry_cap_s: float,
+        backoff: Backoff,
     ) -> None:
         self.log = log
         self.batch_size = batch_size
         self.linger_s = linger_s
         self.retry_deadline_s = retry_deadline_s
-        self.retry_base_s = retry_base_s
-        self.retry_cap_s = retry_cap_s
+        self._backoff = backoff
 
         self.buffer: deque[tuple[bytes, Waiter]] = deque()
         self.enqueued = 0  # sequence number of the last event put into the buffer
@@ -185,7 +187,9 @@ class BusWriter:
                     remaining.append((target, future))
             self.done_waiters = remaining
 
-    async def with_retry(self, call: Any, *args: Any) -> Any:
+    async def with_retry(
+        self, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
         """Run ``call(*args)``, retrying transient log errors with backoff and full jitter until
         the deadline; then (or at once for a permanent error) raise ``BusUnavailableError``.
 
@@ -196,7 +200,7 @@ class BusWriter:
         attempt = 0
         while True:
             try:
-                return await call(*args)
+                return await call(*args, **kwargs)
             except LogUnavailableError as exc:
                 now = time.monotonic()
                 if now >= deadline:
@@ -207,8 +211,7 @@ class BusWriter:
                 self.retries += 1
                 if attempt == 0:
                     _log.warning("%s: append failed, retrying: %s", self.log.name, exc)
-                backoff = min(self.retry_cap_s, self.retry_base_s * 2**attempt)
+                await self._backoff.wait(attempt, limit_s=deadline - now)
                 attempt += 1
-                await anyio.sleep(min(random.uniform(0, backoff), max(0.0, deadline - now)))
             except LogError as exc:  # not transient: retrying cannot help
                 raise BusUnavailableError(f"{self.log.name}: {exc}") from exc

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -29,6 +28,7 @@ from hypervisor.observability._backends.log import (
 from hypervisor.observability._core.codec import decode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._util.aio import AsyncResource
+from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import EventDecodeError
 from hypervisor.observability.workers._apply import Applier
 from hypervisor.observability.workers._derivations import Derivation
@@ -44,6 +44,9 @@ from hypervisor.observability.workers._snapshot import WorkerStateError
 __all__ = ["BATCH_BUCKETS", "Worker", "WorkerConfig", "WorkerStats", "default_consumer_name"]
 
 _log = logging.getLogger("hypervisor.observability.workers")
+
+_RETRY_BASE_S = 0.05
+"""Upper bound of the first backoff after a backend error; doubles up to ``retry_max_s``."""
 
 BATCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 """Upper bounds (seconds) of the batch latency histogram."""
@@ -210,6 +213,7 @@ class Worker(AsyncResource):
         self.stopped = anyio.Event()
         """Set when :meth:`run` has drained and returned."""
         self._stop = anyio.Event()
+        self._retry_backoff = Backoff(_RETRY_BASE_S, config.retry_max_s)
         self._consume_done = anyio.Event()
         self._wakes = [anyio.Event() for _ in self.appliers]
         self._read_scope: anyio.CancelScope | None = None
@@ -245,9 +249,7 @@ class Worker(AsyncResource):
             self._wakes[index] = anyio.Event()
 
     async def _backoff(self, attempt: int) -> None:
-        delay = random.uniform(0, min(self.config.retry_max_s, 0.05 * 2**attempt))
-        with anyio.move_on_after(delay):
-            await self._stop.wait()
+        await self._retry_backoff.wait(attempt, stop=self._stop)
 
     async def _ensure_group(self) -> None:
         if await self.log.ensure_group(self.config.group, self.config.start_id):
