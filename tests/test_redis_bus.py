@@ -618,7 +618,7 @@ async def test_dedup_window_is_bounded_and_can_be_turned_off() -> None:
         await bus.sync()
         assert await bus.all_events() == [*events, events[0]]
         assert bus.duplicates == 1
-        assert len(bus._reader.recent_ids) == len(bus._reader.recent_set) == 3
+        assert len(bus._reader.recent) == 3
     async with RedisEventBus.in_memory(max_events=None, dedup_window=0) as bus:
         await bus.emit_many(events + events)
         await bus.sync()

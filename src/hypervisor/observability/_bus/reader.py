@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from typing import Any
 
 from hypervisor.observability._backends.log import LogError, StreamLog, format_id, parse_id
 from hypervisor.observability._core.codec import decode_events
 from hypervisor.observability._core.dispatch import Dispatcher
 from hypervisor.observability._core.events import HypervisorEvent
+from hypervisor.observability._core.recent import RecentIds
 from hypervisor.observability._core.store import EventStore
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import BusClosedError
@@ -67,10 +67,9 @@ class BusReader:
         self.read_no = 0
         self.empty_read_no = -1
         self.sync_waiters: list[_SyncWaiter] = []
-        # The ids of the newest events applied, oldest first, and as a set.
+        # The ids of the newest events applied (copies of them are dropped).
         self.dedup_window = dedup_window
-        self.recent_ids: deque[str] = deque()
-        self.recent_set: set[str] = set()
+        self.recent = RecentIds(dedup_window)
 
         # Read through the bus's properties of the same names (documented there).
         self.applied = 0
@@ -140,26 +139,20 @@ class BusReader:
 
     def _drop_copies(self, events: list[HypervisorEvent]) -> list[HypervisorEvent]:
         """``events`` without those whose id is among the newest ids applied."""
-        recent = self.recent_set
-        order = self.recent_ids
+        add = self.recent.add
         kept: list[HypervisorEvent] = []
         for event in events:
-            event_id = event.event_id
-            if event_id in recent:
-                if self.duplicates == 0:
-                    _log.warning(
-                        "%s: dropping event %s, already applied (a producer retried a batch"
-                        " that had been stored); further copies are counted",
-                        self.log.name,
-                        event_id,
-                    )
-                self.duplicates += 1
+            if add(event.event_id):
+                kept.append(event)
                 continue
-            recent.add(event_id)
-            order.append(event_id)
-            kept.append(event)
-        for _ in range(len(order) - self.dedup_window):
-            recent.discard(order.popleft())
+            if self.duplicates == 0:
+                _log.warning(
+                    "%s: dropping event %s, already applied (a producer retried a batch"
+                    " that had been stored); further copies are counted",
+                    self.log.name,
+                    event.event_id,
+                )
+            self.duplicates += 1
         return kept
 
     async def wait_applied(self, target: IdTuple, read_no: int) -> None:
