@@ -626,8 +626,8 @@ def test_handlers_registered_for_str_value_receive_member_events(subscribe_first
     assert got == [event]
 
 
-def test_emit_is_the_closure_unless_a_subclass_overrides_it() -> None:
-    """A bus's emit stores and dispatches like the method; a subclass's own emit is kept."""
+def test_emit_works_unbound_and_a_subclass_can_override_it() -> None:
+    """emit stores and dispatches, also called unbound; a subclass's own emit is used."""
     seen: list[HypervisorEvent] = []
 
     class Counting(HypervisorEventBus):
