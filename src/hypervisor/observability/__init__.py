@@ -20,6 +20,10 @@ if TYPE_CHECKING:
         EventDecodeError as EventDecodeError,
         EventEncodeError as EventEncodeError,
         HypervisorObservabilityError as HypervisorObservabilityError,
+        LogError as LogError,
+        LogGroupMissingError as LogGroupMissingError,
+        LogUnavailableError as LogUnavailableError,
+        MetricsExportError as MetricsExportError,
     )
     from hypervisor.observability.event_bus import (
         DEFAULT_MAX_EVENTS as DEFAULT_MAX_EVENTS,
@@ -60,6 +64,10 @@ _EXPORTS: dict[str, str] = {
     "BusFullError": "errors",
     "BusUnavailableError": "errors",
     "BusClosedError": "errors",
+    "LogError": "errors",
+    "LogGroupMissingError": "errors",
+    "LogUnavailableError": "errors",
+    "MetricsExportError": "errors",
 }
 
 __all__ = [
@@ -75,6 +83,10 @@ __all__ = [
     "HypervisorEvent",
     "HypervisorEventBus",
     "HypervisorObservabilityError",
+    "LogError",
+    "LogGroupMissingError",
+    "LogUnavailableError",
+    "MetricsExportError",
     "PrometheusExporterProtocol",
     "RedisEventBus",
     "RingMetricsCollector",

@@ -9,6 +9,10 @@ __all__ = [
     "EventDecodeError",
     "EventEncodeError",
     "HypervisorObservabilityError",
+    "LogError",
+    "LogGroupMissingError",
+    "LogUnavailableError",
+    "MetricsExportError",
 ]
 
 
@@ -42,3 +46,26 @@ class BusUnavailableError(HypervisorObservabilityError):
 
 class BusClosedError(HypervisorObservabilityError):
     """The bus was closed; no more events are accepted."""
+
+
+class LogError(HypervisorObservabilityError):
+    """A ``StreamLog`` operation failed."""
+
+
+class LogUnavailableError(LogError):
+    """The backend could not be reached (connection refused, reset, timed out, loading).
+
+    Transient: the same call may succeed when retried later.
+    """
+
+
+class LogGroupMissingError(LogError):
+    """The consumer group (or the whole log) does not exist any more; recreate it."""
+
+
+class MetricsExportError(HypervisorObservabilityError, ValueError):
+    """A metric update does not fit the metric already registered under that name.
+
+    Raised for a label set that differs from the one the metric was created with, a name taken by
+    another collector on the registry, a counter decrement, or a gauge/counter kind clash.
+    """

@@ -19,7 +19,7 @@ from typing import Protocol, Self, runtime_checkable
 
 import msgspec
 
-from hypervisor.observability.errors import HypervisorObservabilityError
+from hypervisor.observability.errors import LogError, LogGroupMissingError, LogUnavailableError
 
 __all__ = [
     "MAX_ID",
@@ -44,21 +44,6 @@ MIN_ID = "0-0"
 """An id lower than every entry id: ``read(MIN_ID)`` reads from the oldest retained entry."""
 MAX_ID = f"{2**64 - 1}-{2**64 - 1}"
 """An id higher than every entry id."""
-
-
-class LogError(HypervisorObservabilityError):
-    """A ``StreamLog`` operation failed."""
-
-
-class LogUnavailableError(LogError):
-    """The backend could not be reached (connection refused, reset, timed out, loading).
-
-    Transient: the same call may succeed when retried later.
-    """
-
-
-class LogGroupMissingError(LogError):
-    """The consumer group (or the whole log) does not exist any more; recreate it."""
 
 
 def parse_id(entry_id: str) -> tuple[int, int]:

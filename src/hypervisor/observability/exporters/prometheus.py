@@ -39,7 +39,7 @@ from hypervisor.observability._core.ring import (
     METRIC_RING_TRANSITIONS_TOTAL,
     RingMetricsState,
 )
-from hypervisor.observability.errors import HypervisorObservabilityError
+from hypervisor.observability.errors import MetricsExportError
 
 __all__ = [
     "AGENT_LABELS",
@@ -86,14 +86,6 @@ _HELP_ELEVATION: Final = (
 _HELP_PROCESSED: Final = "Ring events applied to the ring metrics, bad ones included"
 _HELP_BAD: Final = "Ring events ignored because a ring field was not a non-negative integer"
 _HELP_OVERFLOW: Final = "Label values folded into __overflow__ by the cardinality guard"
-
-
-class MetricsExportError(HypervisorObservabilityError, ValueError):
-    """A metric update does not fit the metric already registered under that name.
-
-    Raised for a label set that differs from the one the metric was created with, a name taken by
-    another collector on the registry, a counter decrement, or a gauge/counter kind clash.
-    """
 
 
 def _strip_total(name: str) -> str:
