@@ -22,7 +22,7 @@ from redis_server import RedisServer
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def log(request: pytest.FixtureRequest, stream_name: str) -> AsyncIterator[StreamLog]:
     """A fresh, empty log of each implementation."""
     if request.param == "memory":

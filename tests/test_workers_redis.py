@@ -38,19 +38,20 @@ from hypervisor.observability.workers._snapshot import load_state
 from redis_server import RedisServer
 from test_workers_support import random_events, reference, span_key
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+# Per test, not per module: the state store contract runs on the in-memory store without a
+# redis-server too.
+pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(
-    request: pytest.FixtureRequest, redis_server: RedisServer
-) -> AsyncIterator[StateStore]:
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     """A fresh state store of each kind."""
     if request.param == "memory":
         yield MemoryStateStore()
         return
+    server: RedisServer = request.getfixturevalue("redis_server")
     prefix = state_prefix(f"t{uuid.uuid4().hex[:8]}", "g", "ring")
-    async with RedisStateStore(redis_server.url, prefix) as made:
+    async with RedisStateStore(server.url, prefix) as made:
         yield made
         await made.reset()
 
@@ -111,6 +112,7 @@ async def settled(log: RedisStreamLog, stores: list[Any]) -> None:
             await anyio.sleep(0.01)
 
 
+@pytest.mark.redis
 async def test_workers_on_redis_equal_in_process_reference(redis_server: RedisServer) -> None:
     """Three workers on a Redis stream and Redis state produce the in-process metrics and
     spans exactly."""
@@ -298,6 +300,7 @@ async def test_view_follows_commits_by_replay_and_rebuilds_after_checkpoints(
     assert view.rebuilds == 4
 
 
+@pytest.mark.redis
 @pytest.mark.parametrize("vanish", ["destroy-group", "delete-stream"])
 async def test_worker_recreates_a_vanished_group_and_keeps_going(
     redis_server: RedisServer, vanish: str, caplog: pytest.LogCaptureFixture
