@@ -36,7 +36,7 @@ from hypervisor.observability.workers._apply import restore_state
 from hypervisor.observability.workers._http import SnapshotView
 from hypervisor.observability.workers._snapshot import load_state
 from redis_server import RedisServer
-from test_workers_support import random_events, reference, span_key
+from workers_support import random_events, reference, span_key
 
 # Per test, not per module: the state store contract runs on the in-memory store without a
 # redis-server too.
