@@ -151,7 +151,12 @@ async def test_sigkill_mid_load_loses_nothing_acknowledged(
             await a_third_done.wait()
             await anyio.to_thread.run_sync(aof_server.kill)
             killed.set()
-            await anyio.sleep(0.5)
+            # Down until both the emitters and the tailing reader have run into the outage (no
+            # event marks it: poll the counters).
+            while True:
+                if bus.retries and bus.reader_errors:
+                    break
+                await anyio.sleep(0.01)
             await anyio.to_thread.run_sync(aof_server.restart)
 
         with anyio.fail_after(120):
