@@ -11,6 +11,23 @@ import pytest
 from redis_server import RedisServer, redis_server_binary
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test that asks for ``redis_server`` without the ``redis`` marker: under
+    ``-m "not redis"`` (no redis-server installed) it would be skipped instead of deselected.
+    (A fixture that asks for the server only for some parameters, with ``getfixturevalue``,
+    marks those parameters with ``pytest.param(..., marks=pytest.mark.redis)``.)"""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "redis_server" in getattr(item, "fixturenames", ())
+        and item.get_closest_marker("redis") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests using the redis_server fixture must be marked redis: " + ", ".join(unmarked)
+        )
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     """Run anyio tests on asyncio (redis-py's asyncio client needs it)."""

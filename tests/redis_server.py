@@ -126,6 +126,13 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=10)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        # The stderr pipe is read only when the server dies on start; a restart replaces the
+        # process, so the old pipe is closed here rather than left to the garbage collector.
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
 
     def restart(self, timeout_s: float = 30.0) -> Self:
         """Start again on the same port and directory (after ``kill`` or ``stop``)."""
@@ -141,8 +148,7 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-        if self.process is not None and self.process.stderr is not None:
-            self.process.stderr.close()
+        self._close_pipe()
 
     def close(self) -> None:
         """Stop the server and remove its directory if this object created it."""

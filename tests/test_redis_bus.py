@@ -27,7 +27,9 @@ from hypervisor.observability.errors import (
 from hypervisor.observability.redis_bus import RedisEventBus
 from redis_server import RedisServer, free_port
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+# Per test, not per module: the tests without a redis-server (dead ports, the in-memory log,
+# client options) run under `-m "not redis"` too.
+pytestmark = pytest.mark.anyio
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -72,6 +74,7 @@ _PRODUCER = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.redis
 async def test_four_producer_processes_each_event_once_in_order(
     redis_server: RedisServer, stream_name: str
 ) -> None:
@@ -120,6 +123,7 @@ def aof_server() -> Iterator[RedisServer]:
 
 
 @pytest.mark.slow
+@pytest.mark.redis
 async def test_sigkill_mid_load_loses_nothing_acknowledged(
     aof_server: RedisServer, stream_name: str
 ) -> None:
@@ -147,7 +151,12 @@ async def test_sigkill_mid_load_loses_nothing_acknowledged(
             await a_third_done.wait()
             await anyio.to_thread.run_sync(aof_server.kill)
             killed.set()
-            await anyio.sleep(0.5)
+            # Down until both the emitters and the tailing reader have run into the outage (no
+            # event marks it: poll the counters).
+            while True:
+                if bus.retries and bus.reader_errors:
+                    break
+                await anyio.sleep(0.01)
             await anyio.to_thread.run_sync(aof_server.restart)
 
         with anyio.fail_after(120):
@@ -168,6 +177,7 @@ async def test_sigkill_mid_load_loses_nothing_acknowledged(
     assert acknowledged <= stored
 
 
+@pytest.mark.redis
 async def test_garbage_entries_are_skipped_and_counted(
     redis_server: RedisServer, stream_name: str
 ) -> None:
@@ -194,6 +204,7 @@ async def test_garbage_entries_are_skipped_and_counted(
         assert later.decode_errors == 3
 
 
+@pytest.mark.redis
 async def test_second_bus_sees_events_after_sync(
     redis_server: RedisServer, stream_name: str
 ) -> None:
@@ -213,6 +224,7 @@ async def test_second_bus_sees_events_after_sync(
             assert lag.applied_id == lag.head_id
 
 
+@pytest.mark.redis
 async def test_retention_bounds_stream_but_keeps_unacknowledged(
     redis_server: RedisServer, stream_name: str
 ) -> None:
@@ -294,6 +306,7 @@ async def test_awaited_emit_waits_for_space_then_fails_after_deadline(
         await dead_bus.emit_many([HypervisorEvent(), HypervisorEvent()])
 
 
+@pytest.mark.redis
 async def test_unencodable_event_raises_at_the_call(
     redis_server: RedisServer, stream_name: str
 ) -> None:
@@ -311,6 +324,7 @@ async def test_unencodable_event_raises_at_the_call(
         assert await bus.event_count() == 0
 
 
+@pytest.mark.redis
 async def test_closed_bus_rejects_emits(redis_server: RedisServer, stream_name: str) -> None:
     """Emitting on a closed (or never started) bus raises ``BusClosedError``."""
     bus = RedisEventBus.from_url(redis_server.url, stream_name)
@@ -322,6 +336,7 @@ async def test_closed_bus_rejects_emits(redis_server: RedisServer, stream_name: 
         bus.emit_nowait(HypervisorEvent())
 
 
+@pytest.mark.redis
 async def test_acl_user_from_url(redis_server: RedisServer, stream_name: str) -> None:
     """ACL username and password come from the URL; wrong credentials fail without retrying."""
     admin = aioredis.Redis.from_url(redis_server.url)
@@ -362,6 +377,7 @@ def test_reader_socket_timeout_exceeds_block() -> None:
     assert log._reader.connection_pool.connection_kwargs["socket_timeout"] > 10.0
 
 
+@pytest.mark.redis
 async def test_claim_reports_entries_deleted_while_pending(
     redis_server: RedisServer, stream_name: str
 ) -> None:
@@ -398,6 +414,7 @@ async def test_retention_keywords_bound_the_log() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.redis
 def test_hvobs_demo_on_redis_matches_in_process(
     redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -447,6 +464,7 @@ async def test_close_fails_waiting_emits_instead_of_hanging() -> None:
     assert bus.emitted == 0
 
 
+@pytest.mark.redis
 async def test_append_past_its_deadline_raises_and_later_appends_stay_correct(
     redis_server: RedisServer, stream_name: str
 ) -> None:
@@ -468,6 +486,7 @@ async def test_append_past_its_deadline_raises_and_later_appends_stay_correct(
         assert [entries[i] for i in ids] == [b"after-1", b"after-2"]
 
 
+@pytest.mark.redis
 async def test_backfill_reads_only_what_the_index_can_hold(
     redis_server: RedisServer, stream_name: str
 ) -> None:
@@ -507,6 +526,7 @@ def _make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.redis
 async def test_rediss_url_with_acl_user_over_real_tls(tmp_path: Path, stream_name: str) -> None:
     """A ``rediss://user:password@`` URL talks TLS to a real TLS redis-server with an ACL user;
     without the CA the server's certificate is refused."""
@@ -582,6 +602,7 @@ class _ReplyDroppingProxy:
                 writer.close()
 
 
+@pytest.mark.redis
 async def test_a_batch_stored_twice_after_a_lost_reply_is_applied_once(
     redis_server: RedisServer, stream_name: str
 ) -> None:

@@ -1,8 +1,13 @@
-"""The ``StreamLog`` contract, run unchanged against ``MemoryStreamLog`` and ``RedisStreamLog``."""
+"""The ``StreamLog`` contract, run unchanged against ``MemoryStreamLog`` and ``RedisStreamLog``.
+
+Time passes through ``elapse``: the in-memory log runs on manual clocks that it advances at
+once; a Redis server keeps its own time, so for it ``elapse`` sleeps.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import pytest
@@ -17,21 +22,59 @@ from hypervisor.observability._backends import (
     parse_id,
     previous_id,
 )
+from manual_clock import ManualClock
 from redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def log(request: pytest.FixtureRequest, stream_name: str) -> AsyncIterator[StreamLog]:
+Elapse = Callable[[float], Awaitable[None]]
+
+
+class _Clocks:
+    """The in-memory log's monotonic and wall clocks, advanced together."""
+
+    def __init__(self) -> None:
+        self.monotonic = ManualClock()
+        self.wall = ManualClock(time.time())
+
+    def advance(self, seconds: float) -> None:
+        self.monotonic.advance(seconds)
+        self.wall.advance(seconds)
+
+
+@pytest.fixture
+def clocks() -> _Clocks:
+    """Manual clocks for the in-memory log."""
+    return _Clocks()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def log(
+    request: pytest.FixtureRequest, stream_name: str, clocks: _Clocks
+) -> AsyncIterator[StreamLog]:
     """A fresh, empty log of each implementation."""
     if request.param == "memory":
-        async with MemoryStreamLog(stream_name) as memory:
+        memory = MemoryStreamLog(stream_name, clock=clocks.monotonic, wall_clock=clocks.wall)
+        async with memory:
             yield memory
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     async with RedisStreamLog(server.url, stream_name) as redis_log:
         yield redis_log
+
+
+@pytest.fixture
+def elapse(log: StreamLog, clocks: _Clocks) -> Elapse:
+    """Let ``seconds`` pass for ``log``: advance the in-memory log's clocks, or sleep."""
+
+    async def wait(seconds: float) -> None:
+        if isinstance(log, MemoryStreamLog):
+            clocks.advance(seconds)
+        else:
+            await anyio.sleep(seconds)
+
+    return wait
 
 
 def _payloads(n: int, prefix: str = "e") -> list[bytes]:
@@ -82,7 +125,9 @@ async def test_blocking_read_wakes_on_append(log: StreamLog) -> None:
     with anyio.fail_after(4):
         async with anyio.create_task_group() as tg:
             tg.start_soon(reader)
-            await anyio.sleep(0.05)  # let the reader block; correctness does not depend on it
+            # Append once the reader waits (correctness does not depend on it: a read that
+            # comes late finds the entry at once).
+            await anyio.wait_all_tasks_blocked()
             await log.append_many([b"after"])
     assert got == [b"after"]
 
@@ -143,14 +188,14 @@ async def test_missing_group_raises(log: StreamLog) -> None:
         await log.pending_summary("nope")
 
 
-async def test_claim_idle_moves_entries_to_claimer(log: StreamLog) -> None:
+async def test_claim_idle_moves_entries_to_claimer(log: StreamLog, elapse: Elapse) -> None:
     """Entries idle long enough move to the claiming consumer; fresh ones stay."""
     await log.ensure_group("g")
     ids = await log.append_many(_payloads(3))
     await log.read_group("g", "dead", 3)
     nothing = await log.claim_idle("g", "rescuer", 60.0, 10)
     assert nothing.entries == []
-    await anyio.sleep(0.02)
+    await elapse(0.02)
     claimed = await log.claim_idle("g", "rescuer", 0.01, 10)
     assert [e.id for e in claimed.entries] == ids
     assert [e.data for e in claimed.entries] == _payloads(3)
@@ -215,10 +260,10 @@ async def test_trim_never_removes_unacknowledged_entries(log: StreamLog) -> None
     assert await log.first_id() == ids[-3]
 
 
-async def test_trim_by_age(log: StreamLog) -> None:
+async def test_trim_by_age(log: StreamLog, elapse: Elapse) -> None:
     """Trimming by age removes entries older than ``max_age_s`` and keeps younger ones."""
     old = await log.append_many(_payloads(5, "old"))
-    await anyio.sleep(0.3)
+    await elapse(0.3)
     young = await log.append_many(_payloads(5, "young"))
     removed = await log.trim(TrimPolicy(max_age_s=0.2, approximate=False))
     assert removed == len(old)

@@ -15,8 +15,8 @@ from hypervisor.observability._backends.redis_log import RedisStreamLog
 from hypervisor.observability._core.codec import encode_event
 from otlp_receiver import OtlpReceiver, receiver as receiver
 from redis_server import RedisServer
-from test_workers_procs import WorkerProc, procs as procs, worker_argv
-from test_workers_support import random_events, reference
+from worker_procs import WorkerProc, procs as procs, worker_argv
+from workers_support import random_events, reference
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -35,7 +35,7 @@ from hypervisor.observability.workers import (
     watermark,
 )
 from hypervisor.observability.workers._snapshot import SNAPSHOT_FORMAT, dump_state, load_state
-from test_workers_support import Reference, random_events, reference, span_key
+from workers_support import Reference, random_events, reference, span_key
 
 pytestmark = pytest.mark.anyio
 

@@ -5,15 +5,12 @@ files, dead letters through the CLI, and a clean SIGTERM drain."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,15 @@ from hypervisor.observability._core.codec import decode_event, encode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability.workers import span_to_dict, watermark
 from redis_server import RedisServer
-from test_workers_support import Reference, random_events, reference
+from worker_procs import (
+    WorkerProc,
+    child_env,
+    children,
+    cli,
+    procs as procs,
+    worker_argv,
+)
+from workers_support import Reference, random_events, reference
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -75,95 +80,6 @@ anyio.run(main)
 """
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-class WorkerProc:
-    """One ``hvobs worker`` process and its metrics port."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.argv = argv
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env()
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        assert line.startswith("metrics-port="), f"worker did not start: {line!r}"
-        self.port = int(line.strip().split("=")[1])
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
-                return int(r.status), bytes(r.read())
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), exc.read()
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hypervisor.observability.cli", *args]
-
-
-def worker_argv(kind: str, url: str, stream: str, consumer: str, *extra: str) -> list[str]:
-    return cli(
-        "worker",
-        kind,
-        "--redis",
-        url,
-        "--stream",
-        stream,
-        "--group",
-        kind,
-        "--consumer",
-        consumer,
-        "--metrics-port",
-        "0",
-        "--batch-size",
-        "50",
-        "--block",
-        "0.2",
-        "--claim-interval",
-        "0.3",
-        "--claim-min-idle",
-        "0.5",
-        *extra,
-    )
-
-
-_children: list[subprocess.Popen[bytes]] = []
-
-
-@pytest.fixture
-def procs() -> Iterator[list[WorkerProc]]:
-    """Worker (and producer) processes started by a test, killed at the end whatever happens."""
-    started: list[WorkerProc] = []
-    yield started
-    for proc in started:
-        proc.close()
-    while _children:
-        child = _children.pop()
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=10)
-
-
 def start_producers(
     url: str, stream: str, events: list[HypervisorEvent], tmp: Path
 ) -> list[subprocess.Popen[bytes]]:
@@ -174,10 +90,11 @@ def start_producers(
         path.write_bytes(msgspec.msgpack.encode([encode_event(e) for e in events[index::4]]))
         producers.append(
             subprocess.Popen(
-                [sys.executable, "-c", _PRODUCER, url, stream, str(path), str(index)], env=_env()
+                [sys.executable, "-c", _PRODUCER, url, stream, str(path), str(index)],
+                env=child_env(),
             )
         )
-    _children.extend(producers)
+    children.extend(producers)
     return producers
 
 
@@ -345,7 +262,7 @@ def test_poison_entry_dead_lettered_while_worker_keeps_going(
         cli("dlq", "list", "--redis", url, "--stream", stream),
         capture_output=True,
         check=True,
-        env=_env(),
+        env=child_env(),
     )
     letters = [json.loads(line) for line in listing.stdout.decode().splitlines()]
     by_reason = {letter["reason"]: letter for letter in letters}
@@ -359,7 +276,7 @@ def test_poison_entry_dead_lettered_while_worker_keeps_going(
     assert got["agent_hypervisor_ring_current"] == expected["agent_hypervisor_ring_current"]
     assert got["hvobs_worker_dead_lettered_total"][(("group", "ring"), ("reason", "undecodable"))]
     replay = [cli("dlq", "replay", "--redis", url, "--stream", stream)] * 2
-    outputs = [subprocess.run(a, capture_output=True, check=True, env=_env()) for a in replay]
+    outputs = [subprocess.run(a, capture_output=True, check=True, env=child_env()) for a in replay]
     replayed = [{line.split()[0] for line in out.stdout.decode().splitlines()} for out in outputs]
     assert replayed[0] == {letter["dlq_id"] for letter in letters}
     # The replayed garbage is dead-lettered again under a new id; nothing is replayed twice.

@@ -35,22 +35,24 @@ from hypervisor.observability.workers import (
 from hypervisor.observability.workers._apply import restore_state
 from hypervisor.observability.workers._http import SnapshotView
 from hypervisor.observability.workers._snapshot import load_state
+from manual_clock import ManualClock
 from redis_server import RedisServer
-from test_workers_support import random_events, reference, span_key
+from workers_support import random_events, reference, span_key
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+# Per test, not per module: the state store contract runs on the in-memory store without a
+# redis-server too.
+pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(
-    request: pytest.FixtureRequest, redis_server: RedisServer
-) -> AsyncIterator[StateStore]:
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     """A fresh state store of each kind."""
     if request.param == "memory":
         yield MemoryStateStore()
         return
+    server: RedisServer = request.getfixturevalue("redis_server")
     prefix = state_prefix(f"t{uuid.uuid4().hex[:8]}", "g", "ring")
-    async with RedisStateStore(redis_server.url, prefix) as made:
+    async with RedisStateStore(server.url, prefix) as made:
         yield made
         await made.reset()
 
@@ -100,6 +102,23 @@ async def test_store_lease_is_exclusive_until_released(store: StateStore) -> Non
     assert await store.acquire_lease("b", 5.0)
 
 
+async def test_memory_store_lease_passes_on_when_its_ttl_runs_out() -> None:
+    """An unreleased lease goes to another token once its time to live has run out, not
+    before; the holder extending it starts the time to live again. (Redis expires its lease
+    key by the server's clock, which no test moves.)"""
+    clock = ManualClock()
+    store = MemoryStateStore(clock=clock)
+    assert await store.acquire_lease("a", 5.0)
+    clock.advance(4.5)
+    assert not await store.acquire_lease("b", 5.0)
+    assert await store.acquire_lease("a", 5.0)
+    clock.advance(4.5)
+    assert not await store.acquire_lease("b", 5.0)
+    clock.advance(0.5)
+    assert await store.acquire_lease("b", 5.0)
+    assert await store.lease_round("a", 5.0) is None
+
+
 async def settled(log: RedisStreamLog, stores: list[Any]) -> None:
     """Wait until every entry is acknowledged by the group and every staged entry applied."""
     head = parse_id(await log.head_id())
@@ -111,6 +130,7 @@ async def settled(log: RedisStreamLog, stores: list[Any]) -> None:
             await anyio.sleep(0.01)
 
 
+@pytest.mark.redis
 async def test_workers_on_redis_equal_in_process_reference(redis_server: RedisServer) -> None:
     """Three workers on a Redis stream and Redis state produce the in-process metrics and
     spans exactly."""
@@ -267,6 +287,44 @@ async def test_applier_folds_below_watermark_and_a_reclaimed_subset_once(
     assert applier.state.snapshot() == reference(events).ring
 
 
+async def test_applier_checkpoints_once_its_interval_has_passed(store: StateStore) -> None:
+    """A commit carries a snapshot once ``checkpoint_interval_s`` has passed since the applier
+    started or last checkpointed, and not before; an idle round checkpoints what was applied
+    since when one is due. The checkpoint holds everything applied."""
+    clock = ManualClock()
+    events = ring_events(13, 40)
+    log = MemoryStreamLog("events")
+    await log.ensure_group("g", "0")
+    derivation = RingMetricsDerivation(store)
+    applier = Applier(log, "g", derivation, checkpoint_interval_s=10.0, clock=clock)
+
+    async def deliver(batch_events: list[Any]) -> int:
+        await log.append_many([encode_event(e) for e in batch_events])
+        batch = await log.read_group("g", "c", 100)
+        await store.stage([(e.id, e.data) for e in batch if e.data is not None])
+        await log.ack("g", [e.id for e in batch])
+        return await applier.round()
+
+    assert await deliver(events[:10]) == 10
+    clock.advance(9.5)
+    assert await deliver(events[10:20]) == 10
+    assert applier.checkpoints == 0
+    clock.advance(0.5)
+    assert await deliver(events[20:30]) == 10
+    assert applier.checkpoints == 1
+    assert (await store.restore()).checkpoint_id == applier.applied_id
+    clock.advance(9.5)
+    assert await deliver(events[30:]) == 10
+    assert await applier.round() == 0
+    assert applier.checkpoints == 1
+    clock.advance(0.5)
+    assert await applier.round() == 0
+    assert applier.checkpoints == 2
+    restored = await store.restore()
+    assert (restored.checkpoint_id, restored.records) == (applier.applied_id, [])
+    assert restore_state(derivation, restored).snapshot() == reference(events).ring
+
+
 async def test_view_follows_commits_by_replay_and_rebuilds_after_checkpoints(
     store: StateStore,
 ) -> None:
@@ -298,6 +356,7 @@ async def test_view_follows_commits_by_replay_and_rebuilds_after_checkpoints(
     assert view.rebuilds == 4
 
 
+@pytest.mark.redis
 @pytest.mark.parametrize("vanish", ["destroy-group", "delete-stream"])
 async def test_worker_recreates_a_vanished_group_and_keeps_going(
     redis_server: RedisServer, vanish: str, caplog: pytest.LogCaptureFixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_right
+from collections.abc import Callable
 
 import anyio
 
@@ -57,6 +58,9 @@ class MemoryStreamLog(AsyncResource):
         name: the log's name.
         retention: bounds applied after every append (never past unacknowledged entries).
         version: the server version it reports (lets tests exercise version-dependent paths).
+        clock: seconds on a monotonic clock, for the idle time of pending entries.
+        wall_clock: seconds since the epoch, for entry ids and age-based retention (as a
+            Redis server's clock).
     """
 
     def __init__(
@@ -65,10 +69,14 @@ class MemoryStreamLog(AsyncResource):
         *,
         retention: TrimPolicy | None = None,
         version: tuple[int, int, int] = (7, 0, 0),
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._name = name
         self._retention = retention
         self._version = version
+        self._clock = clock
+        self._wall_clock = wall_clock
         self._ids: list[_IdTuple] = []
         self._data: list[bytes] = []
         self._start = 0
@@ -100,7 +108,7 @@ class MemoryStreamLog(AsyncResource):
             raise LogError(f"log {self._name!r} is closed")
 
     def _new_id(self) -> _IdTuple:
-        ms = time.time_ns() // 1_000_000
+        ms = int(self._wall_clock() * 1000)
         last_ms, last_seq = self._last
         self._last = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
         return self._last
@@ -217,7 +225,7 @@ class MemoryStreamLog(AsyncResource):
         state.consumers.add(consumer)
         if pending:
             await anyio.lowlevel.checkpoint()
-            now = time.monotonic()
+            now = self._clock()
             out: list[Entry] = []
             for key, item in state.pel.items():
                 if item.consumer != consumer:
@@ -238,7 +246,7 @@ class MemoryStreamLog(AsyncResource):
         else:
             await anyio.lowlevel.checkpoint()
         stop = min(len(self._ids), index + count)
-        now = time.monotonic()
+        now = self._clock()
         entries: list[Entry] = []
         for i in range(index, stop):
             key = self._ids[i]
@@ -275,7 +283,7 @@ class MemoryStreamLog(AsyncResource):
         state = self._group(group)
         state.consumers.add(consumer)
         start = parse_id(start_id)
-        now = time.monotonic()
+        now = self._clock()
         claimed: list[Entry] = []
         deleted: list[str] = []
         # Like XAUTOCLAIM: scan at most count * 10 PEL entries per call.
@@ -316,7 +324,7 @@ class MemoryStreamLog(AsyncResource):
             count=len(keys),
             oldest_id=format_id(*keys[0]),
             newest_id=format_id(*keys[-1]),
-            oldest_idle_s=max(0.0, time.monotonic() - oldest.delivered_at),
+            oldest_idle_s=max(0.0, self._clock() - oldest.delivered_at),
             consumers=tuple(ConsumerPending(name, n) for name, n in sorted(per.items())),
         )
 
@@ -375,7 +383,7 @@ class MemoryStreamLog(AsyncResource):
         if policy.max_len is not None:
             cut = max(cut, len(self._ids) - policy.max_len)
         if policy.max_age_s is not None:
-            oldest_ms = time.time_ns() // 1_000_000 - int(policy.max_age_s * 1000)
+            oldest_ms = int(self._wall_clock() * 1000) - int(policy.max_age_s * 1000)
             cut = max(cut, bisect_right(self._ids, (oldest_ms - 1, 2**64 - 1), lo=self._start))
         cut = min(cut, self._safe_index())
         removed = cut - self._start

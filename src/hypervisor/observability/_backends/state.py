@@ -24,6 +24,7 @@ A store holds, for one derivation of one consumer group:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
@@ -213,10 +214,14 @@ class MemoryStateStore(AsyncResource):
 
     Args:
         name: a name for logs and metrics.
+        clock: seconds on a monotonic clock, for the lease's time to live.
     """
 
-    def __init__(self, name: str = "memory") -> None:
+    def __init__(
+        self, name: str = "memory", *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._name = name
+        self._clock = clock
         self._staged: dict[tuple[int, int], tuple[str, bytes]] = {}
         self._skipped: dict[tuple[int, int], str] = {}
         self._meta = StateMeta()
@@ -331,7 +336,7 @@ class MemoryStateStore(AsyncResource):
     async def acquire_lease(self, token: str, ttl_s: float) -> bool:
         """Take or extend the lease."""
         await anyio.lowlevel.checkpoint()
-        now = time.monotonic()
+        now = self._clock()
         lease = self._lease
         if lease is None or lease[1] <= now or lease[0] == token:
             self._lease = (token, now + ttl_s)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -115,6 +115,7 @@ class Applier:
             stretched to 20 times the last snapshot's cost, so a large state costs at most 5 %.
         checkpoint_max_records: records applied after which a checkpoint is due anyway (bounds
             the redo log a restore replays).
+        clock: seconds on a monotonic clock, for the checkpoint interval.
     """
 
     def __init__(
@@ -129,6 +130,7 @@ class Applier:
         dedup_window: int = 100_000,
         checkpoint_interval_s: float = 1.0,
         checkpoint_max_records: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.log = log
         self.group = group
@@ -145,7 +147,8 @@ class Applier:
         self._seen_prev: set[str] = set()
         self._seen_cur: set[str] = set()
         self._since_checkpoint = 0
-        self._next_checkpoint = time.monotonic() + checkpoint_interval_s
+        self._clock = clock
+        self._next_checkpoint = clock() + checkpoint_interval_s
         self.final = False
         """Checkpoint at every commit (set while the worker drains, so a stopped group leaves
         a snapshot of everything it applied)."""
@@ -210,14 +213,14 @@ class Applier:
         return (
             self.final
             or self._since_checkpoint >= self.checkpoint_max_records
-            or time.monotonic() >= self._next_checkpoint
+            or self._clock() >= self._next_checkpoint
         )
 
     def _snapshot(self) -> bytes:
-        started = time.monotonic()
+        started = self._clock()
         snapshot = dump_state(self._state)
-        cost = time.monotonic() - started
-        self._next_checkpoint = time.monotonic() + max(self.checkpoint_interval_s, 20 * cost)
+        cost = self._clock() - started
+        self._next_checkpoint = self._clock() + max(self.checkpoint_interval_s, 20 * cost)
         return snapshot
 
     async def _round(self, version: int) -> int:

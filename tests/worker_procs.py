@@ -1,0 +1,118 @@
+"""Worker processes for the multi-process tests: ``hvobs worker`` children and their cleanup.
+
+``WorkerProc`` starts a worker (``metrics-port=`` is its first line of output) and talks to its
+HTTP endpoints; the ``procs`` fixture kills every worker a test started, and every process the
+test put in ``children``, whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+__all__ = ["WorkerProc", "child_env", "children", "cli", "procs", "worker_argv"]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child process: ours, with unbuffered output."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class WorkerProc:
+    """One ``hvobs worker`` process and its metrics port."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env()
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        assert line.startswith("metrics-port="), f"worker did not start: {line!r}"
+        self.port = int(line.strip().split("=")[1])
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        """GET ``path`` from the worker's HTTP port: the status and the body."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+                return int(r.status), bytes(r.read())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read()
+
+    def kill(self) -> None:
+        """SIGKILL the worker and reap it."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self) -> int:
+        """SIGTERM the worker (it drains) and return its exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        """Kill the worker if it still runs and close its output pipe."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def cli(*args: str) -> list[str]:
+    """The command line of ``hvobs *args`` run by this interpreter."""
+    return [sys.executable, "-m", "hypervisor.observability.cli", *args]
+
+
+def worker_argv(kind: str, url: str, stream: str, consumer: str, *extra: str) -> list[str]:
+    """The command line of an ``hvobs worker`` of ``kind`` (its group) with short test timings,
+    metrics on a free port, and ``extra`` options."""
+    return cli(
+        "worker",
+        kind,
+        "--redis",
+        url,
+        "--stream",
+        stream,
+        "--group",
+        kind,
+        "--consumer",
+        consumer,
+        "--metrics-port",
+        "0",
+        "--batch-size",
+        "50",
+        "--block",
+        "0.2",
+        "--claim-interval",
+        "0.3",
+        "--claim-min-idle",
+        "0.5",
+        *extra,
+    )
+
+
+children: list[subprocess.Popen[bytes]] = []
+"""Other child processes of the running test (producers), killed by ``procs`` at its end."""
+
+
+@pytest.fixture
+def procs() -> Iterator[list[WorkerProc]]:
+    """Worker (and producer) processes started by a test, killed at the end whatever happens."""
+    started: list[WorkerProc] = []
+    yield started
+    for proc in started:
+        proc.close()
+    while children:
+        child = children.pop()
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
