@@ -16,10 +16,12 @@ if TYPE_CHECKING:
     from hypervisor.observability.errors import (
         BusClosedError as BusClosedError,
         BusFullError as BusFullError,
+        BusPermissionError as BusPermissionError,
         BusUnavailableError as BusUnavailableError,
         EventDecodeError as EventDecodeError,
         EventEncodeError as EventEncodeError,
         HypervisorObservabilityError as HypervisorObservabilityError,
+        PermissionDeniedError as PermissionDeniedError,
     )
     from hypervisor.observability.event_bus import (
         DEFAULT_MAX_EVENTS as DEFAULT_MAX_EVENTS,
@@ -59,13 +61,16 @@ _EXPORTS: dict[str, str] = {
     "EventDecodeError": "errors",
     "BusFullError": "errors",
     "BusUnavailableError": "errors",
+    "BusPermissionError": "errors",
     "BusClosedError": "errors",
+    "PermissionDeniedError": "errors",
 }
 
 __all__ = [
     "DEFAULT_MAX_EVENTS",
     "BusClosedError",
     "BusFullError",
+    "BusPermissionError",
     "BusUnavailableError",
     "CausalTraceId",
     "EventDecodeError",
@@ -75,6 +80,7 @@ __all__ = [
     "HypervisorEvent",
     "HypervisorEventBus",
     "HypervisorObservabilityError",
+    "PermissionDeniedError",
     "PrometheusExporterProtocol",
     "RedisEventBus",
     "RingMetricsCollector",

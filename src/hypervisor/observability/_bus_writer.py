@@ -18,8 +18,17 @@ from typing import Any
 
 import anyio
 
-from hypervisor.observability._log.base import LogError, LogUnavailableError, StreamLog
-from hypervisor.observability.errors import BusClosedError, BusUnavailableError
+from hypervisor.observability._log.base import (
+    LogError,
+    LogPermissionError,
+    LogUnavailableError,
+    StreamLog,
+)
+from hypervisor.observability.errors import (
+    BusClosedError,
+    BusPermissionError,
+    BusUnavailableError,
+)
 
 __all__ = ["BusWriter", "Tracker", "Waiter"]
 
@@ -187,7 +196,8 @@ class BusWriter:
 
     async def with_retry(self, call: Any, *args: Any) -> Any:
         """Run ``call(*args)``, retrying transient log errors with backoff and full jitter until
-        the deadline; then (or at once for a permanent error) raise ``BusUnavailableError``.
+        the deadline; then (or at once for a permanent error) raise ``BusUnavailableError``
+        (``BusPermissionError`` at once when the backend refused the operation to the user).
 
         The bus runs its own log calls of ``start()`` and ``sync()`` through here as well; their
         retries count in ``retries`` too.
@@ -212,3 +222,7 @@ class BusWriter:
                 await anyio.sleep(min(random.uniform(0, backoff), max(0.0, deadline - now)))
             except LogError as exc:  # not transient: retrying cannot help
                 raise BusUnavailableError(f"{self.log.name}: {exc}") from exc
+            except LogPermissionError as exc:
+                raise BusPermissionError(
+                    f"{self.log.name}: {exc}", user=exc.user, command=exc.command
+                ) from exc

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 __all__ = [
+    "AclArgumentError",
     "BusClosedError",
     "BusFullError",
+    "BusPermissionError",
     "BusUnavailableError",
     "EventDecodeError",
     "EventEncodeError",
     "HypervisorObservabilityError",
+    "PermissionDeniedError",
 ]
 
 
@@ -42,3 +45,36 @@ class BusUnavailableError(HypervisorObservabilityError):
 
 class BusClosedError(HypervisorObservabilityError):
     """The bus was closed; no more events are accepted."""
+
+
+class PermissionDeniedError(HypervisorObservabilityError):
+    """The backend refused an operation to the configured user (a Redis ACL ``NOPERM``).
+
+    Retrying cannot help, so nothing in this package retries it: the message names the user,
+    the refused command and the ``hvobs acl`` roles that grant it.
+
+    Attributes:
+        user: the Redis user the connection authenticated as (``"default"`` without one).
+        command: the refused Redis command in lower case (``"xtrim"``, ``"xinfo|stream"``), or
+            the operation when Redis did not name the command (a refused key).
+    """
+
+    def __init__(self, message: str, *, user: str = "default", command: str = "") -> None:
+        super().__init__(message)
+        self.user = user
+        self.command = command
+
+
+class BusPermissionError(BusUnavailableError, PermissionDeniedError):
+    """A ``RedisEventBus`` operation was refused to its user (see ``PermissionDeniedError``).
+
+    A ``BusUnavailableError`` too, so code that handles an emit that could not be stored keeps
+    working; it is raised at once, never after retries.
+    """
+
+    def __init__(self, message: str, *, user: str = "default", command: str = "") -> None:
+        PermissionDeniedError.__init__(self, message, user=user, command=command)
+
+
+class AclArgumentError(HypervisorObservabilityError, ValueError):
+    """An argument of ``hvobs acl`` (role, stream, group, user or password) cannot be used."""

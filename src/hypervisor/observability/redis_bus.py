@@ -48,7 +48,9 @@ from hypervisor.observability._log.base import (
 from hypervisor.observability.errors import (
     BusClosedError,
     BusFullError,
+    BusPermissionError,
     BusUnavailableError,
+    PermissionDeniedError,
 )
 
 __all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy"]
@@ -250,7 +252,13 @@ class RedisEventBus(AsyncResource):
         return self
 
     async def start(self, *, wait_backfill: bool = True) -> None:
-        """Start the flusher and the tailing reader; by default wait until history is indexed."""
+        """Start the flusher and the tailing reader; by default wait until history is indexed.
+
+        Raises:
+            BusPermissionError: the Redis user may not read the stream (a producer's user: pass
+                ``reader=False``).
+            BusUnavailableError: the backend stayed unreachable past the retry deadline.
+        """
         if self._started:
             return
         self._started = True
@@ -355,6 +363,7 @@ class RedisEventBus(AsyncResource):
             EventEncodeError: the event cannot be encoded (raised before buffering).
             BusFullError: the buffer is full and ``block`` is false.
             BusUnavailableError: the backend stayed unreachable past ``retry_deadline_s``.
+            BusPermissionError: the backend refused the append to this user (at once).
             BusClosedError: the bus is closed or not started.
         """
         data = encode_event(event)
@@ -374,7 +383,8 @@ class RedisEventBus(AsyncResource):
 
         Raises:
             EventEncodeError: an event cannot be encoded (nothing was buffered).
-            BusUnavailableError: some of them could not be stored before the retry deadline.
+            BusUnavailableError: some of them could not be stored before the retry deadline
+                (``BusPermissionError``: refused to this user).
             BusClosedError: the bus is closed or not started.
         """
         encoded = [encode_event(event) for event in events]
@@ -390,10 +400,12 @@ class RedisEventBus(AsyncResource):
             for data in chunk:
                 self._enqueue(data, tracker)
         await self._writer.wait_done(self._writer.enqueued)
-        if tracker.error is not None:
-            raise BusUnavailableError(
-                f"some of the {len(encoded)} events were not stored: {tracker.error}"
-            ) from tracker.error
+        error = tracker.error
+        if error is not None:
+            message = f"some of the {len(encoded)} events were not stored: {error}"
+            if isinstance(error, PermissionDeniedError):
+                raise BusPermissionError(message, user=error.user, command=error.command) from error
+            raise BusUnavailableError(message) from error
 
     def emit_nowait(self, event: HypervisorEvent) -> None:
         """Buffer ``event`` for the flusher and return at once; ``flush()`` confirms storage.
@@ -416,16 +428,19 @@ class RedisEventBus(AsyncResource):
 
         Raises:
             BusUnavailableError: buffered events were lost to an unreachable backend since the
-                previous ``flush()`` (the count is in the message).
+                previous ``flush()`` (the count is in the message); ``BusPermissionError`` when
+                the last loss was a refusal to this user.
         """
         self._check_running()
         writer = self._writer
         await writer.wait_done(writer.enqueued)
         if writer.unreported_failures:
             lost, writer.unreported_failures = writer.unreported_failures, 0
-            raise BusUnavailableError(
-                f"{lost} buffered events could not be stored: {writer.last_error}"
-            ) from writer.last_error
+            error = writer.last_error
+            message = f"{lost} buffered events could not be stored: {error}"
+            if isinstance(error, PermissionDeniedError):
+                raise BusPermissionError(message, user=error.user, command=error.command) from error
+            raise BusUnavailableError(message) from error
 
     @property
     def buffered(self) -> int:
@@ -440,6 +455,7 @@ class RedisEventBus(AsyncResource):
         Raises:
             BusClosedError: the bus is closed, not started, or runs without a reader.
             BusUnavailableError: the head could not be read before the retry deadline.
+            BusPermissionError: the user may not read the stream (the reader stopped).
         """
         self._check_running()
         if not self._run_reader:

@@ -29,7 +29,7 @@ from hypervisor.observability._log.base import (
     LogGroupMissingError,
     StreamLog,
 )
-from hypervisor.observability.errors import EventDecodeError
+from hypervisor.observability.errors import EventDecodeError, PermissionDeniedError
 from hypervisor.observability.workers._apply import Applier
 from hypervisor.observability.workers._derivations import Derivation
 from hypervisor.observability.workers._dlq import (
@@ -566,6 +566,8 @@ class Worker(AsyncResource):
                 applied = -1
                 self.stats.backend_errors += 1
                 _log.warning("%s apply round failed: %s", applier.derivation.name, exc)
+            except PermissionDeniedError:
+                raise  # an ACL refusal stops the worker: retrying cannot help
             except Exception:
                 applied = -1
                 _log.exception("%s apply round failed (export)", applier.derivation.name)
