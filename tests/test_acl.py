@@ -709,3 +709,27 @@ def test_workers_and_operator_commands_run_under_their_roles(users: Users, tmp_p
         reset.close()
     # The events, the garbage entry and the two replayed copies of it.
     assert anyio.run(call, server.url, "XLEN", stream) == len(sent) + 1 + 2
+
+
+def test_shipped_acl_file_loads_on_a_real_server() -> None:
+    """deploy/redis/users.acl loads into a real redis-server: an unauthenticated client may only
+    PING (the compose health check), and each compose user works with its development password
+    within its role and is refused outside it."""
+    acl_file = Path(__file__).resolve().parent.parent / "deploy/redis/users.acl"
+    with RedisServer("--aclfile", str(acl_file)) as server:
+
+        def dev(role: str) -> str:
+            return url_of(server, role, f"hvobs-dev-{role}")
+
+        async def check() -> None:
+            anonymous = f"redis://127.0.0.1:{server.port}/0"
+            assert await call(anonymous, "PING") in (b"PONG", "PONG", True)
+            await assert_refused(anonymous, [("XLEN", "hvobs:events"), ("ACL", "LIST")])
+            assert await call(dev("producer"), "XADD", "hvobs:events", "*", "e", "x")
+            assert await call(dev("reader"), "XLEN", "hvobs:events") == 1
+            assert await call(dev("worker"), "XGROUP", "CREATE", "hvobs:events", "ring", "0")
+            assert await call(dev("admin"), "XTRIM", "hvobs:events", "MAXLEN", "0") == 1
+            await assert_refused(dev("producer"), [("XADD", "other", "*", "e", "x")])
+            await assert_refused(dev("worker"), [("XADD", "hvobs:events", "*", "e", "x")])
+
+        anyio.run(check)
