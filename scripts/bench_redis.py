@@ -9,7 +9,9 @@ persistence) and prints events/s with ratios and the issue's targets:
 * the peer: FastStream's Redis stream publish of the same bytes from 100 coroutines (installed
   only for this, in a separate virtualenv under ``~/.cache/hvobs-bench/faststream``, and run in
   a subprocess; ``--no-faststream`` skips it);
-* the index reader (backfill of a pre-filled stream into the local index);
+* the index reader (backfill of a pre-filled stream into the local index), and how long its
+  start takes to find where the newest ``max_events`` begin in a stream three times longer (plain
+  read commands, so a read-only ACL user can run it);
 * end-to-end latency, emit to visible in a query of another bus, at a fixed 5k events/s.
 
 Usage: ``python scripts/bench_redis.py [--events 50000] [--batch 1024] [--no-faststream]``.
@@ -173,6 +175,24 @@ async def bench_reader(url: str, events: list[HypervisorEvent], batch: int) -> f
     return len(events) / elapsed
 
 
+async def bench_walk(url: str, events: list[HypervisorEvent], batch: int) -> float:
+    """Seconds ``id_from_end(len(events))`` takes on a stream of three times ``len(events)``
+    (what a reader bus with ``max_events=len(events)`` does before its backfill)."""
+    from hypervisor.observability._backends.redis_log import RedisStreamLog
+
+    await fresh(url, "bench:walk")
+    async with _producer(url, "bench:walk", batch) as bus:
+        for _ in range(3):
+            await bus.emit_many(events)
+    async with RedisStreamLog(url, "bench:walk") as log:
+        start = time.perf_counter()
+        found = await log.id_from_end(len(events))
+        elapsed = time.perf_counter() - start
+        assert found is not None
+    await fresh(url, "bench:walk")
+    return elapsed
+
+
 async def bench_latency(url: str, rate: float, seconds: float) -> list[float]:
     """Emit at a fixed rate from one bus; time until each event is in another bus's index."""
     stream = "bench:latency"
@@ -280,6 +300,7 @@ async def run(url: str, args: argparse.Namespace, results: dict[str, float | Non
     for key, values in rounds.items():
         results[key] = max(values)
     results["reader"] = await bench_reader(url, make_events(args.reader_events), batch)
+    results["walk_s"] = await bench_walk(url, make_events(args.reader_events), batch)
     latencies = await bench_latency(url, 5000.0, args.latency_seconds)
     latencies.sort()
     results["latency_p50_ms"] = statistics.median(latencies) * 1000
@@ -331,6 +352,10 @@ def main() -> None:
         print(row("FastStream publish, 100 coroutines (peer)", fs, ceiling))
         print(f"  {'emit (100 coroutines) / FastStream':<44} {get('emit_100') / fs:>10.1f} x")
     print(f"  {'index reader (backfill)':<44} {get('reader'):>10,.0f} ev/s  target >= 80,000")
+    print(
+        f"  {'index reader start: where the newest begin':<44} {get('walk_s') * 1000:>10,.0f} ms"
+        f"  (newest {args.reader_events:,} of {3 * args.reader_events:,} entries)"
+    )
     print(
         f"  {'emit -> visible in query @ 5k ev/s':<44} p50 {get('latency_p50_ms'):.2f} ms, "
         f"p99 {get('latency_p99_ms'):.2f} ms, max {get('latency_max_ms'):.2f} ms  "

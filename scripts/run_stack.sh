@@ -11,6 +11,11 @@
 #                                        the alert rules evaluate, print a summary, stop
 #   scripts/run_stack.sh --duration 60   run for 60 seconds
 #
+# Redis loads deploy/redis/users.acl (or HVOBS_REDIS_ACL_FILE) like the compose stack: the
+# simulators append as "producer", the workers run as "worker", with HVOBS_PRODUCER_PASSWORD and
+# HVOBS_WORKER_PASSWORD (default: the development passwords that file holds), handed over in
+# HVOBS_REDIS_URL so they stay out of the process list.
+#
 # Ports (environment): HVOBS_REDIS_PORT (6390), HVOBS_SIM_PORTS ("8000 8001"),
 # HVOBS_RING_PORTS ("9101 9102"), HVOBS_PROMETHEUS_PORT (9090); HVOBS_STACK_DIR (a new
 # temporary directory). Without the hvobs workers installed the simulators keep their events in
@@ -86,11 +91,17 @@ wait_http() {
 
 # -- Redis ---------------------------------------------------------------------------------------
 redis_url=""
+producer_url=""
+worker_url=""
+acl_file="${HVOBS_REDIS_ACL_FILE:-$root/deploy/redis/users.acl}"
 if command -v redis-server >/dev/null 2>&1 && "$hvobs" worker --help >/dev/null 2>&1; then
     mkdir -p "$state/redis"
     start redis redis-server --bind "$host" --port "$redis_port" --dir "$state/redis" \
-        --appendonly yes --appendfsync everysec --maxmemory-policy noeviction --save ""
+        --appendonly yes --appendfsync everysec --maxmemory-policy noeviction --save "" \
+        --aclfile "$acl_file"
     redis_url="redis://$host:$redis_port/0"
+    producer_url="redis://producer:${HVOBS_PRODUCER_PASSWORD:-hvobs-dev-producer}@$host:$redis_port/0"
+    worker_url="redis://worker:${HVOBS_WORKER_PASSWORD:-hvobs-dev-worker}@$host:$redis_port/0"
     for ((i = 0; i < 50; i++)); do
         redis-cli -h "$host" -p "$redis_port" ping >/dev/null 2>&1 && break
         sleep 0.1
@@ -106,8 +117,8 @@ for i in "${!sim_ports[@]}"; do
     args=(-m hypervisor.observability.demo.simulate --host "$host" --port "${sim_ports[$i]}"
         --fleet "${fleets[$i]:-fleet$((i + 1))}" --seed "$((i + 1))")
     if [ "$i" -gt 0 ]; then args+=(--agents 4 --breach-rate 0.2); fi
-    if [ -n "$redis_url" ]; then args+=(--redis "$redis_url"); fi
-    start "simulator-$((i + 1))" "$py" "${args[@]}"
+    # An empty HVOBS_REDIS_URL keeps the simulator's events in process.
+    HVOBS_REDIS_URL="$producer_url" start "simulator-$((i + 1))" "$py" "${args[@]}"
     sim_targets+=("$host:${sim_ports[$i]}")
 done
 
@@ -115,12 +126,12 @@ done
 ring_targets=()
 if [ -n "$redis_url" ]; then
     for i in "${!ring_ports[@]}"; do
-        start "ring-metrics-$((i + 1))" "$hvobs" worker ring-metrics --redis "$redis_url" \
+        HVOBS_REDIS_URL="$worker_url" start "ring-metrics-$((i + 1))" "$hvobs" worker ring-metrics \
             --group ring --consumer "ring-$((i + 1))" --metrics-host "$host" \
             --metrics-port "${ring_ports[$i]}"
         ring_targets+=("$host:${ring_ports[$i]}")
     done
-    span_args=(worker saga-spans --redis "$redis_url" --group spans --consumer spans-1
+    span_args=(worker saga-spans --group spans --consumer spans-1
         --jsonl "$state/spans.jsonl")
     otlp=""
     for collector in otelcol-contrib otelcol; do
@@ -136,7 +147,7 @@ if [ -n "$redis_url" ]; then
     else
         echo "run_stack: no OpenTelemetry collector here: saga spans go to $state/spans.jsonl"
     fi
-    start saga-spans "$hvobs" "${span_args[@]}"
+    HVOBS_REDIS_URL="$worker_url" start saga-spans "$hvobs" "${span_args[@]}"
 fi
 
 for target in "${sim_targets[@]}"; do wait_http "http://$target/metrics"; done

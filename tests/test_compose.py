@@ -1,21 +1,43 @@
 """docker-compose.yml, checked without Docker: every program it runs accepts its arguments, every
-file it mounts exists, and Prometheus scrapes services the file defines."""
+file it mounts exists, Prometheus scrapes services the file defines, and Redis loads the shipped
+ACL file, which is ``hvobs acl``'s output, with each service connecting as its role's user."""
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
 
+from hypervisor.observability.acl import acl_line
 from hypervisor.observability.cli import build_parser
 from hypervisor.observability.demo.simulate import build_parser as simulator_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tutorial's .NET governance service is the user's own; the stack only scrapes it.
 EXTERNAL_TARGETS = {"governance-dotnet"}
+ACL_FILE = ROOT / "deploy/redis/users.acl"
+DEV_PASSWORDS = {
+    "producer": "hvobs-dev-producer",
+    "reader": "hvobs-dev-reader",
+    "worker": "hvobs-dev-worker",
+    "admin": "hvobs-dev-admin",
+}
+"""The development passwords the shipped ACL file holds (docs/operations.md names them)."""
+STREAM = "hvobs:events"
+GROUPS = ["ring", "spans"]
+
+
+def interpolate(text: str) -> str:
+    """Compose's ``${VAR:-default}`` with every variable unset: the default."""
+    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", text)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +90,11 @@ def test_mounted_configuration_exists(compose: dict[str, Any]) -> None:
     mounts = 0
     for service in compose["services"].values():
         for volume in service.get("volumes", []):
-            source = volume.split(":", 1)[0]
+            source = interpolate(volume).split(":", 1)[0]
             if source.startswith("./"):
                 assert (ROOT / source).exists(), source
                 mounts += 1
-    assert mounts >= 4
+    assert mounts >= 5
     build = compose["x-python"]["build"]
     assert (ROOT / build["context"] / build["dockerfile"]).is_file()
 
@@ -94,3 +116,61 @@ def test_prometheus_scrapes_services_of_the_stack(compose: dict[str, Any]) -> No
                     argv = commands[host]
                     flag = "--metrics-port" if argv[0] == "hvobs" else "--port"
                     assert argv[argv.index(flag) + 1] == port, target
+
+
+def test_redis_loads_the_shipped_acl_file(compose: dict[str, Any]) -> None:
+    """Redis starts with ``--aclfile`` pointing at the mounted ``deploy/redis/users.acl`` (or the
+    file named by HVOBS_REDIS_ACL_FILE)."""
+    redis = compose["services"]["redis"]
+    argv = redis["command"]
+    target = argv[argv.index("--aclfile") + 1]
+    mounts = {
+        interpolate(v).split(":")[1]: (v, interpolate(v).split(":")[0]) for v in redis["volumes"]
+    }
+    raw, source = mounts[target]
+    assert source == "./deploy/redis/users.acl"
+    assert raw.startswith("${HVOBS_REDIS_ACL_FILE:-")
+    assert raw.endswith(":ro")
+
+
+def test_users_acl_is_the_generator_output() -> None:
+    """deploy/redis/users.acl is exactly what scripts/make_redis_users.sh (``hvobs acl`` for each
+    role) prints for the compose stream, groups and development passwords."""
+    env = {f"HVOBS_{role.upper()}_PASSWORD": pw for role, pw in DEV_PASSWORDS.items()}
+    bin_dir = str(Path(sys.executable).parent)
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts/make_redis_users.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env, "PATH": bin_dir + os.pathsep + os.environ["PATH"]},
+        check=True,
+    )
+    assert done.stdout == ACL_FILE.read_text()
+    lines = ACL_FILE.read_text().splitlines()
+    assert lines[0] == "user default reset on nopass resetchannels -@all +ping"
+    for role, password in DEV_PASSWORDS.items():
+        groups = GROUPS if role in ("worker", "admin") else []
+        assert acl_line(role, STREAM, role, password, groups=groups, form="aclfile") in lines
+    assert not any(password in done.stdout for password in DEV_PASSWORDS.values())
+
+
+def test_services_connect_as_their_role(compose: dict[str, Any]) -> None:
+    """Simulators connect as the producer, workers as the worker, each through HVOBS_REDIS_URL
+    (no password on a command line); the URL's default password is the one the ACL file holds
+    for that user, whose line is ``hvobs acl``'s for the service's stream, and a worker's group
+    is one the worker user may keep state for."""
+    users = {line.split()[1]: line for line in ACL_FILE.read_text().splitlines()}
+    commands = _python_services(compose)
+    assert commands
+    for name, argv in commands.items():
+        assert "--redis" not in argv, name
+        url = urlsplit(interpolate(compose["services"][name]["environment"]["HVOBS_REDIS_URL"]))
+        assert url.hostname == "redis", name
+        user, password = unquote(url.username or ""), unquote(url.password or "")
+        role = "worker" if argv[0] == "hvobs" else "producer"
+        assert user == role, name
+        stream = argv[argv.index("--stream") + 1] if "--stream" in argv else STREAM
+        groups = GROUPS if role == "worker" else []
+        assert users[user] == acl_line(role, stream, user, password, groups=groups, form="aclfile")
+        if role == "worker":
+            assert argv[argv.index("--group") + 1] in GROUPS, name

@@ -17,24 +17,25 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from hypervisor.observability._backends.log import parse_id
 from hypervisor.observability._backends.redis_log import RedisStreamLog
 from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
 from hypervisor.observability._core.codec import decode_event, encode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
-from hypervisor.observability.workers import span_to_dict, watermark
+from hypervisor.observability.workers import span_to_dict
 from redis_server import RedisServer
 from worker_procs import (
     WorkerProc,
     child_env,
     children,
     cli,
+    expected_samples,
     procs as procs,
+    scrape,
+    settled,
     worker_argv,
 )
-from workers_support import Reference, random_events, reference
+from workers_support import random_events, reference
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -109,20 +110,6 @@ async def stream_events(url: str, stream: str) -> list[HypervisorEvent]:
     return out
 
 
-async def settled(url: str, stream: str, group: str, derivation: str) -> None:
-    """Wait until the group acknowledged every entry and every staged entry is applied."""
-    async with (
-        RedisStreamLog(url, stream) as log,
-        RedisStateStore(url, state_prefix(stream, group, derivation)) as store,
-    ):
-        head = parse_id(await log.head_id())
-        with anyio.fail_after(60):
-            while True:
-                if parse_id(await watermark(log, group)) > head and not await store.backlog():
-                    return
-                await anyio.sleep(0.05)
-
-
 async def pending_of(url: str, stream: str, group: str, consumer: str) -> int:
     async with RedisStreamLog(url, stream) as log:
         summary = await log.pending_summary(group)
@@ -141,42 +128,6 @@ def kill_mid_batch(url: str, stream: str, group: str, worker: WorkerProc, consum
         worker.proc.send_signal(signal.SIGCONT)
         time.sleep(0.002)
     raise AssertionError("the worker never held pending entries")
-
-
-def scrape(worker: WorkerProc) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """The worker's /metrics, parsed by prometheus_client: sample name -> labels -> value."""
-    status, body = worker.get("/metrics")
-    assert status == 200
-    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            labels = tuple(sorted(sample.labels.items()))
-            out.setdefault(sample.name, {})[labels] = sample.value
-    return out
-
-
-def expected_samples(ref: Reference) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    ring = ref.ring
-    durations = dict(ring["agent_hypervisor_ring_elevation_duration_seconds"])
-    durations.update(ref.open_elevations)
-    return {
-        "agent_hypervisor_ring_transitions_total": {
-            (("agent_did", a), ("event_type", t), ("session_id", s)): float(n)
-            for (t, a, s), n in ring["agent_hypervisor_ring_transitions_total"].items()
-        },
-        "agent_hypervisor_ring_breaches_total": {
-            (("agent_did", a), ("session_id", s)): float(n)
-            for (a, s), n in ring["agent_hypervisor_ring_breaches_total"].items()
-        },
-        "agent_hypervisor_ring_current": {
-            (("agent_did", a),): float(r) for a, r in ring["agent_hypervisor_ring_current"].items()
-        },
-        "agent_hypervisor_ring_elevation_duration_seconds": {
-            (("agent_did", a),): d for a, d in durations.items()
-        },
-        "agent_hypervisor_ring_events_processed_total": {(): float(ring["events_processed"])},
-        "agent_hypervisor_ring_bad_events_total": {(): float(ref.bad_events)},
-    }
 
 
 def test_ring_workers_killed_and_restarted_equal_reference(

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from hypervisor.observability.errors import (
         BusClosedError as BusClosedError,
         BusFullError as BusFullError,
+        BusPermissionError as BusPermissionError,
         BusUnavailableError as BusUnavailableError,
         EventDecodeError as EventDecodeError,
         EventEncodeError as EventEncodeError,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
         LogGroupMissingError as LogGroupMissingError,
         LogUnavailableError as LogUnavailableError,
         MetricsExportError as MetricsExportError,
+        PermissionDeniedError as PermissionDeniedError,
     )
     from hypervisor.observability.event_bus import (
         DEFAULT_MAX_EVENTS as DEFAULT_MAX_EVENTS,
@@ -63,17 +65,20 @@ _EXPORTS: dict[str, str] = {
     "EventDecodeError": "errors",
     "BusFullError": "errors",
     "BusUnavailableError": "errors",
+    "BusPermissionError": "errors",
     "BusClosedError": "errors",
     "LogError": "errors",
     "LogGroupMissingError": "errors",
     "LogUnavailableError": "errors",
     "MetricsExportError": "errors",
+    "PermissionDeniedError": "errors",
 }
 
 __all__ = [
     "DEFAULT_MAX_EVENTS",
     "BusClosedError",
     "BusFullError",
+    "BusPermissionError",
     "BusUnavailableError",
     "CausalTraceId",
     "EventDecodeError",
@@ -87,6 +92,7 @@ __all__ = [
     "LogGroupMissingError",
     "LogUnavailableError",
     "MetricsExportError",
+    "PermissionDeniedError",
     "PrometheusExporterProtocol",
     "RedisEventBus",
     "RingMetricsCollector",

@@ -105,10 +105,104 @@ def add_dlq_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     add(subparsers)
 
 
+def add_acl_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``hvobs acl`` (least-privilege Redis users for a stream)."""
+    from hypervisor.observability.acl import FORMATS, ROLES
+
+    parser = subparsers.add_parser(
+        "acl",
+        help="print the Redis ACL user for a role on a stream",
+        description=(
+            "Print the line that creates (or replaces) a Redis user confined to one stream's "
+            "keys and to the commands its role runs: producer (append only), reader (read "
+            "only), worker (the consumer-group workers) or admin (plus trimming, deleting, "
+            "resetting state and replaying dead letters). Pipe it into redis-cli, or write the "
+            "aclfile form into the file named by redis.conf's aclfile."
+        ),
+    )
+    parser.add_argument("--role", required=True, choices=ROLES)
+    parser.add_argument("--stream", required=True, help="the bus stream key")
+    parser.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="a consumer group whose worker state the role may use (worker and admin; repeat)",
+    )
+    parser.add_argument("--user", required=True, help="the Redis user name")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--password",
+        metavar="P",
+        help="the password (visible to other local users in the process list: prefer the next two)",
+    )
+    source.add_argument(
+        "--password-env", metavar="VAR", help="read the password from environment variable VAR"
+    )
+    source.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of stdin (a prompt on a terminal)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="setuser",
+        help="setuser: an ACL SETUSER command; aclfile: a line of an ACL file (default: setuser)",
+    )
+    parser.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="write the password as >password instead of its SHA-256 #hash",
+    )
+    parser.set_defaults(handler=run_acl)
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    import os
+
+    if args.password is not None:
+        password: str = args.password
+        return password
+    if args.password_env is not None:
+        value = os.environ.get(args.password_env)
+        if value is None:
+            raise ValueError(f"environment variable {args.password_env} is not set")
+        return value
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass(f"password for {args.user}: ")
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def run_acl(args: argparse.Namespace) -> int:
+    """Run ``hvobs acl``: print one line, or a one-line error (exit status 2)."""
+    from hypervisor.observability.acl import acl_line
+    from hypervisor.observability.errors import AclArgumentError
+
+    try:
+        line = acl_line(
+            args.role,
+            args.stream,
+            args.user,
+            _read_password(args),
+            groups=args.group,
+            form=args.format,
+            plaintext=args.plaintext,
+        )
+    except (AclArgumentError, ValueError) as exc:
+        print(f"hvobs acl: {exc}", file=sys.stderr)
+        return 2
+    print(line)
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_demo_command,
     add_worker_command,
     add_dlq_command,
+    add_acl_command,
 ]
 """The subcommand declarations, in ``--help`` order."""
 
@@ -126,8 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refusal(exc: BaseException) -> BaseException | None:
+    """The ACL refusal in ``exc`` (itself, or inside task-group exception groups), if any."""
+    from hypervisor.observability.errors import PermissionDeniedError
+
+    if isinstance(exc, PermissionDeniedError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _refusal(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hvobs`` console script; returns the exit status."""
+    """Entry point of the ``hvobs`` console script; returns the exit status.
+
+    A command the Redis server refuses to the configured user (an ACL) ends it with one line
+    naming the user, the command and the roles that grant it, and exit status 1.
+    """
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
@@ -136,6 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into a pager or head that quit early: not an error of ours.
         sys.stderr.close()
         return 0
+    except Exception as exc:
+        refusal = _refusal(exc)
+        if refusal is None:
+            raise
+        print(f"hvobs: {refusal}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 __all__ = [
+    "AclArgumentError",
     "BusClosedError",
     "BusFullError",
+    "BusPermissionError",
     "BusUnavailableError",
     "EventDecodeError",
     "EventEncodeError",
@@ -13,6 +15,7 @@ __all__ = [
     "LogGroupMissingError",
     "LogUnavailableError",
     "MetricsExportError",
+    "PermissionDeniedError",
 ]
 
 
@@ -68,4 +71,44 @@ class MetricsExportError(HypervisorObservabilityError, ValueError):
 
     Raised for a label set that differs from the one the metric was created with, a name taken by
     another collector on the registry, a counter decrement, or a gauge/counter kind clash.
+    """
+
+
+class PermissionDeniedError(HypervisorObservabilityError):
+    """The backend refused an operation to the configured user (a Redis ACL ``NOPERM``).
+
+    Retrying cannot help, so nothing in this package retries it: the message names the user,
+    the refused command and the ``hvobs acl`` roles that grant it.
+
+    Attributes:
+        user: the Redis user the connection authenticated as (``"default"`` without one).
+        command: the refused Redis command in lower case (``"xtrim"``, ``"xinfo|stream"``), or
+            the operation when Redis did not name the command (a refused key).
+    """
+
+    def __init__(self, message: str, *, user: str = "default", command: str = "") -> None:
+        super().__init__(message)
+        self.user = user
+        self.command = command
+
+
+class BusPermissionError(BusUnavailableError, PermissionDeniedError):
+    """A ``RedisEventBus`` operation was refused to its user (see ``PermissionDeniedError``).
+
+    A ``BusUnavailableError`` too, so code that handles an emit that could not be stored keeps
+    working; it is raised at once, never after retries.
+    """
+
+    def __init__(self, message: str, *, user: str = "default", command: str = "") -> None:
+        PermissionDeniedError.__init__(self, message, user=user, command=command)
+
+
+class AclArgumentError(HypervisorObservabilityError, ValueError):
+    """An argument of ``hvobs acl`` (role, stream, group, user or password) cannot be used."""
+
+
+class LogPermissionError(PermissionDeniedError):
+    """The backend refused the operation to this user (Redis: ``NOPERM``, an ACL).
+
+    Not a ``LogError`` on purpose: nothing may retry it.
     """

@@ -9,7 +9,10 @@ test suite runs against both.
 
 Errors: a backend that cannot be reached raises ``LogUnavailableError`` (transient: the caller
 may retry); every other failure is a ``LogError``. Operations on a group that does not exist raise
-``LogGroupMissingError`` (for Redis: the stream key or group vanished, e.g. after a flush).
+``LogGroupMissingError`` (for Redis: the stream key or group vanished, e.g. after a flush). An
+operation the backend refuses to this user (a Redis ACL) raises ``LogPermissionError``, which is
+deliberately *not* a ``LogError``: retry loops catch ``LogError``, and a refusal must stop its
+caller with its message instead of being retried forever.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from typing import Protocol, Self, runtime_checkable
 
 import msgspec
 
-from hypervisor.observability.errors import LogError, LogGroupMissingError, LogUnavailableError
+from hypervisor.observability.errors import (
+    LogError,
+    LogGroupMissingError,
+    LogPermissionError,
+    LogUnavailableError,
+)
 
 __all__ = [
     "MAX_ID",
@@ -30,6 +38,7 @@ __all__ = [
     "GroupInfo",
     "LogError",
     "LogGroupMissingError",
+    "LogPermissionError",
     "LogUnavailableError",
     "PendingSummary",
     "StreamLog",
@@ -203,14 +212,14 @@ class StreamLog(Protocol):
 
     async def id_from_end(self, n: int) -> str | None:
         """Return the id of the ``n``-th newest retained entry (1 = the newest), or the oldest
-        retained id when fewer are retained; ``None`` for an empty log. Found by the backend
-        without transferring entries (where a reader of the newest ``n`` entries starts)."""
+        retained id when fewer are retained; ``None`` for an empty log (where a reader of the
+        newest ``n`` entries starts). With read permission only: no scripts, no writes."""
         ...
 
     async def count_after(self, after_id: str, limit: int) -> int:
         """Return how many retained entries have ids greater than ``after_id``, at most ``limit``.
 
-        Counted by the backend without transferring entries (how far a tailing reader is behind).
+        How far a tailing reader is behind; with read permission only: no scripts, no writes.
         """
         ...
 

@@ -5,7 +5,14 @@ for blocking reads (its socket timeout stays above the longest ``BLOCK`` so redi
 of 5 s cannot break them) and a control client for group management, acks and trimming. Response
 callbacks are switched off so replies arrive raw (hiredis-parsed lists and bytes) and their shape
 does not depend on the redis-py version. Every redis-py error is translated where it is caught:
-connection failures become ``LogUnavailableError``, ``NOGROUP`` becomes ``LogGroupMissingError``.
+connection failures become ``LogUnavailableError``, ``NOGROUP`` becomes ``LogGroupMissingError``,
+an ACL refusal (``NOPERM``, or its script form) becomes ``LogPermissionError`` naming the user, the
+refused command and the ``hvobs acl`` roles that grant it.
+
+The reading path (``read``, ``head_id``, ``first_id``, ``length``, ``id_from_end``,
+``count_after``) runs plain read commands only, no scripts: Redis counts every key a script is
+given as written, so a read-only ACL user could not run one. The server version comes from
+``HELLO``, which every user may run.
 
 Retention never removes entries a consumer group still needs. On Redis 8.2 and later the server
 does that itself (``XTRIM ... ACKED``); on older servers a Lua script computes the safe point
@@ -15,11 +22,14 @@ and trims with ``MINID`` up to it, atomically.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import redis.asyncio as aioredis
@@ -34,6 +44,7 @@ from hypervisor.observability._backends.log import (
     GroupInfo,
     LogError,
     LogGroupMissingError,
+    LogPermissionError,
     LogUnavailableError,
     PendingSummary,
     TrimPolicy,
@@ -108,24 +119,74 @@ async def _call(client: aioredis.Redis, *args: Any) -> Any:
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
-_ID_FROM_END_SCRIPT = """
-local r = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
-if #r == 0 then return false end
-return r[#r][1]
-"""
+_PAGE: Final = 500
+"""Entries per ``XRANGE``/``XREVRANGE`` page when ``id_from_end``/``count_after`` walk ids (the
+replies carry the entries' bytes too: a page bounds that transfer)."""
 
-_COUNT_AFTER_SCRIPT = """
-return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
-"""
+# Redis 7.0: "NOPERM this user has no permissions to run the 'xtrim' command", and from a script
+# "ERR The user executing the script can't run this command or subcommand ..."; Redis 7.2+:
+# "NOPERM User u has no permissions to run the 'xtrim' command" and "ERR ACL failure in script:".
+_DENIED: Final = re.compile(r"NOPERM|ERR ACL failure in script|ERR The user executing the script")
+_DENIED_COMMAND: Final = re.compile(r"run the '([^']+)' command")
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def url_user(url: str) -> str:
+    """Return the ACL user name of a Redis URL (``"default"`` when it names none)."""
+    name = urlsplit(url).username
+    return unquote(name) if name else "default"
+
+
+def default_client_options() -> dict[str, Any]:
+    """redis-py options every client of this package gets: no ``CLIENT SETINFO`` on connect.
+
+    redis-py announces itself with ``CLIENT SETINFO`` and ignores a refusal, but Redis 7.2+
+    records every refusal in the ``ACL LOG``; no ``hvobs acl`` role grants it (Redis 7.0 has no
+    such subcommand, so a rule naming it would not load there), and a log full of these would
+    hide the refusals that matter.
+    """
+    if "driver_info" in inspect.signature(aioredis.Redis.__init__).parameters:
+        return {"driver_info": None}
+    return {"lib_name": None, "lib_version": None}
+
+
+def _and(words: tuple[str, ...]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def permission_error(
+    what: str, message: str, *, user: str, command: str = "", key: str = ""
+) -> LogPermissionError:
+    """Build the error for an ACL refusal: who, which command, on what, and who may."""
+    from hypervisor.observability.acl import roles_granting  # acl imports the workers package
+
+    found = _DENIED_COMMAND.search(message)
+    refused = found.group(1).lower() if found else (command or what)
+    roles = roles_granting(refused)
+    if roles:
+        hint = f"`hvobs acl` grants it to the {_and(roles)} role{'s' if len(roles) > 1 else ''}"
+    else:
+        hint = "no `hvobs acl` role grants it"
+    where = f" on {key!r}" if key else ""
+    return LogPermissionError(
+        f"{what}: redis user {user!r} may not run {refused.upper()}{where} ({message}); {hint}",
+        user=user,
+        command=refused,
+    )
+
+
 @contextmanager
-def translate_errors(what: str) -> Iterator[None]:
-    """Translate redis-py errors into the log's errors at the boundary."""
+def translate_errors(
+    what: str, *, user: str = "default", command: str = "", key: str = ""
+) -> Iterator[None]:
+    """Translate redis-py errors into the log's errors at the boundary.
+
+    ``user``, ``command`` (the Redis command sent, lower case) and ``key`` only go into the
+    message of a refusal (``LogPermissionError``).
+    """
     try:
         yield
     except (rexc.AuthenticationError, rexc.AuthorizationError) as exc:
@@ -136,6 +197,10 @@ def translate_errors(what: str) -> Iterator[None]:
         raise LogUnavailableError(f"{what}: redis unreachable: {exc!r}") from exc
     except rexc.ResponseError as exc:
         message = str(exc)
+        if isinstance(exc, rexc.NoPermissionError):
+            message = f"NOPERM {message}"  # redis-py drops the error code from the text
+        if _DENIED.match(message):
+            raise permission_error(what, message, user=user, command=command, key=key) from exc
         if message.startswith(("NOGROUP", "no such key")):
             raise LogGroupMissingError(f"{what}: {message}") from exc
         if message.startswith(("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")):
@@ -217,6 +282,7 @@ class RedisStreamLog(AsyncResource):
     ) -> None:
         self._name = name
         self._key = name.encode()
+        self._user = str(client_options.get("username") or url_user(url))
         self._field = field
         self._retention = retention
         self._trim_interval_s = trim_interval_s
@@ -230,6 +296,8 @@ class RedisStreamLog(AsyncResource):
         self.trim_errors = 0
         """Automatic trims that failed (the append itself had succeeded)."""
 
+        options = {**default_client_options(), **client_options}
+
         def client(socket_timeout: float | None, max_connections: int | None) -> aioredis.Redis:
             made = aioredis.Redis.from_url(
                 url,
@@ -239,7 +307,7 @@ class RedisStreamLog(AsyncResource):
                 retry=Retry(NoBackoff(), 0),
                 max_connections=max_connections,
                 decode_responses=False,
-                **client_options,
+                **options,
             )
             # Raw replies: shapes that do not change with redis-py's parsing helpers.
             made.response_callbacks = {}
@@ -257,6 +325,14 @@ class RedisStreamLog(AsyncResource):
     def name(self) -> str:
         """The stream key."""
         return self._name
+
+    @property
+    def user(self) -> str:
+        """The ACL user the connections authenticate as (``"default"`` without one)."""
+        return self._user
+
+    def _errors(self, what: str, command: str) -> Any:
+        return translate_errors(what, user=self._user, command=command, key=self._name)
 
     async def aclose(self) -> None:
         """Close all connections. Idempotent."""
@@ -278,7 +354,7 @@ class RedisStreamLog(AsyncResource):
         self._check_open()
         if not entries:
             return []
-        with translate_errors("append"):
+        with self._errors("append", "xadd"):
             pipe = self._writer.pipeline(transaction=False)
             command = pipe.execute_command
             key, field = self._key, self._field
@@ -297,6 +373,11 @@ class RedisStreamLog(AsyncResource):
             self._next_trim = time.monotonic() + self._trim_interval_s
             try:
                 await self.trim(self._retention)
+            except LogPermissionError as exc:
+                # The append succeeded; a refusal is permanent, so stop trying (and saying so).
+                self.trim_errors += 1
+                self._retention = None
+                _log.error("automatic retention of %r is off: %s", self._name, exc)
             except LogError as exc:
                 self.trim_errors += 1
                 _log.warning("retention trim of %r failed: %s", self._name, exc)
@@ -310,7 +391,7 @@ class RedisStreamLog(AsyncResource):
     async def read(self, after_id: str, count: int, block_s: float | None = None) -> list[Entry]:
         """Read after an id (``XREAD``); see ``StreamLog.read``."""
         self._check_open()
-        with translate_errors("read"):
+        with self._errors("read", "xread"):
             raw = await _call(
                 self._reader,
                 b"XREAD",
@@ -327,7 +408,7 @@ class RedisStreamLog(AsyncResource):
         """Return the stream's last generated id; see ``StreamLog.head_id``."""
         self._check_open()
         try:
-            with translate_errors("head_id"):
+            with self._errors("head_id", "xinfo|stream"):
                 raw = await _call(self._control, b"XINFO", b"STREAM", self._key)
         except LogGroupMissingError:  # "no such key": an empty log
             return "0-0"
@@ -336,30 +417,75 @@ class RedisStreamLog(AsyncResource):
     async def first_id(self) -> str | None:
         """Return the oldest retained id; see ``StreamLog.first_id``."""
         self._check_open()
-        with translate_errors("first_id"):
+        with self._errors("first_id", "xrange"):
             raw = await _call(self._control, b"XRANGE", self._key, b"-", b"+", b"COUNT", 1)
         return _text(raw[0][0]) if raw else None
 
     async def length(self) -> int:
         """Return ``XLEN``."""
         self._check_open()
-        with translate_errors("length"):
+        with self._errors("length", "xlen"):
             return int(await _call(self._control, b"XLEN", self._key))
 
     async def id_from_end(self, n: int) -> str | None:
-        """Return the ``n``-th newest id, server side; see ``StreamLog.id_from_end``."""
+        """Return the ``n``-th newest id; see ``StreamLog.id_from_end``.
+
+        Read commands only (a read-only user may run it): ``XLEN``, then pages of ids from
+        whichever end of the stream is nearer, so at most ``min(n, length - n)`` entries are
+        transferred, and none when the stream holds at most ``n``. Not atomic: entries appended
+        or trimmed meanwhile move the answer by as many entries.
+        """
         self._check_open()
-        with translate_errors("id_from_end"):
-            found = await self._script(_ID_FROM_END_SCRIPT, [self._key], [max(1, n)])
-        return None if found is None else _text(found)
+        n = max(1, n)
+        length = await self.length()
+        if length == 0:
+            return None
+        if length <= n:
+            return await self.first_id()
+        if length - n < n:
+            return await self._id_at("id_from_end", forward=True, skip=length - n)
+        return await self._id_at("id_from_end", forward=False, skip=n - 1)
+
+    async def _id_at(self, what: str, *, forward: bool, skip: int) -> str | None:
+        """The id ``skip`` entries from the oldest (``forward``) or newest end; the farthest
+        id reached when fewer are retained."""
+        command = b"XRANGE" if forward else b"XREVRANGE"
+        start, stop = (b"-", b"+") if forward else (b"+", b"-")
+        last: str | None = None
+        while True:
+            count = min(skip + 1, _PAGE)
+            with self._errors(what, command.decode().lower()):
+                page = await _call(self._control, command, self._key, start, stop, b"COUNT", count)
+            if not page:
+                return last
+            if len(page) > skip:
+                return _text(page[skip][0])
+            skip -= len(page)
+            last = _text(page[-1][0])
+            start = b"(" + last.encode()
 
     async def count_after(self, after_id: str, limit: int) -> int:
-        """Count entries after an id, server side; see ``StreamLog.count_after``."""
+        """Count entries after an id, at most ``limit``; see ``StreamLog.count_after``.
+
+        Read commands only (pages of ``XRANGE``): it transfers the entries it counts, so keep
+        ``limit`` to what the caller needs.
+        """
         self._check_open()
         if after_id in ("0", "0-0"):
             after_id = "0-0"
-        with translate_errors("count_after"):
-            return int(await self._script(_COUNT_AFTER_SCRIPT, [self._key], [after_id, limit]))
+        counted = 0
+        start = b"(" + after_id.encode()
+        while counted < limit:
+            count = min(limit - counted, _PAGE)
+            with self._errors("count_after", "xrange"):
+                page = await _call(
+                    self._control, b"XRANGE", self._key, start, b"+", b"COUNT", count
+                )
+            if not page:
+                break
+            counted += len(page)
+            start = b"(" + _text(page[-1][0]).encode()
+        return counted
 
     async def _script(self, source: str, keys: list[bytes], args: list[Any]) -> Any:
         """Run a Lua script by its digest, loading it once (again after a server restart)."""
@@ -378,7 +504,7 @@ class RedisStreamLog(AsyncResource):
         """Create a group (and the stream) if missing; see ``StreamLog.ensure_group``."""
         self._check_open()
         try:
-            with translate_errors("ensure_group"):
+            with self._errors("ensure_group", "xgroup|create"):
                 await _call(
                     self._control, b"XGROUP", b"CREATE", self._key, group, start_id, b"MKSTREAM"
                 )
@@ -403,7 +529,7 @@ class RedisStreamLog(AsyncResource):
         if not pending:
             args += self._block_ms(block_s)
         args += [b"STREAMS", self._key, b"0" if pending else b">"]
-        with translate_errors("read_group"):
+        with self._errors("read_group", "xreadgroup"):
             raw = await _call(self._reader, *args)
         return _stream_entries(raw, self._field)
 
@@ -412,7 +538,7 @@ class RedisStreamLog(AsyncResource):
         self._check_open()
         if not ids:
             return 0
-        with translate_errors("ack"):
+        with self._errors("ack", "xack"):
             return int(await _call(self._control, b"XACK", self._key, group, *ids))
 
     async def claim_idle(
@@ -425,7 +551,7 @@ class RedisStreamLog(AsyncResource):
     ) -> ClaimResult:
         """Claim idle pending entries (``XAUTOCLAIM``); see ``StreamLog.claim_idle``."""
         self._check_open()
-        with translate_errors("claim_idle"):
+        with self._errors("claim_idle", "xautoclaim"):
             raw = await _call(
                 self._control,
                 b"XAUTOCLAIM",
@@ -451,7 +577,7 @@ class RedisStreamLog(AsyncResource):
     async def pending_summary(self, group: str) -> PendingSummary:
         """Summarise a group's PEL (``XPENDING`` and its extended form for the idle time)."""
         self._check_open()
-        with translate_errors("pending_summary"):
+        with self._errors("pending_summary", "xpending"):
             raw = await _call(self._control, b"XPENDING", self._key, group)
             count = int(raw[0])
             if count == 0:
@@ -466,7 +592,7 @@ class RedisStreamLog(AsyncResource):
         self._check_open()
         if not ids:
             return {}
-        with translate_errors("delivery_counts"):
+        with self._errors("delivery_counts", "xpending"):
             pipe = self._control.pipeline(transaction=False)
             for entry_id in ids:
                 pipe.execute_command(b"XPENDING", self._key, group, entry_id, entry_id, 1)
@@ -481,7 +607,7 @@ class RedisStreamLog(AsyncResource):
         """Describe every group (``XINFO GROUPS``)."""
         self._check_open()
         try:
-            with translate_errors("group_info"):
+            with self._errors("group_info", "xinfo|groups"):
                 raw = await _call(self._control, b"XINFO", b"GROUPS", self._key)
         except LogGroupMissingError:
             return []
@@ -503,7 +629,7 @@ class RedisStreamLog(AsyncResource):
     async def delete_consumer(self, group: str, consumer: str) -> int:
         """Remove a consumer (``XGROUP DELCONSUMER``); return its pending count."""
         self._check_open()
-        with translate_errors("delete_consumer"):
+        with self._errors("delete_consumer", "xgroup|delconsumer"):
             return int(
                 await _call(self._control, b"XGROUP", b"DELCONSUMER", self._key, group, consumer)
             )
@@ -519,23 +645,41 @@ class RedisStreamLog(AsyncResource):
             b"1" if policy.approximate else b"0",
             b"1" if acked else b"0",
         ]
-        with translate_errors("trim"):
-            removed = await self._script(_TRIM_SCRIPT, [self._key], args)
+        try:
+            with self._errors("trim", "evalsha"):
+                removed = await self._script(_TRIM_SCRIPT, [self._key], args)
+        except LogPermissionError as exc:
+            raise LogPermissionError(
+                f"{exc}; retention (max_len, max_age_s) trims the stream, which only the admin "
+                "role may: run it under an admin user, not in every producer",
+                user=exc.user,
+                command=exc.command,
+            ) from exc
         self.trimmed += int(removed)
         return int(removed)
 
     async def server_version(self) -> tuple[int, int, int]:
-        """Return the server's version from ``INFO server`` (cached after the first call)."""
+        """Return the server's version (cached after the first call).
+
+        From ``HELLO`` (without a protocol version: no switch), which Redis lets every user run,
+        so no role needs ``INFO``; from ``INFO server`` where ``HELLO`` is not understood (a
+        proxy).
+        """
         if self._version is None:
             self._check_open()
-            with translate_errors("server_version"):
-                raw = await _call(self._control, b"INFO", b"server")
-            text = _text(raw)
-            version = (0, 0, 0)
-            for line in text.splitlines():
-                if line.startswith("redis_version:"):
-                    numbers = [int(p) for p in line.split(":", 1)[1].strip().split(".")[:3]]
-                    major, minor, patch = [*numbers, 0, 0, 0][:3]
-                    version = (major, minor, patch)
-            self._version = version
+            text = ""
+            try:
+                with self._errors("server_version", "hello"):
+                    text = _text(_pairs(await _call(self._control, b"HELLO")).get("version", ""))
+            except LogError as exc:
+                if isinstance(exc, LogUnavailableError):
+                    raise
+                with self._errors("server_version", "info"):
+                    info = _text(await _call(self._control, b"INFO", b"server"))
+                for line in info.splitlines():
+                    if line.startswith("redis_version:"):
+                        text = line.split(":", 1)[1].strip()
+            numbers = [int(p) for p in text.split(".")[:3] if p.isdigit()]
+            major, minor, patch = [*numbers, 0, 0, 0][:3]
+            self._version = (major, minor, patch)
         return self._version

@@ -42,8 +42,18 @@ from hypervisor.observability._backends.log import (
     next_id,
     parse_id,
 )
-from hypervisor.observability._backends.redis_log import translate_errors
-from hypervisor.observability._backends.state import Commit, Restored, StateMeta, sort_key
+from hypervisor.observability._backends.redis_log import (
+    default_client_options,
+    translate_errors,
+    url_user,
+)
+from hypervisor.observability._backends.state import (
+    Commit,
+    Restored,
+    StateMeta,
+    sort_key,
+    state_prefix,
+)
 from hypervisor.observability._util.aio import AsyncResource
 
 __all__ = ["RedisStateStore", "state_prefix"]
@@ -200,11 +210,6 @@ _ids_decoder = msgspec.msgpack.Decoder(list[str])
 _Records = list[tuple[str, bytes]]
 
 
-def state_prefix(stream: str, group: str, derivation: str) -> str:
-    """Return the key prefix of a derivation's state (hash-tagged by stream and group)."""
-    return f"hvobs:worker:{{{stream}:{group}}}:{derivation}"
-
-
 def _unsort_key(key: bytes) -> str:
     ms, _, seq = key.partition(b"-")
     return f"{int(ms)}-{int(seq)}"
@@ -305,10 +310,14 @@ class RedisStateStore(AsyncResource):
                 socket_connect_timeout=socket_timeout_s,
                 retry=Retry(NoBackoff(), 0),
                 decode_responses=False,
+                **default_client_options(),
             )
             self._own_client = True
         else:
             self._own_client = False
+        self._user = str(client.connection_pool.connection_kwargs.get("username") or "default")
+        if url is not None and self._user == "default":
+            self._user = url_user(url)
         self._client = client
         self._prefix = prefix
         self._idx_key = f"{prefix}:idx"
@@ -338,6 +347,9 @@ class RedisStateStore(AsyncResource):
         """The key prefix."""
         return self._prefix
 
+    def _errors(self, what: str, command: str = "evalsha") -> Any:
+        return translate_errors(what, user=self._user, command=command, key=f"{self._prefix}:*")
+
     async def aclose(self) -> None:
         """Close the connection if this store created it. Idempotent."""
         if self._closed:
@@ -352,7 +364,7 @@ class RedisStateStore(AsyncResource):
         if not items:
             return
         member, records = batch_member(items)
-        with translate_errors("stage"):
+        with self._errors("stage"):
             await self._stage(
                 keys=[self._idx_key, self._batches_key, self._open_key], args=[member, records]
             )
@@ -365,7 +377,7 @@ class RedisStateStore(AsyncResource):
         low_key, high_key = sort_key(after_id), sort_key(before_id)
         scan = _FETCH_BATCHES
         while True:
-            with translate_errors("read staged"):
+            with self._errors("read staged"):
                 more, flat, applied = await self._fetch(
                     keys=[self._open_key, self._batches_key, self._meta_key],
                     args=[low_key, high_key, scan],
@@ -385,7 +397,7 @@ class RedisStateStore(AsyncResource):
         From the batch headers alone, except for batches whose id ranges overlap another's or
         straddle the applied id: their records are read to count each id once.
         """
-        with translate_errors("backlog"):
+        with self._errors("backlog", "zrange"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hget(self._meta_key, "applied")
                 pipe.zrange(self._open_key, 0, -1)
@@ -412,7 +424,7 @@ class RedisStateStore(AsyncResource):
             else:
                 exact.extend(cluster)
         if exact:
-            with translate_errors("backlog"):
+            with self._errors("backlog", "hmget"):
                 blobs: list[Any] = await self._client.hmget(self._batches_key, exact)
             ids: set[str] = set()
             for blob in blobs:
@@ -423,13 +435,13 @@ class RedisStateStore(AsyncResource):
 
     async def meta(self) -> StateMeta:
         """Read the meta hash."""
-        with translate_errors("read meta"):
+        with self._errors("read meta", "hgetall"):
             raw: Any = await self._client.hgetall(self._meta_key)
         return _meta(raw)
 
     async def load(self) -> tuple[StateMeta, bytes | None]:
         """Read meta and checkpoint snapshot in one transaction."""
-        with translate_errors("load state"):
+        with self._errors("load state", "hgetall"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(self._meta_key)
                 pipe.get(self._snap_key)
@@ -438,7 +450,7 @@ class RedisStateStore(AsyncResource):
 
     async def restore(self) -> Restored:
         """Read meta, checkpoint and redo records in one script call."""
-        with translate_errors("restore state"):
+        with self._errors("restore state"):
             raw_meta, snapshot, flat, skips = await self._restore(
                 keys=[
                     self._meta_key,
@@ -459,7 +471,7 @@ class RedisStateStore(AsyncResource):
         self, after_id: str, upto_id: str
     ) -> tuple[list[tuple[str, bytes]], frozenset[str]] | None:
         """Read the redo records after ``after_id`` (one script call); see ``StateStore``."""
-        with translate_errors("replay state"):
+        with self._errors("replay state"):
             reply = await self._replay(
                 keys=[self._meta_key, self._idx_key, self._batches_key, self._skip_key],
                 args=[sort_key(after_id), sort_key(upto_id)],
@@ -472,7 +484,7 @@ class RedisStateStore(AsyncResource):
 
     async def seen(self, meta: StateMeta) -> tuple[set[str], set[str]]:
         """Read the two seen generations."""
-        with translate_errors("load seen ids"):
+        with self._errors("load seen ids", "lrange"):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.lrange(self._seen_key(meta.seen_gen - 1), 0, -1)
                 pipe.lrange(self._seen_key(meta.seen_gen), 0, -1)
@@ -505,19 +517,19 @@ class RedisStateStore(AsyncResource):
             b"" if commit.snapshot is None else commit.snapshot,
             *(sort_key(entry_id) for entry_id in commit.skipped),
         ]
-        with translate_errors("commit"):
+        with self._errors("commit"):
             done = await self._commit(keys=keys, args=args)
         return bool(done)
 
     async def acquire_lease(self, token: str, ttl_s: float) -> bool:
         """Take or extend the lease (one script call)."""
-        with translate_errors("lease"):
+        with self._errors("lease"):
             got = await self._acquire(keys=[self._lease_key], args=[token, int(ttl_s * 1000)])
         return bool(got)
 
     async def lease_round(self, token: str, ttl_s: float) -> int | None:
         """Take or extend the lease and read the version (one script call)."""
-        with translate_errors("lease"):
+        with self._errors("lease"):
             version = await self._lease_round(
                 keys=[self._lease_key, self._meta_key], args=[token, int(ttl_s * 1000)]
             )
@@ -525,23 +537,23 @@ class RedisStateStore(AsyncResource):
 
     async def notify(self) -> None:
         """Push the wake-up (one script call)."""
-        with translate_errors("notify"):
+        with self._errors("notify"):
             await self._notify(keys=[self._wake_key])
 
     async def wait_notified(self, timeout_s: float) -> bool:
         """``BLPOP`` the wake-up list for at most ``timeout_s``."""
-        with translate_errors("wait"):
+        with self._errors("wait", "blpop"):
             reply = await self._client.blpop([self._wake_key], max(0.001, timeout_s))
         return reply is not None
 
     async def release_lease(self, token: str) -> None:
         """Delete the lease if ``token`` holds it."""
-        with translate_errors("release lease"):
+        with self._errors("release lease"):
             await self._release(keys=[self._lease_key], args=[token])
 
     async def reset(self) -> None:
         """Delete every key of this derivation."""
-        with translate_errors("reset"):
+        with self._errors("reset", "scan"):
             keys = [key async for key in self._client.scan_iter(match=f"{self._prefix}:*")]
             if keys:
                 await self._client.delete(*keys)

@@ -34,7 +34,24 @@ import anyio
 from hypervisor.observability._backends.log import MIN_ID, parse_id
 from hypervisor.observability._util.aio import AsyncResource
 
-__all__ = ["Commit", "MemoryStateStore", "Restored", "StateMeta", "StateStore", "sort_key"]
+__all__ = [
+    "Commit",
+    "MemoryStateStore",
+    "Restored",
+    "StateMeta",
+    "StateStore",
+    "sort_key",
+    "state_prefix",
+]
+
+
+def state_prefix(stream: str, group: str, derivation: str) -> str:
+    """Return the key prefix of a derivation's state (hash-tagged by stream and group).
+
+    Every Redis key of the state is ``<prefix>:<name>``; ``hvobs acl`` derives the worker's key
+    patterns from this function, so the two cannot drift apart.
+    """
+    return f"hvobs:worker:{{{stream}:{group}}}:{derivation}"
 
 
 def sort_key(entry_id: str) -> bytes:

@@ -49,12 +49,14 @@ from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
     BusClosedError,
     BusFullError,
+    BusPermissionError,
     BusUnavailableError,
+    PermissionDeniedError,
 )
 
 __all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy"]
 
-_log = logging.getLogger("hypervisor.observability.redis_bus")
+_log = logging.getLogger("hypervisor.observability._bus.bus")
 
 DEFAULT_STREAM = "hvobs:events"
 """The stream key used when none is given."""
@@ -250,18 +252,29 @@ class RedisEventBus(AsyncResource):
         return self
 
     async def start(self, *, wait_backfill: bool = True) -> None:
-        """Start the flusher and the tailing reader; by default wait until history is indexed."""
+        """Start the flusher and the tailing reader; by default wait until history is indexed.
+
+        Raises:
+            BusPermissionError: the Redis user may not read the stream (a producer's user: pass
+                ``reader=False``).
+            BusUnavailableError: the backend stayed unreachable past the retry deadline.
+        """
         if self._started:
             return
         self._started = True
         self._writer.open()
         start_after = "0-0"
-        if self._run_reader and not self._backfill:
-            start_after = await self._writer.with_retry(self._log.head_id)
-        elif self._run_reader and self._store.max_events is not None:
-            # Older entries would be evicted from the index at once: skip reading them.
-            first = await self._writer.with_retry(self._log.id_from_end, self._store.max_events)
-            start_after = "0-0" if first is None else previous_id(first)
+        try:
+            if self._run_reader and not self._backfill:
+                start_after = await self._writer.with_retry(self._log.head_id)
+            elif self._run_reader and self._store.max_events is not None:
+                # Older entries would be evicted from the index at once: skip reading them.
+                first = await self._writer.with_retry(self._log.id_from_end, self._store.max_events)
+                start_after = "0-0" if first is None else previous_id(first)
+        except BaseException:
+            # A start that fails leaves nothing open (``async with`` never reaches __aexit__).
+            await self.aclose(flush_timeout_s=0.0)
+            raise
         self._reader.last_applied = parse_id(start_after)
         # Plain asyncio tasks rather than a task group held open across calls, so aclose()
         # works from any scope or task; each runs in an anyio cancel scope because that
@@ -355,6 +368,7 @@ class RedisEventBus(AsyncResource):
             EventEncodeError: the event cannot be encoded (raised before buffering).
             BusFullError: the buffer is full and ``block`` is false.
             BusUnavailableError: the backend stayed unreachable past ``retry_deadline_s``.
+            BusPermissionError: the backend refused the append to this user (at once).
             BusClosedError: the bus is closed or not started.
         """
         data = encode_event(event)
@@ -374,7 +388,8 @@ class RedisEventBus(AsyncResource):
 
         Raises:
             EventEncodeError: an event cannot be encoded (nothing was buffered).
-            BusUnavailableError: some of them could not be stored before the retry deadline.
+            BusUnavailableError: some of them could not be stored before the retry deadline
+                (``BusPermissionError``: refused to this user).
             BusClosedError: the bus is closed or not started.
         """
         encoded = [encode_event(event) for event in events]
@@ -390,10 +405,12 @@ class RedisEventBus(AsyncResource):
             for data in chunk:
                 self._enqueue(data, tracker)
         await self._writer.wait_done(self._writer.enqueued)
-        if tracker.error is not None:
-            raise BusUnavailableError(
-                f"some of the {len(encoded)} events were not stored: {tracker.error}"
-            ) from tracker.error
+        error = tracker.error
+        if error is not None:
+            message = f"some of the {len(encoded)} events were not stored: {error}"
+            if isinstance(error, PermissionDeniedError):
+                raise BusPermissionError(message, user=error.user, command=error.command) from error
+            raise BusUnavailableError(message) from error
 
     def emit_nowait(self, event: HypervisorEvent) -> None:
         """Buffer ``event`` for the flusher and return at once; ``flush()`` confirms storage.
@@ -416,16 +433,19 @@ class RedisEventBus(AsyncResource):
 
         Raises:
             BusUnavailableError: buffered events were lost to an unreachable backend since the
-                previous ``flush()`` (the count is in the message).
+                previous ``flush()`` (the count is in the message); ``BusPermissionError`` when
+                the last loss was a refusal to this user.
         """
         self._check_running()
         writer = self._writer
         await writer.wait_done(writer.enqueued)
         if writer.unreported_failures:
             lost, writer.unreported_failures = writer.unreported_failures, 0
-            raise BusUnavailableError(
-                f"{lost} buffered events could not be stored: {writer.last_error}"
-            ) from writer.last_error
+            error = writer.last_error
+            message = f"{lost} buffered events could not be stored: {error}"
+            if isinstance(error, PermissionDeniedError):
+                raise BusPermissionError(message, user=error.user, command=error.command) from error
+            raise BusUnavailableError(message) from error
 
     @property
     def buffered(self) -> int:
@@ -440,6 +460,7 @@ class RedisEventBus(AsyncResource):
         Raises:
             BusClosedError: the bus is closed, not started, or runs without a reader.
             BusUnavailableError: the head could not be read before the retry deadline.
+            BusPermissionError: the user may not read the stream (the reader stopped).
         """
         self._check_running()
         if not self._run_reader:

@@ -4,7 +4,8 @@ The reader tails the log after the last id it applied, decodes each batch with t
 (an undecodable entry is skipped and counted), drops a copy of an event it applied shortly
 before, appends the rest to the bus's ``EventStore`` and dispatches them to local subscribers.
 After every read it completes the ``sync()`` waiters whose target is applied, or that a read
-which started after their call found nothing more to read.
+which started after their call found nothing more to read. A read the backend refuses to the
+user (an ACL) stops the reader: retrying cannot help, so ``sync()`` raises that error instead.
 """
 
 from __future__ import annotations
@@ -13,18 +14,24 @@ import asyncio
 import logging
 from typing import Any
 
-from hypervisor.observability._backends.log import LogError, StreamLog, format_id, parse_id
+from hypervisor.observability._backends.log import (
+    LogError,
+    LogPermissionError,
+    StreamLog,
+    format_id,
+    parse_id,
+)
 from hypervisor.observability._core.codec import decode_events
 from hypervisor.observability._core.dispatch import Dispatcher
 from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability._core.recent import RecentIds
 from hypervisor.observability._core.store import EventStore
 from hypervisor.observability._util.retry import Backoff
-from hypervisor.observability.errors import BusClosedError
+from hypervisor.observability.errors import BusClosedError, BusPermissionError
 
 __all__ = ["BusReader", "IdTuple"]
 
-_log = logging.getLogger("hypervisor.observability.redis_bus")
+_log = logging.getLogger("hypervisor.observability._bus.bus")
 
 IdTuple = tuple[int, int]
 
@@ -66,6 +73,8 @@ class BusReader:
         self.last_applied: IdTuple = (0, 0)
         self.read_no = 0
         self.empty_read_no = -1
+        self.error: BusPermissionError | None = None
+        """Why the reader stopped for good (the backend refused its reads), else ``None``."""
         self.sync_waiters: list[_SyncWaiter] = []
         # The ids of the newest events applied (copies of them are dropped).
         self.dedup_window = dedup_window
@@ -89,6 +98,17 @@ class BusReader:
                 entries = await log.read(
                     format_id(*self.last_applied), self.read_count, self.block_s
                 )
+            except LogPermissionError as exc:
+                self.reader_errors += 1
+                self.error = BusPermissionError(
+                    f"{log.name}: the tailing reader stopped: {exc}",
+                    user=exc.user,
+                    command=exc.command,
+                )
+                self.error.__cause__ = exc
+                _log.error("%s", self.error)
+                self.fail_syncs(self.error)
+                return
             except LogError as exc:
                 self.reader_errors += 1
                 if attempt == 0:
@@ -156,9 +176,15 @@ class BusReader:
         return kept
 
     async def wait_applied(self, target: IdTuple, read_no: int) -> None:
-        """Wait until ``target`` is applied, or a read after read ``read_no`` found nothing."""
+        """Wait until ``target`` is applied, or a read after read ``read_no`` found nothing.
+
+        Raises:
+            BusPermissionError: the reader stopped because its reads are refused.
+        """
         if target <= self.last_applied:
             return
+        if self.error is not None:
+            raise self.error
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.sync_waiters.append(_SyncWaiter(target, read_no, future))
         await future
@@ -175,9 +201,10 @@ class BusReader:
                 remaining.append(waiter)
         self.sync_waiters = remaining
 
-    def fail_syncs(self) -> None:
-        """Fail every ``sync()`` still waiting (the bus is closing and the reader has stopped)."""
+    def fail_syncs(self, error: BaseException | None = None) -> None:
+        """Fail every ``sync()`` still waiting (the bus is closing and the reader has stopped),
+        with ``error`` (default: ``BusClosedError``)."""
         for waiter in self.sync_waiters:
             if not waiter.future.done():
-                waiter.future.set_exception(BusClosedError("the bus was closed"))
+                waiter.future.set_exception(error or BusClosedError("the bus was closed"))
         self.sync_waiters.clear()

@@ -18,13 +18,22 @@ from typing import ParamSpec, TypeVar
 
 import anyio
 
-from hypervisor.observability._backends.log import LogError, LogUnavailableError, StreamLog
+from hypervisor.observability._backends.log import (
+    LogError,
+    LogPermissionError,
+    LogUnavailableError,
+    StreamLog,
+)
 from hypervisor.observability._util.retry import Backoff
-from hypervisor.observability.errors import BusClosedError, BusUnavailableError
+from hypervisor.observability.errors import (
+    BusClosedError,
+    BusPermissionError,
+    BusUnavailableError,
+)
 
 __all__ = ["BusWriter", "Tracker", "Waiter"]
 
-_log = logging.getLogger("hypervisor.observability.redis_bus")
+_log = logging.getLogger("hypervisor.observability._bus.bus")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -191,7 +200,8 @@ class BusWriter:
         self, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """Run ``call(*args)``, retrying transient log errors with backoff and full jitter until
-        the deadline; then (or at once for a permanent error) raise ``BusUnavailableError``.
+        the deadline; then (or at once for a permanent error) raise ``BusUnavailableError``
+        (``BusPermissionError`` at once when the backend refused the operation to the user).
 
         The bus runs its own log calls of ``start()`` and ``sync()`` through here as well; their
         retries count in ``retries`` too.
@@ -215,3 +225,7 @@ class BusWriter:
                 attempt += 1
             except LogError as exc:  # not transient: retrying cannot help
                 raise BusUnavailableError(f"{self.log.name}: {exc}") from exc
+            except LogPermissionError as exc:
+                raise BusPermissionError(
+                    f"{self.log.name}: {exc}", user=exc.user, command=exc.command
+                ) from exc

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import signal
 import sys
@@ -338,7 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=0.0, help="seconds to run (0: forever)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--fleet", default="", help="prefix of agent and session names")
-    parser.add_argument("--redis", default=None, help="append events to this Redis instead")
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("HVOBS_REDIS_URL") or None,
+        metavar="URL",
+        help="append events to this Redis instead (default: $HVOBS_REDIS_URL, which keeps the "
+        "URL's password out of the process list)",
+    )
     parser.add_argument("--stream", default="hvobs:events", help="Redis stream key")
     parser.add_argument(
         "--otlp-endpoint", default=None, help="OTLP/HTTP endpoint for saga spans (in-process)"

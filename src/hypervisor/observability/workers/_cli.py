@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -24,6 +25,9 @@ from hypervisor.observability.workers._runtime import Worker, WorkerConfig, defa
 __all__ = ["add_dlq_command", "add_worker_command", "run_dlq", "run_worker", "serve_worker"]
 
 _DEFAULT_STREAM = "hvobs:events"
+REDIS_URL_ENV = "HVOBS_REDIS_URL"
+"""The environment variable that supplies ``--redis`` when it is not given (it keeps the
+password of the URL out of the process list)."""
 
 
 def _positive_float(text: str) -> float:
@@ -34,7 +38,12 @@ def _positive_float(text: str) -> float:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis", required=True, metavar="URL", help="Redis URL of the bus")
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help=f"Redis URL of the bus, with user and password (default: ${REDIS_URL_ENV})",
+    )
     parser.add_argument(
         "--stream", default=_DEFAULT_STREAM, help="stream key of the bus (default: %(default)s)"
     )
@@ -110,6 +119,14 @@ def add_dlq_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     _common(replay)
     replay.add_argument("--limit", type=int, default=None)
     replay.set_defaults(handler=run_dlq)
+
+
+def _redis_url(args: argparse.Namespace) -> str | None:
+    """``--redis``, else ``$HVOBS_REDIS_URL``; ``None`` (and a one-line error) without either."""
+    url: str | None = args.redis or os.environ.get(REDIS_URL_ENV)
+    if not url:
+        print(f"hvobs: pass --redis URL or set {REDIS_URL_ENV}", file=sys.stderr)
+    return url
 
 
 def _config(args: argparse.Namespace) -> WorkerConfig:
@@ -225,6 +242,9 @@ def run_worker(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    args.redis = _redis_url(args)
+    if args.redis is None:
+        return 2
     return anyio.run(_run_worker, args)
 
 
@@ -255,4 +275,7 @@ async def _run_dlq(args: argparse.Namespace) -> int:
 
 def run_dlq(args: argparse.Namespace) -> int:
     """Run ``hvobs dlq list|replay``."""
+    args.redis = _redis_url(args)
+    if args.redis is None:
+        return 2
     return anyio.run(_run_dlq, args)

@@ -29,7 +29,7 @@ from hypervisor.observability._core.codec import decode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._util.aio import AsyncResource
 from hypervisor.observability._util.retry import Backoff
-from hypervisor.observability.errors import EventDecodeError
+from hypervisor.observability.errors import EventDecodeError, PermissionDeniedError
 from hypervisor.observability.workers._apply import Applier
 from hypervisor.observability.workers._derivations import Derivation
 from hypervisor.observability.workers._dlq import (
@@ -568,6 +568,8 @@ class Worker(AsyncResource):
                 applied = -1
                 self.stats.backend_errors += 1
                 _log.warning("%s apply round failed: %s", applier.derivation.name, exc)
+            except PermissionDeniedError:
+                raise  # an ACL refusal stops the worker: retrying cannot help
             except Exception:
                 applied = -1
                 _log.exception("%s apply round failed (export)", applier.derivation.name)
