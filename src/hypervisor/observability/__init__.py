@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         BusUnavailableError as BusUnavailableError,
         EventDecodeError as EventDecodeError,
         EventEncodeError as EventEncodeError,
+        EventTooLargeError as EventTooLargeError,
         HypervisorObservabilityError as HypervisorObservabilityError,
     )
     from hypervisor.observability.event_bus import (
@@ -57,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "HypervisorObservabilityError": "errors",
     "EventEncodeError": "errors",
     "EventDecodeError": "errors",
+    "EventTooLargeError": "errors",
     "BusFullError": "errors",
     "BusUnavailableError": "errors",
     "BusClosedError": "errors",
@@ -71,6 +73,7 @@ __all__ = [
     "EventDecodeError",
     "EventEncodeError",
     "EventHandler",
+    "EventTooLargeError",
     "EventType",
     "HypervisorEvent",
     "HypervisorEventBus",
