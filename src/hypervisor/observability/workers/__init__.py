@@ -18,7 +18,9 @@ from hypervisor.observability.workers._derivations import (
     SagaSpansDerivation,
 )
 from hypervisor.observability.workers._dlq import (
+    REASON_APPLY_ERROR,
     REASON_MAX_DELIVERIES,
+    REASON_OVERSIZED,
     REASON_UNDECODABLE,
     DeadLetter,
     decode_dead_letter,
@@ -42,7 +44,9 @@ from hypervisor.observability.workers._state import (
 )
 
 __all__ = [
+    "REASON_APPLY_ERROR",
     "REASON_MAX_DELIVERIES",
+    "REASON_OVERSIZED",
     "REASON_UNDECODABLE",
     "RING_METRICS",
     "SAGA_SPANS",
