@@ -50,15 +50,19 @@ from hypervisor.observability.workers import (
     REASON_OVERSIZED,
     REASON_UNDECODABLE,
     Applier,
+    DeadLetter,
     MemoryStateStore,
     RingMetricsDerivation,
     SagaSpansDerivation,
     Worker,
     WorkerConfig,
+    decode_dead_letter,
     list_dead_letters,
+    replay_dead_letters,
     watermark,
 )
 from hypervisor.observability.workers._apply import restore_state
+from hypervisor.observability.workers._dlq import encode_dead_letter
 from hypervisor.observability.workers._snapshot import dump_state, load_state
 from redis_server import RedisServer
 from test_workers_support import random_events, reference, span_key
@@ -766,3 +770,28 @@ async def test_failed_snapshot_commits_without_a_checkpoint() -> None:
     restored = await store.restore()
     assert restored.checkpoint_id == ids[-1]
     assert [entry_id for entry_id, _ in restored.records] == more
+
+
+@pytest.mark.anyio
+async def test_dead_letter_log_entries_are_hostile_too() -> None:
+    """Listing and replaying dead letters skip entries of the dead-letter log that are not
+    letters, even one with an unknown field nested 100k levels deep."""
+    good = DeadLetter(
+        reason=REASON_UNDECODABLE,
+        original_id="1-0",
+        group=GROUP,
+        consumer="c",
+        deliveries=1,
+        error="e",
+        data=b"\x00",
+    )
+    head = msgspec.msgpack.encode({"reason": "x", "zz": 0})
+    deep = head[:-1] + b"\x91" * 100_000 + b"\xc0"
+    with pytest.raises(msgspec.DecodeError):
+        decode_dead_letter(deep)
+    dlq = MemoryStreamLog("events:dlq")
+    await dlq.append_many([deep, b"\xc1", encode_dead_letter(good), deep])
+    assert [letter for _, letter in await list_dead_letters(dlq)] == [good]
+    log = MemoryStreamLog("events")
+    assert len(await replay_dead_letters(dlq, log)) == 1
+    assert [entry.data for entry in await log.read("0-0", 10)] == [b"\x00"]

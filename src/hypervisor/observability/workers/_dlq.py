@@ -23,6 +23,7 @@ from typing import Final
 
 import msgspec
 
+from hypervisor.observability._core.codec import error_text
 from hypervisor.observability._log.base import MIN_ID, StreamLog, parse_id
 
 __all__ = [
@@ -92,9 +93,15 @@ def decode_dead_letter(data: bytes) -> DeadLetter:
     """Decode a dead letter.
 
     Raises:
-        msgspec.DecodeError: not a dead letter.
+        msgspec.DecodeError: not a dead letter (whatever the bytes: the dead-letter log is as
+            writable as the stream).
     """
-    return _decoder.decode(data)
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError:
+        raise
+    except Exception as exc:  # e.g. RecursionError on an unknown field nested very deep
+        raise msgspec.DecodeError(f"not a dead letter: {error_text(exc)}") from None
 
 
 async def list_dead_letters(dlq: StreamLog, limit: int = 1000) -> list[tuple[str, DeadLetter]]:
