@@ -291,6 +291,18 @@ def _check_payload(event: HypervisorEvent, exact: bool) -> bool:
 
 def _check_fields(event: HypervisorEvent) -> None:
     """Refuse event fields a decoder would reject or read back differently (exact encode)."""
+    session, agent = event.session_id, event.agent_did
+    causal, parent = event.causal_trace_id, event.parent_event_id
+    if (
+        type(event.event_type) is EventType
+        and type(event.event_id) is str
+        and type(event.timestamp) is datetime
+        and (session is None or type(session) is str)
+        and (agent is None or type(agent) is str)
+        and (causal is None or type(causal) is str)
+        and (parent is None or type(parent) is str)
+    ):
+        return
     problem: str | None = None
     event_type: object = event.event_type
     if type(event.event_id) is not str:
