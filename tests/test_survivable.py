@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -795,3 +796,60 @@ async def test_dead_letter_log_entries_are_hostile_too() -> None:
     log = MemoryStreamLog("events")
     assert len(await replay_dead_letters(dlq, log)) == 1
     assert [entry.data for entry in await log.read("0-0", 10)] == [b"\x00"]
+
+
+@pytest.mark.anyio
+@pytest.mark.redis
+async def test_staged_fetch_is_bounded_in_bytes_and_loses_nothing(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a fetch budget smaller than one batch, each read of staged records returns a prefix
+    of the ids in order (at least one batch's worth, cut where an unread batch starts, even
+    among batches that start at the same id), so repeated reads return every id once."""
+    from hypervisor.observability.workers import _redis_state
+
+    monkeypatch.setattr(_redis_state, "_FETCH_BYTES", 100)
+    record = b"r" * 60
+    batches = [
+        [(f"{n}-0", record) for n in (1, 2, 3, 4)],
+        [(f"{n}-0", record) for n in (1, 2)],  # a reclaimed subset: same first id
+        [(f"{n}-0", record) for n in (5, 6)],
+        [(f"{n}-0", record) for n in (6, 7, 8)],
+        [("9-0", record)],
+    ]
+    prefix = _redis_state.state_prefix(f"t{uuid.uuid4().hex[:8]}", GROUP, "ring")
+    async with _redis_state.RedisStateStore(redis_server.url, prefix) as store:
+        for batch in batches:
+            await store.stage(batch)
+        got: list[str] = []
+        after, reads = "0-0", 0
+        while records := await store.staged(after, "99-0", 1000):
+            reads += 1
+            assert [parse_id(i) for i, _ in records] == sorted(parse_id(i) for i, _ in records)
+            got.extend(entry_id for entry_id, _ in records)
+            after = records[-1][0]
+        assert got == [f"{n}-0" for n in range(1, 10)]
+        assert reads > 1  # the budget did cut
+        await store.reset()
+
+
+@pytest.mark.anyio
+async def test_checkpoint_is_due_after_max_bytes_of_records() -> None:
+    """However long the checkpoint interval, a checkpoint is taken once the records applied
+    since the last one reach checkpoint_max_bytes: the redo log a restore replays is bounded in
+    bytes as well as in records."""
+    events = [ring_event(n, payload={"to_ring": 1, "pad": "p" * 200}) for n in range(20)]
+    store = MemoryStateStore()
+    applier, _, _ = await staged_applier(
+        RingMetricsDerivation(store),
+        [encode_event(e) for e in events],
+        checkpoint_interval_s=3600,
+        checkpoint_max_bytes=1000,
+        max_batch=3,
+    )
+    while await applier.round():
+        pass
+    assert applier.checkpoints >= 4
+    restored = await store.restore()
+    assert sum(len(data) for _, data in restored.records) < 1000 + 3 * 300
+    assert ring_view(restore_state(applier.derivation, restored)) == ring_view(applier.state)
