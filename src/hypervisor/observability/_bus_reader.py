@@ -139,7 +139,6 @@ class BusReader:
 
     def _apply(self, entries: list[Any]) -> None:
         datas: list[bytes] = []
-        ids: list[str] = []
         limit = self.max_event_bytes
         for entry in entries:
             data = entry.data
@@ -150,11 +149,11 @@ class BusReader:
                 self._report("oversized", entry.id, f"{len(data)} bytes, limit {limit}")
             else:
                 datas.append(data)
-                ids.append(entry.id)
         events, bad = decode_events(datas)
         if bad:
             index, reason = bad[0]
-            self._report("undecodable", ids[index], reason)
+            decoded = [e for e in entries if e.data is not None and len(e.data) <= limit]
+            self._report("undecodable", decoded[index].id, reason)
             self.decode_errors += len(bad)
         if self.dedup_window:
             events = self._drop_copies(events)
