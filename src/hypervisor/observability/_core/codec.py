@@ -81,6 +81,7 @@ _identity_decoder = msgspec.msgpack.Decoder(tuple[int, _Identity])
 # Values whose type the msgpack round trip keeps (ints within 64 bits; msgpack refuses others).
 _SCALARS: Final = frozenset({str, int, float, bool, type(None), bytes, msgspec.msgpack.Ext})
 _CONTAINERS: Final = (dict, list, tuple, set, frozenset)
+_NESTED: Final = frozenset({dict, list})  # the containers a decoded payload holds
 # Other values msgspec encodes that cannot hold a container (so cannot nest).
 _LEAVES: Final = (date, time, timedelta, UUID, Decimal, Enum, bytearray, memoryview)
 # Map key types a decoder gives back as themselves (an array key comes back as a tuple).
@@ -257,7 +258,7 @@ def _check_payload(event: HypervisorEvent, exact: bool) -> bool:
         EventEncodeError: naming the path of the first offending key or value.
     """
     payload = event.payload
-    if not isinstance(payload, Mapping) or (exact and type(payload) is not dict):
+    if type(payload) is not dict and (exact or not isinstance(payload, Mapping)):
         raise EventEncodeError(
             f"event {_short(event.event_id)} cannot be encoded: its payload is a "
             f"{_describe(payload)}, not a dict",
@@ -369,13 +370,12 @@ def _too_deep(payload: dict[str, Any]) -> bool:
     Level by level rather than recursive, so that the check itself cannot exhaust the stack.
     Decoded payloads hold only lists, dicts and (as map keys) tuples.
     """
-    level: list[Any] = []
     for value in payload.values():
-        kind = type(value)
-        if kind is dict or kind is list:
-            level.append(value)
-    if not level:
+        if type(value) in _NESTED:
+            break
+    else:  # the common payload: no container at all
         return False
+    level = [value for value in payload.values() if type(value) in _NESTED]
     depth = 1
     while level:
         depth += 1
