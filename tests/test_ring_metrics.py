@@ -185,6 +185,8 @@ def test_explicit_to_ring_on_demotion_wins_over_the_elevation_origin() -> None:
         ("", None),
         ("-1", None),
         ("²", None),
+        ("9" * 5000, None),  # more digits than int() converts: not a ring, not an exception
+        ("0" * 30 + "7", 7),
         ([1], None),
         ({"ring": 1}, None),
     ],
@@ -591,9 +593,11 @@ def test_naive_timestamps_are_read_as_local_time() -> None:
     assert state.open_elevations() == {"did:mesh:a": expected - T0.timestamp()}
 
 
-def test_state_snapshots_keep_epoch_seconds_and_load_in_the_worker_loader() -> None:
-    """A pickled state keeps ``newest_timestamp`` in epoch seconds (the snapshot layout), loads
-    through the workers' restricted loader, and goes on as the original."""
+def test_state_snapshots_keep_the_newest_timestamp_exactly() -> None:
+    """A pickled state keeps the newest timestamp in integer microseconds since the epoch (the
+    snapshot layout; exact, where float seconds of 9999-12-31T23:59:59.999999 round up into
+    year 10000 and could not be loaded), loads through the workers' restricted loader, and goes
+    on as the original. A state pickled with float seconds still loads."""
     import pickle
 
     from hypervisor.observability.workers._snapshot import dump_state, load_state
@@ -604,8 +608,17 @@ def test_state_snapshots_keep_epoch_seconds_and_load_in_the_worker_loader() -> N
     ]
     state = apply_all(events)
     slots = state.__getstate__()[1]
-    assert slots["newest_timestamp"] == state.newest_timestamp == T0.timestamp() + 7.5
+    assert slots["newest_us"] == round((T0.timestamp() + 7.5) * 1_000_000)
     assert "_newest" not in slots
+    old = RingMetricsState()
+    old.__setstate__((None, {**slots, "newest_us": None, "newest_timestamp": T0.timestamp()}))
+    assert old.newest_timestamp == T0.timestamp()
+    last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    edge = apply_all([HypervisorEvent(event_type=EventType.RING_BREACH_DETECTED, timestamp=last)])
+    restored = load_state(dump_state(edge))
+    assert isinstance(restored, RingMetricsState)
+    restored.apply(HypervisorEvent(event_type=EventType.RING_BREACH_DETECTED, timestamp=last))
+    assert restored.newest_timestamp == edge.newest_timestamp == last.timestamp()
     for loaded in (load_state(dump_state(state)), pickle.loads(pickle.dumps(state))):
         assert isinstance(loaded, RingMetricsState)
         assert loaded.newest_timestamp == state.newest_timestamp

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from worker_procs import (
     children,
     cli,
     expected_samples,
+    kill_mid_batch,
+    pending_of,
     procs as procs,
     scrape,
     settled,
@@ -108,26 +109,6 @@ async def stream_events(url: str, stream: str) -> list[HypervisorEvent]:
             after = entries[-1].id
             out.extend(decode_event(e.data) for e in entries if e.data is not None)
     return out
-
-
-async def pending_of(url: str, stream: str, group: str, consumer: str) -> int:
-    async with RedisStreamLog(url, stream) as log:
-        summary = await log.pending_summary(group)
-    return sum(c.pending for c in summary.consumers if c.name == consumer)
-
-
-def kill_mid_batch(url: str, stream: str, group: str, worker: WorkerProc, consumer: str) -> int:
-    """Freeze the worker until it is caught holding pending entries, then SIGKILL it."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        worker.proc.send_signal(signal.SIGSTOP)
-        held = anyio.run(pending_of, url, stream, group, consumer)
-        if held:
-            worker.kill()
-            return held
-        worker.proc.send_signal(signal.SIGCONT)
-        time.sleep(0.002)
-    raise AssertionError("the worker never held pending entries")
 
 
 def test_ring_workers_killed_and_restarted_equal_reference(

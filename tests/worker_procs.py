@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ __all__ = [
     "children",
     "cli",
     "expected_samples",
+    "kill_mid_batch",
+    "pending_of",
     "procs",
     "scrape",
     "settled",
@@ -67,9 +70,11 @@ class WorkerProc:
             return int(exc.code), exc.read()
 
     def kill(self) -> None:
-        """SIGKILL the worker and reap it."""
+        """SIGKILL the worker, reap it and close its output pipe (nothing reads a dead worker)."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def terminate(self) -> int:
         """SIGTERM the worker (it drains) and return its exit code."""
@@ -184,3 +189,23 @@ def expected_samples(ref: Reference) -> dict[str, dict[tuple[tuple[str, str], ..
         "agent_hypervisor_ring_events_processed_total": {(): float(ring["events_processed"])},
         "agent_hypervisor_ring_bad_events_total": {(): float(ref.bad_events)},
     }
+
+
+async def pending_of(url: str, stream: str, group: str, consumer: str) -> int:
+    async with RedisStreamLog(url, stream) as log:
+        summary = await log.pending_summary(group)
+    return sum(c.pending for c in summary.consumers if c.name == consumer)
+
+
+def kill_mid_batch(url: str, stream: str, group: str, worker: WorkerProc, consumer: str) -> int:
+    """Freeze the worker until it is caught holding pending entries, then SIGKILL it."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        worker.proc.send_signal(signal.SIGSTOP)
+        held = anyio.run(pending_of, url, stream, group, consumer)
+        if held:
+            worker.kill()
+            return held
+        worker.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.002)
+    raise AssertionError("the worker never held pending entries")

@@ -10,6 +10,7 @@ __all__ = [
     "BusUnavailableError",
     "EventDecodeError",
     "EventEncodeError",
+    "EventTooLargeError",
     "HypervisorObservabilityError",
     "LogError",
     "LogGroupMissingError",
@@ -33,6 +34,20 @@ class EventEncodeError(HypervisorObservabilityError, TypeError):
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class EventTooLargeError(EventEncodeError):
+    """An encoded event is longer than the bus's ``max_event_bytes`` limit.
+
+    Attributes:
+        size: the encoded length in bytes.
+        limit: the limit it exceeds.
+    """
+
+    def __init__(self, message: str, size: int, limit: int) -> None:
+        super().__init__(message, path=None)
+        self.size = size
+        self.limit = limit
 
 
 class EventDecodeError(HypervisorObservabilityError, ValueError):

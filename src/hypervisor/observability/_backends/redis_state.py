@@ -105,21 +105,26 @@ return 1
 """
 
 # Open batches whose first id is below ARGV[2] and whose last id is above both ARGV[1] and the
-# applied id (sort keys), at most ARGV[3] scanned, with their records; the first member beyond
-# the scan, if any; the applied key. KEYS: open, batches, meta.
+# applied id (sort keys), at most ARGV[3] scanned and about ARGV[4] bytes of records (at least
+# one batch), with their records; the first member beyond the scan, if any; the applied key.
+# KEYS: open, batches, meta.
 _FETCH = """
 local n = tonumber(ARGV[3])
+local budget = tonumber(ARGV[4])
 local low = ARGV[1]
 local ak = redis.call('HGET', KEYS[3], 'applied_key') or ''
 if ak > low then low = ak end
 local ms = redis.call('ZRANGEBYLEX', KEYS[1], '-', '(' .. ARGV[2], 'LIMIT', 0, n + 1)
 local out = {}
 local more = false
+local used = 0
 for i, m in ipairs(ms) do
-  if i > n then more = m break end
+  if i > n or used >= budget then more = m break end
   if string.sub(m, 43, 83) > low then
+    local records = redis.call('HGET', KEYS[2], m) or ''
     out[#out + 1] = m
-    out[#out + 1] = redis.call('HGET', KEYS[2], m) or ''
+    out[#out + 1] = records
+    used = used + string.len(records)
   end
 end
 return {more, out, ak}
@@ -203,6 +208,9 @@ _KEY_WIDTH: Final = 41
 """Length of a sort key (``%020d-%020d``)."""
 _FETCH_BATCHES: Final = 64
 """Batches a first fetch scans; widened when they hold nothing usable."""
+_FETCH_BYTES: Final = 32 << 20
+"""Bytes of records a first fetch returns at most (and one batch more): an apply round holds
+about this much whatever the size of the events. Widened with the scan."""
 
 _records_encoder = msgspec.msgpack.Encoder()
 _records_decoder = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
@@ -375,12 +383,12 @@ class RedisStateStore(AsyncResource):
         if low >= high:
             return []
         low_key, high_key = sort_key(after_id), sort_key(before_id)
-        scan = _FETCH_BATCHES
+        scan, budget = _FETCH_BATCHES, _FETCH_BYTES
         while True:
             with self._errors("read staged"):
                 more, flat, applied = await self._fetch(
                     keys=[self._open_key, self._batches_key, self._meta_key],
-                    args=[low_key, high_key, scan],
+                    args=[low_key, high_key, scan, budget],
                 )
             if applied:
                 low = max(low, _key_tuple(bytes(applied)))
@@ -389,7 +397,10 @@ class RedisStateStore(AsyncResource):
             records = merge_batches(flat, low, bound)
             if records or not more:
                 return records[:limit]
-            scan *= 4  # the scanned batches were all applied ones awaiting the checkpoint
+            # The scanned batches were all applied ones awaiting the checkpoint, or the budget
+            # cut between batches starting at the same id.
+            scan *= 4
+            budget *= 4
 
     async def backlog(self) -> int:
         """Count the distinct staged ids above the applied id.

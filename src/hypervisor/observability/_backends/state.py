@@ -9,9 +9,9 @@ A store holds, for one derivation of one consumer group:
 * the **meta**: version and **applied id**, changed by one atomic :meth:`StateStore.commit` that
   succeeds only if the version is still the one the applier loaded. The committed state is the
   checkpoint plus the staged entries in ``(checkpoint id, applied id]``, in id order, minus the
-  ones the applier **skipped** (duplicate event ids; recorded with the commit that skipped them);
-  a commit that carries a snapshot moves the checkpoint to its applied id and drops what the
-  snapshot now holds;
+  ones the applier **skipped** (duplicate event ids, dead-lettered unread ones; recorded with the
+  commit that skipped them); a commit that carries a snapshot moves the checkpoint to its
+  applied id and drops what the snapshot now holds;
 * the **seen** event ids, a bounded window in two generations, so an event appended twice (two
   stream ids, one ``event_id``) is applied once;
 * the **lease** that elects one applier at a time (an optimisation; correctness rests on the
@@ -88,8 +88,9 @@ class Commit:
         meta: the new meta (version ``expected_version + 1``).
         seen_add: event ids applied in this round (added to ``meta.seen_gen``).
         seen_drop_gen: a generation to delete (the window rotated), or ``None``.
-        skipped: stream ids of this round that were not folded in (duplicate event ids), so a
-            replay of the staged entries skips them too.
+        skipped: stream ids of this round that were not folded in (duplicate event ids, and
+            entries dead-lettered unread: too long or undecodable), so a replay of the staged
+            entries skips them too.
     """
 
     expected_version: int

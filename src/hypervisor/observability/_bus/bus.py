@@ -1,6 +1,7 @@
 """``RedisEventBus``: the asynchronous, multi-process event bus on a shared ``StreamLog``.
 
-Writing: ``emit`` encodes the event at the call (so an unencodable payload raises there), puts
+Writing: ``emit`` encodes the event at the call (so an unencodable payload, one that would not
+read back the same, or an event longer than ``max_event_bytes`` raises there), puts
 ``(bytes, future)`` into a bounded buffer and awaits the future; one flusher task drains the
 buffer into one ``append_many`` per batch (one pipelined round trip). While a batch is in flight
 new emits pile up, so the next batch carries all of them: concurrency turns into batch size
@@ -10,10 +11,11 @@ gets ``BusUnavailableError`` and buffered (``emit_nowait``) events count as fail
 next ``flush()`` raise. Nothing is dropped silently.
 
 Reading: one reader task tails the log (backfilling the newest ``max_events`` retained entries,
-or all of them when unbounded), decodes with the core codec (an undecodable entry is skipped and
-counted), drops a copy of an event it applied shortly before (a producer that retried a batch
-whose reply was lost appended it twice), appends to a local core ``EventStore`` (the same indexes
-as the in-process bus) and dispatches to local subscribers. Queries are answered from that
+or all of them when unbounded), decodes with the core codec (an undecodable entry, or one longer
+than ``max_event_bytes``, not decoded at all, is skipped and counted: only that entry), drops a
+copy of an event it applied shortly before (a producer that retried a batch whose reply was lost
+appended it twice), appends to a local core ``EventStore`` (the same indexes as the in-process
+bus) and dispatches to local subscribers. Queries are answered from that
 store; ``sync()`` waits until it holds everything up to the log's head as of the call.
 
 The bus owns both sides and their tasks: the writing machinery is ``writer.BusWriter``, the
@@ -40,7 +42,7 @@ from hypervisor.observability._backends.log import (
 )
 from hypervisor.observability._bus.reader import BusReader
 from hypervisor.observability._bus.writer import BusWriter, Tracker
-from hypervisor.observability._core.codec import encode_event
+from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES, encode_event
 from hypervisor.observability._core.dispatch import Dispatcher
 from hypervisor.observability._core.events import EventHandler, EventType, HypervisorEvent
 from hypervisor.observability._core.store import DEFAULT_MAX_EVENTS, EventStore
@@ -51,6 +53,7 @@ from hypervisor.observability.errors import (
     BusFullError,
     BusPermissionError,
     BusUnavailableError,
+    EventTooLargeError,
     PermissionDeniedError,
 )
 
@@ -127,6 +130,10 @@ class RedisEventBus(AsyncResource):
             it applied (counted in :attr:`duplicates`). A batch whose append reply was lost is
             retried, and if the first attempt did land the log holds it twice; 0 keeps every
             copy.
+        max_event_bytes: the longest encoded event ``emit`` accepts (``EventTooLargeError``
+            beyond it); the reader skips a longer entry written by anything else without
+            decoding it (counted in :attr:`oversized_entries`). Default 1 MiB; give the workers
+            the same limit (``--max-event-bytes``).
     """
 
     def __init__(
@@ -146,9 +153,13 @@ class RedisEventBus(AsyncResource):
         reader: bool = True,
         owns_log: bool = True,
         dedup_window: int = 100_000,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         if buffer_size < 1 or batch_size < 1:
             raise ValueError("buffer_size and batch_size must be >= 1")
+        if max_event_bytes < 1:
+            raise ValueError(f"max_event_bytes must be >= 1, got {max_event_bytes}")
+        self._max_event_bytes = max_event_bytes
         if dedup_window < 0:
             raise ValueError(f"dedup_window must be >= 0, got {dedup_window}")
         self._log = log
@@ -175,6 +186,7 @@ class RedisEventBus(AsyncResource):
             block_s=block_s,
             backoff=backoff,
             dedup_window=dedup_window,
+            max_event_bytes=max_event_bytes,
         )
         # The writer's buffer (never rebound) and enqueue, bound once here so that the emit
         # methods reach them in one attribute lookup per event, as when they lived on the bus.
@@ -365,13 +377,17 @@ class RedisEventBus(AsyncResource):
             block: wait while the buffer is full (else raise ``BusFullError``).
 
         Raises:
-            EventEncodeError: the event cannot be encoded (raised before buffering).
+            EventEncodeError: the event cannot be encoded, or would not be read back the same
+                (raised before buffering; the message names the payload path).
+            EventTooLargeError: the encoded event is longer than ``max_event_bytes``.
             BusFullError: the buffer is full and ``block`` is false.
             BusUnavailableError: the backend stayed unreachable past ``retry_deadline_s``.
             BusPermissionError: the backend refused the append to this user (at once).
             BusClosedError: the bus is closed or not started.
         """
-        data = encode_event(event)
+        data = encode_event(event, exact=True)
+        if len(data) > self._max_event_bytes:
+            raise self._too_large(event, len(data))
         self._check_running()
         if len(self._buffer) >= self._buffer_size:
             if not block:
@@ -384,15 +400,24 @@ class RedisEventBus(AsyncResource):
     async def emit_many(self, events: Iterable[HypervisorEvent]) -> None:
         """Store many events in order; return once the backend has stored all of them.
 
-        Every event is encoded first, so an unencodable one raises before any is buffered.
+        Every event is encoded first, so an unencodable or too large one raises before any is
+        buffered.
 
         Raises:
             EventEncodeError: an event cannot be encoded (nothing was buffered).
+            EventTooLargeError: an event is longer than ``max_event_bytes`` (nothing was
+                buffered).
             BusUnavailableError: some of them could not be stored before the retry deadline
                 (``BusPermissionError``: refused to this user).
             BusClosedError: the bus is closed or not started.
         """
-        encoded = [encode_event(event) for event in events]
+        limit = self._max_event_bytes
+        encoded: list[bytes] = []
+        for event in events:
+            data = encode_event(event, exact=True)
+            if len(data) > limit:
+                raise self._too_large(event, len(data))
+            encoded.append(data)
         self._check_running()
         if not encoded:
             return
@@ -417,16 +442,33 @@ class RedisEventBus(AsyncResource):
 
         Raises:
             EventEncodeError: the event cannot be encoded.
+            EventTooLargeError: the encoded event is longer than ``max_event_bytes``.
             BusFullError: the buffer holds ``buffer_size`` events already.
             BusClosedError: the bus is closed or not started.
         """
-        data = encode_event(event)
+        data = encode_event(event, exact=True)
+        if len(data) > self._max_event_bytes:
+            raise self._too_large(event, len(data))
         self._check_running()
         if len(self._buffer) >= self._buffer_size:
             raise BusFullError(
                 f"emit buffer full ({self._buffer_size} events); await emit() or flush()"
             )
         self._enqueue(data, None)
+
+    def _too_large(self, event: HypervisorEvent, size: int) -> EventTooLargeError:
+        limit = self._max_event_bytes
+        return EventTooLargeError(
+            f"event {event.event_id} is {size} bytes encoded, over the limit of {limit} bytes "
+            "(RedisEventBus option max_event_bytes; workers: --max-event-bytes)",
+            size=size,
+            limit=limit,
+        )
+
+    @property
+    def max_event_bytes(self) -> int:
+        """The longest encoded event the bus writes or reads."""
+        return self._max_event_bytes
 
     async def flush(self) -> None:
         """Wait until everything buffered before the call is stored.
@@ -515,6 +557,11 @@ class RedisEventBus(AsyncResource):
     def decode_errors(self) -> int:
         """Log entries that could not be decoded (skipped)."""
         return self._reader.decode_errors
+
+    @property
+    def oversized_entries(self) -> int:
+        """Log entries longer than ``max_event_bytes`` (skipped without decoding)."""
+        return self._reader.oversized_entries
 
     @property
     def deleted_entries(self) -> int:

@@ -1,11 +1,13 @@
 """The reading side of ``RedisEventBus``: the tailing reader task and ``sync()`` waiters.
 
 The reader tails the log after the last id it applied, decodes each batch with the core codec
-(an undecodable entry is skipped and counted), drops a copy of an event it applied shortly
-before, appends the rest to the bus's ``EventStore`` and dispatches them to local subscribers.
-After every read it completes the ``sync()`` waiters whose target is applied, or that a read
-which started after their call found nothing more to read. A read the backend refuses to the
-user (an ACL) stops the reader: retrying cannot help, so ``sync()`` raises that error instead.
+(an undecodable entry is skipped and counted, an entry longer than ``max_event_bytes`` too,
+without being decoded; only that entry: its neighbours are applied), drops a copy of an event it
+applied shortly before, appends the rest to the bus's ``EventStore`` and dispatches them to
+local subscribers. After every read it completes the ``sync()`` waiters whose target is applied,
+or that a read which started after their call found nothing more to read. A read the backend
+refuses to the user (an ACL) stops the reader: retrying cannot help, so ``sync()`` raises that
+error instead.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class BusReader:
         block_s: float,
         backoff: Backoff,
         dedup_window: int,
+        max_event_bytes: int,
     ) -> None:
         self.log = log
         self.store = store
@@ -69,6 +72,7 @@ class BusReader:
         self.read_count = read_count
         self.block_s = block_s
         self._backoff = backoff
+        self.max_event_bytes = max_event_bytes
 
         self.last_applied: IdTuple = (0, 0)
         self.read_no = 0
@@ -83,9 +87,12 @@ class BusReader:
         # Read through the bus's properties of the same names (documented there).
         self.applied = 0
         self.decode_errors = 0
+        self.oversized_entries = 0
         self.deleted_entries = 0
         self.duplicates = 0
         self.reader_errors = 0
+        # The kinds of skipped entry already logged: each is logged once, then only counted.
+        self._reported: set[str] = set()
 
     async def run(self) -> None:
         """The reader: tail the log and apply what it reads, until cancelled."""
@@ -122,7 +129,9 @@ class BusReader:
             if entries:
                 try:
                     self._apply(entries)
-                except Exception:  # never let one bad batch stop the index; skip past it
+                except Exception:
+                    # Not reached by a bad entry (each is skipped on its own in _apply): a bug
+                    # here must still not stop the index, so the batch is skipped.
                     self.reader_errors += 1
                     _log.exception("%s: applying %d entries failed", log.name, len(entries))
                     self.last_applied = parse_id(entries[-1].id)
@@ -131,21 +140,35 @@ class BusReader:
             if self.sync_waiters:
                 self._wake_syncs()
 
+    def _report(self, kind: str, entry_id: str, detail: str) -> None:
+        """Log the first skipped entry of each kind; the others are only counted."""
+        if kind not in self._reported:
+            self._reported.add(kind)
+            _log.warning(
+                "%s: skipping %s entry %s (%s); further ones are counted, not logged",
+                self.log.name,
+                kind,
+                entry_id,
+                detail,
+            )
+
     def _apply(self, entries: list[Any]) -> None:
         datas: list[bytes] = []
+        limit = self.max_event_bytes
         for entry in entries:
-            if entry.data is None:
+            data = entry.data
+            if data is None:
                 self.deleted_entries += 1
+            elif len(data) > limit:  # never decoded: its size alone rules it out
+                self.oversized_entries += 1
+                self._report("oversized", entry.id, f"{len(data)} bytes, limit {limit}")
             else:
-                datas.append(entry.data)
+                datas.append(data)
         events, bad = decode_events(datas)
         if bad:
-            if self.decode_errors == 0:
-                _log.warning(
-                    "%s: skipping undecodable entry (%s); further ones are counted",
-                    self.log.name,
-                    bad[0][1],
-                )
+            index, reason = bad[0]
+            decoded = [e for e in entries if e.data is not None and len(e.data) <= limit]
+            self._report("undecodable", decoded[index].id, reason)
             self.decode_errors += len(bad)
         if self.dedup_window:
             events = self._drop_copies(events)

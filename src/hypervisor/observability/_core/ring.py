@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Final
 
@@ -74,6 +74,8 @@ _DEMOTED: Final = EventType.RING_DEMOTED
 _EXPIRED: Final = EventType.RING_ELEVATION_EXPIRED
 # Below every aware timestamp: the newest timestamp before any event is applied.
 _NO_TIME: Final = datetime.min.replace(tzinfo=UTC)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
 
 
 def parse_ring(value: object) -> int | None:
@@ -92,7 +94,12 @@ def parse_ring(value: object) -> int | None:
         return int(value) if value.is_integer() and value >= 0 else None
     if isinstance(value, str):
         text = value.strip()
-        return int(text) if text.isascii() and text.isdigit() else None
+        if not (text.isascii() and text.isdigit()):
+            return None
+        try:
+            return int(text)
+        except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+            return None
     return None
 
 
@@ -165,16 +172,24 @@ class RingMetricsState:
         return None if newest is _NO_TIME else newest.timestamp()
 
     def __getstate__(self) -> tuple[None, dict[str, Any]]:
-        # The snapshot layout keeps the newest timestamp in epoch seconds (a worker's snapshot
-        # loader admits no datetime).
+        # The snapshot keeps the newest timestamp in integer microseconds since the epoch: exact
+        # for every datetime (epoch seconds as a float are not: 9999-12-31T23:59:59.999999
+        # rounds up into year 10000), and a worker's snapshot loader admits no datetime.
         slots = {name: getattr(self, name) for name in self.__slots__ if name != "_newest"}
-        slots["newest_timestamp"] = self.newest_timestamp
+        newest = self._newest
+        slots["newest_us"] = None if newest is _NO_TIME else (newest - _EPOCH) // _MICROSECOND
         return None, slots
 
     def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
         slots = dict(state[1])
-        seconds = slots.pop("newest_timestamp", None)
-        self._newest = _NO_TIME if seconds is None else datetime.fromtimestamp(seconds, UTC)
+        micros = slots.pop("newest_us", None)
+        seconds = slots.pop("newest_timestamp", None)  # the layout before newest_us
+        if micros is not None:
+            self._newest = _EPOCH + micros * _MICROSECOND
+        elif seconds is not None:
+            self._newest = datetime.fromtimestamp(seconds, UTC)
+        else:
+            self._newest = _NO_TIME
         for name, value in slots.items():
             setattr(self, name, value)
 

@@ -404,10 +404,16 @@ class SagaSpanState:
         steps = self._open_steps
         if key in steps:
             del steps[key]  # a restart re-opens the step as the newest entry
-        # The start is converted to epoch seconds when the span is built (a deferred one: when
-        # read); pickling converts any still open (see __getstate__).
+        # An aware start is converted to epoch seconds when the span is built (a deferred one:
+        # when read); pickling converts any still open (see __getstate__), which cannot fail
+        # for an aware one. A naive one is converted now: as local time, its conversion can
+        # fail (at the ends of the datetime range), and must then fail here, on its own event,
+        # not later on whatever event or snapshot happens to convert it.
         stamp = event.timestamp
-        steps[key] = (stamp if type(stamp) is datetime else stamp.timestamp(), event.event_id)
+        steps[key] = (
+            stamp if type(stamp) is datetime and stamp.tzinfo is not None else stamp.timestamp(),
+            event.event_id,
+        )
         if len(steps) > self.max_open_steps:
             del steps[next(iter(steps))]
             self.evicted_open_steps += 1

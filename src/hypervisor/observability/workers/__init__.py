@@ -24,7 +24,9 @@ from hypervisor.observability.workers._derivations import (
     SagaSpansDerivation,
 )
 from hypervisor.observability.workers._dlq import (
+    REASON_APPLY_ERROR,
     REASON_MAX_DELIVERIES,
+    REASON_OVERSIZED,
     REASON_UNDECODABLE,
     DeadLetter,
     decode_dead_letter,
@@ -42,7 +44,9 @@ from hypervisor.observability.workers._sinks import JsonLinesSpanSink, span_to_d
 from hypervisor.observability.workers._snapshot import WorkerStateError
 
 __all__ = [
+    "REASON_APPLY_ERROR",
     "REASON_MAX_DELIVERIES",
+    "REASON_OVERSIZED",
     "REASON_UNDECODABLE",
     "RING_METRICS",
     "SAGA_SPANS",

@@ -9,6 +9,11 @@ ids in one atomic, version-checked step. The state itself is checkpointed (a sna
 same commit) only every ``checkpoint_interval_s``: in between, the committed state is the last
 checkpoint plus the staged entries up to the applied id, which stay staged until the next
 checkpoint. :func:`fold` replays them, here on a takeover and in every worker's metrics view.
+
+Any single entry is survivable: one that is too long or does not decode (strictly: see
+``decode_event``) is dead-lettered and recorded as skipped, so replays skip it too; one whose
+state-machine call raises is dead-lettered with the error and the round goes on (what it changed
+before raising stays, as in the in-process collectors, and replays do the same).
 """
 
 from __future__ import annotations
@@ -27,10 +32,17 @@ from hypervisor.observability._backends.log import (
     parse_id,
 )
 from hypervisor.observability._backends.state import Commit, Restored, StateMeta
-from hypervisor.observability._core.codec import decode_event
+from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES, decode_event, error_text
 from hypervisor.observability._core.spans import SagaSpanRecord
 from hypervisor.observability.errors import EventDecodeError
 from hypervisor.observability.workers._derivations import Derivation
+from hypervisor.observability.workers._dlq import (
+    REASON_APPLY_ERROR,
+    REASON_OVERSIZED,
+    REASON_UNDECODABLE,
+    DeadLetter,
+    encode_dead_letter,
+)
 from hypervisor.observability.workers._snapshot import dump_state, load_state
 
 __all__ = ["Applier", "fold", "restore_state", "watermark"]
@@ -46,9 +58,11 @@ def fold(
 ) -> int:
     """Replay committed records into ``state`` exactly as the applier folded them.
 
-    Skips the ids the applier skipped (duplicates) and, as it did, records that do not decode
-    or whose state-machine call raises. Spans produced are discarded: they were exported before
-    the commit that covers them. Returns the records folded in.
+    Skips the ids the applier skipped (duplicates, entries too long or undecodable, all
+    recorded with the commit) and, as it did, records that do not decode (committed before
+    such records were recorded); a record whose state-machine call raises is folded in up to
+    the error, as the applier did. Spans produced are discarded: they were exported before the
+    commit that covers them. Returns the records folded in.
     """
     apply = derivation.apply
     folded = 0
@@ -56,7 +70,7 @@ def fold(
         if entry_id in skipped:
             continue
         try:
-            event = decode_event(data)
+            event = decode_event(data, strict=True)
         except EventDecodeError:
             continue
         try:
@@ -116,6 +130,13 @@ class Applier:
         checkpoint_max_records: records applied after which a checkpoint is due anyway (bounds
             the redo log a restore replays).
         clock: seconds on a monotonic clock, for the checkpoint interval.
+        checkpoint_max_bytes: bytes of records applied after which a checkpoint is due anyway
+            (bounds the memory of a restore whatever the size of the events).
+        dlq: where entries this applier gives up on go (``None``: only counted and logged).
+        consumer: the worker's consumer name, recorded in its dead letters.
+        max_event_bytes: a longer staged record is dead-lettered without being decoded.
+        dead_lettered: a ``reason -> count`` dict to count this applier's dead letters in (the
+            worker's own, so one metric shows them all); a new one by default.
     """
 
     def __init__(
@@ -131,6 +152,11 @@ class Applier:
         checkpoint_interval_s: float = 1.0,
         checkpoint_max_records: int = 200_000,
         clock: Callable[[], float] = time.monotonic,
+        checkpoint_max_bytes: int = 64 << 20,
+        dlq: StreamLog | None = None,
+        consumer: str = "",
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        dead_lettered: dict[str, int] | None = None,
     ) -> None:
         self.log = log
         self.group = group
@@ -142,6 +168,12 @@ class Applier:
         self.dedup_window = max(2, dedup_window)
         self.checkpoint_interval_s = checkpoint_interval_s
         self.checkpoint_max_records = checkpoint_max_records
+        self.checkpoint_max_bytes = checkpoint_max_bytes
+        self.dlq = dlq
+        self.consumer = consumer
+        self.max_event_bytes = max_event_bytes
+        self._bytes_since_checkpoint = 0
+        self._reported: set[tuple[str, type[BaseException]]] = set()
         self._state: Any = None
         self._meta = StateMeta()
         self._seen_prev: set[str] = set()
@@ -159,7 +191,13 @@ class Applier:
         self.duplicates = 0
         """Entries skipped because their event id was applied before."""
         self.apply_errors = 0
-        """Events whose state-machine call raised (skipped, as the in-process bus does)."""
+        """Events whose state-machine call raised (dead-lettered, as ``apply_error``)."""
+        self.rejected = 0
+        """Staged records dead-lettered unapplied (too long or undecodable)."""
+        self.dead_lettered: dict[str, int] = {} if dead_lettered is None else dead_lettered
+        """Records dead-lettered by this applier, per reason."""
+        self.snapshot_errors = 0
+        """Checkpoints that failed to serialise the state (the commit went on without one)."""
         self.commits = 0
         self.checkpoints = 0
         """Commits that carried a snapshot."""
@@ -188,6 +226,7 @@ class Applier:
         prev, cur = await self.store.seen(restored.meta)
         self._state, self._meta, self._seen_prev, self._seen_cur = state, restored.meta, prev, cur
         self._since_checkpoint = len(restored.records)
+        self._bytes_since_checkpoint = sum(len(data) for _, data in restored.records)
         self.reloads += 1
 
     async def round(self) -> int:
@@ -213,6 +252,7 @@ class Applier:
         return (
             self.final
             or self._since_checkpoint >= self.checkpoint_max_records
+            or self._bytes_since_checkpoint >= self.checkpoint_max_bytes
             or self._clock() >= self._next_checkpoint
         )
 
@@ -223,6 +263,46 @@ class Applier:
         self._next_checkpoint = self._clock() + max(self.checkpoint_interval_s, 20 * cost)
         return snapshot
 
+    def _try_snapshot(self) -> bytes | None:
+        """A checkpoint of the state, or ``None`` if it cannot be serialised: the commit then
+        goes on without one (the redo log keeps the state) rather than failing every round."""
+        try:
+            return self._snapshot()
+        except Exception as exc:
+            self.snapshot_errors += 1
+            self._next_checkpoint = time.monotonic() + self.checkpoint_interval_s
+            self._report("snapshot", exc, "checkpointing the state failed; committing without")
+            return None
+
+    def _report(self, what: str, exc: BaseException, message: str) -> None:
+        """Log an error with its traceback the first time per kind, briefly afterwards."""
+        key = (what, type(exc))
+        if key in self._reported:
+            _log.debug("%s: %s: %s", self.derivation.name, message, error_text(exc))
+            return
+        self._reported.add(key)
+        _log.error(
+            "%s: %s: %s (further %s errors are logged at debug level)",
+            self.derivation.name,
+            message,
+            error_text(exc),
+            type(exc).__name__,
+            exc_info=exc,
+        )
+
+    def _letter(self, reason: str, entry_id: str, data: bytes, error: str) -> DeadLetter:
+        self.dead_lettered[reason] = self.dead_lettered.get(reason, 0) + 1
+        return DeadLetter(
+            reason=reason,
+            original_id=entry_id,
+            group=self.group,
+            consumer=self.consumer,
+            deliveries=0,
+            error=error,
+            data=data,
+            derivation=self.derivation.name,
+        )
+
     async def _round(self, version: int) -> int:
         if self._state is None or version != self._meta.version:
             await self._load()
@@ -231,8 +311,10 @@ class Applier:
         items = await self.store.staged(meta.applied_id, mark, self.max_batch)
         if not items:
             if self._since_checkpoint and self._checkpoint_due():
-                same = replace(meta, version=meta.version + 1)
-                await self._commit(Commit(meta.version, self._snapshot(), same), 0)
+                snapshot = self._try_snapshot()
+                if snapshot is not None:
+                    same = replace(meta, version=meta.version + 1)
+                    await self._commit(Commit(meta.version, snapshot, same), 0)
             return 0
         state = self._state
         derivation = self.derivation
@@ -241,11 +323,25 @@ class Applier:
         produced: list[SagaSpanRecord] = []
         seen_add: list[str] = []
         skipped: list[str] = []
+        letters: list[DeadLetter] = []
+        max_bytes = self.max_event_bytes
+        size = 0
         for entry_id, data in items:
+            size += len(data)
+            # Workers stage only entries that pass both checks; these catch bytes staged by
+            # anything else. Recorded as skipped, so that replays never decode them.
+            if len(data) > max_bytes:
+                self.rejected += 1
+                skipped.append(entry_id)
+                error = f"{len(data)} bytes, over the limit of {max_bytes} (--max-event-bytes)"
+                letters.append(self._letter(REASON_OVERSIZED, entry_id, data, error))
+                continue
             try:
-                event = decode_event(data)
-            except EventDecodeError:  # staged only after decoding; a foreign writer's bytes
-                self.apply_errors += 1
+                event = decode_event(data, strict=True)
+            except EventDecodeError as exc:
+                self.rejected += 1
+                skipped.append(entry_id)
+                letters.append(self._letter(REASON_UNDECODABLE, entry_id, data, str(exc)))
                 continue
             event_id = event.event_id
             if event_id in cur or event_id in prev:
@@ -256,20 +352,33 @@ class Applier:
             seen_add.append(event_id)
             try:
                 spans = apply(state, event)
-            except Exception:
+            except Exception as exc:  # anything the state machine raises on one event
                 self.apply_errors += 1
-                _log.exception("%s: applying event %s failed", derivation.name, event_id)
+                self._report("apply", exc, f"applying event {event_id} ({entry_id}) failed")
+                letters.append(self._letter(REASON_APPLY_ERROR, entry_id, data, error_text(exc)))
                 continue
             if spans:
                 produced.extend(spans)
         derivation.export(produced)
+        if letters:
+            # Before the commit: a crash in between letters them again (at least once), never
+            # loses one.
+            if self.dlq is not None:
+                await self.dlq.append_many([encode_dead_letter(letter) for letter in letters])
+            _log.warning(
+                "%s: dead-lettered %d staged entries (%s)",
+                derivation.name,
+                len(letters),
+                ", ".join(sorted({letter.reason for letter in letters})),
+            )
         gen, count = meta.seen_gen, meta.seen_count + len(seen_add)
         drop: int | None = None
         if count >= self.dedup_window // 2:
             drop, gen, count = gen - 1, gen + 1, len(seen_add)
         new_meta = StateMeta(meta.version + 1, items[-1][0], gen, count)
         self._since_checkpoint += len(items)
-        snapshot = self._snapshot() if self._checkpoint_due() else None
+        self._bytes_since_checkpoint += size
+        snapshot = self._try_snapshot() if self._checkpoint_due() else None
         commit = Commit(meta.version, snapshot, new_meta, seen_add, drop, skipped)
         if not await self._commit(commit, len(items)):
             return 0
@@ -289,6 +398,7 @@ class Applier:
         if commit.snapshot is not None:
             self.checkpoints += 1
             self._since_checkpoint = 0
+            self._bytes_since_checkpoint = 0
         self.applied_events += applied
         return True
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 
+from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
 from hypervisor.observability._core.spans import SpanRecordSink
 from hypervisor.observability.workers._derivations import (
     RING_METRICS,
@@ -34,6 +35,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
@@ -93,6 +101,13 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         sub.add_argument("--claim-interval", type=_positive_float, default=5.0)
         sub.add_argument("--claim-min-idle", type=_positive_float, default=30.0)
         sub.add_argument("--max-deliveries", type=int, default=5)
+        sub.add_argument(
+            "--max-event-bytes",
+            type=_positive_int,
+            default=DEFAULT_MAX_EVENT_BYTES,
+            help="longer entries are dead-lettered without being decoded (default: 1 MiB; "
+            "the same on every worker of a group)",
+        )
         sub.add_argument("--apply-interval", type=_positive_float, default=0.005)
         sub.add_argument("--max-pending-age", type=_positive_float, default=60.0)
         sub.add_argument("--max-agents", type=int, default=1000, help="agent label cap")
@@ -138,6 +153,7 @@ def _config(args: argparse.Namespace) -> WorkerConfig:
         claim_interval_s=args.claim_interval,
         claim_min_idle_s=args.claim_min_idle,
         max_deliveries=args.max_deliveries,
+        max_event_bytes=args.max_event_bytes,
         apply_interval_s=args.apply_interval,
         max_pending_age_s=args.max_pending_age,
     )

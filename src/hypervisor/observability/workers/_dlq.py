@@ -1,8 +1,17 @@
 """Dead letters: entries a worker gives up on, kept in a sibling log with the reason.
 
-A dead letter is a msgpack map on the dead-letter log (``<stream>:dlq`` by default): the reason
-(``undecodable`` or ``max_deliveries``), the original id, the group and consumer that gave up,
-the delivery count, the error text, the time (epoch seconds) and the original bytes. Replaying
+A dead letter is a msgpack map on the dead-letter log (``<stream>:dlq`` by default): the reason,
+the original id, the group and consumer that gave up (and the derivation, when its applier did),
+the delivery count, the error text (at most ``MAX_ERROR_TEXT`` characters), the time (epoch
+seconds) and the original bytes, whole. Reasons:
+
+* ``oversized``: longer than the worker's ``max_event_bytes``; never decoded;
+* ``undecodable``: not an event this release reads (garbage, a wrong type, a payload nested
+  deeper than ``MAX_PAYLOAD_DEPTH``, no ``event_id`` or ``timestamp`` of its own);
+* ``max_deliveries``: delivered more than ``max_deliveries`` times (a derivation's ``prepare``
+  kept failing, or workers kept dying on it); the error is the last one seen;
+* ``apply_error``: the state machine raised on it; the applier went on with the next entry, and
+  what the event changed before the error stays, as in the in-process collectors. Replaying
 appends the original bytes to the event log again; a consumer group on the dead-letter log
 records what was replayed, so a replay never repeats.
 """
@@ -15,9 +24,12 @@ from typing import Final
 import msgspec
 
 from hypervisor.observability._backends.log import MIN_ID, StreamLog, parse_id
+from hypervisor.observability._core.codec import error_text
 
 __all__ = [
+    "REASON_APPLY_ERROR",
     "REASON_MAX_DELIVERIES",
+    "REASON_OVERSIZED",
     "REASON_UNDECODABLE",
     "REPLAY_GROUP",
     "DeadLetter",
@@ -30,6 +42,8 @@ __all__ = [
 
 REASON_UNDECODABLE: Final = "undecodable"
 REASON_MAX_DELIVERIES: Final = "max_deliveries"
+REASON_OVERSIZED: Final = "oversized"
+REASON_APPLY_ERROR: Final = "apply_error"
 REPLAY_GROUP: Final = "hvobs-replay"
 """The consumer group on the dead-letter log that tracks replayed letters."""
 
@@ -43,14 +57,16 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     """One entry a worker gave up on.
 
     Attributes:
-        reason: ``"undecodable"`` or ``"max_deliveries"``.
+        reason: ``"oversized"``, ``"undecodable"``, ``"max_deliveries"`` or ``"apply_error"``.
         original_id: the entry's id in the event log.
         group: the consumer group.
         consumer: the consumer that dead-lettered it.
-        deliveries: how many times it had been delivered.
+        deliveries: how many times it had been delivered (0 when an applier dead-lettered it).
         error: the last error seen for it (``""`` if none was seen by this consumer).
         at: when it was dead-lettered (epoch seconds).
         data: the original entry bytes.
+        derivation: the derivation whose applier dead-lettered it (``""`` for the worker's
+            reading side).
     """
 
     reason: str
@@ -61,6 +77,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     error: str
     at: float = msgspec.field(default_factory=time.time)
     data: bytes = b""
+    derivation: str = ""
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -76,9 +93,15 @@ def decode_dead_letter(data: bytes) -> DeadLetter:
     """Decode a dead letter.
 
     Raises:
-        msgspec.DecodeError: not a dead letter.
+        msgspec.DecodeError: not a dead letter (whatever the bytes: the dead-letter log is as
+            writable as the stream).
     """
-    return _decoder.decode(data)
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError:
+        raise
+    except Exception as exc:  # e.g. RecursionError on an unknown field nested very deep
+        raise msgspec.DecodeError(f"not a dead letter: {error_text(exc)}") from None
 
 
 async def list_dead_letters(dlq: StreamLog, limit: int = 1000) -> list[tuple[str, DeadLetter]]:

@@ -25,7 +25,7 @@ from hypervisor.observability._backends.log import (
     LogGroupMissingError,
     StreamLog,
 )
-from hypervisor.observability._core.codec import decode_event
+from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES, decode_event, error_text
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._util.aio import AsyncResource
 from hypervisor.observability._util.retry import Backoff
@@ -34,6 +34,7 @@ from hypervisor.observability.workers._apply import Applier
 from hypervisor.observability.workers._derivations import Derivation
 from hypervisor.observability.workers._dlq import (
     REASON_MAX_DELIVERIES,
+    REASON_OVERSIZED,
     REASON_UNDECODABLE,
     DeadLetter,
     dlq_name,
@@ -89,6 +90,8 @@ class WorkerConfig:
         claim_interval_s: time between claim sweeps.
         claim_min_idle_s: an entry pending this long on any consumer is claimed.
         max_deliveries: deliveries after which an entry is dead-lettered.
+        max_event_bytes: a longer entry is dead-lettered (``oversized``) without being decoded,
+            by the worker and by the applier; give every worker of a group the same value.
         apply_interval_s: longest time between apply rounds while idle.
         max_apply_batch: staged entries applied per round at most.
         checkpoint_interval_s: shortest time between snapshots of the state (in between, the
@@ -107,6 +110,7 @@ class WorkerConfig:
     claim_interval_s: float = 5.0
     claim_min_idle_s: float = 30.0
     max_deliveries: int = 5
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     apply_interval_s: float = 0.005
     max_apply_batch: int = 20_000
     checkpoint_interval_s: float = 1.0
@@ -181,6 +185,7 @@ class Worker(AsyncResource):
             dlq = MemoryStreamLog(dlq_name(log.name))
         self.dlq = dlq
         token = f"{config.consumer}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.stats = WorkerStats()
         self.appliers = [
             Applier(
                 log,
@@ -191,6 +196,10 @@ class Worker(AsyncResource):
                 max_batch=config.max_apply_batch,
                 dedup_window=config.dedup_window,
                 checkpoint_interval_s=config.checkpoint_interval_s,
+                dlq=dlq,
+                consumer=config.consumer,
+                max_event_bytes=config.max_event_bytes,
+                dead_lettered=self.stats.dead_lettered,
             )
             for derivation in self.derivations
         ]
@@ -204,7 +213,6 @@ class Worker(AsyncResource):
                     self._users_by_type[event_type] = (*found, index)
             else:
                 self._custom_users.append(index)
-        self.stats = WorkerStats()
         self.connected = False
         """Whether the last backend call succeeded."""
         self.server_version: tuple[int, int, int] | None = None
@@ -395,6 +403,7 @@ class Worker(AsyncResource):
         by_type = self._users_by_type
         custom = self._custom_users
         max_deliveries = config.max_deliveries
+        max_bytes = config.max_event_bytes
         for entry in entries:
             entry_id, data = entry.id, entry.data
             if data is None:  # deleted from the log while pending: nothing to process
@@ -413,9 +422,21 @@ class Worker(AsyncResource):
                     )
                 )
                 continue
+            if len(data) > max_bytes:  # never decoded: its size alone rules it out
+                letters.append(
+                    self._letter(
+                        REASON_OVERSIZED,
+                        entry_id,
+                        data,
+                        deliveries,
+                        f"{len(data)} bytes, over the limit of {max_bytes} (--max-event-bytes)",
+                    )
+                )
+                continue
             try:
-                event = decode_event(data)
-            except EventDecodeError as exc:
+                # Strict, as the applier decodes: an entry it would refuse is not staged.
+                event = decode_event(data, strict=True)
+            except EventDecodeError as exc:  # whatever the bytes, decoding raises only this
                 stats.decode_errors += 1
                 letters.append(
                     self._letter(REASON_UNDECODABLE, entry_id, data, deliveries, str(exc))
@@ -425,12 +446,12 @@ class Worker(AsyncResource):
             if custom:
                 try:
                     users = self._custom_uses(event, users)
-                except Exception as exc:
+                except Exception as exc:  # a derivation's own code: anything at all
                     # Left pending: the sweep retries it; max_deliveries ends the retries.
                     stats.processing_errors += 1
                     if len(self._errors) >= _MAX_REMEMBERED_ERRORS:
                         self._errors.clear()
-                    self._errors[entry_id] = f"{type(exc).__name__}: {exc}"
+                    self._errors[entry_id] = error_text(exc)
                     continue
             for index in users:
                 staged[index].append((entry_id, data))
