@@ -38,11 +38,11 @@ import sys
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from datetime import UTC, datetime
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 
-__all__ = ["DEFAULT_MAX_EVENTS", "EventStore"]
+__all__ = ["DEFAULT_MAX_EVENTS", "EventPage", "EventSlice", "EventStore"]
 
 DEFAULT_MAX_EVENTS = 100_000
 """Default cap of the in-process store: bounded by default, as published."""
@@ -58,6 +58,34 @@ _MIN_TIME = datetime.min.replace(tzinfo=UTC)
 _MAX_TIME = datetime.max.replace(tzinfo=UTC)
 
 _Index: TypeAlias = "dict[Hashable, list[int]]"
+
+
+class EventPage(NamedTuple):
+    """One page of a cursor query (:meth:`EventStore.page`).
+
+    Attributes:
+        events: the matching events of the page, oldest first.
+        next_before: the position to pass as ``before`` for the next, older page; ``None``
+            when no older event matched.
+    """
+
+    events: list[HypervisorEvent]
+    next_before: int | None
+
+
+class EventSlice(NamedTuple):
+    """Consecutive stored events by position (:meth:`EventStore.read_from`).
+
+    Attributes:
+        events: the events, oldest first.
+        start: the position of the first event (above the one asked for when older events
+            were evicted meanwhile).
+        stop: the position after the last event: where the next read starts.
+    """
+
+    events: list[HypervisorEvent]
+    start: int
+    stop: int
 
 
 def _check_limit(limit: int | None) -> None:
@@ -511,6 +539,173 @@ class EventStore:
             result += matched
         return result[-limit:]
 
+    # -- positions and pages ---------------------------------------------------------------
+    # A position is an event's seq: assigned once in append order and never reused, so a
+    # position handed out stays meaningful while newer events are appended (they get higher
+    # positions) and older ones are evicted (positions below ``first_position`` are gone).
+
+    @property
+    def first_position(self) -> int:
+        """The position of the oldest stored event (equal to ``next_position`` when empty)."""
+        return self._first
+
+    @property
+    def next_position(self) -> int:
+        """The position the next appended event gets."""
+        return self._next
+
+    def read_from(self, position: int, limit: int) -> EventSlice:
+        """The stored events at ``position`` and after, at most ``limit`` of them.
+
+        Starts at the oldest stored event when ``position`` was evicted (the slice's ``start``
+        tells); returns no events when ``position`` is at or past ``next_position``.
+
+        Raises:
+            ValueError: ``limit`` is not an int >= 1.
+        """
+        _check_limit(limit)
+        start = min(max(position, self._first), self._next)
+        stop = min(self._next, start + limit)
+        return EventSlice(self._events(start, stop), start, stop)
+
+    def page(
+        self,
+        event_type: EventType | None = None,
+        session_id: str | None = None,
+        agent_did: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> EventPage:
+        """The newest ``limit`` events matching every given filter, below position ``before``.
+
+        Paging backwards is stable while events are appended and evicted: passing each page's
+        ``next_before`` as the next call's ``before`` visits every matching event still stored
+        exactly once, newest page first, whatever was appended meanwhile (newer events are
+        above every position handed out); events evicted meanwhile are simply not returned.
+
+        Args:
+            event_type: keep only this type.
+            session_id: keep only this session.
+            agent_did: keep only this agent.
+            since: keep only events with ``timestamp >= since`` (aware).
+            until: keep only events with ``timestamp <= until`` (aware).
+            before: keep only events at positions below this one (``None``: no bound).
+            limit: the most events returned (an int >= 1).
+
+        Raises:
+            ValueError: ``limit`` is not an int >= 1, or ``since``/``until`` is naive.
+        """
+        _check_limit(limit)
+        if since is not None:
+            _check_aware("since", since)
+        if until is not None:
+            _check_aware("until", until)
+        lo = self._first
+        hi = self._next if before is None else max(lo, min(before, self._next))
+        if hi <= lo or (since is not None and until is not None and until < since):
+            return EventPage([], None)
+        timed = since is not None or until is not None
+        # Late events (see the module docstring) that match the time range but lie outside the
+        # range of positions the ring's sort keys give: they are merged in by position.
+        late_above: list[int] = []
+        late_below: list[int] = []
+        if timed:
+            upper = hi
+            if since is not None:
+                lo = max(lo, self._search(since, right=False))
+            if until is not None:
+                upper = min(hi, self._search(until, right=True))
+            if self._late:
+                side = self._late_sorted
+                first = 0 if since is None else bisect_left(side, (since,))
+                last = len(side) if until is None else bisect_right(side, (until, sys.maxsize))
+                for _, seq in side[first:last]:
+                    if seq >= hi or seq < self._first:
+                        continue
+                    if seq >= upper:
+                        late_above.append(seq)
+                    elif seq < lo:
+                        late_below.append(seq)
+                late_above.sort()
+                late_below.sort()
+            hi = max(lo, upper)
+        candidates: list[tuple[int, list[int], int]] = []
+        for index, key in (
+            (self._by_type, event_type),
+            (self._by_session, session_id),
+            (self._by_agent, agent_did),
+        ):
+            if key is None:
+                continue
+            seqs = index.get(key)
+            if seqs is None:
+                return EventPage([], None)
+            head = seqs[0]
+            candidates.append((len(seqs) - head, seqs, head))
+        if candidates:
+            _, posting, head = min(candidates, key=lambda c: c[0])
+            start = bisect_left(posting, lo, head)
+            stop = bisect_left(posting, hi, start)
+            main: Iterable[int] = posting[start:stop]
+        else:
+            main = range(lo, hi)
+        # Events inside the position range whose real timestamp is outside the time range are
+        # late ones only: check the time on events when the store holds any late event.
+        check_time = timed and bool(self._late)
+        wanted = limit + 1  # one more than a page tells whether an older match exists
+        found: list[tuple[int, HypervisorEvent]] = []
+        for part in (late_above, main, late_below):
+            if len(found) >= wanted:
+                break
+            self._walk_newest(
+                part, wanted, found, event_type, session_id, agent_did, since, until, check_time
+            )
+        more = len(found) > limit
+        found = found[:limit]
+        found.reverse()
+        return EventPage([event for _, event in found], found[0][0] if more and found else None)
+
+    def _walk_newest(
+        self,
+        seqs: Iterable[int],
+        wanted: int,
+        found: list[tuple[int, HypervisorEvent]],
+        event_type: EventType | None,
+        session_id: str | None,
+        agent_did: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        check_time: bool,
+    ) -> None:
+        """Append to ``found``, newest first, the matching events among ``seqs`` (ascending),
+        until ``found`` holds ``wanted``; in growing chunks, as :meth:`query` does."""
+        ordered = seqs if isinstance(seqs, list | range) else list(seqs)
+        slots = self._slots
+        cap = self._cap
+        hi = len(ordered)
+        step = 64
+        while hi > 0 and len(found) < wanted:
+            lo = max(0, hi - step)
+            chunk = ordered[lo:hi]
+            matched = [
+                (seq, event)
+                for seq in reversed(chunk)
+                if _accepts(
+                    event := slots[seq % cap],
+                    event_type,
+                    session_id,
+                    agent_did,
+                    since,
+                    until,
+                    check_time,
+                )
+            ]
+            found.extend(matched[: wanted - len(found)])
+            hi = lo
+            step *= 2
+
     def _with_code(self, seqs: list[int], code: int) -> list[int]:
         """The seqs among ``seqs`` whose slot holds type code ``code``."""
         # A comprehension beats map/compress here: the bytearray's slot wrapper called through
@@ -520,6 +715,32 @@ class EventStore:
             return [seq for seq in seqs if codes[seq] == code]
         cap = self._cap
         return [seq for seq in seqs if codes[seq % cap] == code]
+
+
+def _accepts(
+    event: HypervisorEvent,
+    event_type: Hashable | None,
+    session_id: str | None,
+    agent_did: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    check_time: bool,
+) -> bool:
+    """Whether ``event`` matches every filter that is not ``None`` (the time only when
+    ``check_time``)."""
+    if event_type is not None and event.event_type != event_type:
+        return False
+    if session_id is not None and event.session_id != session_id:
+        return False
+    if agent_did is not None and event.agent_did != agent_did:
+        return False
+    if check_time:
+        stamp = _normalise(event.timestamp)
+        if stamp is None:
+            return False
+        if (since is not None and stamp < since) or (until is not None and stamp > until):
+            return False
+    return True
 
 
 def _matching(
