@@ -78,6 +78,7 @@ def test_pages_equal_a_scan_of_the_stored_events(
         page = store.page(before=before, limit=limit, **f)  # type: ignore[arg-type]
         remaining = expected[: len(expected) - len(seen)]
         assert page.events == remaining[-limit:]
+        assert [store.read_from(p, 1).events[0] for p in page.positions] == page.events
         seen[:0] = page.events
         if page.next_before is None:
             break

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 __all__ = [
+    "BadRequestError",
     "BusClosedError",
     "BusFullError",
     "BusUnavailableError",
     "EventDecodeError",
     "EventEncodeError",
     "HypervisorObservabilityError",
+    "ServeError",
 ]
 
 
@@ -42,3 +44,11 @@ class BusUnavailableError(HypervisorObservabilityError):
 
 class BusClosedError(HypervisorObservabilityError):
     """The bus was closed; no more events are accepted."""
+
+
+class BadRequestError(HypervisorObservabilityError, ValueError):
+    """An HTTP API request with a bad parameter (answered 400); the message says which."""
+
+
+class ServeError(HypervisorObservabilityError):
+    """``hvobs serve`` cannot start (port in use, Redis unreachable); the message says why."""

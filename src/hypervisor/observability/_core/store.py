@@ -67,10 +67,13 @@ class EventPage(NamedTuple):
         events: the matching events of the page, oldest first.
         next_before: the position to pass as ``before`` for the next, older page; ``None``
             when no older event matched.
+        positions: the position of each event (a caller that keeps only the newest part of
+            the page passes the oldest kept position as the next ``before``).
     """
 
     events: list[HypervisorEvent]
     next_before: int | None
+    positions: list[int]
 
 
 class EventSlice(NamedTuple):
@@ -605,7 +608,7 @@ class EventStore:
         lo = self._first
         hi = self._next if before is None else max(lo, min(before, self._next))
         if hi <= lo or (since is not None and until is not None and until < since):
-            return EventPage([], None)
+            return EventPage([], None, [])
         timed = since is not None or until is not None
         # Late events (see the module docstring) that match the time range but lie outside the
         # range of positions the ring's sort keys give: they are merged in by position.
@@ -641,7 +644,7 @@ class EventStore:
                 continue
             seqs = index.get(key)
             if seqs is None:
-                return EventPage([], None)
+                return EventPage([], None, [])
             head = seqs[0]
             candidates.append((len(seqs) - head, seqs, head))
         if candidates:
@@ -665,7 +668,11 @@ class EventStore:
         more = len(found) > limit
         found = found[:limit]
         found.reverse()
-        return EventPage([event for _, event in found], found[0][0] if more and found else None)
+        return EventPage(
+            [event for _, event in found],
+            found[0][0] if more and found else None,
+            [seq for seq, _ in found],
+        )
 
     def _walk_newest(
         self,
