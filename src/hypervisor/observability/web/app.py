@@ -194,9 +194,11 @@ class _Api:
         before = None
         if cursor is not None:
             if cursor.run != self.runtime.run_id:
-                raise BadRequestError(
-                    "cursor: it belongs to an earlier run of this server (positions restarted); "
-                    "ask again without a cursor"
+                # Well formed but stale: a conflict with the server's state, not a bad request.
+                return _error(
+                    409,
+                    "cursor: it belongs to another run of this server (positions restarted); "
+                    "ask again without a cursor",
                 )
             before = cursor.position
         # Read before the page, in the same step: every event after the page is newer.

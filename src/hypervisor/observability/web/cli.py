@@ -281,15 +281,23 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, token: str | Non
     from hypervisor.observability.web.server import make_server
 
     runtime = _runtime(args)
+    # A failed start is reported in one line below: the bus's retry warnings would repeat it.
+    bus_log = logging.getLogger("hypervisor.observability.redis_bus")
+    level = bus_log.level
+    bus_log.setLevel(max(level, logging.ERROR))
     try:
         await runtime.start()
     except BusUnavailableError as exc:
         await runtime.aclose()
-        cause = exc.__cause__ or exc
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
         raise ServeError(
             f"cannot reach Redis at {redis_location(args.redis)} ({_reason(cause)}); start "
             "redis-server there or fix --redis"
         ) from None
+    finally:
+        bus_log.setLevel(level)
     try:
         loopback = _is_loopback(args.host)
         allowed = (LOOPBACK_NAMES | {args.host.strip("[]").lower()}) if loopback else None

@@ -49,6 +49,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         400: "a parameter is malformed or out of range (the message says which and why)",
         401: "the bearer token is missing or wrong (only when the server has a token)",
         404: "unknown id (never seen, or no longer kept)",
+        409: "the cursor belongs to another run of the server: ask again without it",
         503: "too many stream clients are connected",
     }
     return {str(status): _json(_ERROR, text[status]) for status in statuses}
@@ -318,7 +319,7 @@ def openapi_document(*, token: bool) -> dict[str, Any]:
                 "next_cursor of the previous page: the page then holds the matches older than "
                 "that page's oldest event. Stable while events are appended (they are newer "
                 "than every cursor) and evicted (they are no longer returned); a cursor of an "
-                "earlier server run is refused with 400."
+                "earlier server run is refused with 409."
             ),
         ),
     ]
@@ -330,7 +331,7 @@ def openapi_document(*, token: bool) -> dict[str, Any]:
                 "parameters": events_params,
                 "responses": {
                     "200": _json(_ref("EventPage"), "one page"),
-                    **_errors(*api_errors),
+                    **_errors(*api_errors, 409),
                 },
                 **security,
             }
