@@ -77,7 +77,7 @@ def base_url(served: ServerThread) -> str:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-def test_api_conforms_to_its_openapi_document(case: schemathesis.Case, base_url: str) -> None:
+def test_api_conforms_to_its_openapi_document(case: schemathesis.Case[Any], base_url: str) -> None:
     """Every generated request gets a documented status, content type and body; malformed
     parameters get 4xx and never a server error."""
     case.call_and_validate(base_url=base_url)

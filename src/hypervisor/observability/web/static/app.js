@@ -11,7 +11,7 @@
 
 (function () {
   const FEED_MAX = 200;
-  const SAGAS_SHOWN = 8;
+  const SAGAS_SHOWN = 6;
   const TRACES_SHOWN = 4;
   const REFRESH_MS = 800;
 
@@ -255,6 +255,11 @@
     return 10 * power;
   }
 
+  function tickText(t, step) {
+    const digits = step >= 1 ? 0 : step >= 0.1 ? 1 : 2;
+    return t.toFixed(digits) + " s";
+  }
+
   function renderSaga(saga, now) {
     const box = el("article", "saga state-" + saga.state);
     box.dataset.sagaId = saga.saga_id;
@@ -277,16 +282,17 @@
     const axis = el("div", "axis");
     const step = niceStep(total);
     for (let t = 0; t <= total + 1e-9; t += step) {
-      const tick = el("span", "tick", secondsText(t).replace(".00", ""));
+      const tick = el("span", "tick", tickText(t, step));
       tick.style.left = (t / total) * 100 + "%";
       axis.append(tick);
     }
     const lanes = el("div", "lanes");
     for (const span of spans) {
-      const lane = el("div", "lane " + span.kind);
+      const lane = el("div", "lane lane-" + span.kind);
       const failed = span.kind === "step" && span.status === "error";
       const label = span.kind === "saga" ? "saga " + (STATE_TEXT[saga.state] || "")
-        : (span.kind === "compensation" ? "undo " : "step ") + (span.step_action || span.step_id) +
+        : (span.kind === "compensation" ? "compensate " : "step ") +
+          (span.step_action || span.step_id) +
           (failed ? " ✕ failed" : span.status === "running" ? " (running)" : "");
       const labelNode = el("span", "lane-label", label);
       labelNode.title = label;
