@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from hypervisor.observability._bus.bus import RedisEventBus
 from hypervisor.observability._core.events import EventType, HypervisorEvent
+from hypervisor.observability.web.encode import encode_event, encode_json
 from hypervisor.observability.web.stream import Broadcaster
 from hypervisor.observability.web.views import FleetView
 
@@ -95,3 +98,28 @@ async def test_a_slow_stream_client_is_reset_with_the_count_of_events_it_lost() 
         assert json.loads(live.split(b"data: ", 1)[1])[0]["payload"] == {"r": "after"}
         await messages.aclose()
         assert not broadcaster.clients
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    event_id=st.text(max_size=30),
+    stamp=st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=2))])),
+    session=st.none() | st.text(max_size=10),
+    payload=st.dictionaries(
+        st.text(max_size=8), st.none() | st.integers() | st.text(max_size=20) | st.floats()
+    ),
+)
+def test_encoded_event_is_exactly_its_to_dict(
+    event_id: str, stamp: datetime, session: str | None, payload: dict[str, object]
+) -> None:
+    """The fast encoding of an event gives the very JSON of its ``to_dict()``, whatever its
+    strings hold (quotes, 'Z' and key names included)."""
+    event = HypervisorEvent(
+        event_id=event_id + 'Z","session_id":',
+        timestamp=stamp,
+        session_id=session,
+        agent_did='x"Z","session_id":',
+        payload=payload,
+    )
+    assert json.loads(encode_event(event)) == json.loads(encode_json(event.to_dict()))
+    assert encode_event(event) == encode_json(event.to_dict())

@@ -601,6 +601,7 @@ class EventStore:
             ValueError: ``limit`` is not an int >= 1, or ``since``/``until`` is naive.
         """
         _check_limit(limit)
+        orig_type, orig_session, orig_agent = event_type, session_id, agent_did
         if since is not None:
             _check_aware("since", since)
         if until is not None:
@@ -634,11 +635,13 @@ class EventStore:
                 late_above.sort()
                 late_below.sort()
             hi = max(lo, upper)
-        candidates: list[tuple[int, list[int], int]] = []
-        for index, key in (
-            (self._by_type, event_type),
-            (self._by_session, session_id),
-            (self._by_agent, agent_did),
+        candidates: list[tuple[int, list[int], int, int]] = []
+        for which, (index, key) in enumerate(
+            (
+                (self._by_type, event_type),
+                (self._by_session, session_id),
+                (self._by_agent, agent_did),
+            )
         ):
             if key is None:
                 continue
@@ -646,61 +649,35 @@ class EventStore:
             if seqs is None:
                 return EventPage([], None, [])
             head = seqs[0]
-            candidates.append((len(seqs) - head, seqs, head))
+            candidates.append((len(seqs) - head, seqs, head, which))
+        main: list[int] | range
         if candidates:
-            _, posting, head = min(candidates, key=lambda c: c[0])
+            _, posting, head, walked = min(candidates, key=lambda c: c[0])
             start = bisect_left(posting, lo, head)
             stop = bisect_left(posting, hi, start)
-            main: Iterable[int] = posting[start:stop]
+            main = posting[start:stop]
+            # The walked list's own key needs no check on its entries.
+            if walked == 0:
+                event_type = None
+            elif walked == 1:
+                session_id = None
+            else:
+                agent_did = None
         else:
             main = range(lo, hi)
         # Events inside the position range whose real timestamp is outside the time range are
         # late ones only: check the time on events when the store holds any late event.
         check_time = timed and bool(self._late)
         wanted = limit + 1  # one more than a page tells whether an older match exists
-        found: list[tuple[int, HypervisorEvent]] = []
-        for part in (late_above, main, late_below):
+        found: list[int] = []
+        for part, exact in ((late_above, False), (main, True), (late_below, False)):
             if len(found) >= wanted:
                 break
-            self._walk_newest(
-                part, wanted, found, event_type, session_id, agent_did, since, until, check_time
-            )
-        more = len(found) > limit
-        found = found[:limit]
-        found.reverse()
-        return EventPage(
-            [event for _, event in found],
-            found[0][0] if more and found else None,
-            [seq for seq, _ in found],
-        )
-
-    def _walk_newest(
-        self,
-        seqs: Iterable[int],
-        wanted: int,
-        found: list[tuple[int, HypervisorEvent]],
-        event_type: EventType | None,
-        session_id: str | None,
-        agent_did: str | None,
-        since: datetime | None,
-        until: datetime | None,
-        check_time: bool,
-    ) -> None:
-        """Append to ``found``, newest first, the matching events among ``seqs`` (ascending),
-        until ``found`` holds ``wanted``; in growing chunks, as :meth:`query` does."""
-        ordered = seqs if isinstance(seqs, list | range) else list(seqs)
-        slots = self._slots
-        cap = self._cap
-        hi = len(ordered)
-        step = 64
-        while hi > 0 and len(found) < wanted:
-            lo = max(0, hi - step)
-            chunk = ordered[lo:hi]
-            matched = [
-                (seq, event)
-                for seq in reversed(chunk)
-                if _accepts(
-                    event := slots[seq % cap],
+            if exact:
+                self._walk_newest(
+                    part,
+                    wanted,
+                    found,
                     event_type,
                     session_id,
                     agent_did,
@@ -708,8 +685,60 @@ class EventStore:
                     until,
                     check_time,
                 )
-            ]
-            found.extend(matched[: wanted - len(found)])
+            else:  # late events: every filter is checked on them
+                self._walk_newest(
+                    part, wanted, found, orig_type, orig_session, orig_agent, since, until, True
+                )
+        more = len(found) > limit
+        found = found[:limit]
+        found.reverse()
+        return EventPage(self._gather(found), found[0] if more and found else None, found)
+
+    def _walk_newest(
+        self,
+        seqs: list[int] | range,
+        wanted: int,
+        found: list[int],
+        event_type: EventType | None,
+        session_id: str | None,
+        agent_did: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        check_time: bool,
+    ) -> None:
+        """Append to ``found``, newest first, the positions among ``seqs`` (ascending) whose
+        events match, until ``found`` holds ``wanted``; in growing chunks, as :meth:`query`
+        does. A type is checked on the code ring before any event is touched."""
+        hi = len(seqs)
+        if event_type is None and session_id is None and agent_did is None and not check_time:
+            take = wanted - len(found)
+            found.extend(reversed(seqs[max(0, hi - take) : hi]))
+            return
+        slots = self._slots
+        cap = self._cap
+        code = 0 if event_type is None else self._type_codes.get(event_type, 0)
+        codes = self._codes
+        step = 64
+        while hi > 0 and len(found) < wanted:
+            lo = max(0, hi - step)
+            chunk = list(seqs[lo:hi])
+            chunk.reverse()
+            if code:
+                chunk = [seq for seq in chunk if codes[seq % cap] == code]
+                check_type = None
+            else:
+                check_type = event_type
+            if session_id is not None:
+                chunk = [seq for seq in chunk if slots[seq % cap].session_id == session_id]
+            if agent_did is not None:
+                chunk = [seq for seq in chunk if slots[seq % cap].agent_did == agent_did]
+            if check_type is not None or check_time:
+                chunk = [
+                    seq
+                    for seq in chunk
+                    if _accepts(slots[seq % cap], check_type, None, None, since, until, check_time)
+                ]
+            found.extend(chunk[: wanted - len(found)])
             hi = lo
             step *= 2
 

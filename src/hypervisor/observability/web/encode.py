@@ -10,6 +10,7 @@ neither break nor blow up a response.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC
 from typing import Any, Final
 
 import msgspec
@@ -20,6 +21,10 @@ __all__ = ["DEFAULT_MAX_EVENT_BYTES", "encode_event", "encode_json"]
 
 DEFAULT_MAX_EVENT_BYTES: Final = 64 * 1024
 """The longest JSON of one event sent as it is (larger ones have their payload replaced)."""
+
+
+_UTC_END: Final = b'Z","session_id":'
+_ISO_UTC_END: Final = b'+00:00","session_id":'
 
 
 def _fallback(value: object) -> Any:
@@ -34,6 +39,18 @@ encode_json: Final = _encoder.encode
 
 def encode_event(event: HypervisorEvent, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
     """The event's ``to_dict()`` as JSON, its payload replaced when the whole is too long."""
+    if getattr(event.timestamp, "tzinfo", None) is UTC:
+        # The common case, several times faster than building to_dict(): the struct encodes
+        # its fields in the same order, and its timestamp as isoformat() does but for the
+        # "Z" of UTC. A JSON string cannot hold an unescaped quote, so the first 'Z","session_id":'
+        # is the end of the timestamp.
+        try:
+            encoded = _encoder.encode(event).replace(_UTC_END, _ISO_UTC_END, 1)
+        except (TypeError, ValueError, OverflowError):
+            pass
+        else:
+            if len(encoded) <= max_bytes:
+                return encoded
     data = event.to_dict()
     try:
         encoded = _encoder.encode(data)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Final
 
 from hypervisor.observability._bus.bus import RedisEventBus
@@ -259,7 +259,7 @@ class Broadcaster:
         for client in list(self.clients):
             client.close()
 
-    def connect(self, resume: Position | None) -> AsyncIterator[bytes]:
+    def connect(self, resume: Position | None) -> AsyncGenerator[bytes, None]:
         """The messages of one new client: a retry hint, the replay after ``resume`` (or a
         ``reset``), then the live messages and heartbeats until the client leaves or is
         closed.
@@ -303,7 +303,7 @@ class Broadcaster:
             position = chunk.stop
         return messages
 
-    async def _messages(self, client: StreamClient, first: list[bytes]) -> AsyncIterator[bytes]:
+    async def _messages(self, client: StreamClient, first: list[bytes]) -> AsyncGenerator[bytes, None]:
         try:
             for message in first:
                 yield message
