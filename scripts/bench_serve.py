@@ -360,7 +360,9 @@ async def run(args: argparse.Namespace) -> None:
         f"  with h11 and click     {sum(sizes.values()) / 1024:7.0f} KiB "
         f"({sum(sizes.values()) / 2**20:.2f} MiB); target: about 1 MiB"
     )
-    print(f"(machine: {os.cpu_count()} cores)")
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(f"(machine: {os.cpu_count()} cores, load average {load}: figures on a busy machine")
+    print(" are queueing behind other processes, not the server's own cost)")
 
 
 def main() -> None:

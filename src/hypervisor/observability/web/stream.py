@@ -303,7 +303,9 @@ class Broadcaster:
             position = chunk.stop
         return messages
 
-    async def _messages(self, client: StreamClient, first: list[bytes]) -> AsyncGenerator[bytes, None]:
+    async def _messages(
+        self, client: StreamClient, first: list[bytes]
+    ) -> AsyncGenerator[bytes, None]:
         try:
             for message in first:
                 yield message
