@@ -14,10 +14,13 @@ import logging
 import os
 import socket
 import sys
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 from hypervisor.observability.errors import ServeError
+
+if TYPE_CHECKING:
+    from hypervisor.observability.web.runtime import ServeRuntime
 
 __all__ = ["add_serve_command", "bind_socket", "redis_location", "run_serve"]
 
@@ -252,7 +255,7 @@ def run_serve(args: argparse.Namespace) -> int:
         sock.close()
 
 
-def _runtime(args: argparse.Namespace) -> Any:
+def _runtime(args: argparse.Namespace) -> ServeRuntime:
     from hypervisor.observability._bus.bus import RedisEventBus
     from hypervisor.observability.web.runtime import ServeRuntime
 
