@@ -8,8 +8,8 @@ Starts its own redis-server and a real ``hvobs serve --redis`` process, then mea
    queueing behind the other 49) and *open loop* at a fixed total rate (each client sends on a
    schedule; latency counts from the scheduled time, so a stall is not hidden).
 2. ``/api/stream``: 10 connected clients while a producer process emits 10k events/s on the
-   stream; the latency of each event from its emit (a timestamp in its payload) to its arrival
-   at each client, p50/p99.
+   stream; the latency from emit (a timestamp in the payload) to arrival at each client of
+   each message's oldest event (the one that waited longest in its batch), p50/p99.
 3. The installed size of the runtime dependencies ``hvobs serve`` added (Starlette, uvicorn
    and uvicorn's own dependencies h11 and click).
 
@@ -199,7 +199,6 @@ async def stream_latency(
 ) -> tuple[list[float], int, int]:
     """Latency from emit to arrival at each of ``clients`` stream clients at ``rate``/s;
     also the messages and events received."""
-    decoder = msgspec.json.Decoder()
     latencies: list[float] = []
     counts = [0, 0]
     done = asyncio.Event()
@@ -219,11 +218,14 @@ async def stream_latency(
                 continue
             arrived = time.time()
             counts[0] += 1
-            for event in decoder.decode(line[6:]):
-                sent = event["payload"].get("t")
-                if sent is not None:
-                    latencies.append(arrived - sent)
-                    counts[1] += 1
+            counts[1] += line.count(b'"event_id"')
+            # The oldest event of the message waited longest in its batch: its latency is the
+            # message's worst (decoding every event would load this process more than the
+            # server).
+            at = line.find(b'"t":')
+            if at >= 0:
+                end = line.find(b",", at)
+                latencies.append(arrived - float(line[at + 4 : end]))
         writer.close()
 
     readies = [asyncio.Event() for _ in range(clients)]
@@ -343,8 +345,8 @@ async def run(args: argparse.Namespace) -> None:
                 f"{received / max(1, messages):.0f} events per message)"
             )
             print(
-                f"emit-to-client latency: p50 {ms(statistics.median(lat))}, p99 {ms(p99)}, "
-                f"max {ms(max(lat))}"
+                "emit-to-client latency (oldest event of each message): p50 "
+                f"{ms(statistics.median(lat))}, p99 {ms(p99)}, max {ms(max(lat))}"
             )
             print(f"target: p99 <= 250 ms: {'met' if p99 <= 0.25 else 'NOT met'}")
         finally:
