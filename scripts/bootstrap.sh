@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shared set-up for the quick-start commands: a project virtual environment with the package
 # installed (editable, with the OpenTelemetry and development extras) and, when asked, the
-# redis-server binary the Redis tests start on free ports.
+# redis-server binary the Redis tests start on free ports and Debian's headless Chromium with
+# its driver for the page's browser test.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,5 +37,15 @@ ensure_prometheus() {
     if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
         echo "bootstrap: installing prometheus from Debian's packages" >&2
         apt_install --no-install-recommends prometheus
+    fi
+}
+
+ensure_chromium() {
+    # Debian's chromium and chromium-driver for tests/test_serve_browser.py (Selenium drives
+    # /usr/bin/chromium through /usr/bin/chromedriver; nothing downloads a browser), and a font
+    # so that the page's text renders in screenshots.
+    if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+        echo "bootstrap: installing chromium and chromium-driver from Debian's packages" >&2
+        apt_install --no-install-recommends chromium chromium-driver fonts-dejavu-core
     fi
 }

@@ -8,6 +8,7 @@ source "$here/bootstrap.sh"
 
 ensure_redis_server
 ensure_prometheus
+ensure_chromium
 ensure_venv
 cd "$root"
 echo "== ruff check" && "$venv/bin/ruff" check .

@@ -629,3 +629,50 @@ def test_state_snapshots_keep_the_newest_timestamp_exactly() -> None:
     empty = load_state(dump_state(RingMetricsState()))
     assert isinstance(empty, RingMetricsState)
     assert empty.newest_timestamp is None
+
+
+def test_forget_agents_drops_every_table_entry_of_those_agents_only() -> None:
+    """``forget_agents`` removes the agents' transitions, breaches, rings and elevations in
+    place (readers holding the tables see it) and leaves the other agents and counters alone."""
+    state = RingMetricsState()
+    for agent in ("a", "b"):
+        state.apply(
+            HypervisorEvent(
+                event_type=EventType.RING_ASSIGNED,
+                agent_did=agent,
+                session_id="s",
+                payload={"ring": 3},
+            )
+        )
+        state.apply(
+            HypervisorEvent(
+                event_type=EventType.RING_ELEVATED,
+                agent_did=agent,
+                session_id="s",
+                payload={"from_ring": 3, "to_ring": 1},
+            )
+        )
+        state.apply(
+            HypervisorEvent(
+                event_type=EventType.RING_BREACH_DETECTED, agent_did=agent, session_id="s"
+            )
+        )
+    transitions = state.transitions
+    processed = state.events_processed
+    state.forget_agents(["a"])
+    assert transitions is state.transitions
+    assert all(key[1] == "b" for key in transitions)
+    assert list(state.breaches) == [("b", "s")]
+    assert list(state.current_rings) == ["b"]
+    assert list(state.elevation_starts) == ["b"]
+    assert state.events_processed == processed
+    # The forgotten agent starts from nothing: a demotion no longer finds its elevation.
+    state.apply(
+        HypervisorEvent(
+            event_type=EventType.RING_DEMOTED,
+            agent_did="a",
+            session_id="s",
+            payload={"from_ring": 1},
+        )
+    )
+    assert "a" not in state.elevation_durations

@@ -198,11 +198,19 @@ def run_acl(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``hvobs serve`` (the live web view and the HTTP query API)."""
+    from hypervisor.observability.web.cli import add_serve_command as add
+
+    add(subparsers)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_demo_command,
     add_worker_command,
     add_dlq_command,
     add_acl_command,
+    add_serve_command,
 ]
 """The subcommand declarations, in ``--help`` order."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "AclArgumentError",
+    "BadRequestError",
     "BusClosedError",
     "BusFullError",
     "BusPermissionError",
@@ -17,6 +18,7 @@ __all__ = [
     "LogUnavailableError",
     "MetricsExportError",
     "PermissionDeniedError",
+    "ServeError",
 ]
 
 
@@ -127,3 +129,11 @@ class LogPermissionError(PermissionDeniedError):
 
     Not a ``LogError`` on purpose: nothing may retry it.
     """
+
+
+class BadRequestError(HypervisorObservabilityError, ValueError):
+    """An HTTP API request with a bad parameter (answered 400); the message says which."""
+
+
+class ServeError(HypervisorObservabilityError):
+    """``hvobs serve`` cannot start (port in use, Redis unreachable); the message says why."""

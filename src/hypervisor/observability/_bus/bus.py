@@ -45,7 +45,12 @@ from hypervisor.observability._bus.writer import BusWriter, Tracker
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES, encode_event
 from hypervisor.observability._core.dispatch import Dispatcher
 from hypervisor.observability._core.events import EventHandler, EventType, HypervisorEvent
-from hypervisor.observability._core.store import DEFAULT_MAX_EVENTS, EventStore
+from hypervisor.observability._core.store import (
+    DEFAULT_MAX_EVENTS,
+    EventPage,
+    EventSlice,
+    EventStore,
+)
 from hypervisor.observability._util.aio import AsyncResource
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
@@ -59,7 +64,7 @@ from hypervisor.observability.errors import (
 
 __all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy"]
 
-_log = logging.getLogger("hypervisor.observability._bus.bus")
+_log = logging.getLogger("hypervisor.observability.redis_bus")
 
 DEFAULT_STREAM = "hvobs:events"
 """The stream key used when none is given."""
@@ -657,3 +662,48 @@ class RedisEventBus(AsyncResource):
     async def type_counts(self) -> dict[str, int]:
         """Indexed events per type value."""
         return self._store.type_counts()
+
+    # -- positions and pages (from the local index) --------------------------------------------
+    # A position numbers the events of this bus's local index in the order they were applied
+    # (log order); it is local to this bus object, so it is not shared with other processes.
+
+    @property
+    def index_position(self) -> int:
+        """The position the next event applied to the local index gets."""
+        return self._store.next_position
+
+    @property
+    def index_first_position(self) -> int:
+        """The position of the oldest event in the local index."""
+        return self._store.first_position
+
+    async def query_page(
+        self,
+        event_type: EventType | None = None,
+        session_id: str | None = None,
+        agent_did: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> EventPage:
+        """The newest ``limit`` indexed events matching every filter, below position ``before``.
+
+        Pass each page's ``next_before`` as ``before`` to page backwards; see
+        :meth:`EventStore.page` for the guarantees while events are appended and evicted.
+
+        Raises:
+            ValueError: ``limit`` is not an int >= 1, or ``since``/``until`` is naive.
+        """
+        return self._store.page(event_type, session_id, agent_did, since, until, before, limit)
+
+    def read_from(self, position: int, limit: int) -> EventSlice:
+        """The indexed events at ``position`` and after (at most ``limit``), oldest first.
+
+        Synchronous, so a caller can read up to :attr:`index_position` and then register for
+        newer events without another event being applied in between.
+
+        Raises:
+            ValueError: ``limit`` is not an int >= 1.
+        """
+        return self._store.read_from(position, limit)

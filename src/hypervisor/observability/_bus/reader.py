@@ -33,7 +33,7 @@ from hypervisor.observability.errors import BusClosedError, BusPermissionError
 
 __all__ = ["BusReader", "IdTuple"]
 
-_log = logging.getLogger("hypervisor.observability._bus.bus")
+_log = logging.getLogger("hypervisor.observability.redis_bus")
 
 IdTuple = tuple[int, int]
 

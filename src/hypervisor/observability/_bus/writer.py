@@ -33,7 +33,7 @@ from hypervisor.observability.errors import (
 
 __all__ = ["BusWriter", "Tracker", "Waiter"]
 
-_log = logging.getLogger("hypervisor.observability._bus.bus")
+_log = logging.getLogger("hypervisor.observability.redis_bus")
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -30,7 +30,7 @@ Rules (the published ones, with this project's fixes):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Final
@@ -315,6 +315,30 @@ class RingMetricsState:
             METRIC_RING_ELEVATION_DURATION: dict(self.elevation_durations),
             "events_processed": self.events_processed,
         }
+
+    def forget_agents(self, agents: Collection[str]) -> None:
+        """Forget everything about ``agents`` (transitions, breaches, rings, elevations).
+
+        For a long-running view that keeps a bounded number of agents: one pass over each
+        table, so forget agents in batches rather than one at a time. The counters
+        ``events_processed`` and ``bad_events`` and the newest timestamp are kept.
+        """
+        if not agents:
+            return
+        gone = agents if isinstance(agents, set | frozenset) else set(agents)
+        # In place: readers may hold the live tables.
+        for key3 in [k for k in self.transitions if k[1] in gone]:
+            del self.transitions[key3]
+        for key2 in [k for k in self.breaches if k[0] in gone]:
+            del self.breaches[key2]
+        for table in (
+            self.current_rings,
+            self.elevation_durations,
+            self.elevation_starts,
+            self._elevation_origins,
+        ):
+            for agent in gone:
+                table.pop(agent, None)
 
     def reset(self) -> None:
         """Forget everything, as if no event had been applied."""
