@@ -193,10 +193,6 @@ class RedisEventBus(AsyncResource):
             dedup_window=dedup_window,
             max_event_bytes=max_event_bytes,
         )
-        # The writer's buffer (never rebound) and enqueue, bound once here so that the emit
-        # methods reach them in one attribute lookup per event, as when they lived on the bus.
-        self._buffer = self._writer.buffer
-        self._enqueue = self._writer.enqueue
 
         self._tasks: list[tuple[asyncio.Task[None], anyio.CancelScope]] = []
         self._started = False
@@ -367,7 +363,7 @@ class RedisEventBus(AsyncResource):
     # -- emitting -----------------------------------------------------------------------------
 
     async def _wait_space(self, needed: int = 1) -> None:
-        while len(self._buffer) + needed > self._buffer_size:
+        while len(self._writer.buffer) + needed > self._buffer_size:
             space = self._writer.space
             assert space is not None
             space.clear()
@@ -394,12 +390,12 @@ class RedisEventBus(AsyncResource):
         if len(data) > self._max_event_bytes:
             raise self._too_large(event, len(data))
         self._check_running()
-        if len(self._buffer) >= self._buffer_size:
+        if len(self._writer.buffer) >= self._buffer_size:
             if not block:
                 raise BusFullError(f"emit buffer full ({self._buffer_size} events)")
             await self._wait_space()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueue(data, future)
+        self._writer.enqueue(data, future)
         await future
 
     async def emit_many(self, events: Iterable[HypervisorEvent]) -> None:
@@ -430,10 +426,10 @@ class RedisEventBus(AsyncResource):
         step = max(1, min(self._buffer_size, self._writer.batch_size * 4))
         for offset in range(0, len(encoded), step):
             chunk = encoded[offset : offset + step]
-            if len(self._buffer) + len(chunk) > self._buffer_size:
+            if len(self._writer.buffer) + len(chunk) > self._buffer_size:
                 await self._wait_space(len(chunk))
             for data in chunk:
-                self._enqueue(data, tracker)
+                self._writer.enqueue(data, tracker)
         await self._writer.wait_done(self._writer.enqueued)
         error = tracker.error
         if error is not None:
@@ -455,11 +451,11 @@ class RedisEventBus(AsyncResource):
         if len(data) > self._max_event_bytes:
             raise self._too_large(event, len(data))
         self._check_running()
-        if len(self._buffer) >= self._buffer_size:
+        if len(self._writer.buffer) >= self._buffer_size:
             raise BusFullError(
                 f"emit buffer full ({self._buffer_size} events); await emit() or flush()"
             )
-        self._enqueue(data, None)
+        self._writer.enqueue(data, None)
 
     def _too_large(self, event: HypervisorEvent, size: int) -> EventTooLargeError:
         limit = self._max_event_bytes
@@ -497,7 +493,7 @@ class RedisEventBus(AsyncResource):
     @property
     def buffered(self) -> int:
         """Events waiting in the emit buffer."""
-        return len(self._buffer)
+        return len(self._writer.buffer)
 
     # -- reading ------------------------------------------------------------------------------
 
