@@ -1,13 +1,11 @@
-"""``RedisStreamLog``: the ``StreamLog`` contract on one Redis stream (the only redis importer).
+"""``RedisStreamLog``: the ``StreamLog`` contract on one Redis stream.
 
 Three clients share one URL: a writer (appends are pipelined, ``transaction=False``), a reader
 for blocking reads (its socket timeout stays above the longest ``BLOCK`` so redis-py 8's default
 of 5 s cannot break them) and a control client for group management, acks and trimming. Response
 callbacks are switched off so replies arrive raw (hiredis-parsed lists and bytes) and their shape
-does not depend on the redis-py version. Every redis-py error is translated where it is caught:
-connection failures become ``LogUnavailableError``, ``NOGROUP`` becomes ``LogGroupMissingError``,
-an ACL refusal (``NOPERM``, or its script form) becomes ``LogPermissionError`` naming the user, the
-refused command and the ``hvobs acl`` roles that grant it.
+does not depend on the redis-py version. The clients come from ``redis_client.make_client`` and
+every redis-py error is translated by ``redis_client.translate_errors`` where it is caught.
 
 The reading path (``read``, ``head_id``, ``first_id``, ``length``, ``id_from_end``,
 ``count_after``) runs plain read commands only, no scripts: Redis counts every key a script is
@@ -22,20 +20,13 @@ and trims with ``MINID`` up to it, atomically.
 
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
 
 import anyio
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from hypervisor.observability._backends.log import (
     ClaimResult,
@@ -49,6 +40,7 @@ from hypervisor.observability._backends.log import (
     PendingSummary,
     TrimPolicy,
 )
+from hypervisor.observability._backends.redis_client import make_client, translate_errors, url_user
 from hypervisor.observability._util.aio import AsyncResource
 
 __all__ = ["DEFAULT_FIELD", "RedisStreamLog", "translate_errors"]
@@ -123,91 +115,9 @@ _PAGE: Final = 500
 """Entries per ``XRANGE``/``XREVRANGE`` page when ``id_from_end``/``count_after`` walk ids (the
 replies carry the entries' bytes too: a page bounds that transfer)."""
 
-# Redis 7.0: "NOPERM this user has no permissions to run the 'xtrim' command", and from a script
-# "ERR The user executing the script can't run this command or subcommand ..."; Redis 7.2+:
-# "NOPERM User u has no permissions to run the 'xtrim' command" and "ERR ACL failure in script:".
-_DENIED: Final = re.compile(r"NOPERM|ERR ACL failure in script|ERR The user executing the script")
-_DENIED_COMMAND: Final = re.compile(r"run the '([^']+)' command")
-
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def url_user(url: str) -> str:
-    """Return the ACL user name of a Redis URL (``"default"`` when it names none)."""
-    name = urlsplit(url).username
-    return unquote(name) if name else "default"
-
-
-def default_client_options() -> dict[str, Any]:
-    """redis-py options every client of this package gets: no ``CLIENT SETINFO`` on connect.
-
-    redis-py announces itself with ``CLIENT SETINFO`` and ignores a refusal, but Redis 7.2+
-    records every refusal in the ``ACL LOG``; no ``hvobs acl`` role grants it (Redis 7.0 has no
-    such subcommand, so a rule naming it would not load there), and a log full of these would
-    hide the refusals that matter.
-    """
-    if "driver_info" in inspect.signature(aioredis.Redis.__init__).parameters:
-        return {"driver_info": None}
-    return {"lib_name": None, "lib_version": None}
-
-
-def _and(words: tuple[str, ...]) -> str:
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
-
-
-def permission_error(
-    what: str, message: str, *, user: str, command: str = "", key: str = ""
-) -> LogPermissionError:
-    """Build the error for an ACL refusal: who, which command, on what, and who may."""
-    from hypervisor.observability.acl import roles_granting  # acl imports the workers package
-
-    found = _DENIED_COMMAND.search(message)
-    refused = found.group(1).lower() if found else (command or what)
-    roles = roles_granting(refused)
-    if roles:
-        hint = f"`hvobs acl` grants it to the {_and(roles)} role{'s' if len(roles) > 1 else ''}"
-    else:
-        hint = "no `hvobs acl` role grants it"
-    where = f" on {key!r}" if key else ""
-    return LogPermissionError(
-        f"{what}: redis user {user!r} may not run {refused.upper()}{where} ({message}); {hint}",
-        user=user,
-        command=refused,
-    )
-
-
-@contextmanager
-def translate_errors(
-    what: str, *, user: str = "default", command: str = "", key: str = ""
-) -> Iterator[None]:
-    """Translate redis-py errors into the log's errors at the boundary.
-
-    ``user``, ``command`` (the Redis command sent, lower case) and ``key`` only go into the
-    message of a refusal (``LogPermissionError``).
-    """
-    try:
-        yield
-    except (rexc.AuthenticationError, rexc.AuthorizationError) as exc:
-        # Subclasses of ConnectionError, but retrying cannot fix credentials.
-        raise LogError(f"{what}: redis refused the credentials: {exc}") from exc
-    except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-        # OSError includes the builtin TimeoutError of anyio.fail_after deadlines.
-        raise LogUnavailableError(f"{what}: redis unreachable: {exc!r}") from exc
-    except rexc.ResponseError as exc:
-        message = str(exc)
-        if isinstance(exc, rexc.NoPermissionError):
-            message = f"NOPERM {message}"  # redis-py drops the error code from the text
-        if _DENIED.match(message):
-            raise permission_error(what, message, user=user, command=command, key=key) from exc
-        if message.startswith(("NOGROUP", "no such key")):
-            raise LogGroupMissingError(f"{what}: {message}") from exc
-        if message.startswith(("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")):
-            raise LogUnavailableError(f"{what}: {message}") from exc
-        raise LogError(f"{what}: {message}") from exc
-    except rexc.RedisError as exc:
-        raise LogError(f"{what}: {exc}") from exc
 
 
 def _entries(raw: Any, field: bytes) -> list[Entry]:
@@ -296,30 +206,22 @@ class RedisStreamLog(AsyncResource):
         self.trim_errors = 0
         """Automatic trims that failed (the append itself had succeeded)."""
 
-        options = {**default_client_options(), **client_options}
-
-        def client(socket_timeout: float | None, max_connections: int | None) -> aioredis.Redis:
-            made = aioredis.Redis.from_url(
+        def client(socket_timeout_s: float | None) -> aioredis.Redis:
+            return make_client(
                 url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=connect_timeout_s,
-                # Callers own retrying (with their deadline), so the client must not retry too.
-                retry=Retry(NoBackoff(), 0),
-                max_connections=max_connections,
-                decode_responses=False,
-                **options,
+                socket_timeout_s=socket_timeout_s,
+                connect_timeout_s=connect_timeout_s,
+                raw_replies=True,
+                **client_options,
             )
-            # Raw replies: shapes that do not change with redis-py's parsing helpers.
-            made.response_callbacks = {}
-            return made
 
         # The writer reads replies without a socket timeout: redis-py would otherwise arm a
         # timer for every reply of a pipeline (a measurable share of the per-entry cost), so
         # append_many puts one deadline on the whole round trip instead.
         self._write_timeout_s = socket_timeout_s
-        self._writer = client(None, None)
-        self._reader = client(max_block_s + socket_timeout_s, None)
-        self._control = client(socket_timeout_s, None)
+        self._writer = client(None)
+        self._reader = client(max_block_s + socket_timeout_s)
+        self._control = client(socket_timeout_s)
 
     @property
     def name(self) -> str:

@@ -33,8 +33,6 @@ from typing import Any, Final
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from hypervisor.observability._backends.log import (
     MIN_ID,
@@ -42,8 +40,8 @@ from hypervisor.observability._backends.log import (
     next_id,
     parse_id,
 )
-from hypervisor.observability._backends.redis_log import (
-    default_client_options,
+from hypervisor.observability._backends.redis_client import (
+    make_client,
     translate_errors,
     url_user,
 )
@@ -312,13 +310,8 @@ class RedisStateStore(AsyncResource):
         if client is None:
             if url is None:
                 raise ValueError("pass a url or a client")
-            client = aioredis.Redis.from_url(
-                url,
-                socket_timeout=socket_timeout_s,
-                socket_connect_timeout=socket_timeout_s,
-                retry=Retry(NoBackoff(), 0),
-                decode_responses=False,
-                **default_client_options(),
+            client = make_client(
+                url, socket_timeout_s=socket_timeout_s, connect_timeout_s=socket_timeout_s
             )
             self._own_client = True
         else:
