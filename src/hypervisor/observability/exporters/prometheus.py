@@ -18,6 +18,11 @@ first ``max_agents`` agent values and ``max_sessions`` session values get series
 later values fold into the single value ``"__overflow__"``, and the folds are counted in
 ``agent_hypervisor_label_overflow_total{label=...}``. A flood of random agent ids therefore adds
 one series, not millions, to the registry and to Prometheus.
+
+A bounded ``RingMetricsState`` (what a worker holds) has already decided which labels have
+series of their own, in stream order, while folding; the scrape-time collector then exports it
+as it is, without a guard, in a fixed (sorted) order, so equal states give identical text
+whatever was scraped before.
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from hypervisor.observability._core.ring import (
+    DEFAULT_RING_MAX_AGENTS,
+    DEFAULT_RING_MAX_SESSIONS,
     METRIC_RING_BREACHES_TOTAL,
     METRIC_RING_CURRENT,
     METRIC_RING_ELEVATION_DURATION,
     METRIC_RING_TRANSITIONS_TOTAL,
+    OVERFLOW_LABEL,
     RingMetricsState,
 )
 from hypervisor.observability.errors import HypervisorObservabilityError
@@ -46,6 +54,8 @@ __all__ = [
     "DEFAULT_MAX_AGENTS",
     "DEFAULT_MAX_SESSIONS",
     "METRIC_LABEL_OVERFLOW_TOTAL",
+    "METRIC_RING_AGENTS_RETIRED_TOTAL",
+    "METRIC_RING_AGENTS_TRACKED",
     "METRIC_RING_BAD_EVENTS_TOTAL",
     "METRIC_RING_EVENTS_PROCESSED_TOTAL",
     "OVERFLOW_VALUE",
@@ -59,14 +69,18 @@ __all__ = [
     "serve_metrics",
 ]
 
-OVERFLOW_VALUE: Final = "__overflow__"
+OVERFLOW_VALUE: Final = OVERFLOW_LABEL
 """The label value that every agent or session beyond the guard's limit is folded into."""
 METRIC_LABEL_OVERFLOW_TOTAL: Final = "agent_hypervisor_label_overflow_total"
 METRIC_RING_EVENTS_PROCESSED_TOTAL: Final = "agent_hypervisor_ring_events_processed_total"
 METRIC_RING_BAD_EVENTS_TOTAL: Final = "agent_hypervisor_ring_bad_events_total"
-DEFAULT_MAX_AGENTS: Final = 1000
+METRIC_RING_AGENTS_RETIRED_TOTAL: Final = "agent_hypervisor_ring_agents_retired_total"
+"""Agents whose ring state a bounded state retired, by ``reason`` (``idle``, ``capacity``)."""
+METRIC_RING_AGENTS_TRACKED: Final = "agent_hypervisor_ring_agents_tracked"
+"""Agents whose ring state a bounded state keeps."""
+DEFAULT_MAX_AGENTS: Final = DEFAULT_RING_MAX_AGENTS
 """Distinct agent label values given a series of their own by default."""
-DEFAULT_MAX_SESSIONS: Final = 1000
+DEFAULT_MAX_SESSIONS: Final = DEFAULT_RING_MAX_SESSIONS
 """Distinct session label values given a series of their own by default."""
 AGENT_LABELS: Final = frozenset({"agent_did", "agent_id"})
 """Label names guarded by the agent limit (they share one set of admitted values)."""
@@ -86,6 +100,15 @@ _HELP_ELEVATION: Final = (
 _HELP_PROCESSED: Final = "Ring events applied to the ring metrics, bad ones included"
 _HELP_BAD: Final = "Ring events ignored because a ring field was not a non-negative integer"
 _HELP_OVERFLOW: Final = "Label values folded into __overflow__ by the cardinality guard"
+_HELP_OVERFLOW_BOUNDED: Final = (
+    "Ring events counted under __overflow__: agent_did, events of agents without series of "
+    "their own; session_id, events of other agents in sessions without series of their own"
+)
+_HELP_RETIRED: Final = (
+    "Agents whose ring state was dropped: idle, no ring event for the idle time (event time); "
+    "capacity, least recently active beyond the tracked-agent limit"
+)
+_HELP_TRACKED: Final = "Agents whose ring state is kept (each with or without series of its own)"
 
 
 class MetricsExportError(HypervisorObservabilityError, ValueError):
@@ -206,6 +229,10 @@ class RingMetricsPrometheusCollector(Collector):
     ``agent_hypervisor_ring_bad_events_total`` and
     ``agent_hypervisor_label_overflow_total{label}``.
 
+    A bounded state (as a worker holds) is exported as the state folded it, without the guard,
+    with two more families: ``agent_hypervisor_ring_agents_retired_total{reason}`` and
+    ``agent_hypervisor_ring_agents_tracked``; its overflow counter counts folded events.
+
     Folding: agents and sessions beyond the guard's limits are reported as ``"__overflow__"``.
     Counters of folded values are summed (so they stay monotonic); the ring gauge reports the
     most privileged (lowest) ring among folded agents and the elevation gauge the longest
@@ -265,13 +292,26 @@ class RingMetricsPrometheusCollector(Collector):
             ),
         )
 
+    @staticmethod
+    def _bounded_families() -> tuple[CounterMetricFamily, GaugeMetricFamily]:
+        return (
+            CounterMetricFamily(
+                _strip_total(METRIC_RING_AGENTS_RETIRED_TOTAL), _HELP_RETIRED, labels=("reason",)
+            ),
+            GaugeMetricFamily(METRIC_RING_AGENTS_TRACKED, _HELP_TRACKED),
+        )
+
     def describe(self) -> Iterable[Metric]:
         """Return the families without samples, so the registry can detect name clashes."""
+        if self._state.bounds is not None:
+            return (*self._families(), *self._bounded_families())
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
         """Compute every family from the live state."""
         state = self._state
+        if state.bounds is not None:
+            return self._collect_bounded(state)
         admit = self.guard.admit
         folded: dict[str, set[str]] = {"agent_did": set(), "session_id": set()}
 
@@ -315,6 +355,55 @@ class RingMetricsPrometheusCollector(Collector):
         for label, values in folded.items():
             fam_over.add_metric((label,), float(len(values)))
         return (fam_tr, fam_br, fam_ring, fam_elev, fam_proc, fam_bad, fam_over)
+
+    def _collect_bounded(self, state: RingMetricsState) -> list[Metric]:
+        """Export a bounded state: its counters are already folded; the gauges of agents
+        without series of their own fold here (the overflow ring is the lowest among them,
+        the overflow elevation the longest). Samples are sorted: equal states, equal text."""
+        admitted = state.admitted_agents
+        rings: dict[str, int] = {}
+        for agent, ring in _items(state.current_rings):
+            label = agent if agent in admitted else OVERFLOW_VALUE
+            held = rings.get(label)
+            rings[label] = ring if held is None or ring < held else held
+        durations = dict(_items(state.elevation_durations))
+        durations.update(state.open_elevations())
+        elevations: dict[str, float] = {}
+        for agent, seconds in durations.items():
+            label = agent if agent in admitted else OVERFLOW_VALUE
+            elevations[label] = max(seconds, elevations.get(label, 0.0))
+
+        fam_tr, fam_br, fam_ring, fam_elev, fam_proc, fam_bad, _ = self._families()
+        for key3, count in sorted(_items(state.transitions)):
+            fam_tr.add_metric(key3, float(count))
+        for key2, count in sorted(_items(state.breaches)):
+            fam_br.add_metric(key2, float(count))
+        for agent, ring in sorted(rings.items()):
+            fam_ring.add_metric((agent,), float(ring))
+        for agent, seconds in sorted(elevations.items()):
+            fam_elev.add_metric((agent,), seconds)
+        fam_proc.add_metric((), float(state.events_processed))
+        fam_bad.add_metric((), float(state.bad_events))
+        fam_over = CounterMetricFamily(
+            _strip_total(METRIC_LABEL_OVERFLOW_TOTAL), _HELP_OVERFLOW_BOUNDED, labels=("label",)
+        )
+        fam_over.add_metric(("agent_did",), float(state.folded_agent_events))
+        fam_over.add_metric(("session_id",), float(state.folded_session_events))
+        fam_retired, fam_tracked = self._bounded_families()
+        fam_retired.add_metric(("capacity",), float(state.retired_capacity))
+        fam_retired.add_metric(("idle",), float(state.retired_idle))
+        fam_tracked.add_metric((), float(state.tracked_agents))
+        return [
+            fam_tr,
+            fam_br,
+            fam_ring,
+            fam_elev,
+            fam_proc,
+            fam_bad,
+            fam_over,
+            fam_retired,
+            fam_tracked,
+        ]
 
 
 def register_ring_metrics(

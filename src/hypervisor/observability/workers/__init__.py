@@ -9,6 +9,7 @@ crashes and redeliveries.
 
 from __future__ import annotations
 
+from hypervisor.observability._core.ring import RingBounds
 from hypervisor.observability.workers._apply import Applier, watermark
 from hypervisor.observability.workers._derivations import (
     RING_METRICS,
@@ -52,6 +53,7 @@ __all__ = [
     "Derivation",
     "JsonLinesSpanSink",
     "MemoryStateStore",
+    "RingBounds",
     "RingMetricsDerivation",
     "SagaSpansDerivation",
     "StateMeta",

@@ -70,7 +70,9 @@ def fold(
 def restore_state(derivation: Derivation, restored: Restored) -> Any:
     """Rebuild the committed state: the checkpoint with the redo records folded in."""
     snapshot = restored.snapshot
-    state = derivation.new_state() if snapshot is None else load_state(snapshot)
+    state = (
+        derivation.new_state() if snapshot is None else derivation.restored(load_state(snapshot))
+    )
     fold(derivation, state, restored.records, restored.skipped)
     return state
 

@@ -30,8 +30,6 @@ from prometheus_client.registry import Collector
 from hypervisor.observability._core.ring import RingMetricsState
 from hypervisor.observability._log.base import LogError, parse_id
 from hypervisor.observability.exporters.prometheus import (
-    DEFAULT_MAX_AGENTS,
-    DEFAULT_MAX_SESSIONS,
     LabelGuard,
     RingMetricsPrometheusCollector,
 )
@@ -90,23 +88,23 @@ class SnapshotView:
 
 
 class _GlobalRingCollector(Collector):
-    """The committed ring metrics, exported like the in-process collector does."""
+    """The committed ring metrics, exported like the in-process collector does.
 
-    def __init__(self, view: SnapshotView, max_agents: int, max_sessions: int) -> None:
+    The state is bounded: it decided in stream order which labels have series of their own, so
+    the export depends on the committed state only, never on what this process scraped before.
+    """
+
+    def __init__(self, view: SnapshotView) -> None:
         self._view = view
-        self._max_agents = max_agents
-        self._max_sessions = max_sessions
-        self._guard = LabelGuard(max_agents=max_agents, max_sessions=max_sessions)
+        # Only for a state that is not bounded (a custom derivation): then at least the
+        # folding stays stable for the life of the worker.
+        self._guard = LabelGuard()
 
     def _collector(self) -> RingMetricsPrometheusCollector:
         state = self._view.state
         if not isinstance(state, RingMetricsState):
             state = RingMetricsState()
-        made = RingMetricsPrometheusCollector(
-            state, max_agents=self._max_agents, max_sessions=self._max_sessions
-        )
-        made.guard = self._guard  # one guard for the life of the worker: stable folding
-        return made
+        return RingMetricsPrometheusCollector(state, guard=self._guard)
 
     def describe(self) -> Iterable[Metric]:
         return self._collector().describe()
@@ -249,8 +247,8 @@ class WorkerHttpServer:
         worker: the worker.
         host: address to bind.
         port: port to bind (0: any free port; see :attr:`port` once started).
-        max_agents: agents with series of their own in the ring metrics.
-        max_sessions: sessions with series of their own.
+
+    The ring metrics' label limits are the ring derivation's bounds.
     """
 
     def __init__(
@@ -259,8 +257,6 @@ class WorkerHttpServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        max_agents: int = DEFAULT_MAX_AGENTS,
-        max_sessions: int = DEFAULT_MAX_SESSIONS,
     ) -> None:
         self.worker = worker
         self.host = host
@@ -272,7 +268,7 @@ class WorkerHttpServer:
         self.registry.register(_WorkerCollector(worker, self.views))
         ring = self.views.get(RING_METRICS)
         if ring is not None:
-            self.registry.register(_GlobalRingCollector(ring, max_agents, max_sessions))
+            self.registry.register(_GlobalRingCollector(ring))
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; reports the bound port through ``task_status``."""
