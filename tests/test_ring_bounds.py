@@ -4,25 +4,37 @@ sequence, survives the snapshot round trip, and exports the same text whatever w
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given, settings, strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from hypervisor.observability._core.codec import encode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.ring import (
     OVERFLOW_LABEL,
+    RING_EVENTS,
     RING_TRANSITION_EVENTS,
     RingBounds,
     RingMetricsState,
 )
+from hypervisor.observability._log.memory import MemoryStreamLog
 from hypervisor.observability.exporters.prometheus import RingMetricsPrometheusCollector
-from hypervisor.observability.workers import MemoryStateStore, RingMetricsDerivation
+from hypervisor.observability.workers import (
+    Applier,
+    Commit,
+    MemoryStateStore,
+    RingMetricsDerivation,
+)
+from hypervisor.observability.workers._http import SnapshotView
 from hypervisor.observability.workers._snapshot import WorkerStateError, dump_state, load_state
+from test_workers_support import random_events, reference
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 OVER = OVERFLOW_LABEL
@@ -338,22 +350,25 @@ def test_the_clock_follows_time_and_retires_with_the_default_window() -> None:
 
 
 def test_bounded_exposition_folds_gauges_and_counts_retirements() -> None:
-    """The exported bounded state: counters as folded, the overflow ring gauge is the lowest
-    ring among folded agents and the overflow elevation the longest, folded events and
-    retirements are counted; a retired agent has no series left."""
+    """The exported bounded state: counters as folded; the overflow ring gauge is the lowest
+    ring among folded agents and the overflow elevation the longest per-agent value (an open
+    elevation replacing the agent's last finished one); folded events and retirements are
+    counted; a retired agent has no series left."""
     bounds = RingBounds(max_agents=1, max_tracked_agents=3, agent_idle_s=0.0, clock_window=1)
     state = RingMetricsState(bounds)
     state.apply(ev(EventType.RING_ASSIGNED, 0, "z", ring=3))
-    state.apply(ev(EventType.RING_ELEVATED, 0, "b", from_ring=3, to_ring=1))
-    state.apply(ev(EventType.RING_ELEVATED, 5, "c", from_ring=3, to_ring=2))
-    state.apply(ev(EventType.RING_ASSIGNED, 10, "d", ring=3))  # retires "z", takes its slot
-    text = exposition(state).decode()
-    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    state.apply(ev(EventType.RING_ELEVATED, 1, "e", from_ring=3, to_ring=2))
+    state.apply(ev(EventType.RING_ELEVATED, 10, "b", from_ring=3, to_ring=2))
+    state.apply(ev(EventType.RING_DEMOTED, 30, "b"))  # b: ring 3, finished 20 s
+    state.apply(ev(EventType.RING_DEMOTED, 41, "e"))  # e: finished 40 s ...
+    state.apply(ev(EventType.RING_ELEVATED, 45, "e", from_ring=3, to_ring=1))  # ... now open
+    state.apply(ev(EventType.RING_ASSIGNED, 50, "d", ring=3))  # retires "z", takes its slot
+    lines = [line for line in exposition(state).decode().splitlines() if line[0] != "#"]
     assert 'agent_hypervisor_ring_current{agent_did="__overflow__"} 1.0' in lines
-    assert 'agent_hypervisor_ring_elevation_duration_seconds{agent_did="__overflow__"} 10.0' in (
-        lines
-    )
-    assert 'agent_hypervisor_label_overflow_total{label="agent_did"} 2.0' in lines
+    assert 'agent_hypervisor_ring_current{agent_did="d"} 3.0' in lines
+    elevation = "agent_hypervisor_ring_elevation_duration_seconds"
+    assert f'{elevation}{{agent_did="__overflow__"}} 20.0' in lines
+    assert 'agent_hypervisor_label_overflow_total{label="agent_did"} 5.0' in lines
     assert 'agent_hypervisor_ring_agents_retired_total{reason="capacity"} 1.0' in lines
     assert "agent_hypervisor_ring_agents_tracked 3.0" in lines
     assert not any('"z"' in line for line in lines)
@@ -394,3 +409,70 @@ def test_bounds_are_validated() -> None:
             RingBounds(**bad)
     with pytest.raises(ValueError, match="bounded state"):
         RingMetricsState().set_bounds(RingBounds())
+
+
+class GatedCommitStore(MemoryStateStore):
+    """A memory store whose commits wait for ``gate`` while it is set up (a commit in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__("gated")
+        self.gate: anyio.Event | None = None
+        self.entered = anyio.Event()
+
+    async def commit(self, commit: Commit) -> bool:
+        if self.gate is not None:
+            self.entered.set()
+            await self.gate.wait()
+        return await super().commit(commit)
+
+
+@pytest.mark.anyio
+async def test_the_leaders_view_shares_the_appliers_state_only_while_it_is_committed() -> None:
+    """A /metrics view of the worker whose applier holds the lease uses the applier's state (no
+    copy, nothing to fold); while a round's commit is in flight it builds its own copy of the
+    committed state instead (never showing uncommitted records); once another applier has the
+    lease, the old one drops its state and the view keeps its own, equal to the reference."""
+    events = [e for e in random_events(random.Random(5), 400) if e.event_type in RING_EVENTS]
+    events = events[:60]
+    store = GatedCommitStore()
+    log = MemoryStreamLog("events")
+    await log.ensure_group("g", "0")
+    applier = Applier(log, "g", RingMetricsDerivation(store), checkpoint_interval_s=3600)
+    view = SnapshotView(applier.derivation, applier)
+
+    async def feed(part: list[HypervisorEvent]) -> None:
+        await log.append_many([encode_event(e) for e in part])
+        batch = await log.read_group("g", "c", len(part))
+        await store.stage([(e.id, e.data) for e in batch if e.data is not None])
+        await log.ack("g", [e.id for e in batch])
+
+    await feed(events[:20])
+    assert await applier.round() == 20
+    await view.refresh()
+    assert view.state is applier.state
+    assert view.meta == await store.meta()
+    assert view.rebuilds == 0
+
+    await feed(events[20:40])
+    store.gate = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(applier.round)
+        await store.entered.wait()
+        await view.refresh()
+        assert view.state is not applier.state
+        assert view.state.snapshot() == reference(events[:20]).ring
+        store.gate.set()
+    store.gate = None
+    await view.refresh()
+    assert view.state is applier.state
+    assert view.state.snapshot() == reference(events[:40]).ring
+
+    await store.release_lease(applier.token)
+    other = Applier(log, "g", RingMetricsDerivation(store), token="other")
+    await feed(events[40:])
+    assert await other.round() == 20
+    assert await applier.round() == 0
+    assert applier.state is None
+    await view.refresh()
+    assert view.state is not other.state
+    assert view.state.snapshot() == reference(events).ring

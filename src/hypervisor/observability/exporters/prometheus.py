@@ -361,17 +361,35 @@ class RingMetricsPrometheusCollector(Collector):
         without series of their own fold here (the overflow ring is the lowest among them,
         the overflow elevation the longest). Samples are sorted: equal states, equal text."""
         admitted = state.admitted_agents
+        # The folded agents are most of the tracked ones: their aggregates come from copies
+        # without the admitted agents, with min/max in C, not from a Python loop over them.
+        folded_rings = dict(state.current_rings)
+        folded_durations = dict(state.elevation_durations)
+        folded_starts = dict(state.elevation_starts)
+        newest = state.newest_timestamp
         rings: dict[str, int] = {}
-        for agent, ring in _items(state.current_rings):
-            label = agent if agent in admitted else OVERFLOW_VALUE
-            held = rings.get(label)
-            rings[label] = ring if held is None or ring < held else held
-        durations = dict(_items(state.elevation_durations))
-        durations.update(state.open_elevations())
         elevations: dict[str, float] = {}
-        for agent, seconds in durations.items():
-            label = agent if agent in admitted else OVERFLOW_VALUE
-            elevations[label] = max(seconds, elevations.get(label, 0.0))
+        for agent in admitted:
+            ring = folded_rings.pop(agent, None)
+            if ring is not None:
+                rings[agent] = ring
+            finished = folded_durations.pop(agent, None)
+            start = folded_starts.pop(agent, None)
+            if start is not None and newest is not None:
+                elevations[agent] = max(0.0, newest - start)  # an open one wins
+            elif finished is not None:
+                elevations[agent] = finished
+        if folded_rings:
+            rings[OVERFLOW_VALUE] = min(folded_rings.values())
+        # An agent's open elevation takes the place of its last finished one.
+        for agent in folded_starts.keys() & folded_durations.keys():
+            del folded_durations[agent]
+        longest = max(folded_durations.values(), default=None)
+        if folded_starts and newest is not None:
+            longest_open = max(0.0, newest - min(folded_starts.values()))
+            longest = longest_open if longest is None else max(longest, longest_open)
+        if longest is not None:
+            elevations[OVERFLOW_VALUE] = longest
 
         fam_tr, fam_br, fam_ring, fam_elev, fam_proc, fam_bad, _ = self._families()
         for key3, count in sorted(_items(state.transitions)):

@@ -147,6 +147,8 @@ class Applier:
         self._seen_prev: set[str] = set()
         self._seen_cur: set[str] = set()
         self._since_checkpoint = 0
+        # Set while the local state holds records folded in but not committed yet.
+        self._dirty = False
         self._next_checkpoint = time.monotonic() + checkpoint_interval_s
         self.final = False
         """Checkpoint at every commit (set while the worker drains, so a stopped group leaves
@@ -177,6 +179,14 @@ class Applier:
         """The applier's local state (``None`` until loaded); read-only use."""
         return self._state
 
+    def committed_state(self) -> tuple[StateMeta, Any] | None:
+        """The local state with the meta whose committed state it is exactly, or ``None`` (no
+        local state, or a round has folded records it has not committed yet). Read-only use;
+        a later round changes it."""
+        if self._state is None or self._dirty:
+            return None
+        return self._meta, self._state
+
     def invalidate(self) -> None:
         """Drop the local state: the next round rebuilds it from the store."""
         self._state = None
@@ -187,6 +197,7 @@ class Applier:
         prev, cur = await self.store.seen(restored.meta)
         self._state, self._meta, self._seen_prev, self._seen_cur = state, restored.meta, prev, cur
         self._since_checkpoint = len(restored.records)
+        self._dirty = False
         self.reloads += 1
 
     async def round(self) -> int:
@@ -200,6 +211,7 @@ class Applier:
         version = await self.store.lease_round(self.token, self.lease_ttl_s)
         if version is None:
             self.leader = False
+            self._state = None  # another applier moves on: a copy here would only go stale
             return 0
         self.leader = True
         try:
@@ -240,6 +252,7 @@ class Applier:
         produced: list[SagaSpanRecord] = []
         seen_add: list[str] = []
         skipped: list[str] = []
+        self._dirty = True
         for entry_id, data in items:
             try:
                 event = decode_event(data)
@@ -284,6 +297,7 @@ class Applier:
             self._state = None
             return False
         self._meta = commit.meta
+        self._dirty = False
         self.commits += 1
         if commit.snapshot is not None:
             self.checkpoints += 1

@@ -33,7 +33,7 @@ from hypervisor.observability.exporters.prometheus import (
     LabelGuard,
     RingMetricsPrometheusCollector,
 )
-from hypervisor.observability.workers._apply import fold, restore_state
+from hypervisor.observability.workers._apply import Applier, fold, restore_state
 from hypervisor.observability.workers._derivations import RING_METRICS, Derivation
 from hypervisor.observability.workers._dlq import REASON_MAX_DELIVERIES, REASON_UNDECODABLE
 from hypervisor.observability.workers._runtime import BATCH_BUCKETS, Worker
@@ -44,6 +44,8 @@ __all__ = ["SnapshotView", "WorkerHttpServer", "health_document"]
 
 _log = logging.getLogger("hypervisor.observability.workers")
 _json = msgspec.json.Encoder()
+# Milliseconds a refresh waits for the applier's commit in flight before building its own copy.
+_SHARE_WAITS = 50
 
 
 class SnapshotView:
@@ -53,22 +55,37 @@ class SnapshotView:
     since the copy's applied id (the staged entries, as the applier folded them), or rebuilds
     from the checkpoint when a checkpoint dropped some of them meanwhile.
 
+    While this worker's own applier holds the lease and its state is the committed state (no
+    round in flight), the view uses that state instead of a copy of its own: one copy of the
+    state per worker, and a scrape has nothing to fold.
+
     Args:
         derivation: the derivation whose committed state is shown (its ``store``).
+        applier: this worker's applier of that derivation, whose state the view may share.
     """
 
-    def __init__(self, derivation: Derivation) -> None:
+    def __init__(self, derivation: Derivation, applier: Applier | None = None) -> None:
         self._derivation = derivation
         self._store = derivation.store
+        self._applier = applier
         self.meta = StateMeta()
         self.state: Any = derivation.new_state()
         self._loaded_version = -1
+        self._shared = False
         self.rebuilds = 0
         """Rebuilds from the checkpoint (first refresh, or records dropped meanwhile)."""
+        self.shared_refreshes = 0
+        """Refreshes that took the applier's state."""
 
     async def refresh(self) -> None:
         """Bring the copy up to the committed state if the committed version changed."""
         meta = await self._store.meta()
+        if await self._share(meta):
+            return
+        if self._shared:
+            # The state was the applier's, which moves on without us: build a copy of our own.
+            self._shared = False
+            self._loaded_version = -1
         if meta.version == self._loaded_version:
             return
         if self._loaded_version >= 0 and parse_id(meta.applied_id) >= parse_id(
@@ -85,6 +102,27 @@ class SnapshotView:
         self.state = restore_state(self._derivation, restored)
         self.meta = restored.meta
         self._loaded_version = restored.meta.version
+
+    async def _share(self, meta: StateMeta) -> bool:
+        """Take the applier's state if it is the committed state of ``meta``'s version or a
+        later one (waiting a little for a commit in flight)."""
+        applier = self._applier
+        if applier is None or not applier.leader:
+            return False
+        found = applier.committed_state()
+        for _ in range(_SHARE_WAITS):
+            if found is not None:
+                break
+            await anyio.sleep(0.001)
+            found = applier.committed_state()
+        if found is None or found[0].version < meta.version:
+            return False
+        # Nothing awaits between here and the export, so the applier cannot change it meanwhile.
+        self.meta, self.state = found
+        self._loaded_version = found[0].version
+        self._shared = True
+        self.shared_refreshes += 1
+        return True
 
 
 class _GlobalRingCollector(Collector):
@@ -263,7 +301,8 @@ class WorkerHttpServer:
         self.port = port
         self.registry = CollectorRegistry(auto_describe=False)
         self.views: dict[str, SnapshotView] = {
-            applier.derivation.name: SnapshotView(applier.derivation) for applier in worker.appliers
+            applier.derivation.name: SnapshotView(applier.derivation, applier)
+            for applier in worker.appliers
         }
         self.registry.register(_WorkerCollector(worker, self.views))
         ring = self.views.get(RING_METRICS)
@@ -299,8 +338,10 @@ class WorkerHttpServer:
         if path == b"/metrics":
             try:
                 await self.worker.refresh()
-                for view in self.views.values():
-                    await view.refresh()
+                # The ring view last: nothing awaits between its refresh and the export, so a
+                # state it shares with the applier cannot take uncommitted records meanwhile.
+                for name in sorted(self.views, key=lambda name: name == RING_METRICS):
+                    await self.views[name].refresh()
             except (LogError, WorkerStateError) as exc:
                 # Serve what is known; the connected gauge says the backend is away.
                 _log.warning("metrics refresh failed: %s", exc)
