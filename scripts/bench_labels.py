@@ -61,7 +61,7 @@ def churn(
     started = 0
     at = 0.0
     while started < agents or active:
-        while started < agents and len(active) < concurrent:
+        if started < agents and len(active) < concurrent and (not active or rng.random() < 0.5):
             ring = rng.randrange(1, 4)
             if rng.random() < 0.6:
                 middle: tuple[EventType, dict[str, int]] = (

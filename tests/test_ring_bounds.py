@@ -25,7 +25,10 @@ from hypervisor.observability._core.ring import (
     RingMetricsState,
 )
 from hypervisor.observability._log.memory import MemoryStreamLog
-from hypervisor.observability.exporters.prometheus import RingMetricsPrometheusCollector
+from hypervisor.observability.exporters.prometheus import (
+    RingMetricsPrometheusCollector,
+    render_ring_metrics,
+)
 from hypervisor.observability.workers import (
     Applier,
     Commit,
@@ -476,3 +479,32 @@ async def test_the_leaders_view_shares_the_appliers_state_only_while_it_is_commi
     await view.refresh()
     assert view.state is not other.state
     assert view.state.snapshot() == reference(events).ring
+
+
+_ODD_NAMES = ["a", 'q"uote', "back\\slash", "new\nline", "é-ü", "__overflow__", "s1", ""]
+
+
+@st.composite
+def odd_floods(draw: st.DrawFn) -> list[HypervisorEvent]:
+    """Ring streams whose labels need escaping and whose times make long elevations."""
+    events = []
+    at = 0.0
+    for _ in range(draw(st.integers(0, 40))):
+        at += draw(st.sampled_from([0.5, 3.0, 9_999_999.5]))
+        event_type = draw(st.sampled_from([*_TRANSITIONS, EventType.RING_BREACH_DETECTED]))
+        payload = {"to_ring": draw(st.integers(0, 3))} if draw(st.booleans()) else {}
+        agent = draw(st.sampled_from(_ODD_NAMES))
+        events.append(ev(event_type, at, agent, draw(st.sampled_from(_ODD_NAMES)), **payload))
+    return events
+
+
+@settings(max_examples=60, deadline=None)
+@given(odd_floods(), st.integers(1, 4))
+def test_rendered_text_equals_prometheus_clients(
+    events: list[HypervisorEvent], max_agents: int
+) -> None:
+    """The worker's direct rendering of a bounded state is byte for byte what prometheus_client
+    writes for the scrape-time collector, escaping and float formatting included."""
+    bounds = RingBounds(max_agents=max_agents, max_sessions=2, max_tracked_agents=5)
+    state = fold(events, bounds)
+    assert render_ring_metrics(state) == exposition(state)

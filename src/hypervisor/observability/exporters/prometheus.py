@@ -28,14 +28,15 @@ whatever was scraped before.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, Self, TypeVar
+from typing import Any, Final, Protocol, Self, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from hypervisor.observability._core.ring import (
     DEFAULT_RING_MAX_AGENTS,
@@ -45,6 +46,7 @@ from hypervisor.observability._core.ring import (
     METRIC_RING_ELEVATION_DURATION,
     METRIC_RING_TRANSITIONS_TOTAL,
     OVERFLOW_LABEL,
+    RingBounds,
     RingMetricsState,
 )
 from hypervisor.observability.errors import HypervisorObservabilityError
@@ -66,6 +68,7 @@ __all__ = [
     "PrometheusExporter",
     "RingMetricsPrometheusCollector",
     "register_ring_metrics",
+    "render_ring_metrics",
     "serve_metrics",
 ]
 
@@ -292,19 +295,10 @@ class RingMetricsPrometheusCollector(Collector):
             ),
         )
 
-    @staticmethod
-    def _bounded_families() -> tuple[CounterMetricFamily, GaugeMetricFamily]:
-        return (
-            CounterMetricFamily(
-                _strip_total(METRIC_RING_AGENTS_RETIRED_TOTAL), _HELP_RETIRED, labels=("reason",)
-            ),
-            GaugeMetricFamily(METRIC_RING_AGENTS_TRACKED, _HELP_TRACKED),
-        )
-
     def describe(self) -> Iterable[Metric]:
         """Return the families without samples, so the registry can detect name clashes."""
         if self._state.bounds is not None:
-            return (*self._families(), *self._bounded_families())
+            return self._collect_bounded(RingMetricsState(RingBounds()))  # the same families
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
@@ -357,71 +351,170 @@ class RingMetricsPrometheusCollector(Collector):
         return (fam_tr, fam_br, fam_ring, fam_elev, fam_proc, fam_bad, fam_over)
 
     def _collect_bounded(self, state: RingMetricsState) -> list[Metric]:
-        """Export a bounded state: its counters are already folded; the gauges of agents
-        without series of their own fold here (the overflow ring is the lowest among them,
-        the overflow elevation the longest). Samples are sorted: equal states, equal text."""
-        admitted = state.admitted_agents
-        # The folded agents are most of the tracked ones: their aggregates come from copies
-        # without the admitted agents, with min/max in C, not from a Python loop over them.
-        folded_rings = dict(state.current_rings)
-        folded_durations = dict(state.elevation_durations)
-        folded_starts = dict(state.elevation_starts)
-        newest = state.newest_timestamp
-        rings: dict[str, int] = {}
-        elevations: dict[str, float] = {}
-        for agent in admitted:
-            ring = folded_rings.pop(agent, None)
-            if ring is not None:
-                rings[agent] = ring
-            finished = folded_durations.pop(agent, None)
-            start = folded_starts.pop(agent, None)
-            if start is not None and newest is not None:
-                elevations[agent] = max(0.0, newest - start)  # an open one wins
-            elif finished is not None:
-                elevations[agent] = finished
-        if folded_rings:
-            rings[OVERFLOW_VALUE] = min(folded_rings.values())
-        # An agent's open elevation takes the place of its last finished one.
-        for agent in folded_starts.keys() & folded_durations.keys():
-            del folded_durations[agent]
-        longest = max(folded_durations.values(), default=None)
-        if folded_starts and newest is not None:
-            longest_open = max(0.0, newest - min(folded_starts.values()))
-            longest = longest_open if longest is None else max(longest, longest_open)
-        if longest is not None:
-            elevations[OVERFLOW_VALUE] = longest
+        """Export a bounded state (see :func:`_bounded_families`)."""
+        made: list[Metric] = []
+        for name, kind, text, labels, rows in _bounded_families(state):
+            family: CounterMetricFamily | GaugeMetricFamily
+            if kind == "counter":
+                family = CounterMetricFamily(name, text, labels=labels)
+            else:
+                family = GaugeMetricFamily(name, text, labels=labels)
+            for values, value in rows:
+                family.add_metric(values, value)
+            made.append(family)
+        return made
 
-        fam_tr, fam_br, fam_ring, fam_elev, fam_proc, fam_bad, _ = self._families()
-        for key3, count in sorted(_items(state.transitions)):
-            fam_tr.add_metric(key3, float(count))
-        for key2, count in sorted(_items(state.breaches)):
-            fam_br.add_metric(key2, float(count))
-        for agent, ring in sorted(rings.items()):
-            fam_ring.add_metric((agent,), float(ring))
-        for agent, seconds in sorted(elevations.items()):
-            fam_elev.add_metric((agent,), seconds)
-        fam_proc.add_metric((), float(state.events_processed))
-        fam_bad.add_metric((), float(state.bad_events))
-        fam_over = CounterMetricFamily(
-            _strip_total(METRIC_LABEL_OVERFLOW_TOTAL), _HELP_OVERFLOW_BOUNDED, labels=("label",)
-        )
-        fam_over.add_metric(("agent_did",), float(state.folded_agent_events))
-        fam_over.add_metric(("session_id",), float(state.folded_session_events))
-        fam_retired, fam_tracked = self._bounded_families()
-        fam_retired.add_metric(("capacity",), float(state.retired_capacity))
-        fam_retired.add_metric(("idle",), float(state.retired_idle))
-        fam_tracked.add_metric((), float(state.tracked_agents))
-        return [
-            fam_tr,
-            fam_br,
-            fam_ring,
-            fam_elev,
-            fam_proc,
-            fam_bad,
-            fam_over,
-            fam_retired,
-            fam_tracked,
-        ]
+
+_Rows = list[tuple[tuple[str, ...], float]]
+
+
+def _bounded_families(
+    state: RingMetricsState,
+) -> list[tuple[str, str, str, tuple[str, ...], _Rows]]:
+    """The families of a bounded state: ``(name, kind, help, label names, rows)``, rows
+    sorted by label values, so equal states give equal text.
+
+    The counters are exported as the state folded them. The gauges of the agents without
+    series of their own fold here: the overflow ring is the lowest among them, the overflow
+    elevation the longest (an agent's open elevation replacing its last finished one).
+    """
+    admitted = state.admitted_agents
+    # The folded agents are most of the tracked ones: their aggregates come from copies
+    # without the admitted agents, with min/max in C, not from a Python loop over them.
+    folded_rings = dict(state.current_rings)
+    folded_durations = dict(state.elevation_durations)
+    folded_starts = dict(state.elevation_starts)
+    newest = state.newest_timestamp
+    rings: dict[str, int] = {}
+    elevations: dict[str, float] = {}
+    for agent in admitted:
+        ring = folded_rings.pop(agent, None)
+        if ring is not None:
+            rings[agent] = ring
+        finished = folded_durations.pop(agent, None)
+        start = folded_starts.pop(agent, None)
+        if start is not None and newest is not None:
+            elevations[agent] = max(0.0, newest - start)
+        elif finished is not None:
+            elevations[agent] = finished
+    if folded_rings:
+        rings[OVERFLOW_VALUE] = min(folded_rings.values())
+    for agent in folded_starts.keys() & folded_durations.keys():
+        del folded_durations[agent]
+    longest = max(folded_durations.values(), default=None)
+    if folded_starts and newest is not None:
+        longest_open = max(0.0, newest - min(folded_starts.values()))
+        longest = longest_open if longest is None else max(longest, longest_open)
+    if longest is not None:
+        elevations[OVERFLOW_VALUE] = longest
+    return [
+        (
+            _strip_total(METRIC_RING_TRANSITIONS_TOTAL),
+            "counter",
+            _HELP_TRANSITIONS,
+            ("event_type", "agent_did", "session_id"),
+            [(key3, float(count)) for key3, count in sorted(dict(state.transitions).items())],
+        ),
+        (
+            _strip_total(METRIC_RING_BREACHES_TOTAL),
+            "counter",
+            _HELP_BREACHES,
+            ("agent_did", "session_id"),
+            [(key2, float(count)) for key2, count in sorted(dict(state.breaches).items())],
+        ),
+        (
+            METRIC_RING_CURRENT,
+            "gauge",
+            _HELP_CURRENT,
+            ("agent_did",),
+            [((agent,), float(ring)) for agent, ring in sorted(rings.items())],
+        ),
+        (
+            METRIC_RING_ELEVATION_DURATION,
+            "gauge",
+            _HELP_ELEVATION,
+            ("agent_did",),
+            [((agent,), seconds) for agent, seconds in sorted(elevations.items())],
+        ),
+        (
+            _strip_total(METRIC_RING_EVENTS_PROCESSED_TOTAL),
+            "counter",
+            _HELP_PROCESSED,
+            (),
+            [((), float(state.events_processed))],
+        ),
+        (
+            _strip_total(METRIC_RING_BAD_EVENTS_TOTAL),
+            "counter",
+            _HELP_BAD,
+            (),
+            [((), float(state.bad_events))],
+        ),
+        (
+            _strip_total(METRIC_LABEL_OVERFLOW_TOTAL),
+            "counter",
+            _HELP_OVERFLOW_BOUNDED,
+            ("label",),
+            [
+                (("agent_did",), float(state.folded_agent_events)),
+                (("session_id",), float(state.folded_session_events)),
+            ],
+        ),
+        (
+            _strip_total(METRIC_RING_AGENTS_RETIRED_TOTAL),
+            "counter",
+            _HELP_RETIRED,
+            ("reason",),
+            [
+                (("capacity",), float(state.retired_capacity)),
+                (("idle",), float(state.retired_idle)),
+            ],
+        ),
+        (
+            METRIC_RING_AGENTS_TRACKED,
+            "gauge",
+            _HELP_TRACKED,
+            (),
+            [((), float(state.tracked_agents))],
+        ),
+    ]
+
+
+# prometheus_client's own float formatting (Go style), so the text equals generate_latest's.
+_float_text = cast(Callable[[float], str], floatToGoString)
+
+
+def _escape_value(value: str) -> str:
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
+
+
+def render_ring_metrics(state: RingMetricsState) -> bytes:
+    """The Prometheus text exposition (format 0.0.4) of a bounded state's ring metrics.
+
+    Byte for byte what ``generate_latest`` writes for a registry holding only a
+    :class:`RingMetricsPrometheusCollector` of ``state``, written directly: several times
+    faster, which matters for a worker's scrape with a thousand agents' series.
+
+    Raises:
+        ValueError: ``state`` is not bounded.
+    """
+    if state.bounds is None:
+        raise ValueError("render_ring_metrics needs a bounded state")
+    out: list[str] = []
+    for name, kind, text, labels, rows in _bounded_families(state):
+        full = f"{name}_total" if kind == "counter" else name
+        doc = text.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {full} {doc}\n# TYPE {full} {kind}\n")
+        order = sorted(range(len(labels)), key=labels.__getitem__)
+        if not labels:
+            out.extend(f"{full} {_float_text(value)}\n" for _, value in rows)
+            continue
+        template = full + "{" + ",".join(f'{labels[i]}="%s"' for i in order) + "} %s\n"
+        for values, value in rows:
+            out.append(template % (*[_escape_value(values[i]) for i in order], _float_text(value)))
+    return "".join(out).encode("utf-8")
 
 
 def register_ring_metrics(

@@ -32,6 +32,7 @@ from hypervisor.observability._log.base import LogError, parse_id
 from hypervisor.observability.exporters.prometheus import (
     LabelGuard,
     RingMetricsPrometheusCollector,
+    render_ring_metrics,
 )
 from hypervisor.observability.workers._apply import Applier, fold, restore_state
 from hypervisor.observability.workers._derivations import RING_METRICS, Derivation
@@ -305,9 +306,21 @@ class WorkerHttpServer:
             for applier in worker.appliers
         }
         self.registry.register(_WorkerCollector(worker, self.views))
-        ring = self.views.get(RING_METRICS)
-        if ring is not None:
-            self.registry.register(_GlobalRingCollector(ring))
+        self._ring_view = self.views.get(RING_METRICS)
+        # A state that is not bounded (a custom derivation) goes through prometheus_client.
+        self._ring_fallback = CollectorRegistry(auto_describe=False)
+        if self._ring_view is not None:
+            self._ring_fallback.register(_GlobalRingCollector(self._ring_view))
+
+    def _ring_text(self) -> bytes:
+        """The ring metrics' exposition of the view's state (nothing without a ring view)."""
+        view = self._ring_view
+        if view is None:
+            return b""
+        state = view.state
+        if isinstance(state, RingMetricsState) and state.bounds is not None:
+            return render_ring_metrics(state)
+        return generate_latest(self._ring_fallback)
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; reports the bound port through ``task_status``."""
@@ -345,7 +358,8 @@ class WorkerHttpServer:
             except (LogError, WorkerStateError) as exc:
                 # Serve what is known; the connected gauge says the backend is away.
                 _log.warning("metrics refresh failed: %s", exc)
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            body = generate_latest(self.registry) + self._ring_text()
+            return "200 OK", CONTENT_TYPE_LATEST, body
         if path in (b"/healthz", b"/health"):
             document = await health_document(self.worker, self.views)
             healthy = document["connected"] and document["keeping_up"]
