@@ -378,7 +378,8 @@ def _bounded_families(
     series of their own fold here: the overflow ring is the lowest among them, the overflow
     elevation the longest (an agent's open elevation replacing its last finished one).
     """
-    admitted = state.admitted_agents
+    # Copies (each made by one C call): an in-process state may be folding in another thread.
+    admitted = tuple(state.admitted_agents)
     # The folded agents are most of the tracked ones: their aggregates come from copies
     # without the admitted agents, with min/max in C, not from a Python loop over them.
     folded_rings = dict(state.current_rings)
