@@ -508,3 +508,27 @@ def test_rendered_text_equals_prometheus_clients(
     bounds = RingBounds(max_agents=max_agents, max_sessions=2, max_tracked_agents=5)
     state = fold(events, bounds)
     assert render_ring_metrics(state) == exposition(state)
+
+
+@pytest.mark.anyio
+async def test_concurrent_view_refreshes_fold_each_record_once() -> None:
+    """A scrape and a health check refreshing the same view at once fold the new records once
+    (refreshes are serialised); the view equals the reference."""
+    events = [e for e in random_events(random.Random(8), 400) if e.event_type in RING_EVENTS]
+    store = MemoryStateStore()
+    log = MemoryStreamLog("events")
+    await log.ensure_group("g", "0")
+    applier = Applier(log, "g", RingMetricsDerivation(store), checkpoint_interval_s=3600)
+    view = SnapshotView(RingMetricsDerivation(store))
+    for start in (0, 30):
+        part = events[start : start + 30]
+        await log.append_many([encode_event(e) for e in part])
+        batch = await log.read_group("g", "c", len(part))
+        await store.stage([(e.id, e.data) for e in batch if e.data is not None])
+        await log.ack("g", [e.id for e in batch])
+        assert await applier.round() == len(part)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(view.refresh)
+            tg.start_soon(view.refresh)
+        assert view.state.snapshot() == reference(events[: start + 30]).ring
+    assert view.rebuilds == 1

@@ -60,6 +60,10 @@ class SnapshotView:
     round in flight), the view uses that state instead of a copy of its own: one copy of the
     state per worker, and a scrape has nothing to fold.
 
+    Refreshes are serialised (a scrape and a health check at once must not fold the same
+    records twice). :attr:`state` is ``None`` until the first refresh and while a rebuild is
+    under way or failed: the old copy is released first, so a rebuild never holds two.
+
     Args:
         derivation: the derivation whose committed state is shown (its ``store``).
         applier: this worker's applier of that derivation, whose state the view may share.
@@ -70,9 +74,10 @@ class SnapshotView:
         self._store = derivation.store
         self._applier = applier
         self.meta = StateMeta()
-        self.state: Any = derivation.new_state()
+        self.state: Any = None
         self._loaded_version = -1
         self._shared = False
+        self._lock = anyio.Lock()
         self.rebuilds = 0
         """Rebuilds from the checkpoint (first refresh, or records dropped meanwhile)."""
         self.shared_refreshes = 0
@@ -80,6 +85,10 @@ class SnapshotView:
 
     async def refresh(self) -> None:
         """Bring the copy up to the committed state if the committed version changed."""
+        async with self._lock:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         meta = await self._store.meta()
         if await self._share(meta):
             return
@@ -98,6 +107,8 @@ class SnapshotView:
                 self.meta = meta
                 self._loaded_version = meta.version
                 return
+        self.state = None
+        self._loaded_version = -1
         restored = await self._store.restore()
         self.rebuilds += 1
         self.state = restore_state(self._derivation, restored)
@@ -127,16 +138,16 @@ class SnapshotView:
 
 
 class _GlobalRingCollector(Collector):
-    """The committed ring metrics, exported like the in-process collector does.
+    """The committed ring metrics of a state that is not bounded (a custom derivation), through
+    the in-process collector and a guard kept for the life of the worker.
 
-    The state is bounded: it decided in stream order which labels have series of their own, so
-    the export depends on the committed state only, never on what this process scraped before.
+    A bounded state (the ring derivation's) is rendered directly instead: it decided in stream
+    order which labels have series of their own, so its export depends on the committed state
+    only, never on what this process scraped before.
     """
 
     def __init__(self, view: SnapshotView) -> None:
         self._view = view
-        # Only for a state that is not bounded (a custom derivation): then at least the
-        # folding stays stable for the life of the worker.
         self._guard = LabelGuard()
 
     def _collector(self) -> RingMetricsPrometheusCollector:
@@ -315,8 +326,8 @@ class WorkerHttpServer:
     def _ring_text(self) -> bytes:
         """The ring metrics' exposition of the view's state (nothing without a ring view)."""
         view = self._ring_view
-        if view is None:
-            return b""
+        if view is None or view.state is None:
+            return b""  # not loaded (yet): no series rather than zeros that look like resets
         state = view.state
         if isinstance(state, RingMetricsState) and state.bounds is not None:
             return render_ring_metrics(state)
