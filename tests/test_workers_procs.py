@@ -19,7 +19,7 @@ import pytest
 
 from hypervisor.observability._backends.redis_log import RedisStreamLog
 from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
-from hypervisor.observability._core.codec import decode_event, encode_event
+from hypervisor.observability._core.codec import encode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability.workers import span_to_dict
 from redis_server import RedisServer
@@ -34,6 +34,7 @@ from worker_procs import (
     procs as procs,
     scrape,
     settled,
+    stream_events,
     worker_argv,
 )
 from workers_support import random_events, reference
@@ -98,17 +99,6 @@ def start_producers(
         )
     children.extend(producers)
     return producers
-
-
-async def stream_events(url: str, stream: str) -> list[HypervisorEvent]:
-    """The events in stream order (the order the reference must see)."""
-    out: list[HypervisorEvent] = []
-    async with RedisStreamLog(url, stream) as log:
-        after = "0-0"
-        while entries := await log.read(after, 1000):
-            after = entries[-1].id
-            out.extend(decode_event(e.data) for e in entries if e.data is not None)
-    return out
 
 
 def test_ring_workers_killed_and_restarted_equal_reference(

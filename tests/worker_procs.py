@@ -23,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from hypervisor.observability._backends.log import parse_id
 from hypervisor.observability._backends.redis_log import RedisStreamLog
 from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
+from hypervisor.observability._core.codec import decode_event
+from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability.workers import watermark
 from workers_support import Reference
 
@@ -37,6 +39,7 @@ __all__ = [
     "procs",
     "scrape",
     "settled",
+    "stream_events",
     "worker_argv",
 ]
 
@@ -209,3 +212,14 @@ def kill_mid_batch(url: str, stream: str, group: str, worker: WorkerProc, consum
         worker.proc.send_signal(signal.SIGCONT)
         time.sleep(0.002)
     raise AssertionError("the worker never held pending entries")
+
+
+async def stream_events(url: str, stream: str) -> list[HypervisorEvent]:
+    """The events in stream order (the order the reference must see)."""
+    out: list[HypervisorEvent] = []
+    async with RedisStreamLog(url, stream) as log:
+        after = "0-0"
+        while entries := await log.read(after, 1000):
+            after = entries[-1].id
+            out.extend(decode_event(e.data) for e in entries if e.data is not None)
+    return out

@@ -18,25 +18,35 @@ first ``max_agents`` agent values and ``max_sessions`` session values get series
 later values fold into the single value ``"__overflow__"``, and the folds are counted in
 ``agent_hypervisor_label_overflow_total{label=...}``. A flood of random agent ids therefore adds
 one series, not millions, to the registry and to Prometheus.
+
+A bounded ``RingMetricsState`` (what a worker holds) has already decided which labels have
+series of their own, in stream order, while folding; the scrape-time collector then exports it
+as it is, without a guard, in a fixed (sorted) order, so equal states give identical text
+whatever was scraped before.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, Self, TypeVar
+from typing import Any, Final, Protocol, Self, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from hypervisor.observability._core.ring import (
+    DEFAULT_RING_MAX_AGENTS,
+    DEFAULT_RING_MAX_SESSIONS,
     METRIC_RING_BREACHES_TOTAL,
     METRIC_RING_CURRENT,
     METRIC_RING_ELEVATION_DURATION,
     METRIC_RING_TRANSITIONS_TOTAL,
+    OVERFLOW_LABEL,
+    RingBounds,
     RingMetricsState,
 )
 from hypervisor.observability.errors import MetricsExportError
@@ -46,6 +56,8 @@ __all__ = [
     "DEFAULT_MAX_AGENTS",
     "DEFAULT_MAX_SESSIONS",
     "METRIC_LABEL_OVERFLOW_TOTAL",
+    "METRIC_RING_AGENTS_RETIRED_TOTAL",
+    "METRIC_RING_AGENTS_TRACKED",
     "METRIC_RING_BAD_EVENTS_TOTAL",
     "METRIC_RING_EVENTS_PROCESSED_TOTAL",
     "OVERFLOW_VALUE",
@@ -56,17 +68,22 @@ __all__ = [
     "PrometheusExporter",
     "RingMetricsPrometheusCollector",
     "register_ring_metrics",
+    "render_ring_metrics",
     "serve_metrics",
 ]
 
-OVERFLOW_VALUE: Final = "__overflow__"
+OVERFLOW_VALUE: Final = OVERFLOW_LABEL
 """The label value that every agent or session beyond the guard's limit is folded into."""
 METRIC_LABEL_OVERFLOW_TOTAL: Final = "agent_hypervisor_label_overflow_total"
 METRIC_RING_EVENTS_PROCESSED_TOTAL: Final = "agent_hypervisor_ring_events_processed_total"
 METRIC_RING_BAD_EVENTS_TOTAL: Final = "agent_hypervisor_ring_bad_events_total"
-DEFAULT_MAX_AGENTS: Final = 1000
+METRIC_RING_AGENTS_RETIRED_TOTAL: Final = "agent_hypervisor_ring_agents_retired_total"
+"""Agents whose ring state a bounded state retired, by ``reason`` (``idle``, ``capacity``)."""
+METRIC_RING_AGENTS_TRACKED: Final = "agent_hypervisor_ring_agents_tracked"
+"""Agents whose ring state a bounded state keeps."""
+DEFAULT_MAX_AGENTS: Final = DEFAULT_RING_MAX_AGENTS
 """Distinct agent label values given a series of their own by default."""
-DEFAULT_MAX_SESSIONS: Final = 1000
+DEFAULT_MAX_SESSIONS: Final = DEFAULT_RING_MAX_SESSIONS
 """Distinct session label values given a series of their own by default."""
 AGENT_LABELS: Final = frozenset({"agent_did", "agent_id"})
 """Label names guarded by the agent limit (they share one set of admitted values)."""
@@ -86,6 +103,15 @@ _HELP_ELEVATION: Final = (
 _HELP_PROCESSED: Final = "Ring events applied to the ring metrics, bad ones included"
 _HELP_BAD: Final = "Ring events ignored because a ring field was not a non-negative integer"
 _HELP_OVERFLOW: Final = "Label values folded into __overflow__ by the cardinality guard"
+_HELP_OVERFLOW_BOUNDED: Final = (
+    "Ring events counted under __overflow__: agent_did, events of agents without series of "
+    "their own; session_id, events of other agents in sessions without series of their own"
+)
+_HELP_RETIRED: Final = (
+    "Agents whose ring state was dropped: idle, no ring event for the idle time (event time); "
+    "capacity, least recently active beyond the tracked-agent limit"
+)
+_HELP_TRACKED: Final = "Agents whose ring state is kept (each with or without series of its own)"
 
 
 def _strip_total(name: str) -> str:
@@ -198,6 +224,10 @@ class RingMetricsPrometheusCollector(Collector):
     ``agent_hypervisor_ring_bad_events_total`` and
     ``agent_hypervisor_label_overflow_total{label}``.
 
+    A bounded state (as a worker holds) is exported as the state folded it, without the guard,
+    with two more families: ``agent_hypervisor_ring_agents_retired_total{reason}`` and
+    ``agent_hypervisor_ring_agents_tracked``; its overflow counter counts folded events.
+
     Folding: agents and sessions beyond the guard's limits are reported as ``"__overflow__"``.
     Counters of folded values are summed (so they stay monotonic); the ring gauge reports the
     most privileged (lowest) ring among folded agents and the elevation gauge the longest
@@ -259,11 +289,15 @@ class RingMetricsPrometheusCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         """Return the families without samples, so the registry can detect name clashes."""
+        if self._state.bounds is not None:
+            return self._collect_bounded(RingMetricsState(RingBounds()))  # the same families
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
         """Compute every family from the live state."""
         state = self._state
+        if state.bounds is not None:
+            return self._collect_bounded(state)
         admit = self.guard.admit
         folded: dict[str, set[str]] = {"agent_did": set(), "session_id": set()}
 
@@ -307,6 +341,173 @@ class RingMetricsPrometheusCollector(Collector):
         for label, values in folded.items():
             fam_over.add_metric((label,), float(len(values)))
         return (fam_tr, fam_br, fam_ring, fam_elev, fam_proc, fam_bad, fam_over)
+
+    def _collect_bounded(self, state: RingMetricsState) -> list[Metric]:
+        """Export a bounded state (see :func:`_bounded_families`)."""
+        made: list[Metric] = []
+        for name, kind, text, labels, rows in _bounded_families(state):
+            family: CounterMetricFamily | GaugeMetricFamily
+            if kind == "counter":
+                family = CounterMetricFamily(name, text, labels=labels)
+            else:
+                family = GaugeMetricFamily(name, text, labels=labels)
+            for values, value in rows:
+                family.add_metric(values, value)
+            made.append(family)
+        return made
+
+
+_Rows = list[tuple[tuple[str, ...], float]]
+
+
+def _bounded_families(
+    state: RingMetricsState,
+) -> list[tuple[str, str, str, tuple[str, ...], _Rows]]:
+    """The families of a bounded state: ``(name, kind, help, label names, rows)``, rows
+    sorted by label values, so equal states give equal text.
+
+    The counters are exported as the state folded them. The gauges of the agents without
+    series of their own fold here: the overflow ring is the lowest among them, the overflow
+    elevation the longest (an agent's open elevation replacing its last finished one).
+    """
+    # Copies (each made by one C call): an in-process state may be folding in another thread.
+    admitted = tuple(state.admitted_agents)
+    # The folded agents are most of the tracked ones: their aggregates come from copies
+    # without the admitted agents, with min/max in C, not from a Python loop over them.
+    folded_rings = dict(state.current_rings)
+    folded_durations = dict(state.elevation_durations)
+    folded_starts = dict(state.elevation_starts)
+    newest = state.newest_timestamp
+    rings: dict[str, int] = {}
+    elevations: dict[str, float] = {}
+    for agent in admitted:
+        ring = folded_rings.pop(agent, None)
+        if ring is not None:
+            rings[agent] = ring
+        finished = folded_durations.pop(agent, None)
+        start = folded_starts.pop(agent, None)
+        if start is not None and newest is not None:
+            elevations[agent] = max(0.0, newest - start)
+        elif finished is not None:
+            elevations[agent] = finished
+    if folded_rings:
+        rings[OVERFLOW_VALUE] = min(folded_rings.values())
+    for agent in folded_starts.keys() & folded_durations.keys():
+        del folded_durations[agent]
+    longest = max(folded_durations.values(), default=None)
+    if folded_starts and newest is not None:
+        longest_open = max(0.0, newest - min(folded_starts.values()))
+        longest = longest_open if longest is None else max(longest, longest_open)
+    if longest is not None:
+        elevations[OVERFLOW_VALUE] = longest
+    return [
+        (
+            _strip_total(METRIC_RING_TRANSITIONS_TOTAL),
+            "counter",
+            _HELP_TRANSITIONS,
+            ("event_type", "agent_did", "session_id"),
+            [(key3, float(count)) for key3, count in sorted(dict(state.transitions).items())],
+        ),
+        (
+            _strip_total(METRIC_RING_BREACHES_TOTAL),
+            "counter",
+            _HELP_BREACHES,
+            ("agent_did", "session_id"),
+            [(key2, float(count)) for key2, count in sorted(dict(state.breaches).items())],
+        ),
+        (
+            METRIC_RING_CURRENT,
+            "gauge",
+            _HELP_CURRENT,
+            ("agent_did",),
+            [((agent,), float(ring)) for agent, ring in sorted(rings.items())],
+        ),
+        (
+            METRIC_RING_ELEVATION_DURATION,
+            "gauge",
+            _HELP_ELEVATION,
+            ("agent_did",),
+            [((agent,), seconds) for agent, seconds in sorted(elevations.items())],
+        ),
+        (
+            _strip_total(METRIC_RING_EVENTS_PROCESSED_TOTAL),
+            "counter",
+            _HELP_PROCESSED,
+            (),
+            [((), float(state.events_processed))],
+        ),
+        (
+            _strip_total(METRIC_RING_BAD_EVENTS_TOTAL),
+            "counter",
+            _HELP_BAD,
+            (),
+            [((), float(state.bad_events))],
+        ),
+        (
+            _strip_total(METRIC_LABEL_OVERFLOW_TOTAL),
+            "counter",
+            _HELP_OVERFLOW_BOUNDED,
+            ("label",),
+            [
+                (("agent_did",), float(state.folded_agent_events)),
+                (("session_id",), float(state.folded_session_events)),
+            ],
+        ),
+        (
+            _strip_total(METRIC_RING_AGENTS_RETIRED_TOTAL),
+            "counter",
+            _HELP_RETIRED,
+            ("reason",),
+            [
+                (("capacity",), float(state.retired_capacity)),
+                (("idle",), float(state.retired_idle)),
+            ],
+        ),
+        (
+            METRIC_RING_AGENTS_TRACKED,
+            "gauge",
+            _HELP_TRACKED,
+            (),
+            [((), float(state.tracked_agents))],
+        ),
+    ]
+
+
+# prometheus_client's own float formatting (Go style), so the text equals generate_latest's.
+_float_text = cast(Callable[[float], str], floatToGoString)
+
+
+def _escape_value(value: str) -> str:
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
+
+
+def render_ring_metrics(state: RingMetricsState) -> bytes:
+    """The Prometheus text exposition (format 0.0.4) of a bounded state's ring metrics.
+
+    Byte for byte what ``generate_latest`` writes for a registry holding only a
+    :class:`RingMetricsPrometheusCollector` of ``state``, written directly: several times
+    faster, which matters for a worker's scrape with a thousand agents' series.
+
+    Raises:
+        ValueError: ``state`` is not bounded.
+    """
+    if state.bounds is None:
+        raise ValueError("render_ring_metrics needs a bounded state")
+    out: list[str] = []
+    for name, kind, text, labels, rows in _bounded_families(state):
+        full = f"{name}_total" if kind == "counter" else name
+        doc = text.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {full} {doc}\n# TYPE {full} {kind}\n")
+        order = sorted(range(len(labels)), key=labels.__getitem__)
+        if not labels:
+            out.extend(f"{full} {_float_text(value)}\n" for _, value in rows)
+            continue
+        template = full + "{" + ",".join(f'{labels[i]}="%s"' for i in order) + "} %s\n"
+        for values, value in rows:
+            out.append(template % (*[_escape_value(values[i]) for i in order], _float_text(value)))
+    return "".join(out).encode("utf-8")
 
 
 def register_ring_metrics(

@@ -15,6 +15,7 @@ from hypervisor.observability._backends.state import (
     StateMeta,
     StateStore,
 )
+from hypervisor.observability._core.ring import RingBounds
 from hypervisor.observability.workers._apply import Applier, watermark
 from hypervisor.observability.workers._derivations import (
     RING_METRICS,
@@ -56,6 +57,7 @@ __all__ = [
     "Derivation",
     "JsonLinesSpanSink",
     "MemoryStateStore",
+    "RingBounds",
     "RingMetricsDerivation",
     "SagaSpansDerivation",
     "StateMeta",

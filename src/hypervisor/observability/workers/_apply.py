@@ -84,7 +84,9 @@ def fold(
 def restore_state(derivation: Derivation, restored: Restored) -> Any:
     """Rebuild the committed state: the checkpoint with the redo records folded in."""
     snapshot = restored.snapshot
-    state = derivation.new_state() if snapshot is None else load_state(snapshot)
+    state = (
+        derivation.new_state() if snapshot is None else derivation.restored(load_state(snapshot))
+    )
     fold(derivation, state, restored.records, restored.skipped)
     return state
 
@@ -180,6 +182,8 @@ class Applier:
         self._seen_cur: set[str] = set()
         self._since_checkpoint = 0
         self._clock = clock
+        # Set while the local state holds records folded in but not committed yet.
+        self._dirty = False
         self._next_checkpoint = clock() + checkpoint_interval_s
         self.final = False
         """Checkpoint at every commit (set while the worker drains, so a stopped group leaves
@@ -216,6 +220,14 @@ class Applier:
         """The applier's local state (``None`` until loaded); read-only use."""
         return self._state
 
+    def committed_state(self) -> tuple[StateMeta, Any] | None:
+        """The local state with the meta whose committed state it is exactly, or ``None`` (no
+        local state, or a round has folded records it has not committed yet). Read-only use;
+        a later round changes it."""
+        if self._state is None or self._dirty:
+            return None
+        return self._meta, self._state
+
     def invalidate(self) -> None:
         """Drop the local state: the next round rebuilds it from the store."""
         self._state = None
@@ -227,6 +239,7 @@ class Applier:
         self._state, self._meta, self._seen_prev, self._seen_cur = state, restored.meta, prev, cur
         self._since_checkpoint = len(restored.records)
         self._bytes_since_checkpoint = sum(len(data) for _, data in restored.records)
+        self._dirty = False
         self.reloads += 1
 
     async def round(self) -> int:
@@ -240,6 +253,7 @@ class Applier:
         version = await self.store.lease_round(self.token, self.lease_ttl_s)
         if version is None:
             self.leader = False
+            self._state = None  # another applier moves on: a copy here would only go stale
             return 0
         self.leader = True
         try:
@@ -326,6 +340,7 @@ class Applier:
         letters: list[DeadLetter] = []
         max_bytes = self.max_event_bytes
         size = 0
+        self._dirty = True
         for entry_id, data in items:
             size += len(data)
             # Workers stage only entries that pass both checks; these catch bytes staged by
@@ -394,6 +409,7 @@ class Applier:
             self._state = None
             return False
         self._meta = commit.meta
+        self._dirty = False
         self.commits += 1
         if commit.snapshot is not None:
             self.checkpoints += 1

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
+from hypervisor.observability._core.ring import RingBounds
 from hypervisor.observability._core.spans import SpanRecordSink
 from hypervisor.observability.workers._derivations import (
     RING_METRICS,
@@ -38,11 +39,62 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _ring_bounds_options(parser: argparse.ArgumentParser) -> None:
+    defaults = RingBounds()
+    parser.add_argument(
+        "--max-agents",
+        type=_positive_int,
+        default=defaults.max_agents,
+        metavar="N",
+        help="agents with series of their own, the first in stream order; the others are "
+        'counted under agent_did="__overflow__" (default: %(default)s)',
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=_positive_int,
+        default=defaults.max_sessions,
+        metavar="N",
+        help='sessions with series of their own; the others are counted under "__overflow__" '
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-tracked-agents",
+        type=_positive_int,
+        default=defaults.max_tracked_agents,
+        metavar="N",
+        help="agents whose ring state is kept; beyond it the least recently active agent is "
+        "retired (its series disappear) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--agent-idle",
+        type=_non_negative_float,
+        default=defaults.agent_idle_s,
+        metavar="SECONDS",
+        help="retire an agent after this many seconds of event time without a ring event; 0 "
+        "retires by --max-tracked-agents only (default: %(default)s, a day)",
+    )
+    parser.add_argument(
+        "--agent-clock-window",
+        type=_positive_int,
+        default=defaults.clock_window,
+        metavar="EVENTS",
+        help="idleness is measured against the median timestamp of this many recent ring "
+        "events (1: the newest timestamp) (default: %(default)s)",
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -110,8 +162,8 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         )
         sub.add_argument("--apply-interval", type=_positive_float, default=0.005)
         sub.add_argument("--max-pending-age", type=_positive_float, default=60.0)
-        sub.add_argument("--max-agents", type=int, default=1000, help="agent label cap")
-        sub.add_argument("--max-sessions", type=int, default=1000, help="session label cap")
+        if kind == RING_METRICS:
+            _ring_bounds_options(sub)
         sub.add_argument(
             "--reset-state",
             action="store_true",
@@ -164,8 +216,6 @@ async def serve_worker(
     *,
     metrics_port: int | None,
     metrics_host: str = "127.0.0.1",
-    max_agents: int = 1000,
-    max_sessions: int = 1000,
     handle_signals: bool = True,
 ) -> None:
     """Run ``worker`` with its HTTP endpoints until SIGTERM/SIGINT (or ``worker.stop()``).
@@ -176,13 +226,7 @@ async def serve_worker(
         if metrics_port is not None:
             from hypervisor.observability.workers._http import WorkerHttpServer
 
-            server = WorkerHttpServer(
-                worker,
-                host=metrics_host,
-                port=metrics_port,
-                max_agents=max_agents,
-                max_sessions=max_sessions,
-            )
+            server = WorkerHttpServer(worker, host=metrics_host, port=metrics_port)
             port = await tg.start(server.serve)
             print(f"metrics-port={port}", flush=True)
         if handle_signals:
@@ -222,7 +266,14 @@ async def _run_worker(args: argparse.Namespace) -> int:
         otlp_sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-hypervisor")
     store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind))
     if args.kind == RING_METRICS:
-        derivation = RingMetricsDerivation(store)
+        bounds = RingBounds(
+            max_agents=args.max_agents,
+            max_sessions=args.max_sessions,
+            max_tracked_agents=args.max_tracked_agents,
+            agent_idle_s=args.agent_idle,
+            clock_window=args.agent_clock_window,
+        )
+        derivation = RingMetricsDerivation(store, bounds=bounds)
     else:
         sink = JsonLinesSpanSink(args.jsonl, fsync=args.fsync) if args.jsonl else None
         sinks: list[SpanRecordSink] = [s for s in (sink, otlp_sink) if s is not None]
@@ -239,8 +290,6 @@ async def _run_worker(args: argparse.Namespace) -> int:
                 worker,
                 metrics_port=args.metrics_port,
                 metrics_host=args.metrics_host,
-                max_agents=args.max_agents,
-                max_sessions=args.max_sessions,
             )
     finally:
         if sink is not None:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Final
 
 from hypervisor.observability._backends.state import StateStore
 from hypervisor.observability._core.events import EventType, HypervisorEvent
-from hypervisor.observability._core.ring import RING_EVENTS, RingMetricsState
+from hypervisor.observability._core.ring import RING_EVENTS, RingBounds, RingMetricsState
 from hypervisor.observability._core.spans import (
     DEFAULT_MAX_OPEN_SAGAS,
     DEFAULT_MAX_OPEN_STEPS,
@@ -18,6 +18,7 @@ from hypervisor.observability._core.spans import (
     SpanSink,
 )
 from hypervisor.observability.workers._sinks import export_records
+from hypervisor.observability.workers._snapshot import WorkerStateError
 
 __all__ = [
     "RING_METRICS",
@@ -60,6 +61,15 @@ class Derivation:
         """Return an empty state."""
         raise NotImplementedError
 
+    def restored(self, state: Any) -> Any:
+        """Return ``state``, just loaded from a snapshot, ready to fold with this derivation's
+        settings (a snapshot carries the settings of the worker that wrote it). Default: as is.
+
+        Raises:
+            WorkerStateError: the snapshot holds a state this derivation cannot continue.
+        """
+        return state
+
     def apply(self, state: Any, event: HypervisorEvent) -> list[SagaSpanRecord]:
         """Fold ``event`` into ``state``; return spans produced (none for metrics)."""
         raise NotImplementedError
@@ -69,14 +79,41 @@ class Derivation:
 
 
 class RingMetricsDerivation(Derivation):
-    """Ring metrics: ``RingMetricsState`` over the ring events."""
+    """Ring metrics: a bounded ``RingMetricsState`` over the ring events.
+
+    The state decides, while folding in stream order, which agents and sessions have series of
+    their own and which agents to retire (``bounds``), so every worker of a group exports the
+    same series. Give every worker of a group the same bounds.
+
+    Args:
+        store: where the shared state lives.
+        bounds: label and retirement limits (see ``RingBounds``).
+    """
 
     name: ClassVar[str] = RING_METRICS
     event_types: ClassVar[frozenset[EventType]] = RING_EVENTS
 
+    def __init__(self, store: StateStore, *, bounds: RingBounds | None = None) -> None:
+        super().__init__(store)
+        self.bounds = bounds if bounds is not None else RingBounds()
+
     def new_state(self) -> RingMetricsState:
-        """Return an empty ``RingMetricsState``."""
-        return RingMetricsState()
+        """Return an empty bounded ``RingMetricsState``."""
+        return RingMetricsState(self.bounds)
+
+    def restored(self, state: Any) -> RingMetricsState:
+        """Apply this derivation's bounds to a loaded state (retiring what they exclude).
+
+        Raises:
+            WorkerStateError: the snapshot is not of a bounded ring state.
+        """
+        if not isinstance(state, RingMetricsState) or state.bounds is None:
+            raise WorkerStateError(
+                "the ring-metrics snapshot is not a bounded ring state (written by an older "
+                "release); start the workers with --reset-state"
+            )
+        state.set_bounds(self.bounds)
+        return state
 
     def apply(self, state: Any, event: HypervisorEvent) -> list[SagaSpanRecord]:
         """Apply one ring event."""

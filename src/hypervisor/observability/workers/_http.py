@@ -31,12 +31,11 @@ from hypervisor.observability._backends.log import LogError, parse_id
 from hypervisor.observability._backends.state import StateMeta
 from hypervisor.observability._core.ring import RingMetricsState
 from hypervisor.observability.exporters.prometheus import (
-    DEFAULT_MAX_AGENTS,
-    DEFAULT_MAX_SESSIONS,
     LabelGuard,
     RingMetricsPrometheusCollector,
+    render_ring_metrics,
 )
-from hypervisor.observability.workers._apply import fold, restore_state
+from hypervisor.observability.workers._apply import Applier, fold, restore_state
 from hypervisor.observability.workers._derivations import RING_METRICS, Derivation
 from hypervisor.observability.workers._dlq import REASON_MAX_DELIVERIES, REASON_UNDECODABLE
 from hypervisor.observability.workers._runtime import BATCH_BUCKETS, Worker
@@ -46,6 +45,8 @@ __all__ = ["SnapshotView", "WorkerHttpServer", "health_document"]
 
 _log = logging.getLogger("hypervisor.observability.workers")
 _json = msgspec.json.Encoder()
+# Milliseconds a refresh waits for the applier's commit in flight before building its own copy.
+_SHARE_WAITS = 50
 
 
 class SnapshotView:
@@ -55,22 +56,46 @@ class SnapshotView:
     since the copy's applied id (the staged entries, as the applier folded them), or rebuilds
     from the checkpoint when a checkpoint dropped some of them meanwhile.
 
+    While this worker's own applier holds the lease and its state is the committed state (no
+    round in flight), the view uses that state instead of a copy of its own: one copy of the
+    state per worker, and a scrape has nothing to fold.
+
+    Refreshes are serialised (a scrape and a health check at once must not fold the same
+    records twice). :attr:`state` is ``None`` until the first refresh and while a rebuild is
+    under way or failed: the old copy is released first, so a rebuild never holds two.
+
     Args:
         derivation: the derivation whose committed state is shown (its ``store``).
+        applier: this worker's applier of that derivation, whose state the view may share.
     """
 
-    def __init__(self, derivation: Derivation) -> None:
+    def __init__(self, derivation: Derivation, applier: Applier | None = None) -> None:
         self._derivation = derivation
         self._store = derivation.store
+        self._applier = applier
         self.meta = StateMeta()
-        self.state: Any = derivation.new_state()
+        self.state: Any = None
         self._loaded_version = -1
+        self._shared = False
+        self._lock = anyio.Lock()
         self.rebuilds = 0
         """Rebuilds from the checkpoint (first refresh, or records dropped meanwhile)."""
+        self.shared_refreshes = 0
+        """Refreshes that took the applier's state."""
 
     async def refresh(self) -> None:
         """Bring the copy up to the committed state if the committed version changed."""
+        async with self._lock:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         meta = await self._store.meta()
+        if await self._share(meta):
+            return
+        if self._shared:
+            # The state was the applier's, which moves on without us: build a copy of our own.
+            self._shared = False
+            self._loaded_version = -1
         if meta.version == self._loaded_version:
             return
         if self._loaded_version >= 0 and parse_id(meta.applied_id) >= parse_id(
@@ -82,31 +107,54 @@ class SnapshotView:
                 self.meta = meta
                 self._loaded_version = meta.version
                 return
+        self.state = None
+        self._loaded_version = -1
         restored = await self._store.restore()
         self.rebuilds += 1
         self.state = restore_state(self._derivation, restored)
         self.meta = restored.meta
         self._loaded_version = restored.meta.version
 
+    async def _share(self, meta: StateMeta) -> bool:
+        """Take the applier's state if it is the committed state of ``meta``'s version or a
+        later one (waiting a little for a commit in flight)."""
+        applier = self._applier
+        if applier is None or not applier.leader:
+            return False
+        found = applier.committed_state()
+        for _ in range(_SHARE_WAITS):
+            if found is not None:
+                break
+            await anyio.sleep(0.001)
+            found = applier.committed_state()
+        if found is None or found[0].version < meta.version:
+            return False
+        # Nothing awaits between here and the export, so the applier cannot change it meanwhile.
+        self.meta, self.state = found
+        self._loaded_version = found[0].version
+        self._shared = True
+        self.shared_refreshes += 1
+        return True
+
 
 class _GlobalRingCollector(Collector):
-    """The committed ring metrics, exported like the in-process collector does."""
+    """The committed ring metrics of a state that is not bounded (a custom derivation), through
+    the in-process collector and a guard kept for the life of the worker.
 
-    def __init__(self, view: SnapshotView, max_agents: int, max_sessions: int) -> None:
+    A bounded state (the ring derivation's) is rendered directly instead: it decided in stream
+    order which labels have series of their own, so its export depends on the committed state
+    only, never on what this process scraped before.
+    """
+
+    def __init__(self, view: SnapshotView) -> None:
         self._view = view
-        self._max_agents = max_agents
-        self._max_sessions = max_sessions
-        self._guard = LabelGuard(max_agents=max_agents, max_sessions=max_sessions)
+        self._guard = LabelGuard()
 
     def _collector(self) -> RingMetricsPrometheusCollector:
         state = self._view.state
         if not isinstance(state, RingMetricsState):
             state = RingMetricsState()
-        made = RingMetricsPrometheusCollector(
-            state, max_agents=self._max_agents, max_sessions=self._max_sessions
-        )
-        made.guard = self._guard  # one guard for the life of the worker: stable folding
-        return made
+        return RingMetricsPrometheusCollector(state, guard=self._guard)
 
     def describe(self) -> Iterable[Metric]:
         return self._collector().describe()
@@ -249,8 +297,8 @@ class WorkerHttpServer:
         worker: the worker.
         host: address to bind.
         port: port to bind (0: any free port; see :attr:`port` once started).
-        max_agents: agents with series of their own in the ring metrics.
-        max_sessions: sessions with series of their own.
+
+    The ring metrics' label limits are the ring derivation's bounds.
     """
 
     def __init__(
@@ -259,20 +307,31 @@ class WorkerHttpServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        max_agents: int = DEFAULT_MAX_AGENTS,
-        max_sessions: int = DEFAULT_MAX_SESSIONS,
     ) -> None:
         self.worker = worker
         self.host = host
         self.port = port
         self.registry = CollectorRegistry(auto_describe=False)
         self.views: dict[str, SnapshotView] = {
-            applier.derivation.name: SnapshotView(applier.derivation) for applier in worker.appliers
+            applier.derivation.name: SnapshotView(applier.derivation, applier)
+            for applier in worker.appliers
         }
         self.registry.register(_WorkerCollector(worker, self.views))
-        ring = self.views.get(RING_METRICS)
-        if ring is not None:
-            self.registry.register(_GlobalRingCollector(ring, max_agents, max_sessions))
+        self._ring_view = self.views.get(RING_METRICS)
+        # A state that is not bounded (a custom derivation) goes through prometheus_client.
+        self._ring_fallback = CollectorRegistry(auto_describe=False)
+        if self._ring_view is not None:
+            self._ring_fallback.register(_GlobalRingCollector(self._ring_view))
+
+    def _ring_text(self) -> bytes:
+        """The ring metrics' exposition of the view's state (nothing without a ring view)."""
+        view = self._ring_view
+        if view is None or view.state is None:
+            return b""  # not loaded (yet): no series rather than zeros that look like resets
+        state = view.state
+        if isinstance(state, RingMetricsState) and state.bounds is not None:
+            return render_ring_metrics(state)
+        return generate_latest(self._ring_fallback)
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; reports the bound port through ``task_status``."""
@@ -303,12 +362,15 @@ class WorkerHttpServer:
         if path == b"/metrics":
             try:
                 await self.worker.refresh()
-                for view in self.views.values():
-                    await view.refresh()
+                # The ring view last: nothing awaits between its refresh and the export, so a
+                # state it shares with the applier cannot take uncommitted records meanwhile.
+                for name in sorted(self.views, key=lambda name: name == RING_METRICS):
+                    await self.views[name].refresh()
             except (LogError, WorkerStateError) as exc:
                 # Serve what is known; the connected gauge says the backend is away.
                 _log.warning("metrics refresh failed: %s", exc)
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            body = generate_latest(self.registry) + self._ring_text()
+            return "200 OK", CONTENT_TYPE_LATEST, body
         if path in (b"/healthz", b"/health"):
             document = await health_document(self.worker, self.views)
             healthy = document["connected"] and document["keeping_up"]
