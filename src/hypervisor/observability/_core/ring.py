@@ -164,20 +164,6 @@ class RingMetricsState:
         newest = self._newest
         return None if newest is _NO_TIME else newest.timestamp()
 
-    def __getstate__(self) -> tuple[None, dict[str, Any]]:
-        # The snapshot layout keeps the newest timestamp in epoch seconds (a worker's snapshot
-        # loader admits no datetime).
-        slots = {name: getattr(self, name) for name in self.__slots__ if name != "_newest"}
-        slots["newest_timestamp"] = self.newest_timestamp
-        return None, slots
-
-    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
-        slots = dict(state[1])
-        seconds = slots.pop("newest_timestamp", None)
-        self._newest = _NO_TIME if seconds is None else datetime.fromtimestamp(seconds, UTC)
-        for name, value in slots.items():
-            setattr(self, name, value)
-
     def apply(self, event: HypervisorEvent) -> None:
         """Fold one event into the state; never raises for a malformed payload.
 

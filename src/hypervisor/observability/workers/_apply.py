@@ -30,7 +30,7 @@ from hypervisor.observability._log.base import (
 )
 from hypervisor.observability.errors import EventDecodeError
 from hypervisor.observability.workers._derivations import Derivation
-from hypervisor.observability.workers._snapshot import dump_state, load_state
+from hypervisor.observability.workers._snapshot import WorkerStateError, dump_state, load_state
 from hypervisor.observability.workers._state import Commit, Restored, StateMeta
 
 __all__ = ["Applier", "fold", "restore_state", "watermark"]
@@ -68,9 +68,21 @@ def fold(
 
 
 def restore_state(derivation: Derivation, restored: Restored) -> Any:
-    """Rebuild the committed state: the checkpoint with the redo records folded in."""
+    """Rebuild the committed state: the checkpoint with the redo records folded in.
+
+    Raises:
+        WorkerStateError: the checkpoint is unreadable, or the state of another derivation.
+    """
     snapshot = restored.snapshot
-    state = derivation.new_state() if snapshot is None else load_state(snapshot)
+    state = derivation.new_state()
+    if snapshot is not None:
+        expected = type(state)
+        state = load_state(snapshot)
+        if type(state) is not expected:
+            raise WorkerStateError(
+                f"the snapshot holds a {type(state).__name__}, not the {expected.__name__} of "
+                f"{derivation.name}"
+            )
     fold(derivation, state, restored.records, restored.skipped)
     return state
 
