@@ -75,14 +75,21 @@ def restore_state(derivation: Derivation, restored: Restored) -> Any:
     """
     snapshot = restored.snapshot
     state = derivation.new_state()
+    errors = derivation.store.errors
     if snapshot is not None:
         expected = type(state)
-        state = load_state(snapshot)
-        if type(state) is not expected:
-            raise WorkerStateError(
-                f"the snapshot holds a {type(state).__name__}, not the {expected.__name__} of "
-                f"{derivation.name}"
-            )
+        try:
+            state = load_state(snapshot)
+            if type(state) is not expected:
+                raise WorkerStateError(
+                    f"the snapshot holds a {type(state).__name__}, not the "
+                    f"{expected.__name__} of {derivation.name}"
+                )
+        except WorkerStateError as error:
+            named = WorkerStateError(f"{derivation.store.name}:snap: {error}")
+            errors.fail("snapshot", named)
+            raise named from error
+    errors.ok("snapshot")
     fold(derivation, state, restored.records, restored.skipped)
     return state
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import suppress
 from typing import Any
 
 import anyio
@@ -67,9 +68,29 @@ class SnapshotView:
         self._loaded_version = -1
         self.rebuilds = 0
         """Rebuilds from the checkpoint (first refresh, or records dropped meanwhile)."""
+        self.error: WorkerStateError | None = None
+        """Why the last refresh could not read the committed state (``None``: it could)."""
 
     async def refresh(self) -> None:
-        """Bring the copy up to the committed state if the committed version changed."""
+        """Bring the copy up to the committed state if the committed version changed.
+
+        Raises:
+            WorkerStateError: the committed state is unreadable (also kept in :attr:`error`
+                until a refresh succeeds: the copy is not served meanwhile).
+        """
+        try:
+            await self._refresh()
+        except WorkerStateError as error:
+            self.error = error
+            raise
+        self.error = None
+
+    @property
+    def unreadable(self) -> bool:
+        """Whether the derivation's stored state is unreadable now (then it is not served)."""
+        return self.error is not None or bool(self._store.errors.current)
+
+    async def _refresh(self) -> None:
         meta = await self._store.meta()
         if meta.version == self._loaded_version:
             return
@@ -112,6 +133,8 @@ class _GlobalRingCollector(Collector):
         return self._collector().describe()
 
     def collect(self) -> Iterable[Metric]:
+        if self._view.unreadable:  # serve none of a state that may be wrong
+            return iter(())
         return self._collector().collect()
 
 
@@ -198,6 +221,17 @@ class _WorkerCollector(Collector):
         version = GaugeMetricFamily(
             "hvobs_worker_state_version", "Committed state version last seen", labels=per
         )
+        state_errors = CounterMetricFamily(
+            "hvobs_worker_state_errors",
+            "Distinct unreadable items or keys met in the stored state (skipped, repaired or "
+            "blocking)",
+            labels=(*per, "key"),
+        )
+        unreadable = GaugeMetricFamily(
+            "hvobs_worker_state_unreadable",
+            "1 while the derivation's stored state is unreadable (nothing applied or served)",
+            labels=per,
+        )
         for applier in worker.appliers:
             key = (group, applier.derivation.name)
             applied.add_metric(key, applier.applied_events)
@@ -207,7 +241,11 @@ class _WorkerCollector(Collector):
             view = self._views.get(applier.derivation.name)
             if view is not None:
                 version.add_metric(key, view.meta.version)
-        yield from (applied, duplicates, conflicts, leader, version)
+            errors = applier.store.errors
+            for name, count in sorted(errors.counts.items()):
+                state_errors.add_metric((*key, name), count)
+            unreadable.add_metric(key, float(bool(errors.current)))
+        yield from (applied, duplicates, conflicts, leader, version, state_errors, unreadable)
 
 
 async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dict[str, Any]:
@@ -217,11 +255,18 @@ async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dic
     try:
         await worker.refresh()
         for applier in worker.appliers:
-            backlog[applier.derivation.name] = await applier.store.backlog()
+            with suppress(WorkerStateError):  # reported by the store: see state_errors
+                backlog[applier.derivation.name] = await applier.store.backlog()
         for view in views.values():
-            await view.refresh()
-    except (LogError, WorkerStateError) as exc:
+            with suppress(WorkerStateError):
+                await view.refresh()
+    except LogError as exc:
         error = str(exc)
+    state_errors = {
+        applier.derivation.name: " | ".join(applier.store.errors.blocking)
+        for applier in worker.appliers
+        if applier.store.errors.current
+    }
     stats = worker.stats
     version = worker.server_version
     return {
@@ -239,6 +284,11 @@ async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dic
         "backlog": backlog,
         "server_version": ".".join(map(str, version)) if version else None,
         "error": error,
+        "state_errors": state_errors,
+        "state_error_counts": {
+            applier.derivation.name: sum(applier.store.errors.counts.values())
+            for applier in worker.appliers
+        },
     }
 
 
@@ -290,7 +340,11 @@ class WorkerHttpServer:
                     while b"\r\n\r\n" not in request and len(request) < 8192:
                         request += await stream.receive(4096)
                     path = request.split(b" ", 2)[1].split(b"?")[0] if b" " in request else b""
-                    status, ctype, body = await self._respond(path)
+                    try:
+                        status, ctype, body = await self._respond(path)
+                    except Exception:  # a bad state must never take the worker down with it
+                        _log.exception("serving %r failed", path)
+                        status, ctype, body = "500 Internal Server Error", "text/plain", b"error\n"
                     head = (
                         f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -304,14 +358,17 @@ class WorkerHttpServer:
             try:
                 await self.worker.refresh()
                 for view in self.views.values():
-                    await view.refresh()
-            except (LogError, WorkerStateError) as exc:
+                    with suppress(WorkerStateError):  # reported by the store; not served
+                        await view.refresh()
+            except LogError as exc:
                 # Serve what is known; the connected gauge says the backend is away.
                 _log.warning("metrics refresh failed: %s", exc)
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
         if path in (b"/healthz", b"/health"):
             document = await health_document(self.worker, self.views)
-            healthy = document["connected"] and document["keeping_up"]
+            healthy = (
+                document["connected"] and document["keeping_up"] and not document["state_errors"]
+            )
             status = "200 OK" if healthy else "503 Service Unavailable"
             return status, "application/json", _json.encode(document)
         return "404 Not Found", "text/plain", b"not found\n"

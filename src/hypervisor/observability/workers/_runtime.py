@@ -223,7 +223,7 @@ class Worker(AsyncResource):
             for applier in self.appliers:
                 try:
                     await applier.release()
-                except LogError as exc:
+                except (LogError, WorkerStateError) as exc:
                     _log.debug("releasing the applier lease: %s", exc)
 
     def stop(self) -> None:
@@ -330,6 +330,13 @@ class Worker(AsyncResource):
                 except LogGroupMissingError:
                     await self._recovering(self._recreate_group)
                     self._reread_own = True
+                except WorkerStateError:
+                    # A state key of the wrong type refused the batch (the store reported it):
+                    # the batch stays pending and is retried after a back-off.
+                    self._read_scope = None
+                    self._reread_own = True
+                    await self._backoff(attempt)
+                    attempt += 1
                 except LogError as exc:
                     self._read_scope = None
                     self.connected = False
@@ -358,7 +365,7 @@ class Worker(AsyncResource):
                     if not entries:
                         return
                     await self._process(entries, redelivered=True)
-                except LogError as exc:
+                except (LogError, WorkerStateError) as exc:
                     _log.warning("draining own pending entries: %s", exc)
                     return
 
@@ -518,6 +525,8 @@ class Worker(AsyncResource):
             except LogError as exc:
                 self.stats.backend_errors += 1
                 _log.warning("claim sweep failed: %s", exc)
+            except WorkerStateError as exc:  # reported by the store; the entries stay pending
+                _log.debug("claim sweep: %s", exc)
 
     # -- applying ------------------------------------------------------------------------------
 
@@ -532,7 +541,7 @@ class Worker(AsyncResource):
             with anyio.CancelScope(shield=True):
                 try:
                     await applier.release()
-                except LogError as exc:
+                except (LogError, WorkerStateError) as exc:
                     _log.debug("releasing the applier lease: %s", exc)
 
     async def _listen(self, index: int) -> None:
@@ -547,7 +556,7 @@ class Worker(AsyncResource):
             try:
                 if await applier.store.wait_notified(0.1):
                     self._wake_appliers((index,))
-            except LogError as exc:
+            except (LogError, WorkerStateError) as exc:
                 _log.debug("waiting for staged entries: %s", exc)
                 await anyio.sleep(interval)
 
@@ -562,7 +571,12 @@ class Worker(AsyncResource):
             try:
                 applied = await applier.round()
                 attempt = 0
-            except (LogError, WorkerStateError) as exc:
+            except WorkerStateError as exc:
+                # Unreadable state, reported once by the store: nothing is applied until it
+                # reads again (repaired, or reset), retried after a back-off.
+                applied = -1
+                _log.debug("%s apply round: %s", applier.derivation.name, exc)
+            except LogError as exc:
                 applied = -1
                 self.stats.backend_errors += 1
                 _log.warning("%s apply round failed: %s", applier.derivation.name, exc)
