@@ -7,8 +7,8 @@ grows the way the event schema does: a new field gets a default, so a snapshot w
 field existed still loads, and a reader ignores fields it does not know. A change that older
 readers cannot survive that way bumps :data:`SNAPSHOT_SCHEMA_VERSION`.
 
-Adding a field to a state is one line in its struct and one line in each of its two conversion
-functions (:func:`snapshot_of`'s helper for the state and the matching ``_..._of`` function).
+Adding a field to a state is one line in its struct (with a default) and one line in each of
+its two conversion functions (``_ring_snapshot``/``_ring_of``, ``_saga_snapshot``/``_saga_of``).
 
 Times are kept exactly, never through a lossy float: an event timestamp is a :class:`Stamp` (its
 wall-clock time in microseconds, its UTC offset, its fold), which holds any ``datetime`` from year
