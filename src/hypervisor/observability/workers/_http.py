@@ -316,6 +316,7 @@ class WorkerHttpServer:
         self.host = host
         self.port = port
         self.registry = CollectorRegistry(auto_describe=False)
+        self._last_failure = ""
         self.views: dict[str, SnapshotView] = {
             applier.derivation.name: SnapshotView(applier.derivation) for applier in worker.appliers
         }
@@ -342,8 +343,8 @@ class WorkerHttpServer:
                     path = request.split(b" ", 2)[1].split(b"?")[0] if b" " in request else b""
                     try:
                         status, ctype, body = await self._respond(path)
-                    except Exception:  # a bad state must never take the worker down with it
-                        _log.exception("serving %r failed", path)
+                    except Exception as exc:  # a bad state must never take the worker down
+                        self._failed(path, exc)
                         status, ctype, body = "500 Internal Server Error", "text/plain", b"error\n"
                     head = (
                         f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
@@ -352,6 +353,16 @@ class WorkerHttpServer:
                     await stream.send(head.encode() + body)
             except (anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError, IndexError):
                 return
+
+    def _failed(self, path: bytes, exc: Exception) -> None:
+        """Log a failed request: with its traceback the first time, briefly while it repeats
+        (every scrape meets the same bad state until it changes)."""
+        failure = f"serving {path.decode(errors='replace')} failed: {exc!r}"
+        if failure == self._last_failure:
+            _log.debug("%s", failure)
+            return
+        self._last_failure = failure
+        _log.error("%s", failure, exc_info=exc)
 
     async def _respond(self, path: bytes) -> tuple[str, str, bytes]:
         if path == b"/metrics":
