@@ -251,6 +251,33 @@ def test_rings_beyond_64_bits_round_trip() -> None:
     same_ring(loaded, state)
 
 
+def test_naive_step_starts_keep_their_wall_time_and_fold() -> None:
+    """A step opened at a naive timestamp keeps it as it is (its epoch seconds depend on the
+    local zone, and on the fold in an ambiguous hour): the span after a round trip is the one
+    the original gives."""
+    for fold in (0, 1):
+        start = datetime(2026, 11, 1, 1, 30, fold=fold)  # an hour New York lives twice
+        with local_zone("America/New_York"):
+            state = SagaSpanState()
+            state.apply(
+                HypervisorEvent(
+                    event_type=EventType.SAGA_STEP_STARTED,
+                    timestamp=start,
+                    payload={"saga_id": "g", "step_id": "s"},
+                )
+            )
+            loaded = load_state(dump_state(state))
+            assert isinstance(loaded, SagaSpanState)
+            end = HypervisorEvent(
+                event_type=EventType.SAGA_STEP_COMMITTED,
+                timestamp=datetime(2026, 11, 1, 7, tzinfo=UTC),
+                payload={"saga_id": "g", "step_id": "s"},
+            )
+            (span,) = loaded.apply(end)
+            assert span == state.apply(end)[0]
+            assert span.start_time == start.timestamp()
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 
