@@ -25,6 +25,7 @@ from hypervisor.observability._core.ring import (
     RingBounds,
     RingMetricsState,
 )
+from hypervisor.observability.errors import WorkerStateError
 from hypervisor.observability.exporters.prometheus import (
     RingMetricsPrometheusCollector,
     render_ring_metrics,
@@ -36,7 +37,7 @@ from hypervisor.observability.workers import (
     RingMetricsDerivation,
 )
 from hypervisor.observability.workers._http import SnapshotView
-from hypervisor.observability.workers._snapshot import WorkerStateError, dump_state, load_state
+from hypervisor.observability.workers._snapshot import dump_state, load_state
 from workers_support import random_events, reference
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -70,7 +71,7 @@ def fold(events: list[HypervisorEvent], bounds: RingBounds | None) -> RingMetric
 
 def everything(state: RingMetricsState) -> dict[str, Any]:
     """Every slot of the state, ordered containers as lists (order is part of the state)."""
-    slots = dict(state.__getstate__()[1])
+    slots = {name: getattr(state, name) for name in RingMetricsState.__slots__}
     slots["_agents"] = list(slots["_agents"].items())
     return slots
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -593,39 +593,29 @@ def test_naive_timestamps_are_read_as_local_time() -> None:
     assert state.open_elevations() == {"did:mesh:a": expected - T0.timestamp()}
 
 
-def test_state_snapshots_keep_the_newest_timestamp_exactly() -> None:
-    """A pickled state keeps the newest timestamp in integer microseconds since the epoch (the
-    snapshot layout; exact, where float seconds of 9999-12-31T23:59:59.999999 round up into
-    year 10000 and could not be loaded), loads through the workers' restricted loader, and goes
-    on as the original. A state pickled with float seconds still loads."""
-    import pickle
-
+def test_state_snapshots_keep_the_newest_timestamp_exactly_and_go_on() -> None:
+    """A worker snapshot of the state keeps the newest timestamp exactly (at any offset, even
+    past what a UTC datetime can hold), and the loaded state goes on as the original."""
     from hypervisor.observability.workers._snapshot import dump_state, load_state
 
+    late = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-5)))
     events = [
         ring_event(EventType.RING_ELEVATED, 1.25, from_ring=2, to_ring=1),
         ring_event(EventType.RING_ASSIGNED, 7.5, agent="did:mesh:b", ring=3),
     ]
     state = apply_all(events)
-    slots = state.__getstate__()[1]
-    assert slots["newest_us"] == round((T0.timestamp() + 7.5) * 1_000_000)
-    assert "_newest" not in slots
-    old = RingMetricsState()
-    old.__setstate__((None, {**slots, "newest_us": None, "newest_timestamp": T0.timestamp()}))
-    assert old.newest_timestamp == T0.timestamp()
-    last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
-    edge = apply_all([HypervisorEvent(event_type=EventType.RING_BREACH_DETECTED, timestamp=last)])
-    restored = load_state(dump_state(edge))
-    assert isinstance(restored, RingMetricsState)
-    restored.apply(HypervisorEvent(event_type=EventType.RING_BREACH_DETECTED, timestamp=last))
-    assert restored.newest_timestamp == edge.newest_timestamp == last.timestamp()
-    for loaded in (load_state(dump_state(state)), pickle.loads(pickle.dumps(state))):
+    far = apply_all([*events, HypervisorEvent(event_type=EventType.RING_ELEVATED, timestamp=late)])
+    for original in (state, far):
+        loaded = load_state(dump_state(original))
         assert isinstance(loaded, RingMetricsState)
-        assert loaded.newest_timestamp == state.newest_timestamp
-        assert loaded.open_elevations() == state.open_elevations()
-        later = ring_event(EventType.RING_DEMOTED, 9.0, to_ring=2)
-        loaded.apply(later)
-        assert loaded.elevation_durations == {"did:mesh:a": 7.75}
+        assert loaded.newest_timestamp == original.newest_timestamp
+        assert loaded.open_elevations() == original.open_elevations()
+        assert loaded.snapshot() == original.snapshot()
+    later = ring_event(EventType.RING_DEMOTED, 9.0, to_ring=2)
+    loaded = load_state(dump_state(state))
+    assert isinstance(loaded, RingMetricsState)
+    loaded.apply(later)
+    assert loaded.elevation_durations == {"did:mesh:a": 7.75}
     empty = load_state(dump_state(RingMetricsState()))
     assert isinstance(empty, RingMetricsState)
     assert empty.newest_timestamp is None

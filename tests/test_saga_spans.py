@@ -708,27 +708,25 @@ def test_plain_string_types_are_applied_like_members() -> None:
     assert apply_all(plain)[1] == apply_all(events)[1]
 
 
-def test_state_pickles_without_its_hook() -> None:
-    """A pickled state (worker snapshots) leaves on_span out, loads with it unset, and loads
-    through the workers' restricted unpickler with a step still open."""
-    import pickle
-
+def test_state_snapshots_without_its_hook() -> None:
+    """A worker snapshot of the state leaves on_span out, loads with it unset and a step still
+    open, and the loaded state goes on as the original."""
     from hypervisor.observability.workers._snapshot import dump_state, load_state
 
     events = deploy_saga()
     state, _ = apply_all(events[:4])
     assert state.open_step_count == 1
     state.on_span = lambda record: None
-    loaded = pickle.loads(pickle.dumps(state))
+    loaded = load_state(dump_state(state))
+    assert isinstance(loaded, SagaSpanState)
     assert loaded.on_span is None
     assert loaded.open_saga_count == state.open_saga_count == 1
-    # The workers' restricted loader (core classes and builtins only) reads it too.
-    restored = load_state(dump_state(state))
-    assert isinstance(restored, SagaSpanState)
+    assert loaded.open_step_count == state.open_step_count == 1
     assert loaded.events_processed == state.events_processed
+    assert loaded.completed_spans == state.completed_spans
     rest = apply_all(events[4:], loaded)[1]
     assert rest
-    assert rest == apply_all(events[4:], state)[1] == apply_all(events[4:], restored)[1]
+    assert rest == apply_all(events[4:], state)[1]
 
 
 def apply_deferred(
@@ -745,7 +743,7 @@ def apply_deferred(
 @given(saga_streams())
 def test_lazy_records_are_the_eager_records(events: list[HypervisorEvent]) -> None:
     """lazy_records changes when records are built, never their values or behaviour."""
-    import pickle
+    from hypervisor.observability.workers._snapshot import dump_state, load_state
 
     eager_state, eager = apply_all(events)
     lazy_state = SagaSpanState()
@@ -763,11 +761,12 @@ def test_lazy_records_are_the_eager_records(events: list[HypervisorEvent]) -> No
     assert all(a is b for a, b in zip(lazy_state.completed_spans, built, strict=True))
     assert [copy.deepcopy(span) for span in built] == eager
     assert [dataclasses.replace(span) for span in built] == eager
-    # A state pickled with spans still unbuilt holds built records once loaded.
+    # A snapshot of a state with spans still unbuilt holds built records once loaded.
     again = SagaSpanState()
     again.lazy_records = True
     apply_deferred(events, again)
-    loaded = pickle.loads(pickle.dumps(again))
+    loaded = load_state(dump_state(again))
+    assert isinstance(loaded, SagaSpanState)
     assert loaded.lazy_records
     assert loaded.completed_spans == eager
     # apply() returns built records even while deferring.
@@ -839,84 +838,15 @@ def test_exporter_defers_spans_only_without_a_sink() -> None:
     assert exporter.state.lazy_records
 
 
-def test_open_sagas_pickled_with_their_ids_still_load() -> None:
-    """An open saga pickled when it stored its ids (an earlier layout) loads with those ids."""
-    from hypervisor.observability._core.spans import _OpenSaga
-
-    old_layout = {
-        "anchor": 5.0,
-        "parent_span_id": "00000000000000aa",
-        "span_id": "00000000000000bb",
-        "start": 1.0,
-        "trace_id": "0" * 31 + "c",
-    }
-    saga = _OpenSaga.__new__(_OpenSaga)
-    saga.__setstate__((None, old_layout))
-    assert (saga.trace_id, saga.span_id, saga.parent_span_id) == (
-        "0" * 31 + "c",
-        "00000000000000bb",
-        "00000000000000aa",
-    )
-    assert (saga.start, saga.anchor) == (1.0, 5.0)
-    # A span of such a saga takes its stored ids as they are, built at once or deferred.
-    step_event = saga_event(EventType.SAGA_STEP_COMMITTED, 2.0, saga_id="g1", step_id="a")
-    close_event = saga_event(EventType.SAGA_COMPLETED, 3.0, saga_id="g1")
-    for deferred in (False, True):
-        state = SagaSpanState()
-        state.lazy_records = deferred
-        state._open_sagas["g1"] = copy.copy(saga)
-        if deferred:
-            apply_deferred([step_event, close_event], state)
-        else:
-            apply_all([step_event, close_event], state)
-        step, closed = state.completed_spans
-        assert (closed.trace_id, closed.span_id, closed.parent_span_id) == (
-            "0" * 31 + "c",
-            "00000000000000bb",
-            "00000000000000aa",
-        )
-        assert (step.trace_id, step.parent_span_id) == ("0" * 31 + "c", "00000000000000bb")
-
-
-def test_snapshots_name_records_where_every_release_finds_them() -> None:
-    """Worker snapshots name ``SagaSpanRecord`` under ``_core.spans``, as before the record moved
-    to ``span_records``, so workers of older and newer releases read each other's snapshots
-    (through the workers' restricted unpickler), records and open saga intact."""
-    import io
-    import pickle
-
-    from hypervisor.observability._core import span_records, spans
-    from hypervisor.observability.workers._snapshot import (
-        SNAPSHOT_FORMAT,
-        dump_state,
-        load_state,
-    )
-
-    class NameRecorder(pickle.Unpickler):
-        """Loads a pickle, noting every ``module.name`` it refers to."""
-
-        def __init__(self, data: bytes) -> None:
-            super().__init__(io.BytesIO(data))
-            self.names: set[str] = set()
-
-        def find_class(self, module: str, name: str, /) -> Any:
-            self.names.add(f"{module}.{name}")
-            return super().find_class(module, name)
+def test_snapshots_keep_records_and_open_sagas_with_their_ids() -> None:
+    """A worker snapshot holds completed records (as built) and open sagas with what their ids
+    derive from: the loaded state gives the same spans, ids included, as the original."""
+    from hypervisor.observability.workers._snapshot import dump_state, load_state
 
     events = deploy_saga()
     state, _ = apply_all(events[:4])  # one completed span, the saga and a step still open
     assert len(state.completed_spans) == 1
-    snapshot = dump_state(state)
-    recorder = NameRecorder(snapshot.removeprefix(SNAPSHOT_FORMAT))
-    recorder.load()
-    assert {
-        "hypervisor.observability._core.spans.SagaSpanRecord",
-        "hypervisor.observability._core.spans.SagaSpanState",
-        "hypervisor.observability._core.spans._OpenSaga",
-    } <= recorder.names
-    assert not any(span_records.__name__ in name for name in recorder.names)
-    assert spans.SagaSpanRecord is span_records.SagaSpanRecord is SagaSpanRecord
-    restored = load_state(snapshot)
+    restored = load_state(dump_state(state))
     assert isinstance(restored, SagaSpanState)
     assert [type(span) for span in restored.completed_spans] == [SagaSpanRecord]
     assert restored.completed_spans == state.completed_spans

@@ -69,6 +69,7 @@ _STATE: Final = (
     "get",
     "set",
     "pexpire",
+    "pttl",
     "hget",
     "hset",
     "hgetall",
@@ -85,6 +86,7 @@ _STATE: Final = (
     "lrange",
     "blpop",
     "del",
+    "type",
 )
 """``RedisStateStore``: its scripts (by digest) and every command they and the store run."""
 _KEYLESS_WORKER: Final = ("script|load", "multi", "exec")

@@ -15,10 +15,12 @@ __all__ = [
     "HypervisorObservabilityError",
     "LogError",
     "LogGroupMissingError",
+    "LogPermissionError",
     "LogUnavailableError",
     "MetricsExportError",
     "PermissionDeniedError",
     "ServeError",
+    "WorkerStateError",
 ]
 
 
@@ -137,3 +139,17 @@ class BadRequestError(HypervisorObservabilityError, ValueError):
 
 class ServeError(HypervisorObservabilityError):
     """``hvobs serve`` cannot start (port in use, Redis unreachable); the message says why."""
+
+
+class WorkerStateError(HypervisorObservabilityError):
+    """Worker state in the store is unreadable (foreign format, corrupt, wrong type, or a newer
+    layout).
+
+    Args:
+        message: what is wrong, for logs and ``/healthz``.
+        key: which of the derivation's keys holds it (``"snapshot"``, ``"meta"``, ...).
+    """
+
+    def __init__(self, message: str, key: str = "snapshot") -> None:
+        super().__init__(message)
+        self.key = key

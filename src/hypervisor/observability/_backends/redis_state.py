@@ -22,12 +22,21 @@ derivation share a hash tag, so every script stays in one slot on a cluster:
 A batch staged again after a redelivery is the same member (same ids, same bytes: no change);
 a redelivered *subset* (a claim, a re-read after a crash) is another member whose ids overlap
 the first one's: readers merge the batches they fetch and keep each id once.
+
+Everything read back is checked before use, never trusted: meta fields must be numbers and ids,
+members and records must have their shapes, keys must hold their types. What fails is reported
+to the store's :class:`~hypervisor.observability._backends.state_errors.StateErrors`: a bad item
+(a garbage batch, a seen-id element, a skipped-id member) is skipped and counted, a lease without
+expiry or a wake-up key of the wrong type is repaired and counted, and an unreadable meta hash
+or a key of the wrong type raises ``WorkerStateError`` (``docs/workers.md``, "Unreadable state").
 """
 
 from __future__ import annotations
 
 import hashlib
-from contextlib import suppress
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from typing import Any, Final
 
 import msgspec
@@ -36,7 +45,6 @@ import redis.exceptions as rexc
 
 from hypervisor.observability._backends.log import (
     MIN_ID,
-    LogError,
     next_id,
     parse_id,
 )
@@ -52,45 +60,75 @@ from hypervisor.observability._backends.state import (
     sort_key,
     state_prefix,
 )
+from hypervisor.observability._backends.state_errors import StateErrors
 from hypervisor.observability._util.aio import AsyncResource
+from hypervisor.observability.errors import WorkerStateError
 
 __all__ = ["RedisStateStore", "state_prefix"]
 
-_ACQUIRE = """
-local held = redis.call('GET', KEYS[1])
-if not held then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+# Take or extend the lease. A lease key that no worker wrote (another type, or a string without
+# expiry: every lease has one) would block every applier for good; it is replaced, and what it
+# was is returned so the caller can report it. KEYS: lease. ARGV: token, ttl ms.
+# Returns {1 if held now else 0, what was replaced or ''}.
+_LEASE = """
+local function take(key, token, ttl)
+  local repaired = ''
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'none' and kind ~= 'string' then
+    repaired = 'a ' .. kind
+  elseif kind == 'string' and redis.call('PTTL', key) == -1 then
+    repaired = 'a string without expiry'
+  end
+  if repaired ~= '' then redis.call('DEL', key) end
+  local held = redis.call('GET', key)
+  if not held then
+    redis.call('SET', key, token, 'PX', ttl)
+    return 1, repaired
+  end
+  if held == token then
+    redis.call('PEXPIRE', key, ttl)
+    return 1, repaired
+  end
+  return 0, repaired
 end
-if held == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
 """
-
-# KEYS: lease, meta. ARGV: token, ttl ms. Returns the committed version, or -1 (not held).
-_LEASE_ROUND = """
-local held = redis.call('GET', KEYS[1])
-if not held then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-elseif held == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-else
-  return -1
-end
-return tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+_ACQUIRE = (
+    _LEASE
+    + """
+local got, repaired = take(KEYS[1], ARGV[1], ARGV[2])
+return {got, repaired}
 """
+)
 
-# One pending wake-up at most. KEYS: wake list.
+# The lease, and the committed version (raw: the caller checks it). KEYS: lease, meta.
+# ARGV: token, ttl ms. Returns {held, version or false, what was replaced or ''}.
+_LEASE_ROUND = (
+    _LEASE
+    + """
+local got, repaired = take(KEYS[1], ARGV[1], ARGV[2])
+if got == 0 then return {0, false, repaired} end
+return {1, redis.call('HGET', KEYS[2], 'version') or '0', repaired}
+"""
+)
+
+# One pending wake-up at most; a wake-up key of another type is replaced (returned as its type).
+# KEYS: wake list.
 _NOTIFY = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local repaired = ''
+if kind ~= 'none' and kind ~= 'list' then
+  redis.call('DEL', KEYS[1])
+  repaired = 'a ' .. kind
+end
 redis.call('LPUSH', KEYS[1], '1')
 redis.call('LTRIM', KEYS[1], 0, 0)
-return 1
+return repaired
 """
 
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 """
 
@@ -103,19 +141,18 @@ return 1
 """
 
 # Open batches whose first id is below ARGV[2] and whose last id is above both ARGV[1] and the
-# applied id (sort keys), at most ARGV[3] scanned and about ARGV[4] bytes of records (at least
-# one batch), with their records; the first member beyond the scan, if any; the applied key.
-# KEYS: open, batches, meta.
+# applied id (sort keys), at most ARGV[3] scanned, with their records; the first member beyond
+# the scan, if any; the applied key and id (checked by the caller). KEYS: open, batches, meta.
 _FETCH = """
 local n = tonumber(ARGV[3])
 local budget = tonumber(ARGV[4])
+local used = 0
 local low = ARGV[1]
 local ak = redis.call('HGET', KEYS[3], 'applied_key') or ''
 if ak > low then low = ak end
 local ms = redis.call('ZRANGEBYLEX', KEYS[1], '-', '(' .. ARGV[2], 'LIMIT', 0, n + 1)
 local out = {}
 local more = false
-local used = 0
 for i, m in ipairs(ms) do
   if i > n or used >= budget then more = m break end
   if string.sub(m, 43, 83) > low then
@@ -125,7 +162,7 @@ for i, m in ipairs(ms) do
     used = used + string.len(records)
   end
 end
-return {more, out, ak}
+return {more, out, ak, redis.call('HGET', KEYS[3], 'applied') or ''}
 """
 
 # The redo records in (after, upto] and the skipped ids among them, unless a checkpoint beyond
@@ -204,16 +241,39 @@ return 1
 
 _KEY_WIDTH: Final = 41
 """Length of a sort key (``%020d-%020d``)."""
-_FETCH_BATCHES: Final = 64
-"""Batches a first fetch scans; widened when they hold nothing usable."""
 _FETCH_BYTES: Final = 32 << 20
 """Bytes of records a first fetch returns at most (and one batch more): an apply round holds
 about this much whatever the size of the events. Widened with the scan."""
+_FETCH_BATCHES: Final = 64
+"""Batches a first fetch scans; widened when they hold nothing usable."""
 
 _records_encoder = msgspec.msgpack.Encoder()
 _records_decoder = msgspec.msgpack.Decoder(list[tuple[str, bytes]])
 _ids_decoder = msgspec.msgpack.Decoder(list[str])
 _Records = list[tuple[str, bytes]]
+
+_MAX_TEXT: Final = 80
+"""Bytes of a bad value quoted in a report."""
+_VERSION_LIMIT: Final = 2**53
+"""Meta numbers stay below this (Lua compares them as doubles)."""
+_ID: Final = r"(?:0|[1-9][0-9]{0,19})-(?:0|[1-9][0-9]{0,19})"
+_ENTRY_ID: Final = re.compile(_ID)
+_ENTRY_IDS: Final = re.compile(f"(?:{_ID}\n)*")
+"""Newline-terminated entry ids: one match checks a whole batch's ids (cheap per record)."""
+_SORT_KEY: Final = re.compile(rb"[0-9]{20}-[0-9]{20}")
+_MEMBER: Final = re.compile(
+    rb"([0-9]{20})-([0-9]{20})\|([0-9]{20})-([0-9]{20})\|([1-9][0-9]{0,8})\|[0-9a-f]{16}"
+)
+"""An index member: first and last sort keys, record count, digest (see batch_member)."""
+_INTEGER: Final = re.compile(rb"-?(?:0|[1-9][0-9]{0,15})")
+_EXPECTED_TYPES: Final = {
+    "idx": "zset",
+    "open": "zset",
+    "batches": "hash",
+    "meta": "hash",
+    "snap": "string",
+    "skip": "zset",
+}
 
 
 def _unsort_key(key: bytes) -> str:
@@ -225,23 +285,57 @@ def _key_tuple(key: bytes) -> tuple[int, int]:
     return int(key[:20]), int(key[21:41])
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _quote(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
 
 
-def _meta(raw: dict[bytes, bytes]) -> StateMeta:
+def _meta(raw: dict[bytes, bytes], key: str) -> StateMeta:
+    """The meta hash ``key`` as read, checked field by field.
+
+    Raises:
+        WorkerStateError: a field is not what a commit writes (``key="meta"``).
+    """
     if not raw:
         return StateMeta()
-    return StateMeta(
-        version=int(raw.get(b"version", b"0")),
-        applied_id=raw.get(b"applied", MIN_ID.encode()).decode(),
-        seen_gen=int(raw.get(b"seen_gen", b"0")),
-        seen_count=int(raw.get(b"seen_count", b"0")),
+
+    def bad(name: bytes, why: str) -> WorkerStateError:
+        return WorkerStateError(
+            f"{key} field {name.decode(errors='replace')} = {_quote(raw.get(name))} {why}",
+            key="meta",
+        )
+
+    def number(name: bytes, low: int) -> int:
+        value = raw.get(name, b"0")
+        if not _INTEGER.fullmatch(value) or not low <= int(value) < _VERSION_LIMIT:
+            raise bad(name, "is not a number a commit writes")
+        return int(value)
+
+    def entry_id(name: bytes, key_name: bytes) -> str:
+        value = raw.get(name, MIN_ID.encode())
+        if not _ENTRY_ID.fullmatch(value.decode("latin-1")):
+            raise bad(name, "is not a stream id")
+        text = value.decode()
+        if name in raw and raw.get(key_name) != sort_key(text):
+            raise bad(key_name, f"does not match {name.decode()}")
+        return text
+
+    meta = StateMeta(
+        version=number(b"version", 0),
+        applied_id=entry_id(b"applied", b"applied_key"),
+        seen_gen=number(b"seen_gen", -_VERSION_LIMIT),
+        seen_count=number(b"seen_count", 0),
     )
+    entry_id(b"checkpoint", b"checkpoint_key")
+    return meta
 
 
 def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
     return {bytes(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+def _short(member: bytes) -> str:
+    return _quote(member[:83])
 
 
 def batch_member(items: list[tuple[str, bytes]]) -> tuple[bytes, bytes]:
@@ -258,25 +352,56 @@ def batch_member(items: list[tuple[str, bytes]]) -> tuple[bytes, bytes]:
     return member, records
 
 
+def _bad_member(member: bytes, errors: StateErrors) -> None:
+    errors.skipped("idx", f"skipped index member {_short(member)}: not a staged batch")
+
+
+def _batch_records(member: bytes, blob: Any, errors: StateErrors) -> _Records | None:
+    """The records of a staged batch, checked against its index member; ``None`` (skipped and
+    counted) for a member or a batch that no worker wrote."""
+    header = _MEMBER.fullmatch(member)
+    if header is None:
+        _bad_member(member, errors)
+        return None
+    if not blob:
+        errors.skipped("batches", f"skipped staged batch {_short(member)}: no records")
+        return None
+    try:
+        records = _records_decoder.decode(blob)
+    except Exception as exc:  # msgspec raises DecodeError, ValidationError, RecursionError...
+        errors.skipped("batches", f"skipped staged batch {_short(member)}: {exc}")
+        return None
+    ids = "\n".join([entry_id for entry_id, _ in records])
+    if (
+        len(records) != int(header[5])
+        or _ENTRY_IDS.fullmatch(ids + "\n") is None
+        or parse_id(records[0][0]) != (int(header[1]), int(header[2]))
+        or parse_id(records[-1][0]) != (int(header[3]), int(header[4]))
+    ):
+        errors.skipped("batches", f"skipped staged batch {_short(member)}: records do not match")
+        return None
+    return records
+
+
 def merge_batches(
-    flat: list[Any], low: tuple[int, int], high: tuple[int, int]
+    flat: list[Any], low: tuple[int, int], high: tuple[int, int], errors: StateErrors
 ) -> list[tuple[str, bytes]]:
     """Merge fetched batches (``[member, records, ...]``, by first id) into the distinct
-    records with ``low < id < high``, in id order."""
+    records with ``low < id < high``, in id order; bad batches are skipped (``errors``)."""
     chunks: list[_Records] = []
     overlap = False
     reach: tuple[int, int] | None = None
     for i in range(0, len(flat) - 1, 2):
         member = bytes(flat[i])
+        records = _batch_records(member, flat[i + 1], errors)
+        if records is None:
+            continue
         first = _key_tuple(member)
         last = _key_tuple(member[_KEY_WIDTH + 1 :])
         if reach is not None and first <= reach:
             overlap = True
         if reach is None or last > reach:
             reach = last
-        if not flat[i + 1]:
-            raise LogError(f"staged batch {member[:83]!r} has no records (store corrupt)")
-        records = _records_decoder.decode(flat[i + 1])
         if not (low < first and last < high):
             records = [r for r in records if low < parse_id(r[0]) < high]
         chunks.append(records)
@@ -339,17 +464,72 @@ class RedisStateStore(AsyncResource):
         self._restore = client.register_script(_RESTORE)
         self._commit = client.register_script(_COMMIT)
         self._closed = False
+        self._errors = StateErrors(prefix)
 
     def _seen_key(self, gen: int) -> str:
         return f"{self._prefix}:seen:{gen}"
+
+    @asynccontextmanager
+    async def _op(self, operation: str, command: str = "evalsha") -> AsyncIterator[None]:
+        """Run one operation: translate backend errors, turn a key of the wrong type into
+        ``WorkerStateError`` and report unreadable state to :attr:`errors`."""
+        try:
+            try:
+                yield
+            except rexc.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    with self._translate(operation, command):
+                        raise
+                raise await self._wrong_type(operation) from exc
+            except (rexc.RedisError, OSError):
+                with self._translate(operation, command):
+                    raise
+        except WorkerStateError as error:
+            self.errors.fail(operation, error)
+            raise
+        self.errors.ok(operation)
+
+    def _translate(self, operation: str, command: str) -> Any:
+        """Translate redis-py errors, naming this store's user, the command and its keys."""
+        return translate_errors(
+            operation, user=self._user, command=command, key=f"{self._prefix}:*"
+        )
+
+    async def _wrong_type(self, operation: str) -> WorkerStateError:
+        """Name the key of this derivation that holds the wrong type (a diagnostic read)."""
+        expected = dict(_EXPECTED_TYPES)
+        try:
+            gen: Any = None
+            with suppress(rexc.ResponseError):  # the meta hash itself may be the culprit
+                gen = await self._client.hget(self._meta_key, "seen_gen")
+            if isinstance(gen, bytes) and _INTEGER.fullmatch(gen):
+                expected[f"seen:{int(gen) - 1}"] = expected[f"seen:{int(gen)}"] = "list"
+            async with self._client.pipeline(transaction=False) as pipe:
+                for name in expected:
+                    pipe.type(f"{self._prefix}:{name}")
+                kinds = await pipe.execute()
+        except (rexc.RedisError, OSError):
+            kinds = []
+        for (name, wanted), kind in zip(expected.items(), kinds, strict=False):
+            found = kind.decode() if isinstance(kind, bytes) else str(kind)
+            if found not in ("none", wanted):
+                return WorkerStateError(
+                    f"{self._prefix}:{name} holds a {found}, not a {wanted}",
+                    key=name.partition(":")[0],
+                )
+        return WorkerStateError(
+            f"{operation}: a key of {self._prefix} holds the wrong type of value", key="state"
+        )
 
     @property
     def name(self) -> str:
         """The key prefix."""
         return self._prefix
 
-    def _errors(self, what: str, command: str = "evalsha") -> Any:
-        return translate_errors(what, user=self._user, command=command, key=f"{self._prefix}:*")
+    @property
+    def errors(self) -> StateErrors:
+        """The unreadable state this store met (reported by every operation)."""
+        return self._errors
 
     async def aclose(self) -> None:
         """Close the connection if this store created it. Idempotent."""
@@ -365,10 +545,15 @@ class RedisStateStore(AsyncResource):
         if not items:
             return
         member, records = batch_member(items)
-        with self._errors("stage"):
+        async with self._op("stage"):
             await self._stage(
                 keys=[self._idx_key, self._batches_key, self._open_key], args=[member, records]
             )
+
+    def _applied_key(self, key: Any, applied: Any) -> tuple[int, int]:
+        """The applied sort key a script returned, checked against the applied id."""
+        fields = {b"applied_key": bytes(key), b"applied": bytes(applied)} if applied else {}
+        return parse_id(_meta(fields, self._meta_key).applied_id)
 
     async def staged(self, after_id: str, before_id: str, limit: int) -> list[tuple[str, bytes]]:
         """Merge the open batches holding ids in the range; see ``StateStore.staged``."""
@@ -377,23 +562,28 @@ class RedisStateStore(AsyncResource):
             return []
         low_key, high_key = sort_key(after_id), sort_key(before_id)
         scan, budget = _FETCH_BATCHES, _FETCH_BYTES
-        while True:
-            with self._errors("read staged"):
-                more, flat, applied = await self._fetch(
+        async with self._op("read staged"):
+            while True:
+                more, flat, applied_key, applied = await self._fetch(
                     keys=[self._open_key, self._batches_key, self._meta_key],
                     args=[low_key, high_key, scan, budget],
                 )
-            if applied:
-                low = max(low, _key_tuple(bytes(applied)))
-            # Ids at or above the first batch not scanned may be in batches not fetched.
-            bound = min(high, _key_tuple(bytes(more))) if more else high
-            records = merge_batches(flat, low, bound)
-            if records or not more:
-                return records[:limit]
-            # The scanned batches were all applied ones awaiting the checkpoint, or the budget
-            # cut between batches starting at the same id.
-            scan *= 4
-            budget *= 4
+                low = max(low, self._applied_key(applied_key, applied))
+                if more and not _MEMBER.fullmatch(bytes(more)):
+                    # No bound from a member no worker wrote: scan past it.
+                    _bad_member(bytes(more), self.errors)
+                    scan *= 4
+                    budget *= 4
+                    continue
+                # Ids at or above the first batch not scanned may be in batches not fetched.
+                bound = min(high, _key_tuple(bytes(more))) if more else high
+                records = merge_batches(flat, low, bound, self.errors)
+                if records or not more:
+                    return records[:limit]
+                # The scanned batches were all applied ones awaiting the checkpoint, or the
+                # budget cut between batches starting at the same id.
+                scan *= 4
+                budget *= 4
 
     async def backlog(self) -> int:
         """Count the distinct staged ids above the applied id.
@@ -401,60 +591,74 @@ class RedisStateStore(AsyncResource):
         From the batch headers alone, except for batches whose id ranges overlap another's or
         straddle the applied id: their records are read to count each id once.
         """
-        with self._errors("backlog", "zrange"):
+        async with self._op("backlog", "zrange"):
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hget(self._meta_key, "applied")
+                pipe.hgetall(self._meta_key)
                 pipe.zrange(self._open_key, 0, -1)
-                applied_raw, members = await pipe.execute()
-        applied = parse_id(_text(applied_raw or MIN_ID.encode()))
-        # Clusters of batches with overlapping id ranges (headers come ordered by first id).
-        clusters: list[list[bytes]] = []
-        reach = applied
-        for raw in members:
-            member = bytes(raw)
-            last = _key_tuple(member[_KEY_WIDTH + 1 :])
-            if last <= applied:
-                continue
-            if clusters and _key_tuple(member) <= reach:
-                clusters[-1].append(member)
-            else:
-                clusters.append([member])
-            reach = max(reach, last)
-        total = 0
-        exact: list[bytes] = []
-        for cluster in clusters:
-            if len(cluster) == 1 and _key_tuple(cluster[0]) > applied:
-                total += int(cluster[0].split(b"|")[2])
-            else:
-                exact.extend(cluster)
-        if exact:
-            with self._errors("backlog", "hmget"):
+                raw_meta, members = await pipe.execute()
+            applied = parse_id(_meta(raw_meta, self._meta_key).applied_id)
+            # Clusters of batches with overlapping id ranges (headers come ordered by first id).
+            clusters: list[list[bytes]] = []
+            reach = applied
+            for raw in members:
+                member = bytes(raw)
+                if not _MEMBER.fullmatch(member):
+                    _bad_member(member, self.errors)
+                    continue
+                last = _key_tuple(member[_KEY_WIDTH + 1 :])
+                if last <= applied:
+                    continue
+                if clusters and _key_tuple(member) <= reach:
+                    clusters[-1].append(member)
+                else:
+                    clusters.append([member])
+                reach = max(reach, last)
+            total = 0
+            exact: list[bytes] = []
+            for cluster in clusters:
+                if len(cluster) == 1 and _key_tuple(cluster[0]) > applied:
+                    total += int(cluster[0].split(b"|")[2])
+                else:
+                    exact.extend(cluster)
+            if exact:
                 blobs: list[Any] = await self._client.hmget(self._batches_key, exact)
-            ids: set[str] = set()
-            for blob in blobs:
-                if blob:
-                    ids.update(entry_id for entry_id, _ in _records_decoder.decode(blob))
-            total += sum(1 for entry_id in ids if parse_id(entry_id) > applied)
+                ids: set[str] = set()
+                for member, blob in zip(exact, blobs, strict=True):
+                    records = _batch_records(member, blob, self.errors)
+                    if records is not None:
+                        ids.update(entry_id for entry_id, _ in records)
+                total += sum(1 for entry_id in ids if parse_id(entry_id) > applied)
         return total
 
     async def meta(self) -> StateMeta:
         """Read the meta hash."""
-        with self._errors("read meta", "hgetall"):
+        async with self._op("read meta", "hgetall"):
             raw: Any = await self._client.hgetall(self._meta_key)
-        return _meta(raw)
+            return _meta(raw, self._meta_key)
 
     async def load(self) -> tuple[StateMeta, bytes | None]:
         """Read meta and checkpoint snapshot in one transaction."""
-        with self._errors("load state", "hgetall"):
+        async with self._op("load state", "hgetall"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(self._meta_key)
                 pipe.get(self._snap_key)
                 raw, snapshot = await pipe.execute()
-        return _meta(raw), snapshot
+            return _meta(raw, self._meta_key), snapshot
+
+    def _skipped_ids(self, keys: list[Any]) -> frozenset[str]:
+        """The skipped ids of sort keys read back; a member no worker wrote is left out."""
+        ids: set[str] = set()
+        for raw in keys:
+            key = bytes(raw)
+            if _SORT_KEY.fullmatch(key):
+                ids.add(_unsort_key(key))
+            else:
+                self.errors.skipped("skip", f"ignored skipped-id member {_quote(key)}")
+        return frozenset(ids)
 
     async def restore(self) -> Restored:
         """Read meta, checkpoint and redo records in one script call."""
-        with self._errors("restore state"):
+        async with self._op("restore state"):
             raw_meta, snapshot, flat, skips = await self._restore(
                 keys=[
                     self._meta_key,
@@ -464,36 +668,50 @@ class RedisStateStore(AsyncResource):
                     self._skip_key,
                 ]
             )
-        fields = _pairs(raw_meta)
-        meta = _meta(fields)
-        checkpoint = fields.get(b"checkpoint", MIN_ID.encode()).decode()
-        records = merge_batches(flat, parse_id(checkpoint), parse_id(next_id(meta.applied_id)))
-        skipped = frozenset(_unsort_key(bytes(k)) for k in skips)
-        return Restored(meta, snapshot, checkpoint, records, skipped)
+            fields = _pairs(raw_meta)
+            meta = _meta(fields, self._meta_key)
+            checkpoint = fields.get(b"checkpoint", MIN_ID.encode()).decode()
+            records = merge_batches(
+                flat, parse_id(checkpoint), parse_id(next_id(meta.applied_id)), self.errors
+            )
+            return Restored(meta, snapshot, checkpoint, records, self._skipped_ids(skips))
 
     async def replay(
         self, after_id: str, upto_id: str
     ) -> tuple[list[tuple[str, bytes]], frozenset[str]] | None:
         """Read the redo records after ``after_id`` (one script call); see ``StateStore``."""
-        with self._errors("replay state"):
+        async with self._op("replay state"):
             reply = await self._replay(
                 keys=[self._meta_key, self._idx_key, self._batches_key, self._skip_key],
                 args=[sort_key(after_id), sort_key(upto_id)],
             )
-        if reply is None:
-            return None
-        flat, skips = reply
-        records = merge_batches(flat, parse_id(after_id), parse_id(next_id(upto_id)))
-        return records, frozenset(_unsort_key(bytes(k)) for k in skips)
+            if reply is None:
+                return None
+            flat, skips = reply
+            records = merge_batches(
+                flat, parse_id(after_id), parse_id(next_id(upto_id)), self.errors
+            )
+            return records, self._skipped_ids(skips)
 
     async def seen(self, meta: StateMeta) -> tuple[set[str], set[str]]:
-        """Read the two seen generations."""
-        with self._errors("load seen ids", "lrange"):
+        """Read the two seen generations (an element no worker wrote is left out)."""
+        async with self._op("load seen ids", "lrange"):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.lrange(self._seen_key(meta.seen_gen - 1), 0, -1)
                 pipe.lrange(self._seen_key(meta.seen_gen), 0, -1)
                 prev, cur = await pipe.execute()
-        return _unpack_ids(prev), _unpack_ids(cur)
+            return self._unpack_ids(prev, meta.seen_gen - 1), self._unpack_ids(cur, meta.seen_gen)
+
+    def _unpack_ids(self, blobs: list[bytes], gen: int) -> set[str]:
+        ids: set[str] = set()
+        for blob in blobs:
+            try:
+                ids.update(_ids_decoder.decode(blob))
+            except Exception as exc:  # msgspec raises DecodeError, ValidationError, ...
+                self.errors.skipped(
+                    "seen", f"ignored element {_quote(bytes(blob))} of {self._seen_key(gen)}: {exc}"
+                )
+        return ids
 
     async def commit(self, commit: Commit) -> bool:
         """Run the version-checked commit script; see ``StateStore.commit``."""
@@ -521,50 +739,65 @@ class RedisStateStore(AsyncResource):
             b"" if commit.snapshot is None else commit.snapshot,
             *(sort_key(entry_id) for entry_id in commit.skipped),
         ]
-        with self._errors("commit"):
+        async with self._op("commit"):
             done = await self._commit(keys=keys, args=args)
         return bool(done)
 
+    def _repaired(self, what: Any, key: str, name: str) -> None:
+        if what:
+            self.errors.skipped(
+                name, f"replaced {key}, which held {bytes(what).decode(errors='replace')}"
+            )
+
     async def acquire_lease(self, token: str, ttl_s: float) -> bool:
         """Take or extend the lease (one script call)."""
-        with self._errors("lease"):
-            got = await self._acquire(keys=[self._lease_key], args=[token, int(ttl_s * 1000)])
+        async with self._op("lease"):
+            got, repaired = await self._acquire(
+                keys=[self._lease_key], args=[token, int(ttl_s * 1000)]
+            )
+        self._repaired(repaired, self._lease_key, "lease")
         return bool(got)
 
     async def lease_round(self, token: str, ttl_s: float) -> int | None:
         """Take or extend the lease and read the version (one script call)."""
-        with self._errors("lease"):
-            version = await self._lease_round(
+        async with self._op("lease round"):
+            held, version, repaired = await self._lease_round(
                 keys=[self._lease_key, self._meta_key], args=[token, int(ttl_s * 1000)]
             )
-        return None if int(version) < 0 else int(version)
+            self._repaired(repaired, self._lease_key, "lease")
+            if not held:
+                return None
+            return _meta({b"version": bytes(version)}, self._meta_key).version
 
     async def notify(self) -> None:
         """Push the wake-up (one script call)."""
-        with self._errors("notify"):
-            await self._notify(keys=[self._wake_key])
+        async with self._op("notify"):
+            repaired = await self._notify(keys=[self._wake_key])
+        self._repaired(repaired, self._wake_key, "wake")
 
     async def wait_notified(self, timeout_s: float) -> bool:
         """``BLPOP`` the wake-up list for at most ``timeout_s``."""
-        with self._errors("wait", "blpop"):
+        try:
             reply = await self._client.blpop([self._wake_key], max(0.001, timeout_s))
+        except rexc.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                with self._translate("wait", "blpop"):
+                    raise
+            await self.notify()  # replaces the key (reported) and leaves a wake-up behind
+            return True
+        except (rexc.RedisError, OSError):
+            with self._translate("wait", "blpop"):
+                raise
         return reply is not None
 
     async def release_lease(self, token: str) -> None:
         """Delete the lease if ``token`` holds it."""
-        with self._errors("release lease"):
+        async with self._op("release lease"):
             await self._release(keys=[self._lease_key], args=[token])
 
     async def reset(self) -> None:
         """Delete every key of this derivation."""
-        with self._errors("reset", "scan"):
+        async with self._op("reset", "scan"):
             keys = [key async for key in self._client.scan_iter(match=f"{self._prefix}:*")]
             if keys:
                 await self._client.delete(*keys)
-
-
-def _unpack_ids(blobs: list[bytes]) -> set[str]:
-    ids: set[str] = set()
-    for blob in blobs:
-        ids.update(_ids_decoder.decode(blob))
-    return ids

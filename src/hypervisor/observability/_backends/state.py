@@ -32,6 +32,7 @@ from typing import Protocol, Self, runtime_checkable
 import anyio
 
 from hypervisor.observability._backends.log import MIN_ID, parse_id
+from hypervisor.observability._backends.state_errors import StateErrors
 from hypervisor.observability._util.aio import AsyncResource
 
 __all__ = [
@@ -127,12 +128,18 @@ class Restored:
 class StateStore(Protocol):
     """Shared state of one derivation of one consumer group (see the module docstring).
 
-    Backend failures raise ``LogUnavailableError`` (transient) or ``LogError``.
+    Backend failures raise ``LogUnavailableError`` (transient) or ``LogError``; stored state
+    that is unreadable raises ``WorkerStateError`` and is reported to :attr:`errors`.
     """
 
     @property
     def name(self) -> str:
         """A name for logs and metrics (the Redis key prefix)."""
+        ...
+
+    @property
+    def errors(self) -> StateErrors:
+        """The unreadable state this store met (see ``state_errors``)."""
         ...
 
     async def stage(self, items: list[tuple[str, bytes]]) -> None:
@@ -248,6 +255,7 @@ class MemoryStateStore(AsyncResource):
         self._seen: dict[int, set[str]] = {}
         self._lease: tuple[str, float] | None = None
         self._notified = anyio.Event()
+        self._errors = StateErrors(name)
         self.commits = 0
         """Successful commits so far."""
         self.checkpoints = 0
@@ -257,6 +265,11 @@ class MemoryStateStore(AsyncResource):
     def name(self) -> str:
         """The store's name."""
         return self._name
+
+    @property
+    def errors(self) -> StateErrors:
+        """The unreadable state met (only ever a snapshot: the rest is held in process)."""
+        return self._errors
 
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -364,32 +364,6 @@ class RingMetricsState:
         newest = self._newest
         return None if newest is _NO_TIME else newest.timestamp()
 
-    def __getstate__(self) -> tuple[None, dict[str, Any]]:
-        # The snapshot keeps the newest timestamp in integer microseconds since the epoch: exact
-        # for every datetime (epoch seconds as a float are not: 9999-12-31T23:59:59.999999
-        # rounds up into year 10000), and a worker's snapshot loader admits no datetime.
-        slots = {name: getattr(self, name) for name in self.__slots__ if name != "_newest"}
-        newest = self._newest
-        slots["newest_us"] = None if newest is _NO_TIME else (newest - _EPOCH) // _MICROSECOND
-        return None, slots
-
-    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
-        self._init_bounded()  # a snapshot without the bounded-mode slots is an unbounded state
-        slots = dict(state[1])
-        micros = slots.pop("newest_us", None)
-        seconds = slots.pop("newest_timestamp", None)  # the layout before newest_us
-        if micros is not None:
-            self._newest = _EPOCH + micros * _MICROSECOND
-        elif seconds is not None:
-            self._newest = datetime.fromtimestamp(seconds, UTC)
-        else:
-            self._newest = _NO_TIME
-        for name, value in slots.items():
-            setattr(self, name, value)
-        if type(self._agents) is not OrderedDict:
-            # A snapshot format may hand the agents back as a plain (ordered) dict.
-            self._agents = OrderedDict(self._agents)
-
     def apply(self, event: HypervisorEvent) -> None:
         """Fold one event into the state; never raises for a malformed payload.
 

@@ -111,16 +111,13 @@ def span_id_for(kind: str, saga_id: str, key: str, opening_event_id: str) -> str
     return value if value != "0000000000000000" else "0000000000000001"
 
 
-# (created event id, causal trace id) of a saga, or its ids themselves (3 items) when only
-# those are known (an open saga loaded from an earlier pickle layout, see spans._OpenSaga).
-_SagaRef = tuple[str, str | None] | tuple[str, str, str | None]
+# (created event id, causal trace id) of a saga: what its ids derive from.
+_SagaRef = tuple[str, str | None]
 _SagaIds = tuple[str, str, str | None]
 
 
 def _saga_ids(saga_id: str, ref: _SagaRef) -> _SagaIds:
     """``(trace id, span id, parent span id)`` of a saga span."""
-    if len(ref) == 3:
-        return ref
     created_id, causal_trace_id = ref
     trace_id, parent = trace_id_for_saga(saga_id, causal_trace_id)
     return trace_id, span_id_for("saga", saga_id, "", created_id), parent

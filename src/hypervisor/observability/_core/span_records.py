@@ -77,13 +77,6 @@ class SagaSpanRecord:
         return self.end_time - self.start_time
 
 
-# Pickles name a class by its module. Worker snapshots hold records and are shared through the
-# state store by workers of different releases during a rolling deploy, so the record keeps the
-# name it was first published under (``spans`` re-exports it): every release reads every
-# snapshot.
-SagaSpanRecord.__module__ = "hypervisor.observability._core.spans"
-
-
 @runtime_checkable
 class SpanSink(Protocol):
     """Receives completed spans (the published protocol); called with keyword arguments."""

@@ -61,10 +61,6 @@ from hypervisor.observability._core.span_ids import (
     span_id_for,
     trace_id_for_saga,
 )
-
-# SagaSpanRecord is defined in span_records, but pickles (worker snapshots) name it
-# ``hypervisor.observability._core.spans.SagaSpanRecord``, where it was first defined: it must
-# stay an attribute of this module.
 from hypervisor.observability._core.span_records import (
     _COMPENSATE_SPAN,
     _SAGA_SPAN,
@@ -159,19 +155,6 @@ class _OpenSaga:
     def parent_span_id(self) -> str | None:
         return self.ids()[2]
 
-    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
-        slots = state[1]
-        if "span_id" in slots:  # pickled by a release that stored the ids themselves
-            ids = (slots["trace_id"], slots["span_id"], slots["parent_span_id"])
-            self._ids = ids
-            self.ref = ids  # an unbuilt span takes the ids as they are (see _saga_ids)
-            self.start = slots["start"]
-            self.anchor = slots["anchor"]
-            self.saga_id = ""
-            return
-        for name, value in slots.items():
-            setattr(self, name, value)
-
 
 class SagaSpanState:
     """The saga spans of an event stream; feed it with :meth:`apply`.
@@ -239,7 +222,7 @@ class SagaSpanState:
         """Called with each span as it completes (after buffering); must not raise.
 
         The in-process exporter forwards to its sink through it, so the bus can call the
-        per-type handlers of :meth:`handler_for` directly. Not part of the pickled state.
+        per-type handlers of :meth:`handler_for` directly. Not part of a snapshot of the state.
         """
         return self._on_span
 
@@ -268,27 +251,6 @@ class SagaSpanState:
     def lazy_records(self, lazy: bool) -> None:
         self._lazy = lazy
         self._defer = lazy and self._on_span is None
-
-    def __getstate__(self) -> tuple[None, dict[str, Any]]:
-        self._build_spans()
-        slots = {name: getattr(self, name) for name in self.__slots__ if hasattr(self, name)}
-        for name in ("_on_span", "_defer", "_lazy", "_unbuilt"):
-            slots.pop(name, None)
-        slots["lazy_records"] = self._lazy
-        # Open steps are pickled with float starts, the layout snapshots have always had.
-        slots["_open_steps"] = {
-            key: (start.timestamp() if isinstance(start, datetime) else start, opening_id)
-            for key, (start, opening_id) in self._open_steps.items()
-        }
-        return None, slots
-
-    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
-        # Also loads states pickled before ``on_span`` and ``lazy_records`` existed.
-        self._on_span = None
-        self._lazy = self._defer = self._unbuilt = False
-        for name, value in state[1].items():
-            if name != "on_span":
-                setattr(self, name, value)
 
     def _build_spans(self) -> None:
         """Replace the buffered unbuilt spans by their records."""
@@ -405,10 +367,9 @@ class SagaSpanState:
         if key in steps:
             del steps[key]  # a restart re-opens the step as the newest entry
         # An aware start is converted to epoch seconds when the span is built (a deferred one:
-        # when read); pickling converts any still open (see __getstate__), which cannot fail
-        # for an aware one. A naive one is converted now: as local time, its conversion can
-        # fail (at the ends of the datetime range), and must then fail here, on its own event,
-        # not later on whatever event or snapshot happens to convert it.
+        # when read), which cannot fail. A naive one is converted now: as local time, its
+        # conversion can fail (at the ends of the datetime range), and must then fail here, on
+        # its own event, not later on whatever event or snapshot happens to convert it.
         stamp = event.timestamp
         steps[key] = (
             stamp if type(stamp) is datetime and stamp.tzinfo is not None else stamp.timestamp(),

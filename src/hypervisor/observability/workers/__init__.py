@@ -16,6 +16,7 @@ from hypervisor.observability._backends.state import (
     StateStore,
 )
 from hypervisor.observability._core.ring import RingBounds
+from hypervisor.observability.errors import WorkerStateError
 from hypervisor.observability.workers._apply import Applier, watermark
 from hypervisor.observability.workers._derivations import (
     RING_METRICS,
@@ -42,7 +43,6 @@ from hypervisor.observability.workers._runtime import (
     default_consumer_name,
 )
 from hypervisor.observability.workers._sinks import JsonLinesSpanSink, span_to_dict
-from hypervisor.observability.workers._snapshot import WorkerStateError
 
 __all__ = [
     "REASON_APPLY_ERROR",

@@ -34,7 +34,7 @@ from hypervisor.observability._backends.log import (
 from hypervisor.observability._backends.state import Commit, Restored, StateMeta
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES, decode_event, error_text
 from hypervisor.observability._core.spans import SagaSpanRecord
-from hypervisor.observability.errors import EventDecodeError
+from hypervisor.observability.errors import EventDecodeError, WorkerStateError
 from hypervisor.observability.workers._derivations import Derivation
 from hypervisor.observability.workers._dlq import (
     REASON_APPLY_ERROR,
@@ -82,11 +82,29 @@ def fold(
 
 
 def restore_state(derivation: Derivation, restored: Restored) -> Any:
-    """Rebuild the committed state: the checkpoint with the redo records folded in."""
+    """Rebuild the committed state: the checkpoint with the redo records folded in.
+
+    Raises:
+        WorkerStateError: the checkpoint is unreadable, or the state of another derivation.
+    """
     snapshot = restored.snapshot
-    state = (
-        derivation.new_state() if snapshot is None else derivation.restored(load_state(snapshot))
-    )
+    state = derivation.new_state()
+    errors = derivation.store.errors
+    if snapshot is not None:
+        expected = type(state)
+        try:
+            loaded = load_state(snapshot)
+            if type(loaded) is not expected:
+                raise WorkerStateError(
+                    f"the snapshot holds a {type(loaded).__name__}, not the "
+                    f"{expected.__name__} of {derivation.name}"
+                )
+            state = derivation.restored(loaded)
+        except WorkerStateError as error:
+            named = WorkerStateError(f"{derivation.store.name}:snap: {error}")
+            errors.fail("snapshot", named)
+            raise named from error
+    errors.ok("snapshot")
     fold(derivation, state, restored.records, restored.skipped)
     return state
 

@@ -17,8 +17,8 @@ from hypervisor.observability._core.spans import (
     SpanRecordSink,
     SpanSink,
 )
+from hypervisor.observability.errors import WorkerStateError
 from hypervisor.observability.workers._sinks import export_records
-from hypervisor.observability.workers._snapshot import WorkerStateError
 
 __all__ = [
     "RING_METRICS",
@@ -36,9 +36,10 @@ class Derivation:
     """A fold of the event stream that a worker runs on a consumer group.
 
     Subclasses set :attr:`name` and :attr:`event_types` and implement :meth:`new_state` and
-    :meth:`apply`; the state must be a core object (it is snapshotted with the restricted
-    pickler). :meth:`prepare` runs on every worker for every used event before it is staged: an
-    exception there leaves the entry pending (retried, dead-lettered after ``max_deliveries``).
+    :meth:`apply`; the state must be a ``RingMetricsState`` or a ``SagaSpanState`` (the states
+    the snapshot schema describes). :meth:`prepare` runs on every worker for every used event
+    before it is staged: an exception there leaves the entry pending (retried, dead-lettered
+    after ``max_deliveries``).
 
     Args:
         store: where the shared state lives.

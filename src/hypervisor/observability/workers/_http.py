@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import suppress
 from typing import Any
 
 import anyio
@@ -30,6 +31,7 @@ from prometheus_client.registry import Collector
 from hypervisor.observability._backends.log import LogError, parse_id
 from hypervisor.observability._backends.state import StateMeta
 from hypervisor.observability._core.ring import RingMetricsState
+from hypervisor.observability.errors import WorkerStateError
 from hypervisor.observability.exporters.prometheus import (
     LabelGuard,
     RingMetricsPrometheusCollector,
@@ -39,7 +41,6 @@ from hypervisor.observability.workers._apply import Applier, fold, restore_state
 from hypervisor.observability.workers._derivations import RING_METRICS, Derivation
 from hypervisor.observability.workers._dlq import REASON_MAX_DELIVERIES, REASON_UNDECODABLE
 from hypervisor.observability.workers._runtime import BATCH_BUCKETS, Worker
-from hypervisor.observability.workers._snapshot import WorkerStateError
 
 __all__ = ["SnapshotView", "WorkerHttpServer", "health_document"]
 
@@ -82,11 +83,28 @@ class SnapshotView:
         """Rebuilds from the checkpoint (first refresh, or records dropped meanwhile)."""
         self.shared_refreshes = 0
         """Refreshes that took the applier's state."""
+        self.error: WorkerStateError | None = None
+        """Why the last refresh could not read the committed state (``None``: it could)."""
 
     async def refresh(self) -> None:
-        """Bring the copy up to the committed state if the committed version changed."""
+        """Bring the copy up to the committed state if the committed version changed.
+
+        Raises:
+            WorkerStateError: the committed state is unreadable (also kept in :attr:`error`
+                until a refresh succeeds: the copy is not served meanwhile).
+        """
         async with self._lock:
-            await self._refresh()
+            try:
+                await self._refresh()
+            except WorkerStateError as error:
+                self.error = error
+                raise
+            self.error = None
+
+    @property
+    def unreadable(self) -> bool:
+        """Whether the derivation's stored state is unreadable now (then it is not served)."""
+        return self.error is not None or bool(self._store.errors.current)
 
     async def _refresh(self) -> None:
         meta = await self._store.meta()
@@ -160,6 +178,8 @@ class _GlobalRingCollector(Collector):
         return self._collector().describe()
 
     def collect(self) -> Iterable[Metric]:
+        if self._view.unreadable:  # serve none of a state that may be wrong
+            return iter(())
         return self._collector().collect()
 
 
@@ -246,6 +266,17 @@ class _WorkerCollector(Collector):
         version = GaugeMetricFamily(
             "hvobs_worker_state_version", "Committed state version last seen", labels=per
         )
+        state_errors = CounterMetricFamily(
+            "hvobs_worker_state_errors",
+            "Distinct unreadable items or keys met in the stored state (skipped, repaired or "
+            "blocking)",
+            labels=(*per, "key"),
+        )
+        unreadable = GaugeMetricFamily(
+            "hvobs_worker_state_unreadable",
+            "1 while the derivation's stored state is unreadable (nothing applied or served)",
+            labels=per,
+        )
         for applier in worker.appliers:
             key = (group, applier.derivation.name)
             applied.add_metric(key, applier.applied_events)
@@ -255,7 +286,11 @@ class _WorkerCollector(Collector):
             view = self._views.get(applier.derivation.name)
             if view is not None:
                 version.add_metric(key, view.meta.version)
-        yield from (applied, duplicates, conflicts, leader, version)
+            errors = applier.store.errors
+            for name, count in sorted(errors.counts.items()):
+                state_errors.add_metric((*key, name), count)
+            unreadable.add_metric(key, float(bool(errors.current)))
+        yield from (applied, duplicates, conflicts, leader, version, state_errors, unreadable)
 
 
 async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dict[str, Any]:
@@ -265,11 +300,18 @@ async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dic
     try:
         await worker.refresh()
         for applier in worker.appliers:
-            backlog[applier.derivation.name] = await applier.store.backlog()
+            with suppress(WorkerStateError):  # reported by the store: see state_errors
+                backlog[applier.derivation.name] = await applier.store.backlog()
         for view in views.values():
-            await view.refresh()
-    except (LogError, WorkerStateError) as exc:
+            with suppress(WorkerStateError):
+                await view.refresh()
+    except LogError as exc:
         error = str(exc)
+    state_errors = {
+        applier.derivation.name: " | ".join(applier.store.errors.blocking)
+        for applier in worker.appliers
+        if applier.store.errors.current
+    }
     stats = worker.stats
     version = worker.server_version
     return {
@@ -287,6 +329,11 @@ async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dic
         "backlog": backlog,
         "server_version": ".".join(map(str, version)) if version else None,
         "error": error,
+        "state_errors": state_errors,
+        "state_error_counts": {
+            applier.derivation.name: sum(applier.store.errors.counts.values())
+            for applier in worker.appliers
+        },
     }
 
 
@@ -312,6 +359,7 @@ class WorkerHttpServer:
         self.host = host
         self.port = port
         self.registry = CollectorRegistry(auto_describe=False)
+        self._last_failure = ""
         self.views: dict[str, SnapshotView] = {
             applier.derivation.name: SnapshotView(applier.derivation, applier)
             for applier in worker.appliers
@@ -326,8 +374,10 @@ class WorkerHttpServer:
     def _ring_text(self) -> bytes:
         """The ring metrics' exposition of the view's state (nothing without a ring view)."""
         view = self._ring_view
-        if view is None or view.state is None:
-            return b""  # not loaded (yet): no series rather than zeros that look like resets
+        if view is None or view.state is None or view.unreadable:
+            # Not loaded (yet), or the stored state is unreadable: no series rather than zeros
+            # that look like resets or numbers that may be wrong.
+            return b""
         state = view.state
         if isinstance(state, RingMetricsState) and state.bounds is not None:
             return render_ring_metrics(state)
@@ -349,7 +399,11 @@ class WorkerHttpServer:
                     while b"\r\n\r\n" not in request and len(request) < 8192:
                         request += await stream.receive(4096)
                     path = request.split(b" ", 2)[1].split(b"?")[0] if b" " in request else b""
-                    status, ctype, body = await self._respond(path)
+                    try:
+                        status, ctype, body = await self._respond(path)
+                    except Exception as exc:  # a bad state must never take the worker down
+                        self._failed(path, exc)
+                        status, ctype, body = "500 Internal Server Error", "text/plain", b"error\n"
                     head = (
                         f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -358,6 +412,16 @@ class WorkerHttpServer:
             except (anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError, IndexError):
                 return
 
+    def _failed(self, path: bytes, exc: Exception) -> None:
+        """Log a failed request: with its traceback the first time, briefly while it repeats
+        (every scrape meets the same bad state until it changes)."""
+        failure = f"serving {path.decode(errors='replace')} failed: {exc!r}"
+        if failure == self._last_failure:
+            _log.debug("%s", failure)
+            return
+        self._last_failure = failure
+        _log.error("%s", failure, exc_info=exc)
+
     async def _respond(self, path: bytes) -> tuple[str, str, bytes]:
         if path == b"/metrics":
             try:
@@ -365,15 +429,18 @@ class WorkerHttpServer:
                 # The ring view last: nothing awaits between its refresh and the export, so a
                 # state it shares with the applier cannot take uncommitted records meanwhile.
                 for name in sorted(self.views, key=lambda name: name == RING_METRICS):
-                    await self.views[name].refresh()
-            except (LogError, WorkerStateError) as exc:
+                    with suppress(WorkerStateError):  # reported by the store; not served
+                        await self.views[name].refresh()
+            except LogError as exc:
                 # Serve what is known; the connected gauge says the backend is away.
                 _log.warning("metrics refresh failed: %s", exc)
             body = generate_latest(self.registry) + self._ring_text()
             return "200 OK", CONTENT_TYPE_LATEST, body
         if path in (b"/healthz", b"/health"):
             document = await health_document(self.worker, self.views)
-            healthy = document["connected"] and document["keeping_up"]
+            healthy = (
+                document["connected"] and document["keeping_up"] and not document["state_errors"]
+            )
             status = "200 OK" if healthy else "503 Service Unavailable"
             return status, "application/json", _json.encode(document)
         return "404 Not Found", "text/plain", b"not found\n"

@@ -29,7 +29,11 @@ from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES, decode
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._util.aio import AsyncResource
 from hypervisor.observability._util.retry import Backoff
-from hypervisor.observability.errors import EventDecodeError, PermissionDeniedError
+from hypervisor.observability.errors import (
+    EventDecodeError,
+    PermissionDeniedError,
+    WorkerStateError,
+)
 from hypervisor.observability.workers._apply import Applier
 from hypervisor.observability.workers._derivations import Derivation
 from hypervisor.observability.workers._dlq import (
@@ -40,7 +44,6 @@ from hypervisor.observability.workers._dlq import (
     dlq_name,
     encode_dead_letter,
 )
-from hypervisor.observability.workers._snapshot import WorkerStateError
 
 __all__ = ["BATCH_BUCKETS", "Worker", "WorkerConfig", "WorkerStats", "default_consumer_name"]
 
@@ -235,7 +238,7 @@ class Worker(AsyncResource):
             for applier in self.appliers:
                 try:
                     await applier.release()
-                except LogError as exc:
+                except (LogError, WorkerStateError) as exc:
                     _log.debug("releasing the applier lease: %s", exc)
 
     def stop(self) -> None:
@@ -340,6 +343,13 @@ class Worker(AsyncResource):
                 except LogGroupMissingError:
                     await self._recovering(self._recreate_group)
                     self._reread_own = True
+                except WorkerStateError:
+                    # A state key of the wrong type refused the batch (the store reported it):
+                    # the batch stays pending and is retried after a back-off.
+                    self._read_scope = None
+                    self._reread_own = True
+                    await self._backoff(attempt)
+                    attempt += 1
                 except LogError as exc:
                     self._read_scope = None
                     self.connected = False
@@ -368,7 +378,7 @@ class Worker(AsyncResource):
                     if not entries:
                         return
                     await self._process(entries, redelivered=True)
-                except LogError as exc:
+                except (LogError, WorkerStateError) as exc:
                     _log.warning("draining own pending entries: %s", exc)
                     return
 
@@ -541,6 +551,8 @@ class Worker(AsyncResource):
             except LogError as exc:
                 self.stats.backend_errors += 1
                 _log.warning("claim sweep failed: %s", exc)
+            except WorkerStateError as exc:  # reported by the store; the entries stay pending
+                _log.debug("claim sweep: %s", exc)
 
     # -- applying ------------------------------------------------------------------------------
 
@@ -555,7 +567,7 @@ class Worker(AsyncResource):
             with anyio.CancelScope(shield=True):
                 try:
                     await applier.release()
-                except LogError as exc:
+                except (LogError, WorkerStateError) as exc:
                     _log.debug("releasing the applier lease: %s", exc)
 
     async def _listen(self, index: int) -> None:
@@ -570,7 +582,7 @@ class Worker(AsyncResource):
             try:
                 if await applier.store.wait_notified(0.1):
                     self._wake_appliers((index,))
-            except LogError as exc:
+            except (LogError, WorkerStateError) as exc:
                 _log.debug("waiting for staged entries: %s", exc)
                 await anyio.sleep(interval)
 
@@ -585,7 +597,12 @@ class Worker(AsyncResource):
             try:
                 applied = await applier.round()
                 attempt = 0
-            except (LogError, WorkerStateError) as exc:
+            except WorkerStateError as exc:
+                # Unreadable state, reported once by the store: nothing is applied until it
+                # reads again (repaired, or reset), retried after a back-off.
+                applied = -1
+                _log.debug("%s apply round: %s", applier.derivation.name, exc)
+            except LogError as exc:
                 applied = -1
                 self.stats.backend_errors += 1
                 _log.warning("%s apply round failed: %s", applier.derivation.name, exc)
