@@ -84,10 +84,10 @@ async def test_store_commit_is_version_checked_and_drops_applied(store: StateSto
     meta, snapshot = await store.load()
     assert (meta, snapshot) == (StateMeta(1, "2-0", 0, 2), b"snap-1")
     assert await store.staged("0-0", "9-0", 10) == [("3-0", b"c")]
-    assert await store.seen(meta) == (set(), {"e1", "e2"})
+    assert await store.seen(meta) == ([], ["e1", "e2"])
     rotated = Commit(1, b"snap-2", StateMeta(2, "3-0", 1, 1), ["e3"], seen_drop_gen=-1)
     assert await store.commit(rotated)
-    assert await store.seen(await store.meta()) == ({"e1", "e2"}, {"e3"})
+    assert await store.seen(await store.meta()) == (["e1", "e2"], ["e3"])
     assert await store.backlog() == 0
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -56,12 +57,19 @@ class WorkerProc:
 
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
+        # The worker's log goes to a file, kept for the message of a worker that fails to start.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env()
+            argv, stdout=subprocess.PIPE, stderr=self._log, env=child_env()
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
-        assert line.startswith("metrics-port="), f"worker did not start: {line!r}"
+        if not line.startswith("metrics-port="):
+            self.close()
+            self._log.seek(0)
+            log = self._log.read().decode(errors="replace")[-2000:]
+            self._log.close()
+            raise AssertionError(f"worker did not start: {line!r}; its log:\n{log}")
         self.port = int(line.strip().split("=")[1])
 
     def get(self, path: str) -> tuple[int, bytes]:
@@ -85,12 +93,13 @@ class WorkerProc:
         return self.proc.wait(timeout=30)
 
     def close(self) -> None:
-        """Kill the worker if it still runs and close its output pipe."""
+        """Kill the worker if it still runs and close its output pipe and log."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        self._log.close()
 
 
 def cli(*args: str) -> list[str]:

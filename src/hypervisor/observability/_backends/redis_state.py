@@ -693,8 +693,9 @@ class RedisStateStore(AsyncResource):
             )
             return records, self._skipped_ids(skips)
 
-    async def seen(self, meta: StateMeta) -> tuple[set[str], set[str]]:
-        """Read the two seen generations (an element no worker wrote is left out)."""
+    async def seen(self, meta: StateMeta) -> tuple[list[str], list[str]]:
+        """Read the two seen generations in commit order (an element no worker wrote is left
+        out)."""
         async with self._op("load seen ids", "lrange"):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.lrange(self._seen_key(meta.seen_gen - 1), 0, -1)
@@ -702,11 +703,11 @@ class RedisStateStore(AsyncResource):
                 prev, cur = await pipe.execute()
             return self._unpack_ids(prev, meta.seen_gen - 1), self._unpack_ids(cur, meta.seen_gen)
 
-    def _unpack_ids(self, blobs: list[bytes], gen: int) -> set[str]:
-        ids: set[str] = set()
+    def _unpack_ids(self, blobs: list[bytes], gen: int) -> list[str]:
+        ids: list[str] = []
         for blob in blobs:
             try:
-                ids.update(_ids_decoder.decode(blob))
+                ids.extend(_ids_decoder.decode(blob))
             except Exception as exc:  # msgspec raises DecodeError, ValidationError, ...
                 self.errors.skipped(
                     "seen", f"ignored element {_quote(bytes(blob))} of {self._seen_key(gen)}: {exc}"

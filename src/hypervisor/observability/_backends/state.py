@@ -182,8 +182,9 @@ class StateStore(Protocol):
         """
         ...
 
-    async def seen(self, meta: StateMeta) -> tuple[set[str], set[str]]:
-        """Return the seen ids of generations ``meta.seen_gen - 1`` and ``meta.seen_gen``."""
+    async def seen(self, meta: StateMeta) -> tuple[list[str], list[str]]:
+        """Return the seen ids of generations ``meta.seen_gen - 1`` and ``meta.seen_gen``, each
+        in the order they were committed."""
         ...
 
     async def commit(self, commit: Commit) -> bool:
@@ -252,7 +253,7 @@ class MemoryStateStore(AsyncResource):
         self._meta = StateMeta()
         self._snapshot: bytes | None = None
         self._checkpoint = MIN_ID
-        self._seen: dict[int, set[str]] = {}
+        self._seen: dict[int, list[str]] = {}
         self._lease: tuple[str, float] | None = None
         self._notified = anyio.Event()
         self._errors = StateErrors(name)
@@ -333,12 +334,12 @@ class MemoryStateStore(AsyncResource):
             return None
         return self._range(low, high), self._skipped_in(low, high)
 
-    async def seen(self, meta: StateMeta) -> tuple[set[str], set[str]]:
-        """Return the two seen generations."""
+    async def seen(self, meta: StateMeta) -> tuple[list[str], list[str]]:
+        """Return the two seen generations, in commit order."""
         await anyio.lowlevel.checkpoint()
         return (
-            set(self._seen.get(meta.seen_gen - 1, ())),
-            set(self._seen.get(meta.seen_gen, ())),
+            list(self._seen.get(meta.seen_gen - 1, ())),
+            list(self._seen.get(meta.seen_gen, ())),
         )
 
     async def commit(self, commit: Commit) -> bool:
@@ -347,7 +348,7 @@ class MemoryStateStore(AsyncResource):
         if self._meta.version != commit.expected_version:
             return False
         self._meta = commit.meta
-        self._seen.setdefault(commit.meta.seen_gen, set()).update(commit.seen_add)
+        self._seen.setdefault(commit.meta.seen_gen, []).extend(commit.seen_add)
         if commit.seen_drop_gen is not None:
             self._seen.pop(commit.seen_drop_gen, None)
         for entry_id in commit.skipped:

@@ -33,6 +33,7 @@ from hypervisor.observability._backends.log import (
 )
 from hypervisor.observability._backends.state import Commit, Restored, StateMeta
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES, decode_event, error_text
+from hypervisor.observability._core.recent import RecentIds
 from hypervisor.observability._core.spans import SagaSpanRecord
 from hypervisor.observability.errors import EventDecodeError, WorkerStateError
 from hypervisor.observability.workers._derivations import Derivation
@@ -143,8 +144,8 @@ class Applier:
         token: this applier's lease token (unique per process).
         lease_ttl_s: lease time to live; another applier takes over after it.
         max_batch: staged entries applied per round at most.
-        dedup_window: event ids remembered for duplicate detection (about; between half and
-            all of it are kept).
+        dedup_window: how many of the newest applied event ids are remembered to drop copies
+            (exactly, as the bus reader's window of the same name).
         checkpoint_interval_s: shortest time between two checkpoints (snapshots) of the state;
             stretched to 20 times the last snapshot's cost, so a large state costs at most 5 %.
         checkpoint_max_records: records applied after which a checkpoint is due anyway (bounds
@@ -196,8 +197,9 @@ class Applier:
         self._reported: set[tuple[str, type[BaseException]]] = set()
         self._state: Any = None
         self._meta = StateMeta()
-        self._seen_prev: set[str] = set()
-        self._seen_cur: set[str] = set()
+        # The newest applied event ids (exactly dedup_window of them); the store keeps two
+        # generations of between dedup_window and twice as many, so a load can refill it.
+        self._recent = RecentIds(self.dedup_window)
         self._since_checkpoint = 0
         self._clock = clock
         # Set while the local state holds records folded in but not committed yet.
@@ -254,7 +256,10 @@ class Applier:
         restored = await self.store.restore()
         state = restore_state(self.derivation, restored)
         prev, cur = await self.store.seen(restored.meta)
-        self._state, self._meta, self._seen_prev, self._seen_cur = state, restored.meta, prev, cur
+        recent = RecentIds(self.dedup_window)
+        recent.extend(prev)
+        recent.extend(cur)
+        self._state, self._meta, self._recent = state, restored.meta, recent
         self._since_checkpoint = len(restored.records)
         self._bytes_since_checkpoint = sum(len(data) for _, data in restored.records)
         self._dirty = False
@@ -351,7 +356,7 @@ class Applier:
         state = self._state
         derivation = self.derivation
         apply = derivation.apply
-        prev, cur = self._seen_prev, self._seen_cur
+        remember = self._recent.add
         produced: list[SagaSpanRecord] = []
         seen_add: list[str] = []
         skipped: list[str] = []
@@ -377,11 +382,10 @@ class Applier:
                 letters.append(self._letter(REASON_UNDECODABLE, entry_id, data, str(exc)))
                 continue
             event_id = event.event_id
-            if event_id in cur or event_id in prev:
+            if not remember(event_id):
                 self.duplicates += 1
                 skipped.append(entry_id)
                 continue
-            cur.add(event_id)
             seen_add.append(event_id)
             try:
                 spans = apply(state, event)
@@ -406,7 +410,7 @@ class Applier:
             )
         gen, count = meta.seen_gen, meta.seen_count + len(seen_add)
         drop: int | None = None
-        if count >= self.dedup_window // 2:
+        if count >= self.dedup_window:
             drop, gen, count = gen - 1, gen + 1, len(seen_add)
         new_meta = StateMeta(meta.version + 1, items[-1][0], gen, count)
         self._since_checkpoint += len(items)
@@ -415,10 +419,6 @@ class Applier:
         commit = Commit(meta.version, snapshot, new_meta, seen_add, drop, skipped)
         if not await self._commit(commit, len(items)):
             return 0
-        if drop is not None:
-            added = set(seen_add)
-            self._seen_prev = cur - added
-            self._seen_cur = added
         return len(items)
 
     async def _commit(self, commit: Commit, applied: int) -> bool:
