@@ -167,7 +167,7 @@ class RedisEventBus(AsyncResource):
         self._max_event_bytes = max_event_bytes
         if dedup_window < 0:
             raise ValueError(f"dedup_window must be >= 0, got {dedup_window}")
-        self._log = log
+        self._stream_log = log
         self._store = EventStore(max_events)
         self._dispatcher = Dispatcher()
         self._buffer_size = buffer_size
@@ -256,7 +256,7 @@ class RedisEventBus(AsyncResource):
     @property
     def log(self) -> StreamLog:
         """The underlying log."""
-        return self._log
+        return self._stream_log
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -279,10 +279,12 @@ class RedisEventBus(AsyncResource):
         start_after = "0-0"
         try:
             if self._run_reader and not self._backfill:
-                start_after = await self._writer.with_retry(self._log.head_id)
+                start_after = await self._writer.with_retry(self._stream_log.head_id)
             elif self._run_reader and self._store.max_events is not None:
                 # Older entries would be evicted from the index at once: skip reading them.
-                first = await self._writer.with_retry(self._log.id_from_end, self._store.max_events)
+                first = await self._writer.with_retry(
+                    self._stream_log.id_from_end, self._store.max_events
+                )
                 start_after = "0-0" if first is None else previous_id(first)
         except BaseException:
             # A start that fails leaves nothing open (``async with`` never reaches __aexit__).
@@ -332,7 +334,7 @@ class RedisEventBus(AsyncResource):
                 writer.space.set()
             if self._owns_log:
                 with anyio.CancelScope(shield=True):
-                    await self._log.aclose()
+                    await self._stream_log.aclose()
 
     def _spawn(self, body: Callable[[], Awaitable[None]], name: str) -> None:
         scope = anyio.CancelScope()
@@ -349,7 +351,7 @@ class RedisEventBus(AsyncResource):
         if not task.cancelled() and task.exception() is not None:
             _log.error(
                 "%s: background task %s stopped",
-                self._log.name,
+                self._stream_log.name,
                 task.get_name(),
                 exc_info=task.exception(),
             )
@@ -509,7 +511,7 @@ class RedisEventBus(AsyncResource):
         if not self._run_reader:
             raise BusClosedError("this bus runs without a reader (reader=False)")
         read_no = self._reader.read_no
-        head = parse_id(await self._writer.with_retry(self._log.head_id))
+        head = parse_id(await self._writer.with_retry(self._stream_log.head_id))
         await self._reader.wait_applied(head, read_no)
 
     async def index_lag(self, limit: int = 1_000_000) -> IndexLag:
@@ -517,8 +519,8 @@ class RedisEventBus(AsyncResource):
         self._check_running()
         reader = self._reader
         applied = format_id(*reader.last_applied)
-        head = await self._log.head_id()
-        entries = await self._log.count_after(applied, limit)
+        head = await self._stream_log.head_id()
+        entries = await self._stream_log.count_after(applied, limit)
         seconds = max(0.0, (parse_id(head)[0] - reader.last_applied[0]) / 1000) if entries else 0.0
         return IndexLag(entries, seconds, head, applied)
 
