@@ -137,7 +137,21 @@ _SAGA_SPAN: Final = "saga"
 # payload extras or None, agent, session, causal trace id). It holds no reference to the event
 # (only strings, times and the saga's id inputs), so a buffered span neither keeps its event
 # alive nor, once the collector has seen it hold only atomic values, gets scanned by it again.
-_Unbuilt = tuple[Any, ...]
+_Unbuilt = tuple[
+    str,  # kind: _STEP_SPAN, _COMPENSATE_SPAN or _SAGA_SPAN
+    str,  # saga_id
+    str,  # step_id
+    str,  # step_action
+    float | datetime,  # start (epoch seconds, or the event's datetime, converted when built)
+    float | datetime,  # end (likewise)
+    str,  # status
+    _SagaRef | None,  # the saga's id inputs; None when the saga was not open
+    str | None,  # the id of the event that opened the span
+    dict[str, str] | None,  # the payload's optional attributes
+    str | None,  # agent
+    str | None,  # session
+    str | None,  # causal trace id
+]
 
 
 def _build_unbuilt(pending: _Unbuilt, saga_ids: dict[tuple[str, Any], _SagaIds]) -> SagaSpanRecord:
@@ -167,6 +181,7 @@ def _build_unbuilt(pending: _Unbuilt, saga_ids: dict[tuple[str, Any], _SagaIds])
         start = start.timestamp()
     parent: str | None
     if kind is _STEP_SPAN or kind is _COMPENSATE_SPAN:
+        assert opening_id is not None, "a step or compensation span has its opening event"
         if kind is _STEP_SPAN:
             name = f"saga.step.{step_action or step_id}"
             span = span_id_for("step", saga_id, step_id, opening_id)
@@ -181,6 +196,7 @@ def _build_unbuilt(pending: _Unbuilt, saga_ids: dict[tuple[str, Any], _SagaIds])
         else:
             trace_id, parent, _ = _cached_saga_ids(saga_ids, saga_id, ref)
     else:
+        assert ref is not None, "a saga span closes an open saga"
         name = ("saga.completed." if status == "ok" else "saga.escalated.") + saga_id
         trace_id, span, parent = _cached_saga_ids(saga_ids, saga_id, ref)
     attributes = _base_attributes(saga_id, step_id, step_action, status, agent, session)

@@ -51,7 +51,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.span_ids import (
@@ -259,7 +259,7 @@ class SagaSpanState:
         spans = self._spans
         saga_ids: dict[tuple[str, Any], _SagaIds] = {}  # a saga's ids, once per build
         built = [
-            span if type(span) is SagaSpanRecord else _build_unbuilt(span, saga_ids)  # type: ignore[arg-type]
+            span if isinstance(span, SagaSpanRecord) else _build_unbuilt(span, saga_ids)
             for span in spans
         ]
         spans.clear()
@@ -270,7 +270,7 @@ class SagaSpanState:
     def completed_spans(self) -> list[SagaSpanRecord]:
         """A copy of the buffered completed spans, oldest first."""
         self._build_spans()
-        return list(self._spans)  # type: ignore[arg-type]  # all built now
+        return cast("list[SagaSpanRecord]", list(self._spans))  # all built now
 
     @property
     def open_step_count(self) -> int:
