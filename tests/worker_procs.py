@@ -81,16 +81,20 @@ class WorkerProc:
             return int(exc.code), exc.read()
 
     def kill(self) -> None:
-        """SIGKILL the worker, reap it and close its output pipe (nothing reads a dead worker)."""
+        """SIGKILL the worker, reap it and close its output pipe and log (nothing reads a dead
+        worker)."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        self._log.close()
 
     def terminate(self) -> int:
         """SIGTERM the worker (it drains) and return its exit code."""
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
+        code = self.proc.wait(timeout=30)
+        self._log.close()
+        return code
 
     def close(self) -> None:
         """Kill the worker if it still runs and close its output pipe and log."""
