@@ -320,8 +320,9 @@ async def test_limit_zero_and_negative_limits_read_as_published(bus: AsyncBus) -
     assert await bus.query(limit=-1) == events[1:]
     assert await bus.query(limit=-7) == events[7:]
     assert await bus.query(session_id="s1", limit=-1) == s1[1:]
-    assert await bus.query(session_id="s1", event_type=EventType.RING_ASSIGNED, limit=-2) == (
-        [e for e in s1 if e.event_type is EventType.RING_ASSIGNED][2:]
+    assert (
+        await bus.query(session_id="s1", event_type=EventType.RING_ASSIGNED, limit=-2)
+        == ([e for e in s1 if e.event_type is EventType.RING_ASSIGNED][2:])
     )
     assert await bus.query(limit=-100) == []
     assert await bus.query(session_id="nobody", limit=0) == []

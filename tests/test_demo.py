@@ -262,7 +262,7 @@ def test_default_fleet_covers_the_scenario() -> None:
 def _compensations_name_committed_steps(events: list[HypervisorEvent]) -> int:
     """Assert each compensation names a step its saga committed before (its id and action);
     return how many compensations there were."""
-    committed: dict[str, set[tuple[str, str]]] = {}
+    committed: dict[str, set[tuple[object, object]]] = {}
     seen = 0
     for event in events:
         payload = event.payload
