@@ -245,12 +245,36 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     add(subparsers)
 
 
+def add_doctor_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``hvobs doctor`` (is the installation whole, and beside agent-hypervisor?)."""
+    parser = subparsers.add_parser(
+        "doctor",
+        help="check the installation (beside agent-hypervisor, which ships the same files)",
+        description=(
+            "Check that import hypervisor.observability loads this distribution's files, that "
+            "none of them was overwritten or removed by another package (agent-hypervisor "
+            "ships the same module paths), and say what to do. Exit status 1 when something "
+            "is wrong. If hvobs itself cannot start, run python "
+            "<site-packages>/hypervisor/observability/doctor.py."
+        ),
+    )
+    parser.set_defaults(handler=run_doctor)
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    """Run ``hvobs doctor``."""
+    from hypervisor.observability.doctor import main as doctor
+
+    return doctor([])
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_demo_command,
     add_worker_command,
     add_dlq_command,
     add_acl_command,
     add_serve_command,
+    add_doctor_command,
 ]
 """The subcommand declarations, in ``--help`` order."""
 
@@ -287,6 +311,20 @@ def _refusal(exc: BaseException) -> BaseException | None:
     return _found(exc, PermissionDeniedError)
 
 
+def _warn_if_mixed(command: str) -> None:
+    """Print one warning line when a shared module file is another distribution's."""
+    if command == "doctor":
+        return
+    try:
+        from hypervisor.observability.doctor import quick_check
+
+        warning = quick_check()
+    except Exception:  # a check of the installation must never stop the command itself
+        return
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hvobs`` console script; returns the exit status.
 
@@ -301,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     words = [args.command, *(getattr(args, key, None) for key in ("kind", "action"))]
     prefix = " ".join(["hvobs", *(word for word in words if word)])
+    _warn_if_mixed(args.command)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
