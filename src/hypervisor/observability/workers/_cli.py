@@ -479,14 +479,17 @@ async def _run_dlq(args: argparse.Namespace) -> int:
     for dlq_id, original_id in report.duplicates:
         print(f"{dlq_id} == entry {original_id} replayed once already (duplicate, settled)")
     verb = "would replay" if args.dry_run else "replayed"
-    notes = [f"{len(report.duplicates)} duplicate letters of entries replayed once"]
+    notes = []
+    if report.duplicates:
+        notes.append(f"{len(report.duplicates)} duplicate letters of entries replayed once")
     if report.skipped:
         notes.append(f"{report.skipped} left by --group/--reason")
     if report.left:
         notes.append(f"{report.left} left by --limit")
     if report.unreadable:
         notes.append(f"{report.unreadable} unreadable entries settled")
-    print(f"{verb} {len(report.replayed)} dead letters ({'; '.join(notes)})", file=sys.stderr)
+    detail = f" ({'; '.join(notes)})" if notes else ""
+    print(f"{verb} {len(report.replayed)} dead letters{detail}", file=sys.stderr)
     return 0
 
 
