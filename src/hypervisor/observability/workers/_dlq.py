@@ -247,9 +247,11 @@ async def replay(
     """
     report = ReplayReport(dry_run=dry_run)
     filtered = bool(groups or reasons)
+    if not dry_run:
+        # First: a user who may not replay is refused on the command that needs the admin role.
+        await dlq.ensure_group(REPLAY_GROUP, "0")
     stop_at = parse_id(await dlq.head_id())
     if not dry_run:
-        await dlq.ensure_group(REPLAY_GROUP, "0")
         # Deliver every letter up to stop_at to the replay group, so that settling one is an
         # acknowledgement; a delivered letter stays pending (unsettled) until then.
         while True:
