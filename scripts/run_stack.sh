@@ -17,9 +17,16 @@
 # HVOBS_REDIS_URL so they stay out of the process list.
 #
 # Ports (environment): HVOBS_REDIS_PORT (6390), HVOBS_SIM_PORTS ("8000 8001"),
-# HVOBS_RING_PORTS ("9101 9102"), HVOBS_PROMETHEUS_PORT (9090); HVOBS_STACK_DIR (a new
-# temporary directory). Without the hvobs workers installed the simulators keep their events in
-# process and serve the ring metrics themselves.
+# HVOBS_RING_PORTS ("9101 9103"), HVOBS_SPANS_PORT (9102, the saga-span worker's /metrics),
+# HVOBS_PROMETHEUS_PORT (9090); HVOBS_STACK_DIR (a new temporary directory). Without the hvobs
+# workers installed the simulators keep their events in process and serve the ring metrics
+# themselves.
+#
+# Every port is checked free before anything starts (a Redis already on HVOBS_REDIS_PORT is
+# never used: the stack's Redis is one it starts, with its data, users and settings), and each
+# process must be alive and listening on its own port before the next one starts; the stack is
+# reported up only then. Any failure is one line naming the process and its log, and stops the
+# processes already started.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,7 +37,8 @@ hvobs="$venv/bin/hvobs"
 host=127.0.0.1
 redis_port="${HVOBS_REDIS_PORT:-6390}"
 read -r -a sim_ports <<<"${HVOBS_SIM_PORTS:-8000 8001}"
-read -r -a ring_ports <<<"${HVOBS_RING_PORTS:-9101 9102}"
+read -r -a ring_ports <<<"${HVOBS_RING_PORTS:-9101 9103}"
+spans_port="${HVOBS_SPANS_PORT:-9102}"
 prom_port="${HVOBS_PROMETHEUS_PORT:-9090}"
 state="${HVOBS_STACK_DIR:-$(mktemp -d -t hvobs-stack.XXXXXX)}"
 mode=run
@@ -40,7 +48,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --check) mode=check ;;
         --duration) duration="$2"; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "run_stack: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -54,6 +62,8 @@ mkdir -p "$state"
 pids=()
 names=()
 
+up=()
+
 start() {
     local name="$1"
     shift
@@ -61,6 +71,14 @@ start() {
     pids+=("$!")
     names+=("$name")
     echo "run_stack: started $name (pid $!, log $state/$name.log)"
+}
+
+# bound NAME PORT [TIMEOUT]: the process started last must be alive and listening on PORT.
+bound() {
+    local name="$1" port="$2" timeout="${3:-30}"
+    "$py" "$here/stack_check.py" bound --name "$name" --pid "${pids[-1]}" --port "$port" \
+        --timeout "$timeout" --log "$state/$name.log" || exit 1
+    up+=("$name=$host:$port")
 }
 
 stop_all() {
@@ -89,23 +107,41 @@ wait_http() {
     return 1
 }
 
+# -- ports ---------------------------------------------------------------------------------------
+with_redis=false
+if command -v redis-server >/dev/null 2>&1 && "$hvobs" worker --help >/dev/null 2>&1; then
+    with_redis=true
+fi
+wanted=()
+if $with_redis; then
+    wanted+=("redis:$redis_port:HVOBS_REDIS_PORT")
+    for i in "${!ring_ports[@]}"; do
+        wanted+=("ring-metrics-$((i + 1)):${ring_ports[$i]}:HVOBS_RING_PORTS")
+    done
+    wanted+=("saga-spans:$spans_port:HVOBS_SPANS_PORT")
+fi
+for i in "${!sim_ports[@]}"; do
+    wanted+=("simulator-$((i + 1)):${sim_ports[$i]}:HVOBS_SIM_PORTS")
+done
+if command -v prometheus >/dev/null 2>&1; then
+    wanted+=("prometheus:$prom_port:HVOBS_PROMETHEUS_PORT")
+fi
+"$py" "$here/stack_check.py" free --host "$host" "${wanted[@]}" || exit 1
+
 # -- Redis ---------------------------------------------------------------------------------------
 redis_url=""
 producer_url=""
 worker_url=""
 acl_file="${HVOBS_REDIS_ACL_FILE:-$root/deploy/redis/users.acl}"
-if command -v redis-server >/dev/null 2>&1 && "$hvobs" worker --help >/dev/null 2>&1; then
+if $with_redis; then
     mkdir -p "$state/redis"
     start redis redis-server --bind "$host" --port "$redis_port" --dir "$state/redis" \
         --appendonly yes --appendfsync everysec --maxmemory-policy noeviction --save "" \
         --aclfile "$acl_file"
+    bound redis "$redis_port"
     redis_url="redis://$host:$redis_port/0"
     producer_url="redis://producer:${HVOBS_PRODUCER_PASSWORD:-hvobs-dev-producer}@$host:$redis_port/0"
     worker_url="redis://worker:${HVOBS_WORKER_PASSWORD:-hvobs-dev-worker}@$host:$redis_port/0"
-    for ((i = 0; i < 50; i++)); do
-        redis-cli -h "$host" -p "$redis_port" ping >/dev/null 2>&1 && break
-        sleep 0.1
-    done
 else
     echo "run_stack: redis-server or the hvobs workers missing: simulators run in process"
 fi
@@ -119,6 +155,7 @@ for i in "${!sim_ports[@]}"; do
     if [ "$i" -gt 0 ]; then args+=(--agents 4 --breach-rate 0.2); fi
     # An empty HVOBS_REDIS_URL keeps the simulator's events in process.
     HVOBS_REDIS_URL="$producer_url" start "simulator-$((i + 1))" "$py" "${args[@]}"
+    bound "simulator-$((i + 1))" "${sim_ports[$i]}"
     sim_targets+=("$host:${sim_ports[$i]}")
 done
 
@@ -129,14 +166,16 @@ if [ -n "$redis_url" ]; then
         HVOBS_REDIS_URL="$worker_url" start "ring-metrics-$((i + 1))" "$hvobs" worker ring-metrics \
             --group ring --consumer "ring-$((i + 1))" --metrics-host "$host" \
             --metrics-port "${ring_ports[$i]}"
+        bound "ring-metrics-$((i + 1))" "${ring_ports[$i]}"
         ring_targets+=("$host:${ring_ports[$i]}")
     done
     span_args=(worker saga-spans --group spans --consumer spans-1
-        --jsonl "$state/spans.jsonl")
+        --jsonl "$state/spans.jsonl" --metrics-host "$host" --metrics-port "$spans_port")
     otlp=""
     for collector in otelcol-contrib otelcol; do
         if command -v "$collector" >/dev/null 2>&1; then
             start otel-collector "$collector" --config "$root/deploy/otel-collector/config.yaml"
+            bound otel-collector 4318 60
             otlp="http://$host:4318"
             break
         fi
@@ -148,6 +187,7 @@ if [ -n "$redis_url" ]; then
         echo "run_stack: no OpenTelemetry collector here: saga spans go to $state/spans.jsonl"
     fi
     HVOBS_REDIS_URL="$worker_url" start saga-spans "$hvobs" "${span_args[@]}"
+    bound saga-spans "$spans_port"
 fi
 
 for target in "${sim_targets[@]}"; do wait_http "http://$target/metrics"; done
@@ -187,6 +227,7 @@ PY
     fi
     start prometheus prometheus --config.file="$state/prometheus/prometheus.yml" \
         --storage.tsdb.path="$state/prometheus/data" --web.listen-address="$host:$prom_port"
+    bound prometheus "$prom_port"
     wait_http "http://$host:$prom_port/-/ready" 150
     echo "run_stack: Prometheus on http://$host:$prom_port (alerts: /alerts)"
 else
@@ -196,6 +237,8 @@ for program in grafana-server jaeger-all-in-one; do
     command -v "$program" >/dev/null 2>&1 ||
         echo "run_stack: $program not installed: skipped (see docs/operations.md)"
 done
+
+echo "run_stack: up: ${up[*]}"
 
 if [ "$mode" = check ]; then
     "$py" - "http://$host:$prom_port" <<'PY'

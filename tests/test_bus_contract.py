@@ -304,14 +304,39 @@ async def test_query_without_filters_and_limit_returns_newest_of_store(
         assert await bus.query() == events[-10:]
 
 
-@pytest.mark.parametrize("limit", [0, -1, -100, True, False, 1.5, "3"])
-async def test_invalid_limit_is_rejected(bus: AsyncBus, limit: object) -> None:
-    """``limit`` must be ``None`` or an int >= 1: 0 no longer means everything, negatives,
-    bools, floats and strings are errors (``ValueError``)."""
+async def test_limit_zero_and_negative_limits_read_as_published(bus: AsyncBus) -> None:
+    """A requested behaviour change (issue 14): ``limit`` reads as the published module's
+    ``matches[-limit:]``, since agent-hypervisor's REST API passes a client's limit straight
+    through. ``limit=0`` returns every match; ``-n`` every match but the ``n`` oldest (``-n``
+    beyond the match count returns nothing)."""
+    kinds = [EventType.RING_ASSIGNED, EventType.SESSION_CREATED]
+    events = [
+        _event(kinds[i % 3 == 0], session="s1" if i % 2 else "s2", seconds=i) for i in range(12)
+    ]
+    await _emit_all(bus, events)
+    s1 = [e for e in events if e.session_id == "s1"]
+    assert await bus.query(limit=0) == events
+    assert await bus.query(session_id="s1", limit=0) == s1
+    assert await bus.query(limit=-1) == events[1:]
+    assert await bus.query(limit=-7) == events[7:]
+    assert await bus.query(session_id="s1", limit=-1) == s1[1:]
+    assert (
+        await bus.query(session_id="s1", event_type=EventType.RING_ASSIGNED, limit=-2)
+        == ([e for e in s1 if e.event_type is EventType.RING_ASSIGNED][2:])
+    )
+    assert await bus.query(limit=-100) == []
+    assert await bus.query(session_id="nobody", limit=0) == []
+
+
+@pytest.mark.parametrize("limit", [True, False, 1.5, "3"])
+async def test_limit_of_another_type_is_a_type_error(bus: AsyncBus, limit: object) -> None:
+    """A limit that is not an int is a ``TypeError``, as the published slice raises for a
+    float or a string; bools, which the published module would read as 1 and 0, are refused
+    too (a flag passed by mistake)."""
     await _emit_all(bus, [_event()])
-    with pytest.raises(ValueError, match="limit"):
+    with pytest.raises(TypeError, match="limit"):
         await bus.query(limit=limit)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="limit"):
+    with pytest.raises(TypeError, match="limit"):
         await bus.query(session_id="s1", limit=limit)  # type: ignore[arg-type]
 
 

@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from hypervisor.observability.demo import (
     Fleet,
     generate_fleet,
 )
+from hypervisor.observability.demo.live import LiveFleet
 from hypervisor.observability.event_bus import EventType, HypervisorEvent
 
 HVOBS = Path(sys.executable).parent / "hvobs"
@@ -82,11 +83,19 @@ def check_report(output: str, fleet: Fleet) -> None:
     parts = sections(output)
     assert list(parts) == ["", "Ring metrics", "Saga span timeline", "Causal spawn tree"]
     agents, sagas = (
-        len(fleet.agents) - 1,
+        len(fleet.agents),
         Counter(e.event_type for e in events)[EventType.SAGA_CREATED],
     )
     header = parts[""][0]
-    assert re.match(rf"hvobs demo: seed {fleet.seed}, {agents} agents?, {sagas} sagas?, ", header)
+    match = re.match(
+        rf"hvobs demo: seed {fleet.seed}, (\d+) agents? \(an orchestrator and (\d+) spawned\), "
+        rf"{sagas} sagas?, ",
+        header,
+    )
+    assert match is not None, header
+    # The agent count is the number of agents the report lists (tree and current rings).
+    assert int(match.group(1)) == agents == len(parts["Causal spawn tree"]) - 1
+    assert int(match.group(2)) == agents - 1
     assert f"{len(events)} event" in header
 
     # Ring metrics.
@@ -104,6 +113,7 @@ def check_report(output: str, fleet: Fleet) -> None:
         assert f"  {agent:<28} {'session-001':<14} {count:>4}" in ring
     for did, ring_number in expected_rings(fleet).items():
         assert f"  {did:<28} ring {ring_number}" in ring
+    assert sum(" ring " in line for line in ring) == agents
     newest_ring_event = max(ts(e) for e in ring_events)
     started: dict[str, float] = {}
     durations: dict[str, str] = {}
@@ -118,7 +128,8 @@ def check_report(output: str, fleet: Fleet) -> None:
     for agent, text in durations.items():
         assert f"  {agent:<28} {text}" in ring
 
-    # Saga timeline: one line per saga, with its duration and status, then its steps.
+    # Saga timeline: one line per saga, with its duration and what became of it, then its
+    # steps and compensations, each with its own outcome.
     timeline = parts["Saga span timeline"]
     saga_lines = [line for line in timeline[1:] if line.startswith("saga-")]
     created = {e.payload["saga_id"]: e for e in events if e.event_type is EventType.SAGA_CREATED}
@@ -127,25 +138,39 @@ def check_report(output: str, fleet: Fleet) -> None:
         for e in events
         if e.event_type in (EventType.SAGA_COMPLETED, EventType.SAGA_ESCALATED)
     }
+    troubled = {
+        e.payload["saga_id"]
+        for e in events
+        if e.event_type in (EventType.SAGA_STEP_FAILED, EventType.SAGA_COMPENSATING)
+    }
     assert len(saga_lines) == len(created)
     for line in saga_lines:
         match = re.fullmatch(
-            r"(\S+) +\|=+\| +(\d+\.\d\d)s \[(ok|error)\] (completed|escalated)", line
+            r"(\S+) +\|=+\| +(\d+\.\d\d)s \[(completed|rolled back|escalated)\]", line
         )
         assert match is not None, line
-        saga_id, seconds, status, how = match.groups()
+        saga_id, seconds, outcome = match.groups()
         end = closed[saga_id]
         assert float(seconds) == pytest.approx(ts(end) - ts(created[saga_id]), abs=0.006)
-        assert how == ("completed" if end.event_type is EventType.SAGA_COMPLETED else "escalated")
-        assert status == ("ok" if how == "completed" else "error")
+        if end.event_type is EventType.SAGA_ESCALATED:
+            assert outcome == "escalated"
+        else:
+            # A saga that failed a step and was compensated is shown as rolled back.
+            assert outcome == ("rolled back" if saga_id in troubled else "completed")
     step_lines = [line for line in timeline if line.startswith("  step ")]
     undo_lines = [line for line in timeline if line.startswith("  undo ")]
     ends = Counter(e.event_type for e in events)
     assert len(step_lines) == ends[EventType.SAGA_STEP_COMMITTED] + ends[EventType.SAGA_STEP_FAILED]
     assert len(undo_lines) == ends[EventType.SAGA_COMPENSATING]
-    assert sum("[error]" in line for line in step_lines) == ends[EventType.SAGA_STEP_FAILED]
+    assert sum(line.endswith("[failed]") for line in step_lines) == ends[EventType.SAGA_STEP_FAILED]
+    assert sum(line.endswith("[ok]") for line in step_lines) == ends[EventType.SAGA_STEP_COMMITTED]
+    # Every compensation of a saga that ended is over: none is shown as still compensating.
+    assert all(line.endswith("[compensated]") for line in undo_lines)
+    assert "compensating" not in output
     spans = len(step_lines) + len(undo_lines) + len(saga_lines)
     assert timeline[0] == f"== Saga span timeline ({spans} spans)"
+    doubled = re.search(r"\b([A-Za-z]+)[\s-]+\1\b", output, re.IGNORECASE)
+    assert doubled is None, doubled
 
     # Spawn tree: every agent once, indented by its depth, with its causal id.
     tree = parts["Causal spawn tree"][1:]
@@ -232,3 +257,34 @@ def test_default_fleet_covers_the_scenario() -> None:
     assert times == sorted(times)
     assert len({e.event_id for e in fleet.events}) == len(fleet.events)
     assert [e.event_id for e in generate_fleet().events] == [e.event_id for e in fleet.events]
+
+
+def _compensations_name_committed_steps(events: list[HypervisorEvent]) -> int:
+    """Assert each compensation names a step its saga committed before (its id and action);
+    return how many compensations there were."""
+    committed: dict[str, set[tuple[object, object]]] = {}
+    seen = 0
+    for event in events:
+        payload = event.payload
+        step = (payload.get("step_id"), payload.get("step_action"))
+        if event.event_type is EventType.SAGA_STEP_COMMITTED:
+            committed.setdefault(payload["saga_id"], set()).add(step)
+        elif event.event_type is EventType.SAGA_COMPENSATING:
+            seen += 1
+            assert step in committed.get(payload["saga_id"], set()), (payload, committed)
+    return seen
+
+
+def test_compensations_name_the_steps_they_undo() -> None:
+    """The demo's compensations (in the report and in ``hvobs serve --demo``'s live fleet)
+    name the committed step they undo, so a compensation reads "undo deploy", never
+    "undo undo-deploy"."""
+    fleet = generate_fleet(seed=3, agents=8, sagas=12)
+    assert _compensations_name_committed_steps(list(fleet.events)) >= 1
+    live = LiveFleet(fleet, seed=3)
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    events = live.history(now)
+    for second in range(600):
+        events += live.due(now + timedelta(seconds=second))
+    events.sort(key=lambda e: e.timestamp)
+    assert _compensations_name_committed_steps(events) >= 1

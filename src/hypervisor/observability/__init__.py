@@ -47,6 +47,9 @@ if TYPE_CHECKING:
         SpanSink as SpanSink,
     )
 
+# `hvobs doctor` tells this file from agent-hypervisor's file of the same path by this line.
+__distribution__ = "hypervisor-observability"
+
 _EXPORTS: dict[str, str] = {
     "EventType": "event_bus",
     "HypervisorEvent": "event_bus",

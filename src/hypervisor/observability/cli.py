@@ -12,21 +12,16 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from hypervisor.observability._util.cli import (
+    DEFAULT_STREAM,
+    CommandParser,
+    redis_url,
+    seconds,
+    stream_name,
+    whole_number,
+)
+
 __all__ = ["COMMANDS", "build_parser", "main"]
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
 
 
 def add_demo_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,9 +32,10 @@ def add_demo_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         "demo",
         help="run a simulated agent fleet and print what observability sees",
         description=(
-            "Simulate an orchestrator spawning agents, ring changes, breaches and sagas (one "
-            "failing and compensated, one escalated) on a deterministic clock, and print the "
-            "ring metrics, a timeline of the saga spans and the causal spawn tree."
+            "Simulate an orchestrator spawning agents, ring changes, breaches and sagas (the "
+            "second fails and is rolled back, the third is escalated) on a deterministic "
+            "clock, and print the ring metrics, a timeline of the saga spans and the causal "
+            "spawn tree."
         ),
     )
     parser.add_argument(
@@ -50,26 +46,51 @@ def add_demo_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     )
     parser.add_argument(
         "--agents",
-        type=_positive,
+        type=whole_number(1, 10_000, "agents"),
         default=DEFAULT_AGENTS,
         metavar="N",
-        help="agents spawned (default: %(default)s)",
+        help="agents the orchestrator and its delegates spawn, the orchestrator not counted "
+        "(default: %(default)s agents)",
     )
     parser.add_argument(
         "--sagas",
-        type=_non_negative,
+        type=whole_number(0, 10_000, "sagas"),
         default=DEFAULT_SAGAS,
         metavar="N",
-        help="sagas run (default: %(default)s)",
+        help="sagas run (default: %(default)s sagas)",
     )
     parser.add_argument(
         "--redis",
         metavar="URL",
+        type=redis_url,
         default=None,
         help=(
-            "run every agent as its own process on a RedisEventBus at URL (redis:// or "
-            "rediss://), observed from the shared stream"
+            "run every agent as its own process on a RedisEventBus at URL, such as "
+            "redis://localhost:6379/0, observed from the shared stream (default: none, the "
+            "in-process bus)"
         ),
+    )
+    parser.add_argument(
+        "--stream",
+        type=stream_name,
+        default=DEFAULT_STREAM,
+        metavar="NAME",
+        help="with --redis: the stream the agents append to (default: %(default)s, the "
+        "workers' and hvobs serve's)",
+    )
+    parser.add_argument(
+        "--keep-stream",
+        action="store_true",
+        help="with --redis: keep the stream when the demo made it, for workers or hvobs serve "
+        "to read (default: off: a stream the demo made is deleted at the end; one that "
+        "existed before is always kept)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=seconds(3600),
+        default=5.0,
+        metavar="SECONDS",
+        help="with --redis: wait this long for Redis to answer (default: %(default)g seconds)",
     )
     parser.set_defaults(handler=run_demo)
 
@@ -84,10 +105,19 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.redis:
         from hypervisor.observability.demo.over_redis import feed_redis
 
-        result = feed_redis(fleet, args.redis, sagas=args.sagas)
+        result = feed_redis(
+            fleet,
+            args.redis,
+            sagas=args.sagas,
+            stream=args.stream,
+            keep_stream=args.keep_stream,
+            connect_timeout_s=args.connect_timeout,
+        )
     else:
         result = feed_in_process(fleet)
     print(render_report(fleet, result))
+    if "stream" in result.extra:
+        print(f"\n{result.extra['stream']}")
     return 0
 
 
@@ -120,21 +150,31 @@ def add_acl_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
             "aclfile form into the file named by redis.conf's aclfile."
         ),
     )
-    parser.add_argument("--role", required=True, choices=ROLES)
-    parser.add_argument("--stream", required=True, help="the bus stream key")
+    parser.add_argument(
+        "--role", required=True, choices=ROLES, help=f"{', '.join(ROLES)} (required)"
+    )
+    parser.add_argument(
+        "--stream",
+        type=stream_name,
+        default=DEFAULT_STREAM,
+        metavar="NAME",
+        help="the bus stream key (default: %(default)s)",
+    )
     parser.add_argument(
         "--group",
         action="append",
         default=[],
         metavar="GROUP",
-        help="a consumer group whose worker state the role may use (worker and admin; repeat)",
+        help="a consumer group whose worker state the role may use (worker and admin; repeat "
+        "for several; default: none)",
     )
-    parser.add_argument("--user", required=True, help="the Redis user name")
+    parser.add_argument("--user", required=True, help="the Redis user name (required)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--password",
         metavar="P",
-        help="the password (visible to other local users in the process list: prefer the next two)",
+        help="the password (visible to other local users in the process list: prefer the next "
+        "two); one of the three is required",
     )
     source.add_argument(
         "--password-env", metavar="VAR", help="read the password from environment variable VAR"
@@ -153,7 +193,7 @@ def add_acl_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     parser.add_argument(
         "--plaintext",
         action="store_true",
-        help="write the password as >password instead of its SHA-256 #hash",
+        help="write the password as >password instead of its SHA-256 #hash (default: off)",
     )
     parser.set_defaults(handler=run_acl)
 
@@ -205,19 +245,43 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     add(subparsers)
 
 
+def add_doctor_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Declare ``hvobs doctor`` (is the installation whole, and beside agent-hypervisor?)."""
+    parser = subparsers.add_parser(
+        "doctor",
+        help="check the installation (beside agent-hypervisor, which ships the same files)",
+        description=(
+            "Check that import hypervisor.observability loads this distribution's files, that "
+            "none of them was overwritten or removed by another package (agent-hypervisor "
+            "ships the same module paths), and say what to do. Exit status 1 when something "
+            "is wrong. If hvobs itself cannot start, run python "
+            "<site-packages>/hypervisor/observability/doctor.py."
+        ),
+    )
+    parser.set_defaults(handler=run_doctor)
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    """Run ``hvobs doctor``."""
+    from hypervisor.observability.doctor import main as doctor
+
+    return doctor([])
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_demo_command,
     add_worker_command,
     add_dlq_command,
     add_acl_command,
     add_serve_command,
+    add_doctor_command,
 ]
 """The subcommand declarations, in ``--help`` order."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``hvobs`` argument parser with every subcommand of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = CommandParser(
         prog="hvobs",
         description="Observability for fleets of AI agents: events, ring metrics, saga spans.",
     )
@@ -228,27 +292,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _refusal(exc: BaseException) -> BaseException | None:
-    """The ACL refusal in ``exc`` (itself, or inside task-group exception groups), if any."""
-    from hypervisor.observability.errors import PermissionDeniedError
-
-    if isinstance(exc, PermissionDeniedError):
+def _found(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The error of type ``kind`` in ``exc`` (itself, or inside task-group exception groups)."""
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _refusal(inner)
+            found = _found(inner, kind)
             if found is not None:
                 return found
     return None
 
 
+def _refusal(exc: BaseException) -> BaseException | None:
+    """The ACL refusal in ``exc`` (itself, or inside task-group exception groups), if any."""
+    from hypervisor.observability.errors import PermissionDeniedError
+
+    return _found(exc, PermissionDeniedError)
+
+
+def _warn_if_mixed(command: str) -> None:
+    """Print one warning line when a shared module file is another distribution's."""
+    if command == "doctor":
+        return
+    try:
+        from hypervisor.observability.doctor import quick_check
+
+        warning = quick_check()
+    except Exception:  # a check of the installation must never stop the command itself
+        return
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hvobs`` console script; returns the exit status.
 
-    A command the Redis server refuses to the configured user (an ACL) ends it with one line
-    naming the user, the command and the roles that grant it, and exit status 1.
+    An operator's mistake ends the command with one line on stderr and a non-zero status,
+    never a traceback: a usage mistake (status 2, from the parser), Redis unreachable, a port
+    in use (:class:`~hypervisor.observability.errors.CommandError`, its status), a command the
+    Redis server refuses to the configured user (one line naming the user, the command and the
+    roles that grant it; status 1). Ctrl-C ends it with status 130.
     """
+    from hypervisor.observability.errors import CommandError
+
     args = build_parser().parse_args(argv)
+    words = [args.command, *(getattr(args, key, None) for key in ("kind", "action"))]
+    prefix = " ".join(["hvobs", *(word for word in words if word)])
+    _warn_if_mixed(args.command)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
@@ -256,7 +347,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into a pager or head that quit early: not an error of ours.
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        return 130
     except Exception as exc:
+        mistake = _found(exc, CommandError)
+        if isinstance(mistake, CommandError):
+            print(f"{prefix}: {mistake}", file=sys.stderr)
+            return mistake.exit_status
         refusal = _refusal(exc)
         if refusal is None:
             raise

@@ -9,6 +9,7 @@ __all__ = [
     "BusFullError",
     "BusPermissionError",
     "BusUnavailableError",
+    "CommandError",
     "EventDecodeError",
     "EventEncodeError",
     "EventTooLargeError",
@@ -153,3 +154,17 @@ class WorkerStateError(HypervisorObservabilityError):
     def __init__(self, message: str, key: str = "snapshot") -> None:
         super().__init__(message)
         self.key = key
+
+
+class CommandError(HypervisorObservabilityError):
+    """An ``hvobs`` command cannot go on because of how it was run (Redis unreachable, a port in
+    use, an argument the parser could not check): the message is one line for the operator and
+    never contains credentials.
+
+    Attributes:
+        exit_status: the command's exit status (1 by default; 2 for a usage mistake).
+    """
+
+    def __init__(self, message: str, *, exit_status: int = 1) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status

@@ -11,6 +11,9 @@ from hypervisor.observability._core.event_bus import (
     HypervisorEventBus,
 )
 
+# `hvobs doctor` tells this file from agent-hypervisor's file of the same path by this line.
+__distribution__ = "hypervisor-observability"
+
 __all__ = [
     "DEFAULT_MAX_EVENTS",
     "EventHandler",

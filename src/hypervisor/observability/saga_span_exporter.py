@@ -11,6 +11,9 @@ from hypervisor.observability._core.span_exporter import (
     SpanSink,
 )
 
+# `hvobs doctor` tells this file from agent-hypervisor's file of the same path by this line.
+__distribution__ = "hypervisor-observability"
+
 __all__ = [
     "SagaSpanExporter",
     "SagaSpanRecord",

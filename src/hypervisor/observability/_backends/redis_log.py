@@ -536,6 +536,14 @@ class RedisStreamLog(AsyncResource):
                 await _call(self._control, b"XGROUP", b"DELCONSUMER", self._key, group, consumer)
             )
 
+    async def delete(self) -> bool:
+        """Delete the stream key with its entries and groups (``UNLINK``); return whether it
+        existed. Not part of ``StreamLog``: only a tool that made the stream removes it (the
+        Redis demo, which cleans up its own stream)."""
+        self._check_open()
+        with self._errors("delete", "unlink"):
+            return bool(await _call(self._control, b"UNLINK", self._key))
+
     async def trim(self, policy: TrimPolicy) -> int:
         """Apply retention now, never past unacknowledged entries; see ``StreamLog.trim``."""
         self._check_open()

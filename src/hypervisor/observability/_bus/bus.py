@@ -644,8 +644,11 @@ class RedisEventBus(AsyncResource):
     ) -> list[HypervisorEvent]:
         """Indexed events matching every given filter, oldest first; the newest ``limit``.
 
+        ``limit`` reads as in the published module: ``None`` or ``0`` keeps every match, a
+        negative ``-n`` all but the ``n`` oldest.
+
         Raises:
-            ValueError: ``limit`` is not ``None`` nor an int >= 1.
+            TypeError: ``limit`` is not ``None`` nor an int (bools are refused).
         """
         return self._store.query(event_type, session_id, agent_did, limit)
 

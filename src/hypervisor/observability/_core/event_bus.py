@@ -193,11 +193,11 @@ class HypervisorEventBus:
             event_type: keep only this type.
             session_id: keep only this session.
             agent_did: keep only this agent.
-            limit: keep only the newest ``limit`` matches (an int >= 1, or ``None`` for all).
+            limit: keep only the newest ``limit`` matches; ``None`` or ``0`` keeps all, and a
+                negative ``-n`` all but the ``n`` oldest (the published ``matches[-limit:]``).
 
         Raises:
-            ValueError: ``limit`` is not ``None`` nor an int >= 1 (the published module returned
-                everything for ``limit=0``).
+            TypeError: ``limit`` is not ``None`` nor an int (bools are refused).
         """
         with self._lock:
             return self._stored().query(event_type, session_id, agent_did, limit)

@@ -98,6 +98,22 @@ def _check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
 
 
+def _query_limit(limit: int | None) -> int | None:
+    """``query``'s limit as the published module reads it: ``None`` or ``0`` (``[-0:]`` keeps
+    everything) means all matches; a negative limit is returned as is (the caller drops that
+    many of the oldest matches, as ``matches[-limit:]`` does).
+
+    Raises:
+        TypeError: not an int (a bool included), as the published slice raises for a float or
+            a string.
+    """
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int or None, got {type(limit).__name__} {limit!r}")
+    return None if limit == 0 else limit
+
+
 def _check_aware(name: str, value: datetime) -> None:
     if not isinstance(value, datetime):
         raise ValueError(f"{name} must be a datetime, got {type(value).__name__}")
@@ -486,12 +502,16 @@ class EventStore:
         """The stored events matching every given filter; with ``limit``, the newest ``limit``.
 
         Walks the shortest applicable posting list from its newest end, checking the other
-        filters on each event, and stops at ``limit``. The result is oldest first.
+        filters on each event, and stops at ``limit``. The result is oldest first. As in the
+        published module (``matches[-limit:]``), ``limit=0`` returns every match and a negative
+        limit ``-n`` every match but the ``n`` oldest.
 
         Raises:
-            ValueError: ``limit`` is not ``None`` nor an int >= 1.
+            TypeError: ``limit`` is not ``None`` nor an int (bools are refused).
         """
-        _check_limit(limit)
+        limit = _query_limit(limit)
+        if limit is not None and limit < 0:
+            return self.query(event_type, session_id, agent_did)[-limit:]
         candidates: list[tuple[int, list[int], int]] = []
         for index, key in (
             (self._by_type, event_type),

@@ -264,13 +264,15 @@ def _run_saga(build: _Builder, saga_id: str, owner: DemoAgent, at: float, plan: 
         build.emit(at, EventType.SAGA_STEP_COMMITTED, owner, {**step, "result": f"{action} done"})
         committed.append((step["step_id"], action))
     if failed:
+        # Each compensation names the step it undoes (its id and action): the span is
+        # saga.compensate.<action>.
         for step_id, action in reversed(committed):
             at += rng.uniform(0.3, 2.0)
             build.emit(
                 at,
                 EventType.SAGA_COMPENSATING,
                 owner,
-                {"saga_id": saga_id, "step_id": f"undo-{step_id}", "step_action": f"undo-{action}"},
+                {"saga_id": saga_id, "step_id": step_id, "step_action": action},
             )
     at += rng.uniform(0.1, 0.5)
     if plan == "escalated":
@@ -307,10 +309,11 @@ def render_report(fleet: Fleet, result: DemoResult) -> str:
     """Render the demo's report: ring metrics, saga timeline and causal spawn tree."""
     first, last = fleet.events[0].timestamp, fleet.events[-1].timestamp
     saga_count = sum(1 for e in fleet.events if e.event_type is EventType.SAGA_CREATED)
+    spawned = len(fleet.agents) - 1
     lines = [
-        f"hvobs demo: seed {fleet.seed}, {_plural(len(fleet.agents) - 1, 'agent')}, "
-        f"{_plural(saga_count, 'saga')}, {_plural(result.events_emitted, 'event')} on the "
-        f"{result.backend}",
+        f"hvobs demo: seed {fleet.seed}, {_plural(len(fleet.agents), 'agent')} (an "
+        f"orchestrator and {spawned} spawned), {_plural(saga_count, 'saga')}, "
+        f"{_plural(result.events_emitted, 'event')} on the {result.backend}",
         f"simulated clock: {first.isoformat()} to {last.isoformat()}",
         "",
     ]
@@ -363,6 +366,22 @@ def _bar(start: float, end: float, origin: float, total: float) -> str:
     return " " * offset + "=" * length + " " * (_BAR_WIDTH - offset - length)
 
 
+def saga_outcome(saga: SagaSpanRecord, children: list[SagaSpanRecord]) -> str:
+    """What became of a saga, from its span and its step and compensation spans: ``escalated``,
+    ``rolled back`` (completed after a failed step or a compensation) or ``completed``."""
+    if saga.name.startswith("saga.escalated."):
+        return "escalated"
+    if any(child.status in ("error", "compensating") for child in children):
+        return "rolled back"
+    return "completed"
+
+
+def _step_state(span: SagaSpanRecord) -> str:
+    # A compensation span is emitted when the compensation has happened: its published status
+    # ("compensating") would read as still under way.
+    return {"compensating": "compensated", "error": "failed"}.get(span.status, span.status)
+
+
 def _render_sagas(spans: list[SagaSpanRecord]) -> list[str]:
     lines = [f"== Saga span timeline ({len(spans)} spans)"]
     sagas = [s for s in spans if s.name.startswith(("saga.completed.", "saga.escalated."))]
@@ -372,20 +391,22 @@ def _render_sagas(spans: list[SagaSpanRecord]) -> list[str]:
             children.setdefault(span.parent_span_id, []).append(span)
     for saga in sorted(sagas, key=lambda s: s.start_time):
         total = saga.duration_seconds
+        mine = sorted(children.get(saga.span_id, []), key=lambda s: s.start_time)
         lines.append(
             f"{saga.saga_id:<32} |{_bar(saga.start_time, saga.end_time, saga.start_time, total)}|"
-            f" {total:>7.2f}s [{saga.status}] {saga.name.split('.')[1]}"
+            f" {total:>7.2f}s [{saga_outcome(saga, mine)}]"
         )
         lines.append(
             f"  trace {saga.trace_id} span {saga.span_id} started {_clock(saga.start_time)}"
             f" by {saga.attributes.get('agent.did', 'unknown')}"
         )
-        for child in sorted(children.get(saga.span_id, []), key=lambda s: s.start_time):
+        for child in mine:
             label = child.step_action or child.step_id
             kind = "undo" if child.status == "compensating" else "step"
             bar = _bar(child.start_time, child.end_time, saga.start_time, total)
             lines.append(
-                f"  {kind} {label:<25} |{bar}| {child.duration_seconds:>7.2f}s [{child.status}]"
+                f"  {kind} {label:<25} |{bar}| {child.duration_seconds:>7.2f}s "
+                f"[{_step_state(child)}]"
             )
     return lines
 

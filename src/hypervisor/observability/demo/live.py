@@ -185,11 +185,8 @@ class LiveFleet:
         if failed:
             for step_id, action in reversed(committed):
                 at += timedelta(seconds=rng.uniform(0.4, 1.2))
-                undo = {
-                    "saga_id": saga_id,
-                    "step_id": f"undo-{step_id}",
-                    "step_action": f"undo-{action}",
-                }
+                # Names the step it undoes: the span is saga.compensate.<action>.
+                undo = {"saga_id": saga_id, "step_id": step_id, "step_action": action}
                 self._at(at, EventType.SAGA_COMPENSATING, owner, undo)
         at += timedelta(seconds=rng.uniform(0.2, 0.5))
         if outcome == "escalated":

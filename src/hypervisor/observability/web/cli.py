@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import gc
 import ipaddress
 import logging
@@ -16,8 +15,15 @@ import os
 import socket
 import sys
 from typing import TYPE_CHECKING, Final
-from urllib.parse import urlsplit
 
+from hypervisor.observability._util.cli import (
+    DEFAULT_STREAM,
+    listen_error,
+    port,
+    redis_location,
+    redis_url,
+    stream_name,
+)
 from hypervisor.observability.errors import ServeError
 
 if TYPE_CHECKING:
@@ -27,33 +33,8 @@ __all__ = ["add_serve_command", "bind_socket", "redis_location", "run_serve"]
 
 DEFAULT_PORT: Final = 8765
 DEFAULT_HOST: Final = "127.0.0.1"
-DEFAULT_STREAM: Final = "hvobs:events"
 DEFAULT_MAX_EVENTS: Final = 100_000
 TOKEN_ENV: Final = "HVOBS_TOKEN"
-_SCHEMES: Final = ("redis", "rediss", "unix")
-
-
-def _redis_url(text: str) -> str:
-    parts = urlsplit(text)
-    if parts.scheme not in _SCHEMES:
-        raise argparse.ArgumentTypeError(
-            f"expected a URL with a scheme such as redis://localhost:6379/0, got {text!r}"
-        )
-    try:
-        parts.port  # noqa: B018 - parses the port; a bad one raises here
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bad port in {redis_location(text)!r}: {exc}") from None
-    return text
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0 to 65535 (0: any free port), got {value}")
-    return value
 
 
 def _positive(text: str) -> int:
@@ -64,25 +45,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def _stream(text: str) -> str:
-    if not text or len(text) > 512:
-        raise argparse.ArgumentTypeError("must be 1 to 512 characters")
-    return text
-
-
-def redis_location(url: str) -> str:
-    """``host:port`` (or the socket path) of a Redis URL, without any credentials."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return parts.path or "(no socket path)"
-    host = parts.hostname or "localhost"
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        port = 6379
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -102,7 +64,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     source.add_argument(
         "--redis",
         metavar="URL",
-        type=_redis_url,
+        type=redis_url,
         help="serve the events of a RedisEventBus stream at URL (redis://, rediss:// or unix://)",
     )
     source.add_argument(
@@ -112,7 +74,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     )
     parser.add_argument(
         "--stream",
-        type=_stream,
+        type=stream_name,
         default=DEFAULT_STREAM,
         metavar="NAME",
         help="stream key of the bus with --redis (default: %(default)s)",
@@ -127,7 +89,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     )
     parser.add_argument(
         "--port",
-        type=_port,
+        type=port,
         default=DEFAULT_PORT,
         help="TCP port to listen on (default: %(default)s; 0 picks a free one)",
     )
@@ -207,19 +169,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ServeError(
-                f"port {port} on {host} is already in use; choose another with --port "
-                "(--port 0 picks a free one)"
-            ) from None
-        if exc.errno == errno.EACCES:
-            raise ServeError(
-                f"not allowed to listen on port {port} (ports below 1024 need privileges); "
-                "choose another with --port"
-            ) from None
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise ServeError(f"--host {host} is not an address of this machine") from None
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        error = listen_error(exc, host, port, port_option="--port", host_option="--host")
+        raise ServeError(str(error)) from None
     sock.setblocking(False)
     return sock
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from typing import Any
@@ -14,6 +13,22 @@ import anyio
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
 from hypervisor.observability._core.ring import RingBounds
 from hypervisor.observability._core.spans import SpanRecordSink
+from hypervisor.observability._util.cli import (
+    DEFAULT_STREAM,
+    LOG_LEVELS,
+    REDIS_URL_ENV,
+    check_port_free,
+    check_redis,
+    listen_error,
+    log_level,
+    port,
+    redis_url,
+    redis_url_or_env,
+    seconds,
+    stream_name,
+    whole_number,
+)
+from hypervisor.observability.errors import CommandError
 from hypervisor.observability.workers._derivations import (
     RING_METRICS,
     SAGA_SPANS,
@@ -21,79 +36,58 @@ from hypervisor.observability.workers._derivations import (
     RingMetricsDerivation,
     SagaSpansDerivation,
 )
-from hypervisor.observability.workers._dlq import dlq_name
+from hypervisor.observability.workers._dlq import REASONS, dlq_name
 from hypervisor.observability.workers._runtime import Worker, WorkerConfig, default_consumer_name
 
 __all__ = ["add_dlq_command", "add_worker_command", "run_dlq", "run_worker", "serve_worker"]
 
-_DEFAULT_STREAM = "hvobs:events"
-REDIS_URL_ENV = "HVOBS_REDIS_URL"
-"""The environment variable that supplies ``--redis`` when it is not given (it keeps the
-password of the URL out of the process list)."""
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+SAGA_METRICS_PORT = 9102
+"""The saga-spans worker's default ``/metrics`` port (the ring-metrics worker's is 9101)."""
+RING_METRICS_PORT = 9101
+"""The ring-metrics worker's default ``/metrics`` port."""
 
 
 def _ring_bounds_options(parser: argparse.ArgumentParser) -> None:
     defaults = RingBounds()
     parser.add_argument(
         "--max-agents",
-        type=_positive_int,
+        type=whole_number(1, None, "agents"),
         default=defaults.max_agents,
         metavar="N",
         help="agents with series of their own, the first in stream order; the others are "
-        'counted under agent_did="__overflow__" (default: %(default)s)',
+        'counted under agent_did="__overflow__" (default: %(default)s agents)',
     )
     parser.add_argument(
         "--max-sessions",
-        type=_positive_int,
+        type=whole_number(1, None, "sessions"),
         default=defaults.max_sessions,
         metavar="N",
         help='sessions with series of their own; the others are counted under "__overflow__" '
-        "(default: %(default)s)",
+        "(default: %(default)s sessions)",
     )
     parser.add_argument(
         "--max-tracked-agents",
-        type=_positive_int,
+        type=whole_number(1, None, "agents"),
         default=defaults.max_tracked_agents,
         metavar="N",
         help="agents whose ring state is kept; beyond it the least recently active agent is "
-        "retired (its series disappear) (default: %(default)s)",
+        "retired (its series disappear) (default: %(default)s agents)",
     )
     parser.add_argument(
         "--agent-idle",
-        type=_non_negative_float,
+        type=seconds(allow_zero=True),
         default=defaults.agent_idle_s,
         metavar="SECONDS",
         help="retire an agent after this many seconds of event time without a ring event; 0 "
-        "retires by --max-tracked-agents only (default: %(default)s, a day)",
+        "retires by --max-tracked-agents only (default: %(default)g seconds, a day)",
     )
     parser.add_argument(
         "--agent-clock-window",
-        type=_positive_int,
+        type=whole_number(1, None, "events"),
         default=defaults.clock_window,
         metavar="EVENTS",
         help="idleness is measured against the median timestamp of this many recent ring "
-        "events (1: the newest timestamp) (default: %(default)s)",
+        "events (1: the newest timestamp) (default: %(default)s events)",
     )
 
 
@@ -101,11 +95,30 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis",
         metavar="URL",
+        type=redis_url,
         default=None,
-        help=f"Redis URL of the bus, with user and password (default: ${REDIS_URL_ENV})",
+        help=(
+            "Redis URL of the bus, such as redis://user:password@host:6379/0 (rediss:// for "
+            f"TLS, unix:// for a socket) (default: ${REDIS_URL_ENV}, which keeps the password "
+            "out of the process list)"
+        ),
     )
     parser.add_argument(
-        "--stream", default=_DEFAULT_STREAM, help="stream key of the bus (default: %(default)s)"
+        "--stream",
+        type=stream_name,
+        default=DEFAULT_STREAM,
+        metavar="NAME",
+        help="stream key of the bus (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=seconds(3600),
+        default=5.0,
+        metavar="SECONDS",
+        help=(
+            "at start, wait this long for Redis to answer before giving up with one line "
+            "(default: %(default)g seconds)"
+        ),
     )
 
 
@@ -123,77 +136,194 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     kinds.required = True
     for kind, text in (
         (RING_METRICS, "ring metrics, served on /metrics as one global view"),
-        (SAGA_SPANS, "saga spans, written to the span sinks"),
+        (SAGA_SPANS, "saga spans, written to the span sinks (--jsonl, --otlp-endpoint)"),
     ):
+        default_port = RING_METRICS_PORT if kind == RING_METRICS else SAGA_METRICS_PORT
         sub = kinds.add_parser(kind, help=text, description=text)
         _common(sub)
-        sub.add_argument("--group", required=True, help="consumer group")
+        sub.add_argument("--group", required=True, help="consumer group (required)")
         sub.add_argument(
             "--consumer",
             default=default_consumer_name(),
-            help="consumer name, stable across restarts (default: the host name)",
+            help="consumer name, stable across restarts (default: the host name, %(default)s)",
         )
         sub.add_argument(
             "--metrics-port",
-            type=int,
-            default=None if kind == SAGA_SPANS else 9101,
-            help="port of /metrics and /healthz (ring default 9101; 0: any free port)",
+            type=port,
+            default=default_port,
+            metavar="PORT",
+            help="TCP port of /metrics and /healthz (default: %(default)s; 0 picks a free one)",
         )
-        sub.add_argument("--metrics-host", default="127.0.0.1", help="address to bind")
+        sub.add_argument(
+            "--metrics-host",
+            default="127.0.0.1",
+            metavar="ADDRESS",
+            help="address /metrics listens on (default: %(default)s, this machine only)",
+        )
         if kind == SAGA_SPANS:
-            sub.add_argument("--jsonl", metavar="PATH", help="append spans to this JSON-lines file")
-            sub.add_argument("--fsync", action="store_true", help="fsync the span file on flush")
+            sub.add_argument(
+                "--jsonl",
+                metavar="PATH",
+                help="append spans to this JSON-lines file (default: none)",
+            )
+            sub.add_argument(
+                "--fsync",
+                action="store_true",
+                help="fsync the span file at every flush (default: off)",
+            )
             sub.add_argument(
                 "--otlp-endpoint",
                 metavar="URL",
-                help="also export spans over OTLP/HTTP to this collector (needs the otel extra)",
+                help=(
+                    "also export spans over OTLP/HTTP to this collector, such as "
+                    "http://localhost:4318 (needs the otel extra) (default: none)"
+                ),
             )
-        sub.add_argument("--batch-size", type=int, default=500, help="entries per read")
-        sub.add_argument("--block", type=_positive_float, default=2.0, help="read BLOCK seconds")
-        sub.add_argument("--claim-interval", type=_positive_float, default=5.0)
-        sub.add_argument("--claim-min-idle", type=_positive_float, default=30.0)
-        sub.add_argument("--max-deliveries", type=int, default=5)
+        sub.add_argument(
+            "--batch-size",
+            type=whole_number(1, 100_000, "entries"),
+            default=500,
+            metavar="N",
+            help="entries per read (default: %(default)s entries)",
+        )
+        sub.add_argument(
+            "--block",
+            type=seconds(60),
+            default=2.0,
+            metavar="SECONDS",
+            help="longest wait of one blocking read (default: %(default)g seconds)",
+        )
+        sub.add_argument(
+            "--claim-interval",
+            type=seconds(),
+            default=5.0,
+            metavar="SECONDS",
+            help="time between sweeps for other consumers' idle entries (default: %(default)g "
+            "seconds)",
+        )
+        sub.add_argument(
+            "--claim-min-idle",
+            type=seconds(),
+            default=30.0,
+            metavar="SECONDS",
+            help="an entry pending this long on a consumer is claimed (default: %(default)g "
+            "seconds)",
+        )
+        sub.add_argument(
+            "--max-deliveries",
+            type=whole_number(1, 1000, "deliveries"),
+            default=5,
+            metavar="N",
+            help="deliveries after which an entry is dead-lettered (default: %(default)s)",
+        )
         sub.add_argument(
             "--max-event-bytes",
-            type=_positive_int,
+            type=whole_number(1, 512 * 1024 * 1024, "bytes"),
             default=DEFAULT_MAX_EVENT_BYTES,
-            help="longer entries are dead-lettered without being decoded (default: 1 MiB; "
-            "the same on every worker of a group)",
+            metavar="BYTES",
+            help="longer entries are dead-lettered without being decoded; the same on every "
+            "worker of a group (default: %(default)s bytes, 1 MiB)",
         )
-        sub.add_argument("--apply-interval", type=_positive_float, default=0.005)
-        sub.add_argument("--max-pending-age", type=_positive_float, default=60.0)
+        sub.add_argument(
+            "--apply-interval",
+            type=seconds(60),
+            default=0.005,
+            metavar="SECONDS",
+            help="longest time between apply rounds while idle (default: %(default)g seconds)",
+        )
+        sub.add_argument(
+            "--max-pending-age",
+            type=seconds(),
+            default=60.0,
+            metavar="SECONDS",
+            help="/healthz says behind when an entry is pending longer (default: %(default)g "
+            "seconds)",
+        )
         if kind == RING_METRICS:
             _ring_bounds_options(sub)
         sub.add_argument(
             "--reset-state",
             action="store_true",
-            help="delete the derivation's shared state before starting (after a lost stream)",
+            help="delete the derivation's shared state before starting, after a lost stream "
+            "(default: off)",
         )
-        sub.add_argument("--log-level", default="INFO")
+        sub.add_argument(
+            "--log-level",
+            type=log_level,
+            default="INFO",
+            metavar="LEVEL",
+            help=f"{', '.join(LOG_LEVELS)} (default: info)",
+        )
         sub.set_defaults(handler=run_worker)
 
 
 def add_dlq_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``hvobs dlq list|replay``."""
-    parser = subparsers.add_parser("dlq", help="inspect or replay dead-lettered entries")
+    parser = subparsers.add_parser(
+        "dlq",
+        help="inspect or replay dead-lettered entries",
+        description=(
+            "Dead letters are the entries workers gave up on, kept whole with the reason in "
+            "the stream's dead-letter stream (<stream>:dlq)."
+        ),
+    )
     actions = parser.add_subparsers(title="actions", dest="action", metavar="ACTION")
     actions.required = True
-    listing = actions.add_parser("list", help="print dead letters as JSON lines")
+    listing = actions.add_parser(
+        "list",
+        help="print dead letters as JSON lines",
+        description="Print dead letters as "
+        "JSON lines, oldest first; data is the original entry, whole, in hex.",
+    )
     _common(listing)
-    listing.add_argument("--limit", type=int, default=1000)
+    listing.add_argument(
+        "--limit",
+        type=whole_number(1, 10_000_000, "letters"),
+        default=1000,
+        metavar="N",
+        help="print at most N letters (default: %(default)s letters)",
+    )
     listing.set_defaults(handler=run_dlq)
-    replay = actions.add_parser("replay", help="append dead letters to the stream again (once)")
+    replay = actions.add_parser(
+        "replay",
+        help="append dead letters' entries to the stream again (once per entry)",
+        description=(
+            "Append the original entry of each dead letter not replayed yet to the stream, "
+            "which every group reads. An entry dead-lettered several times (by several groups) "
+            "is replayed once; a replayed letter is never replayed again. Needs the admin role."
+        ),
+    )
     _common(replay)
-    replay.add_argument("--limit", type=int, default=None)
+    replay.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="replay only letters dead-lettered by this consumer group; repeat for several "
+        "(default: every group)",
+    )
+    replay.add_argument(
+        "--reason",
+        action="append",
+        default=[],
+        choices=REASONS,
+        metavar="REASON",
+        help=f"replay only letters with this reason ({', '.join(REASONS)}); repeat for several "
+        "(default: every reason)",
+    )
+    replay.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be replayed; change nothing (default: off)",
+    )
+    replay.add_argument(
+        "--limit",
+        type=whole_number(1, 10_000_000, "letters"),
+        default=None,
+        metavar="N",
+        help="replay at most N letters (default: all)",
+    )
     replay.set_defaults(handler=run_dlq)
-
-
-def _redis_url(args: argparse.Namespace) -> str | None:
-    """``--redis``, else ``$HVOBS_REDIS_URL``; ``None`` (and a one-line error) without either."""
-    url: str | None = args.redis or os.environ.get(REDIS_URL_ENV)
-    if not url:
-        print(f"hvobs: pass --redis URL or set {REDIS_URL_ENV}", file=sys.stderr)
-    return url
 
 
 def _config(args: argparse.Namespace) -> WorkerConfig:
@@ -220,15 +350,28 @@ async def serve_worker(
 ) -> None:
     """Run ``worker`` with its HTTP endpoints until SIGTERM/SIGINT (or ``worker.stop()``).
 
-    The bound port is printed as ``metrics-port=<n>`` on stdout when ``metrics_port`` is 0.
+    The bound port is printed as ``metrics-port=<n>`` on stdout (useful when ``metrics_port``
+    is 0).
+
+    Raises:
+        CommandError: the metrics port cannot be bound (in use, not allowed).
     """
     async with anyio.create_task_group() as tg:
         if metrics_port is not None:
             from hypervisor.observability.workers._http import WorkerHttpServer
 
             server = WorkerHttpServer(worker, host=metrics_host, port=metrics_port)
-            port = await tg.start(server.serve)
-            print(f"metrics-port={port}", flush=True)
+            try:
+                bound = await tg.start(server.serve)
+            except OSError as exc:
+                raise listen_error(
+                    exc,
+                    metrics_host,
+                    metrics_port,
+                    port_option="--metrics-port",
+                    host_option="--metrics-host",
+                ) from None
+            print(f"metrics-port={bound}", flush=True)
         if handle_signals:
             tg.start_soon(_stop_on_signal, worker)
         await worker.run()
@@ -250,6 +393,14 @@ async def _run_worker(args: argparse.Namespace) -> int:
     from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
     from hypervisor.observability.workers._sinks import JsonLinesSpanSink
 
+    await check_redis(args.redis, timeout_s=args.connect_timeout)
+    if args.kind == SAGA_SPANS and not (args.jsonl or args.otlp_endpoint):
+        print(
+            "hvobs worker saga-spans: warning: no span sink, so the spans are derived and "
+            "counted but written nowhere; add --jsonl PATH or --otlp-endpoint URL",
+            file=sys.stderr,
+            flush=True,
+        )
     sink = None
     otlp_sink = None
     derivation: Derivation
@@ -257,12 +408,11 @@ async def _run_worker(args: argparse.Namespace) -> int:
         try:
             from hypervisor.observability.exporters.otel import otlp_http_span_sink
         except ImportError as exc:
-            print(
-                f"hvobs: --otlp-endpoint needs the otel extra "
-                f"(pip install 'hypervisor-observability[otel]'): {exc}",
-                file=sys.stderr,
-            )
-            return 2
+            raise CommandError(
+                "--otlp-endpoint needs the otel extra (pip install "
+                f"'hypervisor-observability[otel]'): {exc}",
+                exit_status=2,
+            ) from None
         otlp_sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-hypervisor")
     store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind))
     if args.kind == RING_METRICS:
@@ -301,15 +451,23 @@ async def _run_worker(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    """Run ``hvobs worker ...`` until SIGTERM/SIGINT; returns the exit status."""
+    """Run ``hvobs worker ...`` until SIGTERM/SIGINT; returns the exit status.
+
+    Raises:
+        CommandError: no Redis URL, the metrics port in use, Redis unreachable at start.
+    """
+    args.redis = redis_url_or_env(args.redis)
+    check_port_free(
+        args.metrics_host,
+        args.metrics_port,
+        port_option="--metrics-port",
+        host_option="--metrics-host",
+    )
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    args.redis = _redis_url(args)
-    if args.redis is None:
-        return 2
     return anyio.run(_run_worker, args)
 
 
@@ -317,8 +475,9 @@ async def _run_dlq(args: argparse.Namespace) -> int:
     import msgspec
 
     from hypervisor.observability._backends.redis_log import RedisStreamLog
-    from hypervisor.observability.workers._dlq import list_dead_letters, replay_dead_letters
+    from hypervisor.observability.workers._dlq import list_dead_letters, replay
 
+    await check_redis(args.redis, timeout_s=args.connect_timeout)
     async with (
         RedisStreamLog(args.redis, args.stream) as log,
         RedisStreamLog(args.redis, dlq_name(args.stream)) as dlq,
@@ -330,17 +489,44 @@ async def _run_dlq(args: argparse.Namespace) -> int:
                 document["data"] = letter.data.hex()
                 document["dlq_id"] = dlq_id
                 sys.stdout.write(encoder.encode(document).decode() + "\n")
-        else:
-            replayed = await replay_dead_letters(dlq, log, limit=args.limit)
-            for dlq_id, new_id in replayed:
-                print(f"{dlq_id} -> {new_id}")
-            print(f"replayed {len(replayed)} dead letters", file=sys.stderr)
+            return 0
+        report = await replay(
+            dlq,
+            log,
+            groups=args.group,
+            reasons=args.reason,
+            limit=args.limit,
+            dry_run=args.dry_run,
+        )
+    for item in report.replayed:
+        letter = item.letter
+        where = "(dry run)" if item.new_id is None else item.new_id
+        print(
+            f"{item.dlq_id} -> {where}  entry {letter.original_id}, {letter.reason}, "
+            f"group {letter.group}"
+        )
+    for dlq_id, original_id in report.duplicates:
+        print(f"{dlq_id} == entry {original_id} replayed once already (duplicate, settled)")
+    verb = "would replay" if args.dry_run else "replayed"
+    notes = []
+    if report.duplicates:
+        notes.append(f"{len(report.duplicates)} duplicate letters of entries replayed once")
+    if report.skipped:
+        notes.append(f"{report.skipped} left by --group/--reason")
+    if report.left:
+        notes.append(f"{report.left} left by --limit")
+    if report.unreadable:
+        notes.append(f"{report.unreadable} unreadable entries settled")
+    detail = f" ({'; '.join(notes)})" if notes else ""
+    print(f"{verb} {len(report.replayed)} dead letters{detail}", file=sys.stderr)
     return 0
 
 
 def run_dlq(args: argparse.Namespace) -> int:
-    """Run ``hvobs dlq list|replay``."""
-    args.redis = _redis_url(args)
-    if args.redis is None:
-        return 2
+    """Run ``hvobs dlq list|replay``.
+
+    Raises:
+        CommandError: no Redis URL, or Redis unreachable.
+    """
+    args.redis = redis_url_or_env(args.redis)
     return anyio.run(_run_dlq, args)

@@ -302,7 +302,11 @@
         secondsText(span.end - span.start_time));
       bar.dataset.kind = span.kind;
       bar.dataset.status = span.status;
-      bar.title = span.name + " · " + span.status + " · " + secondsText(span.end - span.start_time) +
+      // A compensation span exists once the compensation happened; its published status
+      // ("compensating") would read as still under way.
+      const shown = span.kind === "compensation" && span.status === "compensating"
+        ? "compensated" : span.status;
+      bar.title = span.name + " · " + shown + " · " + secondsText(span.end - span.start_time) +
         (span.attributes && span.attributes["agent.saga.error"]
           ? " · " + span.attributes["agent.saga.error"] : "");
       bar.style.left = ((span.start_time - start) / total) * 100 + "%";
