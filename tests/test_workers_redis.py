@@ -206,7 +206,8 @@ async def test_store_merges_overlapping_batches_each_id_once(store: StateStore) 
 async def test_store_keeps_redo_records_until_a_checkpoint(store: StateStore) -> None:
     """A commit without a snapshot keeps the applied entries staged as the redo log: restore
     returns them after the checkpoint, with the skipped ids, and replay returns the part after
-    a given id; a commit with a snapshot drops them and an older replay is refused."""
+    a given id; a commit with a snapshot drops those up to the previous checkpoint (the ones
+    since it stay for replays one interval behind) and an older replay is refused."""
     await store.stage([("1-0", b"a"), ("2-0", b"b"), ("3-0", b"c"), ("4-0", b"d")])
     assert await store.commit(Commit(0, None, StateMeta(1, "2-0"), ["e1"], None, ["2-0"]))
     restored = await store.restore()
@@ -225,13 +226,24 @@ async def test_store_keeps_redo_records_until_a_checkpoint(store: StateStore) ->
         frozenset({"2-0"}),
     )
     assert await store.commit(Commit(2, b"snap", StateMeta(3, "3-0")))
-    assert await store.replay("1-0", "3-0") is None
+    # The records since the previous checkpoint stay one more interval: a view behind replays.
+    assert await store.replay("1-0", "3-0") == (
+        [("2-0", b"b"), ("3-0", b"c")],
+        frozenset({"2-0"}),
+    )
     assert await store.replay("3-0", "3-0") == ([], frozenset())
     restored = await store.restore()
     assert (restored.snapshot, restored.checkpoint_id, restored.records) == (b"snap", "3-0", [])
     assert restored.skipped == frozenset()
     assert await store.staged("0-0", "9-0", 10) == [("4-0", b"d")]
     assert await store.backlog() == 1
+    # The next checkpoint drops what the previous one holds: an older replay is refused.
+    assert await store.commit(Commit(3, None, StateMeta(4, "4-0"), ["e4"]))
+    assert await store.commit(Commit(4, b"snap2", StateMeta(5, "4-0")))
+    assert await store.replay("1-0", "4-0") is None
+    assert await store.replay("3-0", "4-0") == ([("4-0", b"d")], frozenset())
+    restored = await store.restore()
+    assert (restored.snapshot, restored.checkpoint_id, restored.records) == (b"snap2", "4-0", [])
 
 
 async def test_store_notify_wakes_one_wait(store: StateStore) -> None:
@@ -329,8 +341,9 @@ async def test_view_follows_commits_by_replay_and_rebuilds_after_checkpoints(
     store: StateStore,
 ) -> None:
     """A metrics view folds only the records committed since its last refresh while they are
-    staged, rebuilds from the checkpoint once a checkpoint dropped them, and always equals the
-    applier's state; a duplicate append skipped by the applier is skipped by the view too."""
+    staged (up to one checkpoint interval behind), rebuilds from the checkpoint once a
+    checkpoint dropped them, and always equals the applier's state; a duplicate append skipped
+    by the applier is skipped by the view too."""
     events = ring_events(47, 90)
     events.insert(50, events[10])  # a producer retry: same event id, new stream id
     log = MemoryStreamLog("events")
@@ -352,8 +365,10 @@ async def test_view_follows_commits_by_replay_and_rebuilds_after_checkpoints(
     await view.refresh()
     assert view.state.snapshot() == applier.state.snapshot() == reference(events).ring
     assert applier.duplicates == 1
-    # Replayed at 20 and 40; rebuilt at the first refresh and at each one after a checkpoint.
-    assert view.rebuilds == 4
+    # Rebuilt at the first refresh and at 80, which comes after two checkpoints (the rounds of
+    # 70 and 80: the records up to the older one are gone); replayed at 20, 40 and 60 (at most
+    # one checkpoint behind: the records since it are retained).
+    assert view.rebuilds == 2
 
 
 @pytest.mark.redis

@@ -122,8 +122,12 @@ return {more, out, ak, redis.call('HGET', KEYS[3], 'applied') or ''}
 # The redo records in (after, upto] and the skipped ids among them, unless a checkpoint beyond
 # `after` dropped some (then nil). KEYS: meta, idx, batches, skip. ARGV: after key, upto key.
 REPLAY = """
-local ck = redis.call('HGET', KEYS[1], 'checkpoint_key') or ''
-if ck > ARGV[1] then return false end
+local rk = redis.call('HGET', KEYS[1], 'retained_key')
+if not rk or (rk ~= '' and string.len(rk) ~= 41) then
+  -- Written before records were retained (or not by a worker): the checkpoint is the bound.
+  rk = redis.call('HGET', KEYS[1], 'checkpoint_key') or ''
+end
+if rk > ARGV[1] then return false end
 local ms = redis.call('ZRANGEBYLEX', KEYS[2], '-', '(' .. ARGV[2] .. '}')
 local out = {}
 for _, m in ipairs(ms) do
@@ -179,16 +183,21 @@ for _, m in ipairs(redis.call('ZRANGEBYLEX', KEYS[8], '-', '(' .. key .. '}')) d
   if string.sub(m, 43, 83) <= key then redis.call('ZREM', KEYS[8], m) end
 end
 if ARGV[9] ~= '' then
+  -- The records up to the previous checkpoint go; those since it stay one more interval, so
+  -- a view that is behind replays them instead of loading the snapshot (retained_key).
+  local prev = redis.call('HGET', KEYS[1], 'checkpoint_key') or ''
   redis.call('SET', KEYS[5], ARGV[9])
-  redis.call('HSET', KEYS[1], 'checkpoint', ARGV[3], 'checkpoint_key', key)
-  local ms = redis.call('ZRANGEBYLEX', KEYS[6], '-', '(' .. key .. '}')
-  for _, m in ipairs(ms) do
-    if string.sub(m, 43, 83) <= key then
-      redis.call('ZREM', KEYS[6], m)
-      redis.call('HDEL', KEYS[7], m)
+  redis.call('HSET', KEYS[1], 'checkpoint', ARGV[3], 'checkpoint_key', key, 'retained_key', prev)
+  if prev ~= '' then
+    local ms = redis.call('ZRANGEBYLEX', KEYS[6], '-', '(' .. prev .. '}')
+    for _, m in ipairs(ms) do
+      if string.sub(m, 43, 83) <= prev then
+        redis.call('ZREM', KEYS[6], m)
+        redis.call('HDEL', KEYS[7], m)
+      end
     end
+    redis.call('ZREMRANGEBYLEX', KEYS[4], '-', '[' .. prev)
   end
-  redis.call('ZREMRANGEBYLEX', KEYS[4], '-', '[' .. key)
 end
 return 1
 """

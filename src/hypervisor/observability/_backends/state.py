@@ -177,8 +177,10 @@ class StateStore(Protocol):
     ) -> tuple[list[tuple[str, bytes]], frozenset[str]] | None:
         """Return the staged pairs in ``(after_id, upto_id]`` and the skipped ids among them.
 
-        ``upto_id`` must not exceed the committed applied id. Returns ``None`` when a checkpoint
-        beyond ``after_id`` dropped some of them (rebuild with :meth:`restore` instead).
+        ``upto_id`` must not exceed the committed applied id. The records since the checkpoint
+        before the last one are kept, so a reader at most one checkpoint interval behind can
+        always replay. Returns ``None`` when some of them were dropped (rebuild with
+        :meth:`restore` instead).
         """
         ...
 
@@ -191,7 +193,8 @@ class StateStore(Protocol):
         """Apply ``commit`` atomically if the version is still ``expected_version``.
 
         With a snapshot, also moves the checkpoint to ``commit.meta.applied_id`` and removes
-        the staged entries (and skipped ids) up to it. Returns whether it was applied.
+        the staged entries (and skipped ids) up to the previous checkpoint (those since it stay
+        one more interval, for :meth:`replay`). Returns whether it was applied.
         """
         ...
 
@@ -253,6 +256,8 @@ class MemoryStateStore(AsyncResource):
         self._meta = StateMeta()
         self._snapshot: bytes | None = None
         self._checkpoint = MIN_ID
+        # The oldest point a replay can start from: the checkpoint before the last one.
+        self._retained = MIN_ID
         self._seen: dict[int, list[str]] = {}
         self._lease: tuple[str, float] | None = None
         self._notified = anyio.Event()
@@ -330,7 +335,7 @@ class MemoryStateStore(AsyncResource):
         """Return redo records after ``after_id``; see ``StateStore.replay``."""
         await anyio.lowlevel.checkpoint()
         low, high = parse_id(after_id), parse_id(upto_id)
-        if parse_id(self._checkpoint) > low:
+        if parse_id(self._retained) > low:
             return None
         return self._range(low, high), self._skipped_in(low, high)
 
@@ -355,8 +360,10 @@ class MemoryStateStore(AsyncResource):
             self._skipped[parse_id(entry_id)] = entry_id
         if commit.snapshot is not None:
             self._snapshot = commit.snapshot
-            self._checkpoint = commit.meta.applied_id
-            limit = parse_id(commit.meta.applied_id)
+            # What the previous checkpoint holds goes; the records since it stay one more
+            # interval, for views that are behind (see StateStore.replay).
+            self._retained, self._checkpoint = self._checkpoint, commit.meta.applied_id
+            limit = parse_id(self._retained)
             for key in [k for k in self._staged if k <= limit]:
                 del self._staged[key]
             for key in [k for k in self._skipped if k <= limit]:
@@ -409,5 +416,6 @@ class MemoryStateStore(AsyncResource):
         self._meta = StateMeta()
         self._snapshot = None
         self._checkpoint = MIN_ID
+        self._retained = MIN_ID
         self._seen.clear()
         self._lease = None
