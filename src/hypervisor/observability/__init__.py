@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         SpanRecordSink as SpanRecordSink,
         SpanSink as SpanSink,
     )
+    from hypervisor.observability.trace_context import TraceContext as TraceContext
 
 _EXPORTS: dict[str, str] = {
     "EventType": "event_bus",
@@ -61,6 +62,7 @@ _EXPORTS: dict[str, str] = {
     "SpanSink": "saga_span_exporter",
     "SpanRecordSink": "saga_span_exporter",
     "RedisEventBus": "redis_bus",
+    "TraceContext": "trace_context",
     "HypervisorObservabilityError": "errors",
     "EventEncodeError": "errors",
     "EventDecodeError": "errors",
@@ -103,6 +105,7 @@ __all__ = [
     "SagaSpanRecord",
     "SpanRecordSink",
     "SpanSink",
+    "TraceContext",
 ]
 
 
