@@ -12,6 +12,11 @@ from typing import TYPE_CHECKING
 from hypervisor.observability._util.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from hypervisor.observability.agent_spans import (
+        AgentSpanExporter as AgentSpanExporter,
+        AgentSpanRecord as AgentSpanRecord,
+        AgentSpanSink as AgentSpanSink,
+    )
     from hypervisor.observability.causal_trace import CausalTraceId as CausalTraceId
     from hypervisor.observability.errors import (
         BusClosedError as BusClosedError,
@@ -63,6 +68,9 @@ _EXPORTS: dict[str, str] = {
     "SpanRecordSink": "saga_span_exporter",
     "RedisEventBus": "redis_bus",
     "TraceContext": "trace_context",
+    "AgentSpanExporter": "agent_spans",
+    "AgentSpanRecord": "agent_spans",
+    "AgentSpanSink": "agent_spans",
     "HypervisorObservabilityError": "errors",
     "EventEncodeError": "errors",
     "EventDecodeError": "errors",
@@ -80,6 +88,9 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "DEFAULT_MAX_EVENTS",
+    "AgentSpanExporter",
+    "AgentSpanRecord",
+    "AgentSpanSink",
     "BusClosedError",
     "BusFullError",
     "BusPermissionError",

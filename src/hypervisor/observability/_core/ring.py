@@ -21,6 +21,10 @@ Rules (the published ones, with this project's fixes):
   accepted ``"2"``). Any present ``to_ring``/``ring``/``from_ring`` that is not is a bad event:
   it is counted in ``bad_events``, logged at debug level and otherwise ignored, so one malformed
   payload never half-updates the state nor raises into ``emit()``.
+* Exemplars: for each transition and breach counter key, the causal trace id and timestamp of
+  the newest event of that key that had a causal trace id (``transition_exemplars``,
+  ``breach_exemplars``); exporters turn them into OpenMetrics exemplars pointing at the agent's
+  span (see ``_core/agent_spans.py``).
 * Elevation time is event time: ``ring.elevated`` starts the agent's clock (a new elevation
   restarts it, as published), ``ring.demoted``/``ring.elevation_expired`` stop it and record the
   difference of the two timestamps (never negative). An elevation still open is measured up to
@@ -33,7 +37,7 @@ import logging
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 
@@ -46,6 +50,7 @@ __all__ = [
     "RING_EVENTS",
     "RING_TRANSITION_EVENTS",
     "RingMetricsState",
+    "exemplar_seconds",
     "parse_ring",
 ]
 
@@ -137,17 +142,23 @@ class RingMetricsState:
         events_processed: ring events applied, bad ones included.
         bad_events: ring events ignored because a ring field was not a ring.
         newest_timestamp: the newest event timestamp applied (epoch seconds), ``None`` if none.
+        transition_exemplars: ``(event type value, agent, session) -> (causal trace id,
+            timestamp)`` of the newest event of that key that had a causal trace id; the
+            timestamp is the event's ``datetime``, or epoch seconds in a restored state.
+        breach_exemplars: the same for ``(agent, session)``.
     """
 
     __slots__ = (
         "_elevation_origins",
         "_newest",
         "bad_events",
+        "breach_exemplars",
         "breaches",
         "current_rings",
         "elevation_durations",
         "elevation_starts",
         "events_processed",
+        "transition_exemplars",
         "transitions",
     )
 
@@ -159,6 +170,8 @@ class RingMetricsState:
         self.elevation_starts: dict[str, float] = {}
         # The ring an agent returns to when its open elevation ends without naming a ring.
         self._elevation_origins: dict[str, int | None] = {}
+        self.transition_exemplars: dict[tuple[str, str, str], tuple[str, datetime | float]] = {}
+        self.breach_exemplars: dict[tuple[str, str], tuple[str, datetime | float]] = {}
         self.events_processed = 0
         self.bad_events = 0
         # The newest timestamp applied, as an aware datetime (converting every event's
@@ -178,6 +191,9 @@ class RingMetricsState:
         slots = {name: getattr(self, name) for name in self.__slots__ if name != "_newest"}
         newest = self._newest
         slots["newest_us"] = None if newest is _NO_TIME else (newest - _EPOCH) // _MICROSECOND
+        # Exemplar times as epoch seconds (the loader admits no datetime).
+        slots["transition_exemplars"] = _epoch_exemplars(self.transition_exemplars)
+        slots["breach_exemplars"] = _epoch_exemplars(self.breach_exemplars)
         return None, slots
 
     def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
@@ -190,6 +206,9 @@ class RingMetricsState:
             self._newest = datetime.fromtimestamp(seconds, UTC)
         else:
             self._newest = _NO_TIME
+        # Absent from snapshots written before exemplars existed.
+        self.transition_exemplars = {}
+        self.breach_exemplars = {}
         for name, value in slots.items():
             setattr(self, name, value)
 
@@ -240,10 +259,13 @@ class RingMetricsState:
         except TypeError:  # naive, compared with an aware one
             self._see(stamp)
         agent = event.agent_did or "unknown"
+        causal = event.causal_trace_id
         if event_type is _BREACH:
             key2 = (agent, event.session_id or "unknown")
             breaches = self.breaches
             breaches[key2] = breaches.get(key2, 0) + 1
+            if causal and type(causal) is str:
+                self.breach_exemplars[key2] = (causal, stamp)
             return
         payload = event.payload
         get = payload.get
@@ -274,6 +296,8 @@ class RingMetricsState:
         key3 = (event_type._value_, agent, event.session_id or "unknown")
         transitions = self.transitions
         transitions[key3] = transitions.get(key3, 0) + 1
+        if causal and type(causal) is str:
+            self.transition_exemplars[key3] = (causal, stamp)
 
         if event_type is _ELEVATED:
             origin = from_ring if from_ring is not None else self.current_rings.get(agent)
@@ -329,8 +353,10 @@ class RingMetricsState:
         # In place: readers may hold the live tables.
         for key3 in [k for k in self.transitions if k[1] in gone]:
             del self.transitions[key3]
+            self.transition_exemplars.pop(key3, None)
         for key2 in [k for k in self.breaches if k[0] in gone]:
             del self.breaches[key2]
+            self.breach_exemplars.pop(key2, None)
         for table in (
             self.current_rings,
             self.elevation_durations,
@@ -344,6 +370,8 @@ class RingMetricsState:
         """Forget everything, as if no event had been applied."""
         self.transitions.clear()
         self.breaches.clear()
+        self.transition_exemplars.clear()
+        self.breach_exemplars.clear()
         self.current_rings.clear()
         self.elevation_durations.clear()
         self.elevation_starts.clear()
@@ -351,3 +379,28 @@ class RingMetricsState:
         self.events_processed = 0
         self.bad_events = 0
         self._newest = _NO_TIME
+
+
+_K = TypeVar("_K")
+
+
+def exemplar_seconds(stamp: datetime | float) -> float | None:
+    """An exemplar's time in epoch seconds (``None`` when a naive datetime at the ends of the
+    calendar cannot be converted)."""
+    if isinstance(stamp, datetime):
+        try:
+            return stamp.timestamp()
+        except (OverflowError, ValueError, OSError):
+            return None
+    return stamp
+
+
+def _epoch_exemplars(
+    exemplars: dict[_K, tuple[str, datetime | float]],
+) -> dict[_K, tuple[str, float]]:
+    out: dict[_K, tuple[str, float]] = {}
+    for key, (causal, stamp) in exemplars.items():
+        seconds = exemplar_seconds(stamp)
+        if seconds is not None:
+            out[key] = (causal, seconds)
+    return out

@@ -11,11 +11,14 @@ from typing import Any
 
 import anyio
 
+from hypervisor.observability._core.agent_spans import DEFAULT_IDLE_TIMEOUT_S, AgentSpanSink
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
 from hypervisor.observability._core.spans import SpanRecordSink
 from hypervisor.observability.workers._derivations import (
+    AGENT_SPANS,
     RING_METRICS,
     SAGA_SPANS,
+    AgentSpansDerivation,
     Derivation,
     RingMetricsDerivation,
     SagaSpansDerivation,
@@ -26,6 +29,9 @@ from hypervisor.observability.workers._runtime import Worker, WorkerConfig, defa
 __all__ = ["add_dlq_command", "add_worker_command", "run_dlq", "run_worker", "serve_worker"]
 
 _DEFAULT_STREAM = "hvobs:events"
+GENAI_OPT_IN_ENV = "OTEL_SEMCONV_STABILITY_OPT_IN"
+"""OpenTelemetry's opt-in variable: ``gen_ai_latest_experimental`` in it turns
+``--genai-attributes`` on by default."""
 REDIS_URL_ENV = "HVOBS_REDIS_URL"
 """The environment variable that supplies ``--redis`` when it is not given (it keeps the
 password of the URL out of the process list)."""
@@ -43,6 +49,11 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _genai_default() -> bool:
+    values = os.environ.get(GENAI_OPT_IN_ENV, "")
+    return "gen_ai_latest_experimental" in {value.strip() for value in values.split(",")}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +106,35 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
                 "--otlp-endpoint",
                 metavar="URL",
                 help="also export spans over OTLP/HTTP to this collector (needs the otel extra)",
+            )
+            sub.add_argument(
+                "--agent-spans",
+                action="store_true",
+                help="also export the causal spawn tree: one span per agent, with its ring "
+                "transitions and breaches as span events (same group, state of its own)",
+            )
+            sub.add_argument(
+                "--agent-idle-timeout",
+                type=_positive_float,
+                default=DEFAULT_IDLE_TIMEOUT_S,
+                metavar="SECONDS",
+                help="an agent span closes after this long without an event, in event time "
+                "(default: %(default)s)",
+            )
+            sub.add_argument(
+                "--genai-attributes",
+                action=argparse.BooleanOptionalAction,
+                default=_genai_default(),
+                help="add the OpenTelemetry GenAI agent attributes (gen_ai.*) to agent spans "
+                f"(default: on when ${GENAI_OPT_IN_ENV} has gen_ai_latest_experimental)",
+            )
+        else:
+            sub.add_argument(
+                "--session-label",
+                action=argparse.BooleanOptionalAction,
+                default=True,
+                help="label ring counters with session_id (default: on); --no-session-label "
+                "sums them over sessions: the first thing to turn off in a large fleet",
             )
         sub.add_argument("--batch-size", type=int, default=500, help="entries per read")
         sub.add_argument("--block", type=_positive_float, default=2.0, help="read BLOCK seconds")
@@ -167,10 +207,12 @@ async def serve_worker(
     max_agents: int = 1000,
     max_sessions: int = 1000,
     handle_signals: bool = True,
+    session_label: bool = True,
 ) -> None:
     """Run ``worker`` with its HTTP endpoints until SIGTERM/SIGINT (or ``worker.stop()``).
 
     The bound port is printed as ``metrics-port=<n>`` on stdout when ``metrics_port`` is 0.
+    ``session_label=False`` sums the ring counters over sessions (no ``session_id`` label).
     """
     async with anyio.create_task_group() as tg:
         if metrics_port is not None:
@@ -182,6 +224,7 @@ async def serve_worker(
                 port=metrics_port,
                 max_agents=max_agents,
                 max_sessions=max_sessions,
+                session_label=session_label,
             )
             port = await tg.start(server.serve)
             print(f"metrics-port={port}", flush=True)
@@ -208,7 +251,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
 
     sink = None
     otlp_sink = None
-    derivation: Derivation
+    derivations: list[Derivation] = []
     if args.kind == SAGA_SPANS and args.otlp_endpoint:
         try:
             from hypervisor.observability.exporters.otel import otlp_http_span_sink
@@ -221,19 +264,37 @@ async def _run_worker(args: argparse.Namespace) -> int:
             return 2
         otlp_sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-hypervisor")
     store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind))
+    stores = [store]
     if args.kind == RING_METRICS:
-        derivation = RingMetricsDerivation(store)
+        derivations.append(RingMetricsDerivation(store))
     else:
         sink = JsonLinesSpanSink(args.jsonl, fsync=args.fsync) if args.jsonl else None
         sinks: list[SpanRecordSink] = [s for s in (sink, otlp_sink) if s is not None]
-        derivation = SagaSpansDerivation(store, sinks)
+        derivations.append(SagaSpansDerivation(store, sinks))
+        if args.agent_spans:
+            # A second derivation of the same worker and group: its state keys are the group's,
+            # so the worker role's ACL already covers them.
+            agent_store = RedisStateStore(
+                args.redis, state_prefix(args.stream, args.group, AGENT_SPANS)
+            )
+            stores.append(agent_store)
+            agent_sinks: list[AgentSpanSink] = [s for s in (sink, otlp_sink) if s is not None]
+            derivations.append(
+                AgentSpansDerivation(
+                    agent_store,
+                    agent_sinks,
+                    genai_attributes=args.genai_attributes,
+                    idle_timeout_s=args.agent_idle_timeout,
+                )
+            )
     try:
         if args.reset_state:
-            await store.reset()
+            for each in stores:
+                await each.reset()
         async with (
             RedisStreamLog(args.redis, args.stream, max_block_s=args.block) as log,
             RedisStreamLog(args.redis, dlq_name(args.stream)) as dlq,
-            Worker(log, [derivation], _config(args), dlq=dlq) as worker,
+            Worker(log, derivations, _config(args), dlq=dlq) as worker,
         ):
             await serve_worker(
                 worker,
@@ -241,13 +302,15 @@ async def _run_worker(args: argparse.Namespace) -> int:
                 metrics_host=args.metrics_host,
                 max_agents=args.max_agents,
                 max_sessions=args.max_sessions,
+                session_label=getattr(args, "session_label", True),
             )
     finally:
         if sink is not None:
             sink.close()
         if otlp_sink is not None:
             otlp_sink.shutdown()
-        await store.aclose()
+        for each in stores:
+            await each.aclose()
     return 0
 
 

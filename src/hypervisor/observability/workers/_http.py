@@ -18,7 +18,7 @@ import anyio
 import msgspec
 from anyio.abc import SocketStream, TaskStatus
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -92,10 +92,13 @@ class SnapshotView:
 class _GlobalRingCollector(Collector):
     """The committed ring metrics, exported like the in-process collector does."""
 
-    def __init__(self, view: SnapshotView, max_agents: int, max_sessions: int) -> None:
+    def __init__(
+        self, view: SnapshotView, max_agents: int, max_sessions: int, session_label: bool = True
+    ) -> None:
         self._view = view
         self._max_agents = max_agents
         self._max_sessions = max_sessions
+        self._session_label = session_label
         self._guard = LabelGuard(max_agents=max_agents, max_sessions=max_sessions)
 
     def _collector(self) -> RingMetricsPrometheusCollector:
@@ -103,7 +106,10 @@ class _GlobalRingCollector(Collector):
         if not isinstance(state, RingMetricsState):
             state = RingMetricsState()
         made = RingMetricsPrometheusCollector(
-            state, max_agents=self._max_agents, max_sessions=self._max_sessions
+            state,
+            max_agents=self._max_agents,
+            max_sessions=self._max_sessions,
+            session_label=self._session_label,
         )
         made.guard = self._guard  # one guard for the life of the worker: stable folding
         return made
@@ -251,6 +257,12 @@ class WorkerHttpServer:
         port: port to bind (0: any free port; see :attr:`port` once started).
         max_agents: agents with series of their own in the ring metrics.
         max_sessions: sessions with series of their own.
+        session_label: label the ring counters with ``session_id`` (``False``: summed over
+            sessions).
+
+    ``/metrics`` answers in the format the ``Accept`` header asks for: the Prometheus text
+    format by default, OpenMetrics (with the ring counters' exemplars) when asked for it, as
+    Prometheus does.
     """
 
     def __init__(
@@ -261,6 +273,7 @@ class WorkerHttpServer:
         port: int = 0,
         max_agents: int = DEFAULT_MAX_AGENTS,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        session_label: bool = True,
     ) -> None:
         self.worker = worker
         self.host = host
@@ -272,7 +285,9 @@ class WorkerHttpServer:
         self.registry.register(_WorkerCollector(worker, self.views))
         ring = self.views.get(RING_METRICS)
         if ring is not None:
-            self.registry.register(_GlobalRingCollector(ring, max_agents, max_sessions))
+            self.registry.register(
+                _GlobalRingCollector(ring, max_agents, max_sessions, session_label)
+            )
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; reports the bound port through ``task_status``."""
@@ -290,7 +305,7 @@ class WorkerHttpServer:
                     while b"\r\n\r\n" not in request and len(request) < 8192:
                         request += await stream.receive(4096)
                     path = request.split(b" ", 2)[1].split(b"?")[0] if b" " in request else b""
-                    status, ctype, body = await self._respond(path)
+                    status, ctype, body = await self._respond(path, _accept(request))
                     head = (
                         f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -299,7 +314,7 @@ class WorkerHttpServer:
             except (anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError, IndexError):
                 return
 
-    async def _respond(self, path: bytes) -> tuple[str, str, bytes]:
+    async def _respond(self, path: bytes, accept: str = "") -> tuple[str, str, bytes]:
         if path == b"/metrics":
             try:
                 await self.worker.refresh()
@@ -308,10 +323,23 @@ class WorkerHttpServer:
             except (LogError, WorkerStateError) as exc:
                 # Serve what is known; the connected gauge says the backend is away.
                 _log.warning("metrics refresh failed: %s", exc)
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            encode, content_type = choose_encoder(accept)
+            return "200 OK", content_type, encode(self.registry)
         if path in (b"/healthz", b"/health"):
             document = await health_document(self.worker, self.views)
             healthy = document["connected"] and document["keeping_up"]
             status = "200 OK" if healthy else "503 Service Unavailable"
             return status, "application/json", _json.encode(document)
         return "404 Not Found", "text/plain", b"not found\n"
+
+
+def _accept(request: bytes) -> str:
+    """The ``Accept`` header of a raw request head (empty when absent or not ASCII)."""
+    for line in request.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"accept":
+            try:
+                return value.strip().decode("ascii")
+            except UnicodeDecodeError:
+                return ""
+    return ""
