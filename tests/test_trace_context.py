@@ -314,3 +314,51 @@ def test_without_opentelemetry_imported_nothing_is_imported_and_nothing_added() 
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_the_span_reader_falls_back_to_the_public_api(
+    monkeypatch: pytest.MonkeyPatch, tracer: Tracer
+) -> None:
+    """Without the API's default runtime context (another context implementation, or internals
+    that changed), the current span is read through get_current_span, with the same result."""
+    from opentelemetry import trace
+
+    from hypervisor.observability._util import otel_context
+
+    modules = {"opentelemetry.trace": trace}  # none of the internals the fast path reads
+    monkeypatch.setattr(otel_context, "_modules", modules)
+    monkeypatch.setattr(otel_context, "_current_span", None)
+    assert otel_context._span_reader(trace) is trace.get_current_span
+    with tracer.start_as_current_span("outer") as span:
+        found = otel_context.current_trace_context()
+        assert found is not None
+        assert found.context == TraceContext(_traceparent(span))
+    assert otel_context.current_trace_context() is None
+    assert otel_context._current_span is trace.get_current_span
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(max_size=12) | st.just("traceparent"),
+        st.text(max_size=30) | st.integers(-(2**63), 2**63 - 1) | st.just(TRACEPARENT),
+        max_size=4,
+    ),
+    st.integers(1, 2**128 - 1),
+    st.integers(1, 2**64 - 1),
+    st.sampled_from(["", "vendor=abc", "a=1,b@t=2"]),
+)
+def test_the_in_place_read_agrees_with_the_decode(
+    payload: dict[str, Any], trace: int, span: int, tracestate: str
+) -> None:
+    """Whatever the payload (a key named traceparent included), reading the context of what
+    the encoder writes in place gives what decoding the entry gives: the attached context."""
+    context = TraceContext.parse(f"00-{trace:032x}-{span:016x}-01", tracestate)
+    assert context is not None
+    event = HypervisorEvent(event_type=EventType.VFS_WRITE, payload=payload)
+    data = attach_context(encode_event(event, exact=True), encode_context(context))
+    assert decode_context(data) == context
+    assert decode_context(bytearray(data)) == context  # not bytes: always decoded
+    assert decode_entry_context(data) == (event.event_id, context)
+    nested = HypervisorEvent(event_type=EventType.VFS_WRITE, payload={"traceparent": TRACEPARENT})
+    assert decode_context(encode_event(nested)) is None

@@ -23,6 +23,7 @@ from typing import Annotated, Final, NamedTuple
 import msgspec
 
 __all__ = [
+    "EVENT_PREFIX",
     "MAX_TRACESTATE_LENGTH",
     "MAX_TRACESTATE_MEMBERS",
     "TRACEPARENT_KEY",
@@ -153,7 +154,8 @@ class EncodedContext(NamedTuple):
 
 _encode = msgspec.msgpack.encode
 _SCHEMA_PREFIX: Final = b"\x92\x01"  # an array of two, schema version 1
-_EVENT_PREFIX: Final = _SCHEMA_PREFIX + b"\x88"  # ... then a map of the eight event fields
+EVENT_PREFIX: Final = _SCHEMA_PREFIX + b"\x88"
+"""The first bytes of an event ``encode_event`` wrote: schema version 1, a map of 8 fields."""
 
 
 def encode_context(context: TraceContext) -> EncodedContext:
@@ -173,7 +175,7 @@ def attach_context(data: bytes, encoded: EncodedContext) -> bytes:
     one-byte header grows by their count: a copy of the bytes. An entry of another layout (a
     hand-made one) is decoded and re-encoded instead.
     """
-    if data[:3] == _EVENT_PREFIX:
+    if data.startswith(EVENT_PREFIX):
         return encoded.prefix + data[3:] + encoded.fields
     version, fields = msgspec.msgpack.decode(data, type=tuple[int, dict[str, msgspec.Raw]])
     fields[TRACEPARENT_KEY] = msgspec.Raw(_encode(encoded.context.traceparent))
@@ -203,7 +205,48 @@ _tracestate_decoder = msgspec.msgpack.Decoder(
 _event_id_decoder = msgspec.msgpack.Decoder(str)
 
 
-def _read(data: bytes | bytearray | memoryview) -> tuple[_WireContext, TraceContext] | None:
+# An entry as encode_event + attach_context write it with a traceparent alone: nine keys, the
+# last the traceparent, a 55-character str8 (0xd9, 55).
+_NINE_KEYS: Final = 0x89
+_TAIL: Final = _NEEDLE + b"\xd9\x37"
+_TAIL_START: Final = -(len(_TAIL) + _TRACEPARENT_LENGTH)
+_MAX_CACHED: Final = 4096
+# Validated contexts by traceparent: the events of one producer span repeat it.
+_parsed: dict[str, TraceContext] = {}
+
+
+def _context(traceparent: str, tracestate: str) -> TraceContext | None:
+    if not tracestate:
+        found = _parsed.get(traceparent)
+        if found is not None:
+            return found
+    context = TraceContext.parse(traceparent, tracestate)
+    if context is not None and not context.tracestate:
+        if len(_parsed) >= _MAX_CACHED:
+            _parsed.clear()
+        _parsed[traceparent] = context
+    return context
+
+
+def _read(data: bytes | bytearray | memoryview) -> tuple[_WireContext | None, TraceContext] | None:
+    """The context of an entry, with its decoded keys (``None`` on the fast path)."""
+    if (
+        type(data) is bytes
+        and len(data) > 3
+        and data[2] == _NINE_KEYS
+        and data[_TAIL_START:-_TRACEPARENT_LENGTH] == _TAIL
+        and data.count(_NEEDLE) == 1
+    ):
+        # The encoder's layout: nine keys, the key once, at the end with its value: read the
+        # value in place, without decoding the entry. (Only a map crafted with a ninth key of
+        # its own and the payload last, ending in a "traceparent" key, reads differently here
+        # than decoded: its own bytes either way.)
+        try:
+            traceparent = data[-_TRACEPARENT_LENGTH:].decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        context = _context(traceparent, "")
+        return None if context is None else (None, context)
     if _NEEDLE not in data:
         return None
     try:
@@ -219,7 +262,7 @@ def _read(data: bytes | bytearray | memoryview) -> tuple[_WireContext, TraceCont
             tracestate = _tracestate_decoder.decode(wire.tracestate)
         except Exception:  # a bad tracestate alone is dropped
             tracestate = ""
-    context = TraceContext.parse(traceparent, tracestate)
+    context = _context(traceparent, tracestate)
     return None if context is None else (wire, context)
 
 
@@ -240,10 +283,18 @@ def decode_entry_context(
     Never raises, whatever the bytes.
     """
     found = _read(data)
-    if found is None or not found[0].event_id:
+    if found is None:
+        return None
+    wire = found[0]
+    if wire is None:  # the fast path: decode the event id alone
+        try:
+            wire = _wire_decoder.decode(data)[1]
+        except Exception:  # hostile bytes
+            return None
+    if not wire.event_id:
         return None
     try:
-        event_id = _event_id_decoder.decode(found[0].event_id)
+        event_id = _event_id_decoder.decode(wire.event_id)
     except Exception:  # not a string: no event this context could belong to
         return None
     return event_id, found[1]
