@@ -287,12 +287,19 @@ async def test_the_reader_keeps_a_bounded_number_of_contexts(
 
 def test_without_opentelemetry_imported_nothing_is_imported_and_nothing_added() -> None:
     """In a process that never imports OpenTelemetry, emitting imports none of it and writes
-    the plain encoding."""
+    the plain encoding; no module of the core (the spawn tree's included) imports it."""
     script = textwrap.dedent(
         """
-        import sys, anyio
+        import importlib, pkgutil, sys, anyio
+        import hypervisor.observability._core as core
         from hypervisor.observability import HypervisorEvent, EventType, RedisEventBus
         from hypervisor.observability._core.codec import encode_event
+
+        for module in pkgutil.iter_modules(core.__path__):
+            importlib.import_module(f"{core.__name__}.{module.name}")
+        from hypervisor.observability import AgentSpanExporter, HypervisorEventBus
+
+        AgentSpanExporter(HypervisorEventBus()).flush()
 
         async def main():
             event = HypervisorEvent(event_type=EventType.VFS_WRITE, payload={"n": 1})
