@@ -12,9 +12,15 @@ persistence) and prints events/s with ratios and the issue's targets:
 * the index reader (backfill of a pre-filled stream into the local index), and how long its
   start takes to find where the newest ``max_events`` begin in a stream three times longer (plain
   read commands, so a read-only ACL user can run it);
-* end-to-end latency, emit to visible in a query of another bus, at a fixed 5k events/s.
+* end-to-end latency, emit to visible in a query of another bus, at a fixed 5k events/s;
+* ``emit_many`` inside an active OpenTelemetry span (each entry carries its ``traceparent``)
+  against the same without a span, in a child process with an SDK tracer provider of its own:
+  runs in ABBA order, events/s and CPU microseconds per event of the process, medians, and the
+  ratio of each pair. (Every other figure here is OpenTelemetry's inactive case: no span is
+  active; redis-py 8 imports OpenTelemetry whenever it is installed, so it is imported.)
 
-Usage: ``python scripts/bench_redis.py [--events 50000] [--batch 1024] [--no-faststream]``.
+Usage: ``python scripts/bench_redis.py [--events 50000] [--batch 1024] [--no-faststream]``;
+``--only-traced`` runs the OpenTelemetry comparison alone.
 """
 
 from __future__ import annotations
@@ -276,6 +282,48 @@ def bench_faststream(url: str, datas: list[bytes], workers: int, blob_path: Path
     return float(out.stdout.strip().splitlines()[-1])
 
 
+async def _traced_runs(url: str, count: int, batch: int, runs: int) -> dict[str, list[float]]:
+    """``emit_many`` with and without an active span, alternating (the child's body)."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("bench")
+    out: dict[str, list[float]] = {"span": [], "plain": [], "span_cpu": [], "plain_cpu": []}
+    async with _producer(url, "bench:traced", batch) as bus:
+        await bus.emit_many(make_events(count))  # warm-up: connections, allocator, caches
+        for run in range(2 * runs):
+            # ABBA order: each case runs first in every other pair, so a drift in the machine's
+            # load weighs on both alike.
+            order = ("span", "plain") if (run // 2) % 2 == 0 else ("plain", "span")
+            key = order[run % 2]
+            traced = key == "span"
+            events = make_events(count)
+            await fresh(url, "bench:traced")
+            wall, cpu = time.perf_counter(), time.process_time()
+            if traced:
+                with tracer.start_as_current_span("agents"):
+                    await bus.emit_many(events)
+            else:
+                await bus.emit_many(events)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            out[key].append(count / wall)
+            out[f"{key}_cpu"].append(cpu / count * 1e6)
+    return out
+
+
+def bench_traced(url: str, count: int, batch: int, runs: int) -> dict[str, list[float]]:
+    """Run :func:`_traced_runs` in a child process (OpenTelemetry stays out of this one)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--traced-child", url, str(count), str(batch), str(runs)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"traced run failed: {out.stderr.strip()[-800:]}")
+    figures: dict[str, list[float]] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
+
+
 def row(name: str, value: float, ceiling: float, target: str = "") -> str:
     return f"  {name:<44} {value:>10,.0f} ev/s  {value / ceiling:>6.1%} of ceiling  {target}"
 
@@ -308,7 +356,38 @@ async def run(url: str, args: argparse.Namespace, results: dict[str, float | Non
     results["latency_max_ms"] = latencies[-1] * 1000
 
 
+def _print_traced(figures: dict[str, list[float]]) -> None:
+    med = {key: statistics.median(values) for key, values in figures.items()}
+    runs = len(figures["span"])
+    # Each run with a span against the run without one next to it (same pair of the ABBA
+    # order): the drift of a shared machine's load cancels out of these ratios.
+    paired = statistics.median(
+        a / b for a, b in zip(figures["span"], figures["plain"], strict=True)
+    )
+    paired_cpu = statistics.median(
+        b / a for a, b in zip(figures["span_cpu"], figures["plain_cpu"], strict=True)
+    )
+    print(f"  emit_many with OpenTelemetry imported (child process, medians of {runs} ABBA runs)")
+    print(
+        f"  {'  inside an active span (traceparent on the wire)':<44} {med['span']:>10,.0f} ev/s"
+        f"  {med['span_cpu']:.2f} us CPU/event"
+    )
+    print(
+        f"  {'  no active span':<44} {med['plain']:>10,.0f} ev/s"
+        f"  {med['plain_cpu']:.2f} us CPU/event"
+    )
+    print(
+        f"  {'  with span / without, paired runs':<44} {paired:>10.2f} x   "
+        f"(CPU per event: {paired_cpu:.2f} x)  "
+        f"target >= 0.90: {'met' if paired >= 0.9 else 'MISSED'}"
+    )
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--traced-child":
+        url, count, batch, runs = sys.argv[2], *map(int, sys.argv[3:6])
+        print(json.dumps(anyio.run(_traced_runs, url, count, batch, runs)))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--reader-events", type=int, default=100_000)
@@ -317,11 +396,21 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=4.0)
     parser.add_argument("--no-faststream", action="store_true")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument("--traced-runs", type=int, default=10, help="runs of each traced case")
+    parser.add_argument(
+        "--only-traced", action="store_true", help="only the OpenTelemetry comparison"
+    )
     args = parser.parse_args()
 
+    if args.only_traced:
+        with RedisServer("--appendonly", "no") as server:
+            figures = bench_traced(server.url, args.events, args.batch, args.traced_runs)
+        _print_traced(figures)
+        return
     results: dict[str, float | None] = {}
     with RedisServer("--appendonly", "no") as server:
         anyio.run(run, server.url, args, results)
+        traced = bench_traced(server.url, args.events, args.batch, args.traced_runs)
         if not args.no_faststream:
             datas = [encode_event(e) for e in make_events(args.events // 2)]
             blob = server.directory / "faststream-events.bin"
@@ -356,6 +445,7 @@ def main() -> None:
         f"  {'index reader start: where the newest begin':<44} {get('walk_s') * 1000:>10,.0f} ms"
         f"  (newest {args.reader_events:,} of {3 * args.reader_events:,} entries)"
     )
+    _print_traced(traced)
     print(
         f"  {'emit -> visible in query @ 5k ev/s':<44} p50 {get('latency_p50_ms'):.2f} ms, "
         f"p99 {get('latency_p99_ms'):.2f} ms, max {get('latency_max_ms'):.2f} ms  "

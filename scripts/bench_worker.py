@@ -7,21 +7,29 @@ Prints, from one run against one server (started here on a free port, no persist
   spans: consume, decode, stage, acknowledge, apply in order, commit), over a pre-filled stream;
 * worker RSS while it consumes ``--rss-events`` events (flat = no growth with events);
 * emit to metric-visible latency (the event's effect committed to the global state, what every
-  worker's ``/metrics`` serves) at a fixed 5k events/s, p50/p99, with 2 workers.
+  worker's ``/metrics`` serves) at a fixed 5k events/s, p50/p99, with 2 workers;
+* a span worker (saga spans and the agents' spawn tree) exporting through ``OTelSpanSink`` (each
+  span encoded to OTLP protobuf, then dropped: no network), over events that carry their
+  producers' trace contexts (every span then has links) against the same events without them:
+  events/s and CPU seconds of the worker process, alternating runs.
 
 Throughput and latency runs are repeated ``--repeat`` times (the machine is shared and noisy);
 each run is printed and the median is the figure to report.
 
 Targets (issue 4): >= 50k events/s per worker with both collectors; memory flat over 1M events;
-p99 emit-to-visible <= 20 ms at 5k events/s.
+p99 emit-to-visible <= 20 ms at 5k events/s. Issue 13: a worker exporting spans with links keeps
+>= 0.9x its throughput without them.
 
-Usage: ``python scripts/bench_worker.py [--events 200000] [--rss-events 1000000] [--repeat 3]``.
+Usage: ``python scripts/bench_worker.py [--events 200000] [--rss-events 1000000] [--repeat 3]``;
+``--only-links`` runs the span-links comparison alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import resource
 import signal
 import statistics
 import subprocess
@@ -42,6 +50,11 @@ from hypervisor.observability._backends.redis_log import RedisStreamLog
 from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
 from hypervisor.observability._core.codec import decode_event, encode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
+from hypervisor.observability._core.trace_context import (
+    TraceContext,
+    attach_context,
+    encode_context,
+)
 from hypervisor.observability.workers import watermark
 from redis_server import RedisServer
 
@@ -63,9 +76,27 @@ _WORKER = textwrap.dedent(
         if "ring" in kinds:
             stores.append(RedisStateStore(url, state_prefix(stream, group, "ring-metrics")))
             derivations.append(RingMetricsDerivation(stores[-1]))
+        sinks = []
+        if "otel" in kinds:
+            from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+            from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+            from hypervisor.observability.exporters.otel import OTelSpanSink
+
+            class Encoded(SpanExporter):
+                # What the OTLP exporter does before it sends: protobuf, then nothing.
+                def export(self, spans):
+                    encode_spans(spans).SerializeToString()
+                    return SpanExportResult.SUCCESS
+
+            sinks.append(OTelSpanSink(span_exporter=Encoded(), batch=False))
         if "saga" in kinds:
             stores.append(RedisStateStore(url, state_prefix(stream, group, "saga-spans")))
-            derivations.append(SagaSpansDerivation(stores[-1], []))
+            derivations.append(SagaSpansDerivation(stores[-1], sinks))
+        if "agents" in kinds:
+            from hypervisor.observability.workers import AgentSpansDerivation
+
+            stores.append(RedisStateStore(url, state_prefix(stream, group, "agent-spans")))
+            derivations.append(AgentSpansDerivation(stores[-1], sinks, idle_timeout_s=2.0))
         config = WorkerConfig(group=group, consumer=consumer, batch_size=500, block_s=0.5)
         async with RedisStreamLog(url, stream, retention=trim) as log, \\
                 RedisStreamLog(url, dlq_name(stream)) as dlq:
@@ -83,8 +114,19 @@ _WORKER = textwrap.dedent(
 )
 
 
-def make_events(count: int, seed: int = 1) -> list[bytes]:
-    """Encoded events: 45% ring, 45% saga lifecycle, 10% other; 1000 agents, 2000 sagas."""
+def make_events(
+    count: int, seed: int = 1, *, causal: bool = False, contexts: bool = False
+) -> list[bytes]:
+    """Encoded events: 45% ring, 45% saga lifecycle, 10% other; 1000 agents, 2000 sagas.
+
+    ``causal``: each agent's events carry its causal trace id (agents 1-999 children of agent
+    0, so the spawn tree has spans). ``contexts``: each event also carries the trace context of
+    the producer span its agent emits in (one of 100, agent number modulo 100), so every span
+    the workers export has a link.
+    """
+    producer_contexts = [
+        encode_context(TraceContext(f"00-{n + 1:032x}-{n + 1:016x}-01")) for n in range(100)
+    ]
     rng = random.Random(seed)
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     ring_types = [
@@ -121,7 +163,22 @@ def make_events(count: int, seed: int = 1) -> list[bytes]:
             )
         else:
             event = HypervisorEvent(event_type=EventType.VFS_WRITE, timestamp=ts)
-        out.append(encode_event(event))
+        agent = int((event.agent_did or "did:agent:0").rsplit(":", 1)[1])
+        if causal:
+            parent = "" if agent == 0 else "/00000000"
+            event = HypervisorEvent(
+                event_id=event.event_id,
+                event_type=event.event_type,
+                timestamp=event.timestamp,
+                session_id=event.session_id,
+                agent_did=event.agent_did,
+                causal_trace_id=f"a1b2c3d4e5f6/{agent:08x}{parent}",
+                payload=event.payload,
+            )
+        data = encode_event(event)
+        if contexts:
+            data = attach_context(data, producer_contexts[agent % 100])
+        out.append(data)
     return out
 
 
@@ -197,6 +254,44 @@ def worker_rate(url: str, stream: str, group: str, n: int, total: int) -> float:
     elapsed = time.perf_counter() - started
     stop_workers(procs)
     return total / elapsed
+
+
+def span_worker_run(url: str, stream: str, group: str, total: int) -> tuple[float, float]:
+    """One span worker (saga + agent spans, OTel sink) over a pre-filled stream: events/s, and
+    CPU seconds of the worker process (its whole life: start, the run, the drain)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    procs = start_workers(url, stream, group, 1, "saga,agents,otel")
+    started = time.perf_counter()
+    anyio.run(wait_settled, url, stream, group, ["saga-spans", "agent-spans"])
+    elapsed = time.perf_counter() - started
+    stop_workers(procs)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return total / elapsed, cpu
+
+
+def links_comparison(url: str, events: int, repeat: int) -> None:
+    """Span worker with and without links on the same events, in ABBA order."""
+    plain = make_events(events, causal=True)
+    linked = make_events(events, causal=True, contexts=True)
+    figures: dict[str, list[tuple[float, float]]] = {"links": [], "plain": []}
+    for run in range(repeat):
+        order = ("links", "plain") if run % 2 == 0 else ("plain", "links")
+        for key in order:
+            stream = f"links-{key}-{run}"
+            anyio.run(fill, url, stream, linked if key == "links" else plain)
+            figures[key].append(span_worker_run(url, stream, f"s-{key}-{run}", events))
+    rates = {key: [rate for rate, _ in values] for key, values in figures.items()}
+    cpus = {key: [cpu for _, cpu in values] for key, values in figures.items()}
+    print(_median_line("span worker + OTel sink, no links", rates["plain"], "events/s"))
+    print(_median_line("span worker + OTel sink, with links", rates["links"], "events/s"))
+    paired = statistics.median(a / b for a, b in zip(rates["links"], rates["plain"], strict=True))
+    paired_cpu = statistics.median(b / a for a, b in zip(cpus["links"], cpus["plain"], strict=True))
+    print(
+        f"{'  with links / without, paired runs':<38}{paired:>10.2f} x (worker CPU "
+        f"{statistics.median(cpus['links']):.1f} s vs {statistics.median(cpus['plain']):.1f} s: "
+        f"{paired_cpu:.2f} x); target 0.90: {'met' if paired >= 0.9 else 'MISSED'}"
+    )
 
 
 def rss_kib(pid: int) -> int:
@@ -293,7 +388,17 @@ def main() -> None:
     parser.add_argument("--rss-events", type=int, default=1_000_000)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--links-events", type=int, default=100_000)
+    parser.add_argument("--links-repeat", type=int, default=6)
+    parser.add_argument("--only-links", action="store_true", help="only the span-links figures")
     args = parser.parse_args()
+    if args.only_links:
+        with RedisServer("--appendonly", "no") as server:
+            print(
+                f"redis-server on port {server.port}; {args.links_events} events, pid {os.getpid()}"
+            )
+            links_comparison(server.url, args.links_events, args.links_repeat)
+        return
     entries = make_events(args.events)
     with RedisServer("--appendonly", "no") as server:
         url = server.url
@@ -337,6 +442,7 @@ def main() -> None:
             p99s.append(latencies[int(len(latencies) * 0.99) - 1] * 1000)
         print(_median_line("emit -> metric visible at 5k/s, p50", p50s, "ms"))
         print(_median_line("emit -> metric visible at 5k/s, p99", p99s, "ms") + "; target 20")
+        links_comparison(url, args.links_events, args.links_repeat)
 
 
 if __name__ == "__main__":

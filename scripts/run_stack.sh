@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Start the stack of docker-compose.yml as plain processes on this machine, for hosts without
 # Docker: a Redis (AOF on, noeviction) on its own port and directory, two fleet simulators, two
-# ring-metrics workers, the saga-span worker and Prometheus (with deploy/prometheus's scrape
-# configuration, targets rewritten to these processes, and the alert rules). Programs that are
+# ring-metrics workers, the span worker (saga spans and the agents' spawn tree) and Prometheus
+# (with deploy/prometheus's scrape configuration, targets rewritten to these processes, the alert
+# and recording rules, and exemplar storage). Programs that are
 # not installed (Grafana, an OpenTelemetry collector, Jaeger: not in Debian) are reported and
 # skipped. Everything listens on 127.0.0.1; logs and data go to one state directory.
 #
@@ -169,7 +170,7 @@ if [ -n "$redis_url" ]; then
         bound "ring-metrics-$((i + 1))" "${ring_ports[$i]}"
         ring_targets+=("$host:${ring_ports[$i]}")
     done
-    span_args=(worker saga-spans --group spans --consumer spans-1
+    span_args=(worker saga-spans --group spans --consumer spans-1 --agent-spans
         --jsonl "$state/spans.jsonl" --metrics-host "$host" --metrics-port "$spans_port")
     otlp=""
     for collector in otelcol-contrib otelcol; do
@@ -226,7 +227,8 @@ PY
             "$state/prometheus/prometheus.yml"
     fi
     start prometheus prometheus --config.file="$state/prometheus/prometheus.yml" \
-        --storage.tsdb.path="$state/prometheus/data" --web.listen-address="$host:$prom_port"
+        --storage.tsdb.path="$state/prometheus/data" --web.listen-address="$host:$prom_port" \
+        --enable-feature=exemplar-storage
     bound prometheus "$prom_port"
     wait_http "http://$host:$prom_port/-/ready" 150
     echo "run_stack: Prometheus on http://$host:$prom_port (alerts: /alerts)"
@@ -285,6 +287,20 @@ while time.monotonic() < deadline:
     if any(a["labels"]["alertname"] == "HighRingBreachRate" for a in alerts):
         break
     time.sleep(1)
+exemplars = []
+while True:
+    window = {"start": time.time() - 3600, "end": time.time() + 60}
+    query = {"query": "agent_hypervisor_ring_breaches_total", **window}
+    exemplars = [
+        e for series in get("/api/v1/query_exemplars?" + urllib.parse.urlencode(query))
+        for e in series["exemplars"]
+    ]
+    if exemplars or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+if not exemplars:
+    sys.exit("run_stack: no exemplars on agent_hypervisor_ring_breaches_total")
+print(f"run_stack: breach exemplars: {len(exemplars)}, e.g. trace_id={exemplars[-1]['labels']['trace_id']}")
 names = sorted({(a["labels"]["alertname"], a["state"]) for a in get("/api/v1/alerts")["alerts"]})
 print(f"run_stack: alerts {names}")
 PY

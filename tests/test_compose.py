@@ -174,3 +174,23 @@ def test_services_connect_as_their_role(compose: dict[str, Any]) -> None:
         assert users[user] == acl_line(role, stream, user, password, groups=groups, form="aclfile")
         if role == "worker":
             assert argv[argv.index("--group") + 1] in GROUPS, name
+
+
+def test_exemplars_and_the_spawn_tree_reach_the_backends(compose: dict[str, Any]) -> None:
+    """Prometheus stores exemplars (the ring counters' trace ids), Grafana links them to
+    Jaeger, and the span worker exports the agents' spawn tree next to the saga spans, as
+    scripts/run_stack.sh does too."""
+    assert "--enable-feature=exemplar-storage" in compose["services"]["prometheus"]["command"]
+    span_workers = [argv for argv in _python_services(compose).values() if "saga-spans" in argv]
+    assert all("--agent-spans" in argv for argv in span_workers)
+    sources = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/datasources.yml").read_text()
+    )["datasources"]
+    prometheus = next(s for s in sources if s["type"] == "prometheus")
+    jaeger = next(s for s in sources if s["type"] == "jaeger")
+    assert prometheus["jsonData"]["exemplarTraceIdDestinations"] == [
+        {"name": "trace_id", "datasourceUid": jaeger["uid"]}
+    ]
+    script = (ROOT / "scripts/run_stack.sh").read_text()
+    assert "--enable-feature=exemplar-storage" in script
+    assert "--agent-spans" in script

@@ -804,7 +804,8 @@ def test_deferral_needs_no_hook_and_keeps_the_caps() -> None:
 
 
 def test_span_record_is_a_plain_frozen_dataclass() -> None:
-    """Records are frozen dataclasses with the published field order and id defaults."""
+    """Records are frozen dataclasses with the published field order, id defaults, and the
+    links (none by default) last."""
     _, spans = apply_all(deploy_saga())
     step = spans[0]
     with pytest.raises(AttributeError, match="no_such_field"):
@@ -812,8 +813,14 @@ def test_span_record_is_a_plain_frozen_dataclass() -> None:
     assert step.duration_seconds == pytest.approx(0.5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         step.status = "error"  # type: ignore[misc]
-    assert dataclasses.fields(SagaSpanRecord)[-1].default is None
-    assert SagaSpanRecord("n", "s", "", "", 0.0, 1.0, "ok").parent_span_id is None
+    fields = dataclasses.fields(SagaSpanRecord)
+    assert [f.name for f in fields[-2:]] == ["parent_span_id", "links"]
+    assert fields[-2].default is None
+    assert fields[-1].default == ()
+    record = SagaSpanRecord("n", "s", "", "", 0.0, 1.0, "ok")
+    assert record.parent_span_id is None
+    assert record.links == ()
+    assert step.links == ()  # built through its __dict__, without the field
 
 
 def test_exporter_defers_spans_only_without_a_sink() -> None:

@@ -4,8 +4,9 @@ The test takes ``deploy/prometheus/prometheus.yml`` and ``rules.yml`` as shipped
 the targets (the live processes started here: a fleet simulator writing to a Redis stream, two
 ``hvobs worker ring-metrics`` processes consuming it) and the intervals (1 s), has ``promtool``
 check them, runs Prometheus, and then requires that every PromQL expression of the Grafana
-dashboard and of the alert rules returns data, and that ``HighRingBreachRate`` goes pending for
-the breaching agent and for no other.
+dashboard and of the alert and recording rules returns data, that ``HighRingBreachRate`` goes
+pending for the breaching agent and for no other, and that Prometheus (with exemplar storage, as
+shipped) stores the breach counter's exemplars, which name the rogue agent's span.
 """
 
 from __future__ import annotations
@@ -248,6 +249,8 @@ def prometheus(fleet: _Fleet, tmp_path_factory: pytest.TempPathFactory) -> Itera
             f"--storage.tsdb.path={workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
             "--log.level=warn",
+            # As docker-compose.yml and scripts/run_stack.sh run it.
+            "--enable-feature=exemplar-storage",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -364,6 +367,32 @@ def test_breach_alert_goes_pending_for_the_breaching_agent(prometheus: str) -> N
     assert {alert["labels"]["agent_did"] for alert in alerts} == {ROGUE}
     assert all(alert["state"] in {"pending", "firing"} for alert in alerts)
     assert float(alerts[0]["value"]) > 0.5
+
+
+def test_breach_exemplars_are_stored_and_name_the_rogue_agents_span(prometheus: str) -> None:
+    """Prometheus scrapes the workers in OpenMetrics and stores the breach counter's exemplars:
+    each names the trace and span of the rogue agent's span in the simulator's spawn tree."""
+    now = time.time()
+
+    def exemplars() -> list[dict[str, Any]] | None:
+        query = {
+            "query": "agent_hypervisor_ring_breaches_total",
+            "start": now - 3600,
+            "end": time.time() + 60,
+        }
+        found = _get_json(f"{prometheus}/api/v1/query_exemplars?{urllib.parse.urlencode(query)}")
+        series = found["data"]
+        return series or None
+
+    series = _wait_for("breach exemplars", exemplars, timeout=60)
+    assert {item["seriesLabels"]["agent_did"] for item in series} == {ROGUE}
+    stored = [exemplar for item in series for exemplar in item["exemplars"]]
+    assert stored
+    for exemplar in stored:
+        assert len(exemplar["labels"]["trace_id"]) == 32
+        assert len(exemplar["labels"]["span_id"]) == 16
+        # Event time: the simulator's breaches happened during this test session.
+        assert now - 3600 < float(exemplar["timestamp"]) < time.time() + 60
 
 
 def test_both_languages_land_on_one_latency_series(prometheus: str, fleet: _Fleet) -> None:

@@ -12,6 +12,11 @@ from typing import TYPE_CHECKING
 from hypervisor.observability._util.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from hypervisor.observability.agent_spans import (
+        AgentSpanExporter as AgentSpanExporter,
+        AgentSpanRecord as AgentSpanRecord,
+        AgentSpanSink as AgentSpanSink,
+    )
     from hypervisor.observability.causal_trace import CausalTraceId as CausalTraceId
     from hypervisor.observability.errors import (
         BusClosedError as BusClosedError,
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
         SpanRecordSink as SpanRecordSink,
         SpanSink as SpanSink,
     )
+    from hypervisor.observability.trace_context import TraceContext as TraceContext
 
 # `hvobs doctor` tells this file from agent-hypervisor's file of the same path by this line.
 __distribution__ = "hypervisor-observability"
@@ -64,6 +70,10 @@ _EXPORTS: dict[str, str] = {
     "SpanSink": "saga_span_exporter",
     "SpanRecordSink": "saga_span_exporter",
     "RedisEventBus": "redis_bus",
+    "TraceContext": "trace_context",
+    "AgentSpanExporter": "agent_spans",
+    "AgentSpanRecord": "agent_spans",
+    "AgentSpanSink": "agent_spans",
     "HypervisorObservabilityError": "errors",
     "EventEncodeError": "errors",
     "EventDecodeError": "errors",
@@ -81,6 +91,9 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "DEFAULT_MAX_EVENTS",
+    "AgentSpanExporter",
+    "AgentSpanRecord",
+    "AgentSpanSink",
     "BusClosedError",
     "BusFullError",
     "BusPermissionError",
@@ -106,6 +119,7 @@ __all__ = [
     "SagaSpanRecord",
     "SpanRecordSink",
     "SpanSink",
+    "TraceContext",
 ]
 
 

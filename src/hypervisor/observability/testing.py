@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hypervisor.observability._core.agent_spans import AgentSpanRecord
 from hypervisor.observability._core.spans import SagaSpanRecord
 
 __all__ = ["ExporterCall", "LabelKey", "RecordingPrometheusExporter", "RecordingSpanSink"]
@@ -36,12 +37,25 @@ class RecordingSpanSink:
 
     It implements both sink protocols: ``SagaSpanExporter`` hands it whole records (ids
     included) through :meth:`export_span`; code that calls the published
-    ``record_span(name=..., ...)`` gets a record built from those arguments.
+    ``record_span(name=..., ...)`` gets a record built from those arguments. Agent spans
+    (``export_agent_span``) are kept apart, in :attr:`agent_records`.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: list[SagaSpanRecord] = []
+        self._agent_records: list[AgentSpanRecord] = []
+
+    def export_agent_span(self, record: AgentSpanRecord) -> None:
+        """Keep an agent span ``record``."""
+        with self._lock:
+            self._agent_records.append(record)
+
+    @property
+    def agent_records(self) -> list[AgentSpanRecord]:
+        """A copy of the agent span records received, in order."""
+        with self._lock:
+            return list(self._agent_records)
 
     def export_span(self, record: SagaSpanRecord) -> None:
         """Keep ``record``."""

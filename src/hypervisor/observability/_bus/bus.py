@@ -51,7 +51,13 @@ from hypervisor.observability._core.store import (
     EventSlice,
     EventStore,
 )
+from hypervisor.observability._core.trace_context import (
+    EVENT_PREFIX,
+    TraceContext,
+    attach_context,
+)
 from hypervisor.observability._util.aio import AsyncResource
+from hypervisor.observability._util.otel_context import current_trace_context
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
     BusClosedError,
@@ -139,6 +145,10 @@ class RedisEventBus(AsyncResource):
             beyond it); the reader skips a longer entry written by anything else without
             decoding it (counted in :attr:`oversized_entries`). Default 1 MiB; give the workers
             the same limit (``--max-event-bytes``).
+        trace_context: an event emitted inside an active OpenTelemetry span carries that
+            span's W3C ``traceparent`` and ``tracestate`` on the wire (extra keys every decoder
+            ignores); readers expose it (:meth:`trace_context`). ``False`` never adds them.
+            Nothing is added, and nothing is imported, while OpenTelemetry is not in use.
     """
 
     def __init__(
@@ -159,12 +169,14 @@ class RedisEventBus(AsyncResource):
         owns_log: bool = True,
         dedup_window: int = 100_000,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        trace_context: bool = True,
     ) -> None:
         if buffer_size < 1 or batch_size < 1:
             raise ValueError("buffer_size and batch_size must be >= 1")
         if max_event_bytes < 1:
             raise ValueError(f"max_event_bytes must be >= 1, got {max_event_bytes}")
         self._max_event_bytes = max_event_bytes
+        self._trace_context = trace_context
         if dedup_window < 0:
             raise ValueError(f"dedup_window must be >= 0, got {dedup_window}")
         self._stream_log = log
@@ -192,6 +204,7 @@ class RedisEventBus(AsyncResource):
             backoff=backoff,
             dedup_window=dedup_window,
             max_event_bytes=max_event_bytes,
+            max_contexts=max_events if max_events is not None else max(dedup_window, 1),
         )
 
         self._tasks: list[tuple[asyncio.Task[None], anyio.CancelScope]] = []
@@ -389,6 +402,10 @@ class RedisEventBus(AsyncResource):
             BusClosedError: the bus is closed or not started.
         """
         data = encode_event(event, exact=True)
+        if self._trace_context:
+            context = current_trace_context()
+            if context is not None:
+                data = attach_context(data, context)
         if len(data) > self._max_event_bytes:
             raise self._too_large(event, len(data))
         self._check_running()
@@ -416,11 +433,26 @@ class RedisEventBus(AsyncResource):
         """
         limit = self._max_event_bytes
         encoded: list[bytes] = []
-        for event in events:
-            data = encode_event(event, exact=True)
-            if len(data) > limit:
-                raise self._too_large(event, len(data))
-            encoded.append(data)
+        # One context for the call: every event is encoded here, inside the caller's span.
+        context = current_trace_context() if self._trace_context else None
+        if context is None:
+            for event in events:
+                data = encode_event(event, exact=True)
+                if len(data) > limit:
+                    raise self._too_large(event, len(data))
+                encoded.append(data)
+        else:
+            # attach_context's common case inline: a third of its cost is the call.
+            prefix, fields = context.prefix, context.fields
+            for event in events:
+                data = encode_event(event, exact=True)
+                if data.startswith(EVENT_PREFIX):
+                    data = prefix + data[3:] + fields
+                else:
+                    data = attach_context(data, context)
+                if len(data) > limit:
+                    raise self._too_large(event, len(data))
+                encoded.append(data)
         self._check_running()
         if not encoded:
             return
@@ -450,6 +482,10 @@ class RedisEventBus(AsyncResource):
             BusClosedError: the bus is closed or not started.
         """
         data = encode_event(event, exact=True)
+        if self._trace_context:
+            context = current_trace_context()
+            if context is not None:
+                data = attach_context(data, context)
         if len(data) > self._max_event_bytes:
             raise self._too_large(event, len(data))
         self._check_running()
@@ -523,6 +559,17 @@ class RedisEventBus(AsyncResource):
         entries = await self._stream_log.count_after(applied, limit)
         seconds = max(0.0, (parse_id(head)[0] - reader.last_applied[0]) / 1000) if entries else 0.0
         return IndexLag(entries, seconds, head, applied)
+
+    def trace_context(self, event: HypervisorEvent | str) -> TraceContext | None:
+        """The W3C trace context ``event`` (or the event of that id) carried on the wire.
+
+        ``None`` when it carried none (emitted outside an OpenTelemetry span, by a bus with
+        ``trace_context=False``, or by an older release), when its context was invalid, or when
+        this bus's reader has not read it or has forgotten it (it keeps the contexts of about as
+        many events as its index holds). A subscriber may call it for the event it is given.
+        """
+        event_id = event if isinstance(event, str) else event.event_id
+        return self._reader.contexts.get(event_id)
 
     @property
     def applied_id(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from hypervisor.observability._backends.log import (
@@ -28,6 +29,7 @@ from hypervisor.observability._core.dispatch import Dispatcher
 from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability._core.recent import RecentIds
 from hypervisor.observability._core.store import EventStore
+from hypervisor.observability._core.trace_context import TraceContext, decode_entry_context
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import BusClosedError, BusPermissionError
 
@@ -65,6 +67,7 @@ class BusReader:
         backoff: Backoff,
         dedup_window: int,
         max_event_bytes: int,
+        max_contexts: int = 100_000,
     ) -> None:
         self.log = log
         self.store = store
@@ -83,6 +86,9 @@ class BusReader:
         # The ids of the newest events applied (copies of them are dropped).
         self.dedup_window = dedup_window
         self.recent = RecentIds(dedup_window)
+        # The trace contexts of the newest events that carried one, by event id (oldest first).
+        self.contexts: OrderedDict[str, TraceContext] = OrderedDict()
+        self.max_contexts = max(1, max_contexts)
 
         # Read through the bus's properties of the same names (documented there).
         self.applied = 0
@@ -165,6 +171,7 @@ class BusReader:
             else:
                 datas.append(data)
         events, bad = decode_events(datas)
+        self._keep_contexts(datas)
         if bad:
             index, reason = bad[0]
             decoded = [e for e in entries if e.data is not None and len(e.data) <= limit]
@@ -179,6 +186,19 @@ class BusReader:
             dispatch = self.dispatcher.dispatch
             for event in events:
                 dispatch(event)
+
+    def _keep_contexts(self, datas: list[bytes]) -> None:
+        """Remember the trace context of each entry that carries one (a substring search per
+        entry; decoding only the context keys of those that have them)."""
+        contexts = self.contexts
+        for data in datas:
+            found = decode_entry_context(data)
+            if found is not None:
+                event_id, context = found
+                contexts[event_id] = context
+                contexts.move_to_end(event_id)
+                if len(contexts) > self.max_contexts:
+                    contexts.popitem(last=False)
 
     def _drop_copies(self, events: list[HypervisorEvent]) -> list[HypervisorEvent]:
         """``events`` without those whose id is among the newest ids applied."""

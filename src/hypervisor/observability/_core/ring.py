@@ -21,6 +21,10 @@ Rules (the published ones, with this project's fixes):
   accepted ``"2"``). Any present ``to_ring``/``ring``/``from_ring`` that is not is a bad event:
   it is counted in ``bad_events``, logged at debug level and otherwise ignored, so one malformed
   payload never half-updates the state nor raises into ``emit()``.
+* Exemplars: for each transition and breach counter key, the causal trace id and timestamp of
+  the newest event of that key that had a causal trace id (``transition_exemplars``,
+  ``breach_exemplars``); exporters turn them into OpenMetrics exemplars pointing at the agent's
+  span (see ``_core/agent_spans.py``).
 * Elevation time is event time: ``ring.elevated`` starts the agent's clock (a new elevation
   restarts it, as published), ``ring.demoted``/``ring.elevation_expired`` stop it and record the
   difference of the two timestamps (never negative). An elevation still open is measured up to
@@ -54,7 +58,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 
@@ -74,6 +78,7 @@ __all__ = [
     "RING_TRANSITION_EVENTS",
     "RingBounds",
     "RingMetricsState",
+    "exemplar_seconds",
     "parse_ring",
 ]
 
@@ -229,6 +234,10 @@ class RingMetricsState:
         folded_agent_events: events counted under the overflow agent (bounded mode).
         folded_session_events: events of agents with series of their own counted under the
             overflow session (bounded mode).
+        transition_exemplars: ``(event type value, agent, session) -> (causal trace id,
+            timestamp)`` of the newest event of that key that had a causal trace id; the
+            timestamp is the event's ``datetime``, or epoch seconds in a restored state.
+        breach_exemplars: the same for ``(agent, session)``.
     """
 
     __slots__ = (
@@ -246,6 +255,7 @@ class RingMetricsState:
         "_newest",
         "_sessions",
         "bad_events",
+        "breach_exemplars",
         "breaches",
         "current_rings",
         "elevation_durations",
@@ -255,6 +265,7 @@ class RingMetricsState:
         "folded_session_events",
         "retired_capacity",
         "retired_idle",
+        "transition_exemplars",
         "transitions",
     )
 
@@ -266,6 +277,8 @@ class RingMetricsState:
         self.elevation_starts: dict[str, float] = {}
         # The ring an agent returns to when its open elevation ends without naming a ring.
         self._elevation_origins: dict[str, int | None] = {}
+        self.transition_exemplars: dict[tuple[str, str, str], tuple[str, datetime | float]] = {}
+        self.breach_exemplars: dict[tuple[str, str], tuple[str, datetime | float]] = {}
         self.events_processed = 0
         self.bad_events = 0
         # The newest timestamp applied, as an aware datetime (converting every event's
@@ -417,10 +430,13 @@ class RingMetricsState:
         except TypeError:  # naive, compared with an aware one
             self._see(stamp)
         agent = event.agent_did or "unknown"
+        causal = event.causal_trace_id
         if event_type is _BREACH:
             key2 = (agent, event.session_id or "unknown")
             breaches = self.breaches
             breaches[key2] = breaches.get(key2, 0) + 1
+            if causal and type(causal) is str:
+                self.breach_exemplars[key2] = (causal, stamp)
             return
         payload = event.payload
         get = payload.get
@@ -451,6 +467,8 @@ class RingMetricsState:
         key3 = (event_type._value_, agent, event.session_id or "unknown")
         transitions = self.transitions
         transitions[key3] = transitions.get(key3, 0) + 1
+        if causal and type(causal) is str:
+            self.transition_exemplars[key3] = (causal, stamp)
 
         if event_type is _ELEVATED:
             origin = from_ring if from_ring is not None else self.current_rings.get(agent)
@@ -528,12 +546,17 @@ class RingMetricsState:
                 sessions_of[label_session] = 1
             if label_session is session:
                 return
+        # The exemplar moves with the count (the event is the newest of the folded key), so
+        # the exemplar maps never hold a key the counters do not.
         if event_type is _BREACH:
             breaches = self.breaches
             count = breaches.pop((agent, session), 0)
             if count:
                 key2 = (label_agent, label_session)
                 breaches[key2] = breaches.get(key2, 0) + count
+                exemplar2 = self.breach_exemplars.pop((agent, session), None)
+                if exemplar2 is not None:
+                    self.breach_exemplars[key2] = exemplar2
         else:
             value = event_type._value_
             transitions = self.transitions
@@ -541,16 +564,25 @@ class RingMetricsState:
             if count:
                 key3 = (value, label_agent, label_session)
                 transitions[key3] = transitions.get(key3, 0) + count
+                exemplar3 = self.transition_exemplars.pop((value, agent, session), None)
+                if exemplar3 is not None:
+                    self.transition_exemplars[key3] = exemplar3
 
     def _retire(self, agent: str) -> None:
         """Drop everything about ``agent`` (already removed from the tracked agents)."""
         sessions_of = self._admitted.pop(agent, None)
         if sessions_of is not None:
             transitions, breaches, sessions = self.transitions, self.breaches, self._sessions
+            transition_exemplars, breach_exemplars = (
+                self.transition_exemplars,
+                self.breach_exemplars,
+            )
             for session in sessions_of:
                 for value in _TRANSITION_VALUES:
                     transitions.pop((value, agent, session), None)
+                    transition_exemplars.pop((value, agent, session), None)
                 breaches.pop((agent, session), None)
+                breach_exemplars.pop((agent, session), None)
                 if session != OVERFLOW_LABEL:
                     left = sessions[session] - 1
                     if left:
@@ -646,8 +678,10 @@ class RingMetricsState:
         # In place: readers may hold the live tables.
         for key3 in [k for k in self.transitions if k[1] in gone]:
             del self.transitions[key3]
+            self.transition_exemplars.pop(key3, None)
         for key2 in [k for k in self.breaches if k[0] in gone]:
             del self.breaches[key2]
+            self.breach_exemplars.pop(key2, None)
         for table in (
             self.current_rings,
             self.elevation_durations,
@@ -661,6 +695,8 @@ class RingMetricsState:
         """Forget everything, as if no event had been applied."""
         self.transitions.clear()
         self.breaches.clear()
+        self.transition_exemplars.clear()
+        self.breach_exemplars.clear()
         self.current_rings.clear()
         self.elevation_durations.clear()
         self.elevation_starts.clear()
@@ -678,3 +714,28 @@ class RingMetricsState:
         self.retired_capacity = 0
         self.folded_agent_events = 0
         self.folded_session_events = 0
+
+
+_K = TypeVar("_K")
+
+
+def exemplar_seconds(stamp: datetime | float) -> float | None:
+    """An exemplar's time in epoch seconds (``None`` when a naive datetime at the ends of the
+    calendar cannot be converted)."""
+    if isinstance(stamp, datetime):
+        try:
+            return stamp.timestamp()
+        except (OverflowError, ValueError, OSError):
+            return None
+    return stamp
+
+
+def _epoch_exemplars(
+    exemplars: dict[_K, tuple[str, datetime | float]],
+) -> dict[_K, tuple[str, float]]:
+    out: dict[_K, tuple[str, float]] = {}
+    for key, (causal, stamp) in exemplars.items():
+        seconds = exemplar_seconds(stamp)
+        if seconds is not None:
+            out[key] = (causal, seconds)
+    return out

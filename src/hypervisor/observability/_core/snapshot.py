@@ -19,13 +19,28 @@ moved into ``wide_ints`` as hex strings by :func:`widen_ints` and put back on lo
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any, Final, get_type_hints
 
 import msgspec
 
-from hypervisor.observability._core.ring import _NO_CLOCK, _NO_TIME, RingMetricsState
+from hypervisor.observability._core.agent_spans import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CLOSED_AGENTS,
+    DEFAULT_MAX_LINKS,
+    DEFAULT_MAX_OPEN_AGENTS,
+    DEFAULT_MAX_SPAN_EVENTS,
+    AgentSpanState,
+    _OpenAgent,
+)
+from hypervisor.observability._core.ring import (
+    _NO_CLOCK,
+    _NO_TIME,
+    RingMetricsState,
+    _epoch_exemplars,
+)
 from hypervisor.observability._core.span_records import SagaSpanRecord, _record
 from hypervisor.observability._core.spans import (
     DEFAULT_MAX_OPEN_SAGAS,
@@ -37,6 +52,7 @@ from hypervisor.observability._core.spans import (
 
 __all__ = [
     "SNAPSHOT_SCHEMA_VERSION",
+    "AgentSnapshot",
     "OpenSagaSnapshot",
     "OpenStepSnapshot",
     "RingSnapshot",
@@ -143,6 +159,9 @@ class RingSnapshot(msgspec.Struct, tag="ring", gc=False):
     retired_capacity: Count = 0
     folded_agent_events: Count = 0
     folded_session_events: Count = 0
+    transition_exemplars: dict[tuple[str, str, str], tuple[str, float]] = {}
+    """Key -> (causal trace id, epoch seconds) of the newest event of that key with one."""
+    breach_exemplars: dict[tuple[str, str], tuple[str, float]] = {}
     wide_ints: list[WideInt] = []
     """Values of the int-valued dicts that do not fit 64 bits (see :func:`widen_ints`)."""
 
@@ -203,8 +222,72 @@ class SagaSnapshot(msgspec.Struct, tag="saga", gc=False):
     evicted_open_sagas: Count = 0
 
 
-StateSnapshot = RingSnapshot | SagaSnapshot
-"""Either kind of snapshot; the ``type`` tag (``"ring"``/``"saga"``) tells them apart."""
+class AgentSnapshot(msgspec.Struct, tag="agents", gc=False):
+    """The state of ``AgentSpanState`` (the spawn tree as spans): its limits, its open nodes in
+    their order (least recently touched first), the closed ones remembered, and its counters."""
+
+    max_open_agents: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_OPEN_AGENTS
+    max_closed_agents: Count = DEFAULT_MAX_CLOSED_AGENTS
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_IDLE_TIMEOUT_S
+    max_span_events: Count = DEFAULT_MAX_SPAN_EVENTS
+    max_links: Count = DEFAULT_MAX_LINKS
+    open: list[tuple[str, _OpenAgent]] = []
+    by_agent: dict[str, str] = {}
+    closed: list[str] = []
+    newest: float = -math.inf
+    events_processed: Count = 0
+    spans_completed: Count = 0
+    late_events: Count = 0
+    evicted_open_agents: Count = 0
+    bad_causal_ids: Count = 0
+
+
+StateSnapshot = RingSnapshot | SagaSnapshot | AgentSnapshot
+"""Any kind of snapshot; the ``type`` tag (``"ring"``/``"saga"``/``"agents"``) tells them
+apart."""
+
+
+def _agent_snapshot(state: AgentSpanState) -> AgentSnapshot:
+    return AgentSnapshot(
+        max_open_agents=state.max_open_agents,
+        max_closed_agents=state.max_closed_agents,
+        idle_timeout_s=state.idle_timeout_s,
+        max_span_events=state.max_span_events,
+        max_links=state.max_links,
+        open=list(state._open.items()),
+        by_agent=state._by_agent,
+        closed=list(state._closed),
+        newest=state._newest,
+        events_processed=state.events_processed,
+        spans_completed=state.spans_completed,
+        late_events=state.late_events,
+        evicted_open_agents=state.evicted_open_agents,
+        bad_causal_ids=state.bad_causal_ids,
+    )
+
+
+def _agents_of(snapshot: AgentSnapshot) -> AgentSpanState:
+    if len(snapshot.open) > snapshot.max_open_agents:
+        raise ValueError(
+            f"{len(snapshot.open)} open agents, more than the cap of {snapshot.max_open_agents}"
+        )
+    state = AgentSpanState(
+        max_open_agents=snapshot.max_open_agents,
+        max_closed_agents=snapshot.max_closed_agents,
+        idle_timeout_s=snapshot.idle_timeout_s,
+        max_span_events=snapshot.max_span_events,
+        max_links=snapshot.max_links,
+    )
+    state._open = OrderedDict(snapshot.open)
+    state._by_agent = snapshot.by_agent
+    state._closed = OrderedDict.fromkeys(snapshot.closed)
+    state._newest = snapshot.newest
+    state.events_processed = snapshot.events_processed
+    state.spans_completed = snapshot.spans_completed
+    state.late_events = snapshot.late_events
+    state.evicted_open_agents = snapshot.evicted_open_agents
+    state.bad_causal_ids = snapshot.bad_causal_ids
+    return state
 
 
 # -- RingMetricsState -----------------------------------------------------------------------------
@@ -240,6 +323,8 @@ def _ring_snapshot(state: RingMetricsState) -> RingSnapshot:
         retired_capacity=state.retired_capacity,
         folded_agent_events=state.folded_agent_events,
         folded_session_events=state.folded_session_events,
+        transition_exemplars=_epoch_exemplars(state.transition_exemplars),
+        breach_exemplars=_epoch_exemplars(state.breach_exemplars),
     )
 
 
@@ -271,6 +356,8 @@ def _ring_of(snapshot: RingSnapshot) -> RingMetricsState:
     state.retired_capacity = snapshot.retired_capacity
     state.folded_agent_events = snapshot.folded_agent_events
     state.folded_session_events = snapshot.folded_session_events
+    state.transition_exemplars = dict(snapshot.transition_exemplars)
+    state.breach_exemplars = dict(snapshot.breach_exemplars)
     return state
 
 
@@ -398,10 +485,12 @@ def snapshot_of(state: object) -> StateSnapshot:
         return _ring_snapshot(state)
     if isinstance(state, SagaSpanState):
         return _saga_snapshot(state)
+    if isinstance(state, AgentSpanState):
+        return _agent_snapshot(state)
     raise TypeError(f"no snapshot schema for {type(state).__qualname__}")
 
 
-def state_of(snapshot: StateSnapshot) -> RingMetricsState | SagaSpanState:
+def state_of(snapshot: StateSnapshot) -> RingMetricsState | SagaSpanState | AgentSpanState:
     """Return the state a snapshot describes (it takes the snapshot's dicts over).
 
     Raises:
@@ -410,6 +499,8 @@ def state_of(snapshot: StateSnapshot) -> RingMetricsState | SagaSpanState:
     """
     if isinstance(snapshot, RingSnapshot):
         return _ring_of(snapshot)
+    if isinstance(snapshot, AgentSnapshot):
+        return _agents_of(snapshot)
     return _saga_of(snapshot)
 
 

@@ -15,7 +15,7 @@ from typing import Final
 
 from hypervisor.observability._core.trace import CausalTraceId
 
-__all__ = ["span_id_for", "trace_id_for_saga"]
+__all__ = ["causal_span_ids", "span_id_for", "trace_id_for_saga"]
 
 _blake2b = hashlib.blake2b
 
@@ -31,6 +31,9 @@ def _digest(width: int, *parts: str) -> str:
 # A causal trace id as CausalTraceId.from_string accepts it: two or three segments of at most 64
 # letters, digits, '-' or '_' (which also bounds the length as it does).
 _CAUSAL: Final = re.compile(r"([A-Za-z0-9_-]{1,64})/([A-Za-z0-9_-]{1,64})(?:/[A-Za-z0-9_-]{1,64})?")
+_CAUSAL_PARTS: Final = re.compile(
+    r"([A-Za-z0-9_-]{1,64})/([A-Za-z0-9_-]{1,64})(?:/([A-Za-z0-9_-]{1,64}))?"
+)
 _HEX: Final = re.compile(r"[0-9a-f]+")
 _HEX_DIGITS: Final = "0123456789abcdef"
 _SEGMENT_CHARS: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
@@ -96,6 +99,27 @@ def trace_id_for_saga(saga_id: str, causal_trace_id: str | None) -> tuple[str, s
                 _, trace, span, _ = causal.to_traceparent().split("-")
                 return trace, span
     return _digest(32, "saga-trace", saga_id), None
+
+
+def causal_span_ids(causal_trace_id: str) -> tuple[str, str, str | None] | None:
+    """``(W3C trace id, span id, parent span id or None)`` of a causal trace id, else ``None``.
+
+    The same mapping as :func:`trace_id_for_saga` (``CausalTraceId.to_traceparent``'s), applied
+    to the parent segment too: the span of an agent's causal id is the parent of the sagas it
+    runs, and its parent is the span of the agent that spawned it. ``None`` for a string that
+    is not a causal trace id.
+    """
+    if type(causal_trace_id) is not str:
+        return None
+    match = _CAUSAL_PARTS.fullmatch(causal_trace_id)
+    if match is None:
+        return None
+    parent = match[3]
+    return (
+        _w3c_segment(match[1], 32),
+        _w3c_segment(match[2], 16),
+        None if parent is None else _w3c_segment(parent, 16),
+    )
 
 
 def span_id_for(kind: str, saga_id: str, key: str, opening_event_id: str) -> str:

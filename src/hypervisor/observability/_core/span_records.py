@@ -23,6 +23,7 @@ from hypervisor.observability._core.span_ids import (
     span_id_for,
     trace_id_for_saga,
 )
+from hypervisor.observability._core.trace_context import TraceContext
 
 __all__ = ["SagaSpanRecord", "SpanRecordSink", "SpanSink", "deliverer"]
 
@@ -42,6 +43,8 @@ class SagaSpanRecord:
         trace_id: W3C trace id (32 lowercase hex).
         span_id: W3C span id (16 lowercase hex).
         parent_span_id: the parent's W3C span id, ``None`` for a root span.
+        links: the trace contexts of the producers' spans the span links to (the workers set
+            the context of the event that completed the span, when it carried one).
 
     A record built by hand without ids gets ids derived from its saga id, step id, name and
     start time, so every record is a valid W3C span. (Not a slotted class: the state machine
@@ -60,6 +63,7 @@ class SagaSpanRecord:
     trace_id: str = ""
     span_id: str = ""
     parent_span_id: str | None = None
+    links: tuple[TraceContext, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.trace_id:

@@ -13,11 +13,18 @@ light up the tutorial's alert rules:
 * a ``--slow-fraction`` of decisions (default 3%) go to a slow external policy backend taking
   60-200 ms (``GovernanceLatencyHigh``: the p99 is above 50 ms).
 
+The fleet works in runs of ``--run-seconds`` (default 60): an orchestrator (``did:mesh:
+orchestrator``) with a root causal trace id spawns every agent as its child; the agents' events
+carry their causal ids (so the breaches carry exemplars leading to the rogue agent's span), and
+at the end of a run every session is terminated and the next run starts with new causal ids,
+so the agent spans of the spawn tree close and reach the tracing backend.
+
 Without ``--redis`` the events go to an in-process ``HypervisorEventBus``; a
 ``RingMetricsCollector`` on it is exposed through
 :class:`~hypervisor.observability.exporters.prometheus.RingMetricsPrometheusCollector`, next to
 the :class:`~hypervisor.observability.exporters.governance.GovernanceMetrics` of the simulated
-policy engine, and ``--otlp-endpoint`` sends the saga spans over OTLP/HTTP. With ``--redis URL``
+policy engine, and ``--otlp-endpoint`` sends the saga spans and the agent spans of the spawn
+tree over OTLP/HTTP. With ``--redis URL``
 the events are appended to the shared stream instead (for the ring-metrics and saga-span
 workers), and ``/metrics`` serves the governance metrics only.
 
@@ -69,6 +76,7 @@ class _Agent:
     ring: int = 3
     elevated_until: float | None = None
     trust: float = 850.0
+    causal: str | None = None  # the agent's causal trace id in the current run
 
 
 @dataclass
@@ -86,6 +94,7 @@ class FleetSimulator:
         seed: random seed (the workload is reproducible for a given tick sequence).
         fleet: prefix of this simulator's agent and session names, so several simulators
             sharing one stream have agents of their own (``did:mesh:<fleet>.rogue-bot``).
+        run_seconds: length of a run of the fleet (its spawn tree), in simulated seconds.
     """
 
     governance: GovernanceMetrics
@@ -94,16 +103,20 @@ class FleetSimulator:
     slow_fraction: float = 0.03
     seed: int = 7
     fleet: str = ""
+    run_seconds: float = 60.0
     _rng: random.Random = field(init=False)
     _fleet: list[_Agent] = field(init=False)
     _breach_credit: float = field(default=0.0, init=False)
     _saga_credit: float = field(default=0.0, init=False)
     _sagas: int = field(default=0, init=False)
+    _root: CausalTraceId | None = field(default=None, init=False)
+    _run_started: float = field(default=0.0, init=False)
     events_emitted: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
         self.rogue, self.stuck, self.noisy = self.did(ROGUE), self.did(STUCK), self.did(NOISY)
+        self.orchestrator = self.did("orchestrator")
         fleet = [
             _Agent(self.did(f"agent-{i:02d}"), self.session(f"{i % 3:03d}"))
             for i in range(self.agents)
@@ -128,14 +141,67 @@ class FleetSimulator:
         scores[self.stuck] = 610.0
         return scores
 
+    def _run(self, now: datetime) -> list[HypervisorEvent]:
+        """End the current run (every session terminated, the orchestrator's last), if any,
+        and start the next: the orchestrator and every agent get new causal ids."""
+        events: list[HypervisorEvent] = []
+        orchestrator = self.session("orchestrator")
+        root = self._root
+        if root is not None:
+            for agent in self._fleet:
+                events.append(
+                    HypervisorEvent(
+                        event_type=EventType.SESSION_TERMINATED,
+                        timestamp=now,
+                        agent_did=agent.did,
+                        session_id=agent.session,
+                        causal_trace_id=agent.causal,
+                    )
+                )
+            events.append(
+                HypervisorEvent(
+                    event_type=EventType.SESSION_TERMINATED,
+                    timestamp=now,
+                    agent_did=self.orchestrator,
+                    session_id=orchestrator,
+                    causal_trace_id=root.full_id,
+                )
+            )
+        root = self._root = CausalTraceId()
+        self._run_started = now.timestamp()
+        events.append(
+            HypervisorEvent(
+                event_type=EventType.SESSION_CREATED,
+                timestamp=now,
+                agent_did=self.orchestrator,
+                session_id=orchestrator,
+                causal_trace_id=root.full_id,
+            )
+        )
+        for agent in self._fleet:
+            agent.causal = root.child().full_id
+            events.append(
+                HypervisorEvent(
+                    event_type=EventType.SESSION_CREATED,
+                    timestamp=now,
+                    agent_did=agent.did,
+                    session_id=agent.session,
+                    causal_trace_id=agent.causal,
+                )
+            )
+        return events
+
     def start(self, now: datetime) -> list[HypervisorEvent]:
-        """Events at start: ring assignments, and the stuck agent's old elevation."""
-        events = [
+        """Events at start: the first run, ring assignments, and the stuck agent's old
+        elevation."""
+        events = self._run(now)
+        events += [
             HypervisorEvent(
                 event_type=EventType.RING_ASSIGNED,
                 timestamp=now,
                 agent_did=agent.did,
                 session_id=agent.session,
+                causal_trace_id=agent.causal,
                 payload={"ring": agent.ring},
             )
             for agent in self._fleet
@@ -166,6 +232,8 @@ class FleetSimulator:
         rng = self._rng
         events: list[HypervisorEvent] = []
         t = now.timestamp()
+        if t - self._run_started >= self.run_seconds:
+            events.extend(self._run(now))
         gov = self.governance
         for agent in self._fleet:
             if agent.did == self.rogue:
@@ -197,6 +265,7 @@ class FleetSimulator:
                     timestamp=now,
                     agent_did=rogue.did,
                     session_id=rogue.session,
+                    causal_trace_id=rogue.causal,
                     payload={"attempted_tool": "shell_exec", "ring": rogue.ring},
                 )
             )
@@ -211,6 +280,7 @@ class FleetSimulator:
                     timestamp=now,
                     agent_did=audited.did,
                     session_id=audited.session,
+                    causal_trace_id=audited.causal,
                     payload={"entries": rng.randint(1, 20)},
                 )
             )
@@ -231,6 +301,7 @@ class FleetSimulator:
             timestamp=now,
             agent_did=agent.did,
             session_id=agent.session,
+            causal_trace_id=agent.causal,
             payload={"from_ring": from_ring, "to_ring": to_ring},
         )
 
@@ -250,15 +321,18 @@ class FleetSimulator:
         self._sagas += 1
         saga_id = f"deploy-{self._sagas:05d}"
         agent = rng.choice(self._fleet[: self.agents])
-        trace = CausalTraceId()
         durations = [rng.uniform(0.2, 1.2) for _ in range(3)]
         t = now - timedelta(seconds=sum(durations) + 0.05)
-        common: dict[str, Any] = {"agent_did": agent.did, "session_id": agent.session}
+        # The agent's causal id: its saga spans are children of its agent span.
+        common: dict[str, Any] = {
+            "agent_did": agent.did,
+            "session_id": agent.session,
+            "causal_trace_id": agent.causal,
+        }
         events = [
             HypervisorEvent(
                 event_type=EventType.SAGA_CREATED,
                 timestamp=t,
-                causal_trace_id=trace.full_id,
                 payload={"saga_id": saga_id},
                 **common,
             )
@@ -271,7 +345,6 @@ class FleetSimulator:
                 HypervisorEvent(
                     event_type=EventType.SAGA_STEP_STARTED,
                     timestamp=t,
-                    causal_trace_id=trace.child().full_id,
                     payload=step,
                     **common,
                 )
@@ -340,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--fleet", default="", help="prefix of agent and session names")
     parser.add_argument(
+        "--run-seconds",
+        type=float,
+        default=60.0,
+        help="length of a run of the fleet: its spawn tree's sessions end and a new one starts",
+    )
+    parser.add_argument(
         "--redis",
         default=os.environ.get("HVOBS_REDIS_URL") or None,
         metavar="URL",
@@ -383,6 +462,7 @@ async def _run(args: argparse.Namespace) -> int:
         slow_fraction=args.slow_fraction,
         seed=args.seed,
         fleet=args.fleet,
+        run_seconds=args.run_seconds,
     )
     emit_local = None
     redis_bus = None
@@ -400,11 +480,13 @@ async def _run(args: argparse.Namespace) -> int:
         bus = HypervisorEventBus(max_events=50_000)
         register_ring_metrics(RingMetricsCollector(bus), registry)
         if args.otlp_endpoint:
+            from hypervisor.observability._core.agent_span_exporter import AgentSpanExporter
             from hypervisor.observability.exporters.otel import otlp_http_span_sink
 
             sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-hypervisor")
             closers.append(sink.shutdown)
             SagaSpanExporter(bus, sink=sink)
+            AgentSpanExporter(bus, sink)
         emit_local = bus.emit
 
     server = serve_metrics(registry, args.host, args.port)

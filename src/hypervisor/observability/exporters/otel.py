@@ -39,8 +39,10 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
 
+from hypervisor.observability._core.agent_spans import AgentSpanRecord, SpanEventRecord
 from hypervisor.observability._core.ring import (
     METRIC_RING_BREACHES_TOTAL,
     METRIC_RING_CURRENT,
@@ -49,6 +51,7 @@ from hypervisor.observability._core.ring import (
     RingMetricsState,
 )
 from hypervisor.observability._core.spans import SagaSpanRecord
+from hypervisor.observability._core.trace_context import TraceContext
 from hypervisor.observability.exporters.prometheus import (
     DEFAULT_MAX_AGENTS,
     DEFAULT_MAX_SESSIONS,
@@ -68,6 +71,7 @@ INSTRUMENTATION_SCOPE: Final = "hypervisor.observability"
 
 _STATUS_COMPENSATING: Final = "agent.saga.compensating"
 _ATTRIBUTE_TYPES: Final = (str, bool, int, float)
+_MAX_CACHED_LINKS: Final = 4096
 
 
 class RecordIdGenerator(IdGenerator):
@@ -133,7 +137,11 @@ class OTelSpanSink:
     Attach it to a :class:`~hypervisor.observability.SagaSpanExporter` (``sink=`` or
     ``attach_sink``), or to the saga-span worker. Records with ids (``export_span``) keep their
     trace, span and parent ids; plain ``record_span`` calls (no ids) become root spans with fresh
-    random ids. Both keep the true start and end times.
+    random ids. Both keep the true start and end times. Agent spans of the spawn tree
+    (``export_agent_span``, from ``AgentSpanExporter`` or the ``agent-spans`` worker) keep their
+    ids too, with their span events (ring transitions, breaches, spawned children) at their event
+    times. A record's ``links`` (the producers' span contexts) become span links, which the
+    provider's span limits cap (128 by default).
 
     Args:
         tracer_provider: the SDK ``TracerProvider`` to create spans with. The sink installs a
@@ -175,6 +183,8 @@ class OTelSpanSink:
         self.provider = tracer_provider
         self._tracer = tracer_provider.get_tracer(INSTRUMENTATION_SCOPE)
         self.spans_exported = 0
+        # Many spans link the same producer span: its Link is built once.
+        self._links: dict[TraceContext, Link] = {}
 
     def record_span(
         self,
@@ -188,7 +198,7 @@ class OTelSpanSink:
         self._emit(name, start_time, end_time, attributes, status, None, None, None)
 
     def export_span(self, record: SagaSpanRecord) -> None:
-        """Make a span with the record's ids, parent and times."""
+        """Make a span with the record's ids, parent, times and links."""
         self._emit(
             record.name,
             record.start_time,
@@ -198,7 +208,40 @@ class OTelSpanSink:
             record.trace_id,
             record.span_id,
             record.parent_span_id,
+            record.links,
         )
+
+    def export_agent_span(self, record: AgentSpanRecord) -> None:
+        """Make an agent span with the record's ids, parent, times, span events and links."""
+        self._emit(
+            record.name,
+            record.start_time,
+            record.end_time,
+            record.attributes,
+            record.status,
+            record.trace_id,
+            record.span_id,
+            record.parent_span_id,
+            record.links,
+            record.events,
+        )
+
+    def _link(self, context: TraceContext) -> Link:
+        link = self._links.get(context)
+        if link is None:
+            if len(self._links) >= _MAX_CACHED_LINKS:
+                self._links.clear()
+            state = TraceState.from_header([context.tracestate]) if context.tracestate else None
+            link = self._links[context] = Link(
+                SpanContext(
+                    trace_id=int(context.trace_id, 16),
+                    span_id=int(context.span_id, 16),
+                    is_remote=True,
+                    trace_flags=TraceFlags(context.trace_flags),
+                    trace_state=state,
+                )
+            )
+        return link
 
     def _emit(
         self,
@@ -210,6 +253,8 @@ class OTelSpanSink:
         trace_id: str | None,
         span_id: str | None,
         parent_span_id: str | None,
+        links: tuple[TraceContext, ...] = (),
+        events: tuple[SpanEventRecord, ...] = (),
     ) -> None:
         context = None
         if trace_id and parent_span_id:
@@ -236,14 +281,25 @@ class OTelSpanSink:
                 context=context,
                 kind=SpanKind.INTERNAL,
                 attributes=span_attributes,
+                links=[self._link(link) for link in links] if links else None,
                 start_time=_ns(start_time),
             )
         finally:
             self._ids.clear()
+        for event in events:
+            span.add_event(
+                event.name,
+                {key: _attribute_value(value) for key, value in event.attributes.items()},
+                timestamp=_ns(event.time),
+            )
         if status == "ok":
             span.set_status(Status(StatusCode.OK))
         elif status == "error":
-            description = attributes.get("agent.saga.error") or attributes.get("agent.saga.reason")
+            description = (
+                attributes.get("agent.saga.error")
+                or attributes.get("agent.saga.reason")
+                or attributes.get("error.type")
+            )
             span.set_status(Status(StatusCode.ERROR, str(description or "")))
         span.end(end_time=_ns(max(end_time, start_time)))
         self.spans_exported += 1
@@ -316,6 +372,8 @@ class OTelRingMetricsBridge:
         meter_provider: used when ``meter`` is ``None``.
         max_agents: agents with series of their own.
         max_sessions: sessions with series of their own.
+        session_label: give the counters a ``session_id`` attribute (the default); ``False``
+            sums them over sessions.
     """
 
     def __init__(
@@ -326,9 +384,11 @@ class OTelRingMetricsBridge:
         meter_provider: MeterProvider | None = None,
         max_agents: int = DEFAULT_MAX_AGENTS,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        session_label: bool = True,
     ) -> None:
         from opentelemetry import metrics
 
+        self.session_label = session_label
         self._state = source if isinstance(source, RingMetricsState) else source.state
         self.guard = LabelGuard(max_agents=max_agents, max_sessions=max_sessions)
         if meter is None:
@@ -362,25 +422,26 @@ class OTelRingMetricsBridge:
     def _admit(self, label: str, value: str) -> str:
         return self.guard.admit(label, value, count=False)
 
+    def _session(self, session: str) -> dict[str, str]:
+        return {"session_id": self._admit("session_id", session)} if self.session_label else {}
+
     def _transitions(self, options: CallbackOptions) -> Iterable[Observation]:
-        totals: dict[tuple[str, str, str], int] = {}
+        totals: dict[tuple[tuple[str, str], ...], int] = {}
         for (event_type, agent, session), count in list(self._state.transitions.items()):
-            key = (event_type, self._admit("agent_did", agent), self._admit("session_id", session))
+            labels = {"event_type": event_type, "agent_did": self._admit("agent_did", agent)}
+            labels.update(self._session(session))
+            key = tuple(labels.items())
             totals[key] = totals.get(key, 0) + count
-        return [
-            Observation(count, {"event_type": et, "agent_did": agent, "session_id": session})
-            for (et, agent, session), count in totals.items()
-        ]
+        return [Observation(count, dict(key)) for key, count in totals.items()]
 
     def _breaches(self, options: CallbackOptions) -> Iterable[Observation]:
-        totals: dict[tuple[str, str], int] = {}
+        totals: dict[tuple[tuple[str, str], ...], int] = {}
         for (agent, session), count in list(self._state.breaches.items()):
-            key = (self._admit("agent_did", agent), self._admit("session_id", session))
+            labels = {"agent_did": self._admit("agent_did", agent)}
+            labels.update(self._session(session))
+            key = tuple(labels.items())
             totals[key] = totals.get(key, 0) + count
-        return [
-            Observation(count, {"agent_did": agent, "session_id": session})
-            for (agent, session), count in totals.items()
-        ]
+        return [Observation(count, dict(key)) for key, count in totals.items()]
 
     def _rings(self, options: CallbackOptions) -> Iterable[Observation]:
         rings: dict[str, int] = {}

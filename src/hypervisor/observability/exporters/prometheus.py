@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from hypervisor.observability._core.ring import (
@@ -48,7 +49,9 @@ from hypervisor.observability._core.ring import (
     OVERFLOW_LABEL,
     RingBounds,
     RingMetricsState,
+    exemplar_seconds,
 )
+from hypervisor.observability._core.span_ids import causal_span_ids
 from hypervisor.observability.errors import MetricsExportError
 
 __all__ = [
@@ -234,12 +237,20 @@ class RingMetricsPrometheusCollector(Collector):
     elevation, so an alert on either still fires for a folded agent. Here the overflow counter
     is the number of distinct values currently folded (the state only grows, so it only grows).
 
+    Exemplars: each transition and breach series carries, in the OpenMetrics exposition, an
+    exemplar ``{trace_id, span_id}`` of the newest event of the series that had a causal trace
+    id (the agent span that event became a span event of), with the event's timestamp; a series
+    made of several keys (folded values, sessions summed) takes its newest one.
+
     Args:
         source: a ``RingMetricsCollector`` (anything with a ``state``) or a ``RingMetricsState``.
         max_agents: agents with series of their own.
         max_sessions: sessions with series of their own.
         guard: a guard to share (for instance across collectors rebuilt over fresh snapshots,
             so folding stays stable); ``max_agents``/``max_sessions`` are then ignored.
+        session_label: label the transition and breach counters with ``session_id`` (the
+            default, as published); ``False`` sums them over sessions, the first thing to turn
+            off in a large fleet (series per agent, not per agent and session).
     """
 
     def __init__(
@@ -249,14 +260,17 @@ class RingMetricsPrometheusCollector(Collector):
         max_agents: int = DEFAULT_MAX_AGENTS,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         guard: LabelGuard | None = None,
+        session_label: bool = True,
     ) -> None:
         self._state = source if isinstance(source, RingMetricsState) else source.state
         if guard is None:
             guard = LabelGuard(max_agents=max_agents, max_sessions=max_sessions)
         self.guard = guard
+        self.session_label = session_label
 
-    @staticmethod
-    def _families() -> tuple[
+    def _families(
+        self,
+    ) -> tuple[
         CounterMetricFamily,
         CounterMetricFamily,
         GaugeMetricFamily,
@@ -265,16 +279,17 @@ class RingMetricsPrometheusCollector(Collector):
         CounterMetricFamily,
         CounterMetricFamily,
     ]:
+        session = ("session_id",) if self.session_label else ()
         return (
             CounterMetricFamily(
                 _strip_total(METRIC_RING_TRANSITIONS_TOTAL),
                 _HELP_TRANSITIONS,
-                labels=("event_type", "agent_did", "session_id"),
+                labels=("event_type", "agent_did", *session),
             ),
             CounterMetricFamily(
                 _strip_total(METRIC_RING_BREACHES_TOTAL),
                 _HELP_BREACHES,
-                labels=("agent_did", "session_id"),
+                labels=("agent_did", *session),
             ),
             GaugeMetricFamily(METRIC_RING_CURRENT, _HELP_CURRENT, labels=("agent_did",)),
             GaugeMetricFamily(
@@ -307,14 +322,25 @@ class RingMetricsPrometheusCollector(Collector):
                 folded[label].add(value)
             return out
 
-        transitions: dict[tuple[str, str, str], int] = {}
-        for (event_type, agent, session), count in _items(state.transitions):
-            key3 = (event_type, fold("agent_did", agent), fold("session_id", session))
-            transitions[key3] = transitions.get(key3, 0) + count
-        breaches: dict[tuple[str, str], int] = {}
-        for (agent, session), count in _items(state.breaches):
-            key2 = (fold("agent_did", agent), fold("session_id", session))
-            breaches[key2] = breaches.get(key2, 0) + count
+        sessions = self.session_label
+        transitions: dict[tuple[str, ...], int] = {}
+        transition_keys: dict[tuple[str, ...], list[tuple[str, str, str]]] = {}
+        for key3, count in _items(state.transitions):
+            event_type, agent, session = key3
+            key: tuple[str, ...] = (event_type, fold("agent_did", agent))
+            if sessions:
+                key = (*key, fold("session_id", session))
+            transitions[key] = transitions.get(key, 0) + count
+            transition_keys.setdefault(key, []).append(key3)
+        breaches: dict[tuple[str, ...], int] = {}
+        breach_keys: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+        for key2, count in _items(state.breaches):
+            agent, session = key2
+            key = (fold("agent_did", agent),)
+            if sessions:
+                key = (*key, fold("session_id", session))
+            breaches[key] = breaches.get(key, 0) + count
+            breach_keys.setdefault(key, []).append(key2)
         rings: dict[str, int] = {}
         for agent, ring in _items(state.current_rings):
             folded_agent = fold("agent_did", agent)
@@ -328,10 +354,18 @@ class RingMetricsPrometheusCollector(Collector):
             elevations[folded_agent] = max(seconds, elevations.get(folded_agent, 0.0))
 
         fam_tr, fam_br, fam_ring, fam_elev, fam_proc, fam_bad, fam_over = self._families()
-        for (event_type, agent, session), count in transitions.items():
-            fam_tr.add_metric((event_type, agent, session), float(count))
-        for (agent, session), count in breaches.items():
-            fam_br.add_metric((agent, session), float(count))
+        transition_exemplars = state.transition_exemplars
+        for key, count in transitions.items():
+            fam_tr.add_metric(
+                key,
+                float(count),
+                exemplar=_newest_exemplar(transition_exemplars, transition_keys[key]),
+            )
+        breach_exemplars = state.breach_exemplars
+        for key, count in breaches.items():
+            fam_br.add_metric(
+                key, float(count), exemplar=_newest_exemplar(breach_exemplars, breach_keys[key])
+            )
         for agent, ring in rings.items():
             fam_ring.add_metric((agent,), float(ring))
         for agent, seconds in elevations.items():
@@ -343,16 +377,39 @@ class RingMetricsPrometheusCollector(Collector):
         return (fam_tr, fam_br, fam_ring, fam_elev, fam_proc, fam_bad, fam_over)
 
     def _collect_bounded(self, state: RingMetricsState) -> list[Metric]:
-        """Export a bounded state (see :func:`_bounded_families`)."""
+        """Export a bounded state (see :func:`_bounded_families`), the counters with their
+        exemplars, summed over sessions without the session label."""
+        exemplar_maps: dict[str, Mapping[Any, tuple[str, Any]]] = {
+            _strip_total(METRIC_RING_TRANSITIONS_TOTAL): dict(state.transition_exemplars),
+            _strip_total(METRIC_RING_BREACHES_TOTAL): dict(state.breach_exemplars),
+        }
         made: list[Metric] = []
         for name, kind, text, labels, rows in _bounded_families(state):
+            exemplars = exemplar_maps.get(name)
+            keys_of: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+            if exemplars is not None:
+                if self.session_label:
+                    keys_of = {values: [values] for values, _ in rows}
+                else:
+                    summed: dict[tuple[str, ...], float] = {}
+                    for values, value in rows:
+                        summed[values[:-1]] = summed.get(values[:-1], 0.0) + value
+                        keys_of.setdefault(values[:-1], []).append(values)
+                    rows = sorted(summed.items())
+                    labels = labels[:-1]
             family: CounterMetricFamily | GaugeMetricFamily
             if kind == "counter":
-                family = CounterMetricFamily(name, text, labels=labels)
+                counter = CounterMetricFamily(name, text, labels=labels)
+                for values, value in rows:
+                    found = (
+                        None if exemplars is None else _newest_exemplar(exemplars, keys_of[values])
+                    )
+                    counter.add_metric(values, value, exemplar=found)
+                family = counter
             else:
                 family = GaugeMetricFamily(name, text, labels=labels)
-            for values, value in rows:
-                family.add_metric(values, value)
+                for values, value in rows:
+                    family.add_metric(values, value)
             made.append(family)
         return made
 
@@ -510,20 +567,42 @@ def render_ring_metrics(state: RingMetricsState) -> bytes:
     return "".join(out).encode("utf-8")
 
 
+def _newest_exemplar(exemplars: Mapping[_K, tuple[str, Any]], keys: list[_K]) -> Exemplar | None:
+    """The exemplar of the newest of ``keys``' events that had a causal trace id, if any."""
+    best: tuple[float, str] | None = None
+    for key in keys:
+        found = exemplars.get(key)
+        if found is None:
+            continue
+        seconds = exemplar_seconds(found[1])
+        if seconds is not None and (best is None or seconds > best[0]):
+            best = (seconds, found[0])
+    if best is None:
+        return None
+    ids = causal_span_ids(best[1])
+    if ids is None:
+        return None
+    return Exemplar({"trace_id": ids[0], "span_id": ids[1]}, 1.0, best[0])
+
+
 def register_ring_metrics(
     source: _HasState | RingMetricsState,
     registry: CollectorRegistry,
     *,
     max_agents: int = DEFAULT_MAX_AGENTS,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
+    session_label: bool = True,
 ) -> RingMetricsPrometheusCollector:
     """Register the ring metrics of ``source`` on ``registry`` and return the collector.
+
+    ``session_label=False`` sums the transition and breach counters over sessions (see
+    :class:`RingMetricsPrometheusCollector`).
 
     Raises:
         MetricsExportError: a metric of the same name is already registered.
     """
     collector = RingMetricsPrometheusCollector(
-        source, max_agents=max_agents, max_sessions=max_sessions
+        source, max_agents=max_agents, max_sessions=max_sessions, session_label=session_label
     )
     try:
         registry.register(collector)
@@ -552,6 +631,9 @@ class PrometheusExporter:
         registry: where the metrics are registered; a new private registry when ``None``.
         max_agents: agents with series of their own.
         max_sessions: sessions with series of their own.
+        session_label: keep the ``session_id`` label of the updates (the default); ``False``
+            drops it, so counters are summed over sessions (the first thing to turn off in a
+            large fleet).
     """
 
     def __init__(
@@ -560,9 +642,11 @@ class PrometheusExporter:
         *,
         max_agents: int = DEFAULT_MAX_AGENTS,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        session_label: bool = True,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.guard = LabelGuard(max_agents=max_agents, max_sessions=max_sessions)
+        self.session_label = session_label
         self._metrics: dict[str, _Registered] = {}
         self._lock = threading.Lock()
         self._overflow: Counter | None = None
@@ -598,6 +682,8 @@ class PrometheusExporter:
     def _guarded(self, labels: Mapping[str, str] | None) -> dict[str, str]:
         if not labels:
             return {}
+        if not self.session_label and "session_id" in labels:
+            labels = {name: value for name, value in labels.items() if name != "session_id"}
         guarded = self.guard.guard_labels(labels)
         for name, value in guarded.items():
             if value == OVERFLOW_VALUE and labels[name] != OVERFLOW_VALUE:

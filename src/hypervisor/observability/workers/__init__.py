@@ -19,8 +19,10 @@ from hypervisor.observability._core.ring import RingBounds
 from hypervisor.observability.errors import WorkerStateError
 from hypervisor.observability.workers._apply import Applier, watermark
 from hypervisor.observability.workers._derivations import (
+    AGENT_SPANS,
     RING_METRICS,
     SAGA_SPANS,
+    AgentSpansDerivation,
     Derivation,
     RingMetricsDerivation,
     SagaSpansDerivation,
@@ -42,15 +44,21 @@ from hypervisor.observability.workers._runtime import (
     WorkerStats,
     default_consumer_name,
 )
-from hypervisor.observability.workers._sinks import JsonLinesSpanSink, span_to_dict
+from hypervisor.observability.workers._sinks import (
+    JsonLinesSpanSink,
+    agent_span_to_dict,
+    span_to_dict,
+)
 
 __all__ = [
+    "AGENT_SPANS",
     "REASON_APPLY_ERROR",
     "REASON_MAX_DELIVERIES",
     "REASON_OVERSIZED",
     "REASON_UNDECODABLE",
     "RING_METRICS",
     "SAGA_SPANS",
+    "AgentSpansDerivation",
     "Applier",
     "Commit",
     "DeadLetter",
@@ -66,6 +74,7 @@ __all__ = [
     "WorkerConfig",
     "WorkerStateError",
     "WorkerStats",
+    "agent_span_to_dict",
     "decode_dead_letter",
     "default_consumer_name",
     "dlq_name",

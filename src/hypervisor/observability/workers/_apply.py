@@ -34,7 +34,7 @@ from hypervisor.observability._backends.log import (
 from hypervisor.observability._backends.state import Commit, Restored, StateMeta
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES, decode_event, error_text
 from hypervisor.observability._core.recent import RecentIds
-from hypervisor.observability._core.spans import SagaSpanRecord
+from hypervisor.observability._core.trace_context import decode_context
 from hypervisor.observability.errors import EventDecodeError, WorkerStateError
 from hypervisor.observability.workers._derivations import Derivation
 from hypervisor.observability.workers._dlq import (
@@ -66,6 +66,7 @@ def fold(
     commit that covers them. Returns the records folded in.
     """
     apply = derivation.apply
+    traced = derivation.uses_trace_context
     folded = 0
     for entry_id, data in records:
         if entry_id in skipped:
@@ -75,7 +76,10 @@ def fold(
         except EventDecodeError:
             continue
         try:
-            apply(state, event)
+            if traced:
+                derivation.apply_traced(state, event, decode_context(data))
+            else:
+                apply(state, event)
         except Exception:  # the applier logged it when it first happened
             _log.debug("%s: replaying %s failed", derivation.name, entry_id, exc_info=True)
         folded += 1
@@ -357,7 +361,8 @@ class Applier:
         derivation = self.derivation
         apply = derivation.apply
         remember = self._recent.add
-        produced: list[SagaSpanRecord] = []
+        traced = derivation.uses_trace_context
+        produced: list[Any] = []
         seen_add: list[str] = []
         skipped: list[str] = []
         letters: list[DeadLetter] = []
@@ -388,7 +393,10 @@ class Applier:
                 continue
             seen_add.append(event_id)
             try:
-                spans = apply(state, event)
+                if traced:
+                    spans = derivation.apply_traced(state, event, decode_context(data))
+                else:
+                    spans = apply(state, event)
             except Exception as exc:  # anything the state machine raises on one event
                 self.apply_errors += 1
                 self._report("apply", exc, f"applying event {event_id} ({entry_id}) failed")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Any
 
 import anyio
 
+from hypervisor.observability._core.agent_spans import DEFAULT_IDLE_TIMEOUT_S, AgentSpanSink
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
 from hypervisor.observability._core.ring import RingBounds
 from hypervisor.observability._core.spans import SpanRecordSink
@@ -30,8 +32,10 @@ from hypervisor.observability._util.cli import (
 )
 from hypervisor.observability.errors import CommandError
 from hypervisor.observability.workers._derivations import (
+    AGENT_SPANS,
     RING_METRICS,
     SAGA_SPANS,
+    AgentSpansDerivation,
     Derivation,
     RingMetricsDerivation,
     SagaSpansDerivation,
@@ -45,6 +49,9 @@ SAGA_METRICS_PORT = 9102
 """The saga-spans worker's default ``/metrics`` port (the ring-metrics worker's is 9101)."""
 RING_METRICS_PORT = 9101
 """The ring-metrics worker's default ``/metrics`` port."""
+GENAI_OPT_IN_ENV = "OTEL_SEMCONV_STABILITY_OPT_IN"
+"""OpenTelemetry's opt-in variable: ``gen_ai_latest_experimental`` in it turns
+``--genai-attributes`` on by default."""
 
 
 def _ring_bounds_options(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +96,11 @@ def _ring_bounds_options(parser: argparse.ArgumentParser) -> None:
         help="idleness is measured against the median timestamp of this many recent ring "
         "events (1: the newest timestamp) (default: %(default)s events)",
     )
+
+
+def _genai_default() -> bool:
+    values = os.environ.get(GENAI_OPT_IN_ENV, "")
+    return "gen_ai_latest_experimental" in {value.strip() for value in values.split(",")}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -178,6 +190,36 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
                     "also export spans over OTLP/HTTP to this collector, such as "
                     "http://localhost:4318 (needs the otel extra) (default: none)"
                 ),
+            )
+            sub.add_argument(
+                "--agent-spans",
+                action="store_true",
+                help="also export the causal spawn tree: one span per agent, with its ring "
+                "transitions and breaches as span events (same group, state of its own) "
+                "(default: off)",
+            )
+            sub.add_argument(
+                "--agent-idle-timeout",
+                type=seconds(),
+                default=DEFAULT_IDLE_TIMEOUT_S,
+                metavar="SECONDS",
+                help="an agent span closes after this long without an event, in event time "
+                "(default: %(default)g seconds)",
+            )
+            sub.add_argument(
+                "--genai-attributes",
+                action=argparse.BooleanOptionalAction,
+                default=_genai_default(),
+                help="add the OpenTelemetry GenAI agent attributes (gen_ai.*) to agent spans "
+                f"(default: on when ${GENAI_OPT_IN_ENV} has gen_ai_latest_experimental)",
+            )
+        else:
+            sub.add_argument(
+                "--session-label",
+                action=argparse.BooleanOptionalAction,
+                default=True,
+                help="label ring counters with session_id (default: on); --no-session-label "
+                "sums them over sessions: the first thing to turn off in a large fleet",
             )
         sub.add_argument(
             "--batch-size",
@@ -347,6 +389,7 @@ async def serve_worker(
     metrics_port: int | None,
     metrics_host: str = "127.0.0.1",
     handle_signals: bool = True,
+    session_label: bool = True,
 ) -> None:
     """Run ``worker`` with its HTTP endpoints until SIGTERM/SIGINT (or ``worker.stop()``).
 
@@ -355,12 +398,15 @@ async def serve_worker(
 
     Raises:
         CommandError: the metrics port cannot be bound (in use, not allowed).
+    ``session_label=False`` sums the ring counters over sessions (no ``session_id`` label).
     """
     async with anyio.create_task_group() as tg:
         if metrics_port is not None:
             from hypervisor.observability.workers._http import WorkerHttpServer
 
-            server = WorkerHttpServer(worker, host=metrics_host, port=metrics_port)
+            server = WorkerHttpServer(
+                worker, host=metrics_host, port=metrics_port, session_label=session_label
+            )
             try:
                 bound = await tg.start(server.serve)
             except OSError as exc:
@@ -403,7 +449,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
         )
     sink = None
     otlp_sink = None
-    derivation: Derivation
+    derivations: list[Derivation] = []
     if args.kind == SAGA_SPANS and args.otlp_endpoint:
         try:
             from hypervisor.observability.exporters.otel import otlp_http_span_sink
@@ -415,6 +461,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
             ) from None
         otlp_sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-hypervisor")
     store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind))
+    stores = [store]
     if args.kind == RING_METRICS:
         bounds = RingBounds(
             max_agents=args.max_agents,
@@ -423,30 +470,49 @@ async def _run_worker(args: argparse.Namespace) -> int:
             agent_idle_s=args.agent_idle,
             clock_window=args.agent_clock_window,
         )
-        derivation = RingMetricsDerivation(store, bounds=bounds)
+        derivations.append(RingMetricsDerivation(store, bounds=bounds))
     else:
         sink = JsonLinesSpanSink(args.jsonl, fsync=args.fsync) if args.jsonl else None
         sinks: list[SpanRecordSink] = [s for s in (sink, otlp_sink) if s is not None]
-        derivation = SagaSpansDerivation(store, sinks)
+        derivations.append(SagaSpansDerivation(store, sinks))
+        if args.agent_spans:
+            # A second derivation of the same worker and group: its state keys are the group's,
+            # so the worker role's ACL already covers them.
+            agent_store = RedisStateStore(
+                args.redis, state_prefix(args.stream, args.group, AGENT_SPANS)
+            )
+            stores.append(agent_store)
+            agent_sinks: list[AgentSpanSink] = [s for s in (sink, otlp_sink) if s is not None]
+            derivations.append(
+                AgentSpansDerivation(
+                    agent_store,
+                    agent_sinks,
+                    genai_attributes=args.genai_attributes,
+                    idle_timeout_s=args.agent_idle_timeout,
+                )
+            )
     try:
         if args.reset_state:
-            await store.reset()
+            for each in stores:
+                await each.reset()
         async with (
             RedisStreamLog(args.redis, args.stream, max_block_s=args.block) as log,
             RedisStreamLog(args.redis, dlq_name(args.stream)) as dlq,
-            Worker(log, [derivation], _config(args), dlq=dlq) as worker,
+            Worker(log, derivations, _config(args), dlq=dlq) as worker,
         ):
             await serve_worker(
                 worker,
                 metrics_port=args.metrics_port,
                 metrics_host=args.metrics_host,
+                session_label=getattr(args, "session_label", True),
             )
     finally:
         if sink is not None:
             sink.close()
         if otlp_sink is not None:
             otlp_sink.shutdown()
-        await store.aclose()
+        for each in stores:
+            await each.aclose()
     return 0
 
 

@@ -6,6 +6,17 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Final
 
 from hypervisor.observability._backends.state import StateStore
+from hypervisor.observability._core.agent_spans import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CLOSED_AGENTS,
+    DEFAULT_MAX_LINKS,
+    DEFAULT_MAX_OPEN_AGENTS,
+    DEFAULT_MAX_SPAN_EVENTS,
+    AgentSpanRecord,
+    AgentSpanSink,
+    AgentSpanState,
+    with_genai_attributes,
+)
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.ring import RING_EVENTS, RingBounds, RingMetricsState
 from hypervisor.observability._core.spans import (
@@ -17,12 +28,15 @@ from hypervisor.observability._core.spans import (
     SpanRecordSink,
     SpanSink,
 )
+from hypervisor.observability._core.trace_context import TraceContext
 from hypervisor.observability.errors import WorkerStateError
-from hypervisor.observability.workers._sinks import export_records
+from hypervisor.observability.workers._sinks import export_agent_records, export_records
 
 __all__ = [
+    "AGENT_SPANS",
     "RING_METRICS",
     "SAGA_SPANS",
+    "AgentSpansDerivation",
     "Derivation",
     "RingMetricsDerivation",
     "SagaSpansDerivation",
@@ -30,6 +44,7 @@ __all__ = [
 
 RING_METRICS: Final = "ring-metrics"
 SAGA_SPANS: Final = "saga-spans"
+AGENT_SPANS: Final = "agent-spans"
 
 
 class Derivation:
@@ -47,6 +62,9 @@ class Derivation:
 
     name: ClassVar[str] = ""
     event_types: ClassVar[frozenset[EventType]] = frozenset()
+    uses_trace_context: ClassVar[bool] = False
+    """Whether the applier gives :meth:`apply_traced` the trace context each event carried
+    (live and in every replay alike), instead of calling :meth:`apply`."""
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
@@ -71,11 +89,18 @@ class Derivation:
         """
         return state
 
-    def apply(self, state: Any, event: HypervisorEvent) -> list[SagaSpanRecord]:
+    def apply(self, state: Any, event: HypervisorEvent) -> list[Any]:
         """Fold ``event`` into ``state``; return spans produced (none for metrics)."""
         raise NotImplementedError
 
-    def export(self, records: list[SagaSpanRecord]) -> None:
+    def apply_traced(
+        self, state: Any, event: HypervisorEvent, context: TraceContext | None
+    ) -> list[Any]:
+        """Fold ``event``, which carried ``context`` (``None``: none or an invalid one), into
+        ``state``; called instead of :meth:`apply` when :attr:`uses_trace_context` is set."""
+        return self.apply(state, event)
+
+    def export(self, records: list[Any]) -> None:
         """Send what a round produced to its destinations; raising aborts the commit."""
 
 
@@ -126,7 +151,8 @@ class SagaSpansDerivation(Derivation):
     """Saga spans: ``SagaSpanState`` over the saga lifecycle events, spans sent to sinks.
 
     The state buffers no completed spans (``max_spans=0``): spans leave through the sinks, so
-    the snapshot holds only open steps and sagas.
+    the snapshot holds only open steps and sagas. A span links to the producer's span of the
+    event that completed it, when that event carried a trace context.
 
     Args:
         store: where the shared state lives.
@@ -137,6 +163,7 @@ class SagaSpansDerivation(Derivation):
 
     name: ClassVar[str] = SAGA_SPANS
     event_types: ClassVar[frozenset[EventType]] = SAGA_SPAN_EVENTS
+    uses_trace_context: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -166,8 +193,105 @@ class SagaSpansDerivation(Derivation):
         produced: list[SagaSpanRecord] = state.apply(event)
         return produced
 
+    def apply_traced(
+        self, state: Any, event: HypervisorEvent, context: TraceContext | None
+    ) -> list[SagaSpanRecord]:
+        """Apply one saga event; the spans it completed link to ``context``."""
+        produced: list[SagaSpanRecord] = state.apply(event)
+        if context is not None:
+            links = (context,)
+            for record in produced:
+                # A record fresh from the state machine, not yet seen by anyone.
+                object.__setattr__(record, "links", links)
+        return produced
+
     def export(self, records: list[SagaSpanRecord]) -> None:
         """Send spans to every sink (flushing buffered sinks)."""
         if records:
             export_records(records, self.sinks)
+            self.spans_exported += len(records)
+
+
+class AgentSpansDerivation(Derivation):
+    """The causal spawn tree as spans: ``AgentSpanState``, spans sent to agent span sinks.
+
+    Uses every event with a causal trace id, and ring events and the closing events
+    (``session.terminated``, ``security.agent_killed``) of an agent without one; gives the
+    state each event's trace context (the agent span links to its producers).
+
+    Args:
+        store: where the shared state lives.
+        sinks: agent span sinks (``export_agent_span``).
+        genai_attributes: add the OpenTelemetry GenAI agent names at export.
+        max_open_agents: open agent spans tracked (as ``AgentSpanState``).
+        max_closed_agents: closed agent spans remembered.
+        idle_timeout_s: event-time seconds without an event after which an agent span closes.
+        max_span_events: span events kept per span.
+        max_links: links kept per span.
+    """
+
+    name: ClassVar[str] = AGENT_SPANS
+    event_types: ClassVar[frozenset[EventType]] = frozenset(EventType)
+    uses_trace_context: ClassVar[bool] = True
+    _BY_AGENT: ClassVar[frozenset[EventType]] = RING_EVENTS | {
+        EventType.SESSION_TERMINATED,
+        EventType.AGENT_KILLED,
+    }
+
+    def __init__(
+        self,
+        store: StateStore,
+        sinks: Sequence[AgentSpanSink] = (),
+        *,
+        genai_attributes: bool = False,
+        max_open_agents: int = DEFAULT_MAX_OPEN_AGENTS,
+        max_closed_agents: int = DEFAULT_MAX_CLOSED_AGENTS,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        max_span_events: int = DEFAULT_MAX_SPAN_EVENTS,
+        max_links: int = DEFAULT_MAX_LINKS,
+    ) -> None:
+        super().__init__(store)
+        self.sinks: list[AgentSpanSink] = list(sinks)
+        self.genai_attributes = genai_attributes
+        self._limits = (max_open_agents, max_closed_agents, float(idle_timeout_s), max_span_events)
+        self._max_links = max_links
+        self.new_state()  # the limits are checked here, not at the first round
+        self.spans_exported = 0
+        """Agent spans handed to the sinks by this process (re-exports included)."""
+
+    def uses(self, event: HypervisorEvent) -> bool:
+        """Events with a causal trace id; ring and closing events of a named agent."""
+        return bool(event.causal_trace_id) or (
+            bool(event.agent_did) and event.event_type in self._BY_AGENT
+        )
+
+    def new_state(self) -> AgentSpanState:
+        """Return an empty ``AgentSpanState`` with this derivation's limits."""
+        max_open, max_closed, idle_timeout_s, max_span_events = self._limits
+        return AgentSpanState(
+            max_open_agents=max_open,
+            max_closed_agents=max_closed,
+            idle_timeout_s=idle_timeout_s,
+            max_span_events=max_span_events,
+            max_links=self._max_links,
+        )
+
+    def apply(self, state: Any, event: HypervisorEvent) -> list[AgentSpanRecord]:
+        """Apply one event without a trace context."""
+        return self.apply_traced(state, event, None)
+
+    def apply_traced(
+        self, state: Any, event: HypervisorEvent, context: TraceContext | None
+    ) -> list[AgentSpanRecord]:
+        """Apply one event and the context it carried; return the agent spans it completed."""
+        produced: list[AgentSpanRecord] = state.apply(event, context)
+        return produced
+
+    def export(self, records: list[AgentSpanRecord]) -> None:
+        """Send spans to every sink (with the GenAI names when asked for; flushing buffered
+        sinks)."""
+        if records:
+            if self.genai_attributes:
+                records = [with_genai_attributes(record) for record in records]
+            export_agent_records(records, self.sinks)
             self.spans_exported += len(records)

@@ -18,8 +18,8 @@ from typing import Any
 import anyio
 import msgspec
 from anyio.abc import SocketStream, TaskStatus
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -159,20 +159,26 @@ class _GlobalRingCollector(Collector):
     """The committed ring metrics of a state that is not bounded (a custom derivation), through
     the in-process collector and a guard kept for the life of the worker.
 
-    A bounded state (the ring derivation's) is rendered directly instead: it decided in stream
-    order which labels have series of their own, so its export depends on the committed state
-    only, never on what this process scraped before.
+    A bounded state (the ring derivation's) has decided in stream order which labels have series
+    of their own, and is exported as it folded them (so its export depends on the committed
+    state only, never on what this process scraped before); in the Prometheus text format it is
+    rendered directly instead (``render_ring_metrics``, the same bytes, faster). This collector
+    serves OpenMetrics (with the counters' exemplars) and states that are not bounded.
     """
 
-    def __init__(self, view: SnapshotView) -> None:
+    def __init__(self, view: SnapshotView, session_label: bool = True) -> None:
         self._view = view
+        self._session_label = session_label
         self._guard = LabelGuard()
 
     def _collector(self) -> RingMetricsPrometheusCollector:
         state = self._view.state
         if not isinstance(state, RingMetricsState):
             state = RingMetricsState()
-        return RingMetricsPrometheusCollector(state, guard=self._guard)
+        # A bounded state is exported as it folded it (the guard is not consulted).
+        return RingMetricsPrometheusCollector(
+            state, guard=self._guard, session_label=self._session_label
+        )
 
     def describe(self) -> Iterable[Metric]:
         return self._collector().describe()
@@ -344,8 +350,12 @@ class WorkerHttpServer:
         worker: the worker.
         host: address to bind.
         port: port to bind (0: any free port; see :attr:`port` once started).
+        session_label: label the ring counters with ``session_id`` (``False``: summed over
+            sessions).
 
-    The ring metrics' label limits are the ring derivation's bounds.
+    The ring metrics' label limits are the ring derivation's bounds. ``/metrics`` answers in
+    the format the ``Accept`` header asks for: the Prometheus text format by default,
+    OpenMetrics (with the ring counters' exemplars) when asked for it, as Prometheus does.
     """
 
     def __init__(
@@ -354,6 +364,7 @@ class WorkerHttpServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        session_label: bool = True,
     ) -> None:
         self.worker = worker
         self.host = host
@@ -365,11 +376,13 @@ class WorkerHttpServer:
             for applier in worker.appliers
         }
         self.registry.register(_WorkerCollector(worker, self.views))
+        self._session_label = session_label
         self._ring_view = self.views.get(RING_METRICS)
-        # A state that is not bounded (a custom derivation) goes through prometheus_client.
+        # OpenMetrics, and the ring metrics of a state that is not bounded (a custom
+        # derivation), go through prometheus_client.
         self._ring_fallback = CollectorRegistry(auto_describe=False)
         if self._ring_view is not None:
-            self._ring_fallback.register(_GlobalRingCollector(self._ring_view))
+            self._ring_fallback.register(_GlobalRingCollector(self._ring_view, session_label))
 
     def _ring_text(self) -> bytes:
         """The ring metrics' exposition of the view's state (nothing without a ring view)."""
@@ -379,7 +392,7 @@ class WorkerHttpServer:
             # that look like resets or numbers that may be wrong.
             return b""
         state = view.state
-        if isinstance(state, RingMetricsState) and state.bounds is not None:
+        if isinstance(state, RingMetricsState) and state.bounds is not None and self._session_label:
             return render_ring_metrics(state)
         return generate_latest(self._ring_fallback)
 
@@ -400,7 +413,7 @@ class WorkerHttpServer:
                         request += await stream.receive(4096)
                     path = request.split(b" ", 2)[1].split(b"?")[0] if b" " in request else b""
                     try:
-                        status, ctype, body = await self._respond(path)
+                        status, ctype, body = await self._respond(path, _accept(request))
                     except Exception as exc:  # a bad state must never take the worker down
                         self._failed(path, exc)
                         status, ctype, body = "500 Internal Server Error", "text/plain", b"error\n"
@@ -422,7 +435,7 @@ class WorkerHttpServer:
         self._last_failure = failure
         _log.error("%s", failure, exc_info=exc)
 
-    async def _respond(self, path: bytes) -> tuple[str, str, bytes]:
+    async def _respond(self, path: bytes, accept: str = "") -> tuple[str, str, bytes]:
         if path == b"/metrics":
             try:
                 await self.worker.refresh()
@@ -434,8 +447,15 @@ class WorkerHttpServer:
             except LogError as exc:
                 # Serve what is known; the connected gauge says the backend is away.
                 _log.warning("metrics refresh failed: %s", exc)
-            body = generate_latest(self.registry) + self._ring_text()
-            return "200 OK", CONTENT_TYPE_LATEST, body
+            encode, content_type = choose_encoder(accept)
+            if not content_type.startswith("application/openmetrics-text"):
+                body = generate_latest(self.registry) + self._ring_text()
+                return "200 OK", CONTENT_TYPE_LATEST, body
+            view = self._ring_view
+            if view is None or view.state is None or view.unreadable:
+                # As in the text format: no ring series from a state not loaded or unreadable.
+                return "200 OK", content_type, encode(self.registry)
+            return "200 OK", content_type, encode(_Joined(self.registry, self._ring_fallback))
         if path in (b"/healthz", b"/health"):
             document = await health_document(self.worker, self.views)
             healthy = (
@@ -444,3 +464,26 @@ class WorkerHttpServer:
             status = "200 OK" if healthy else "503 Service Unavailable"
             return status, "application/json", _json.encode(document)
         return "404 Not Found", "text/plain", b"not found\n"
+
+
+class _Joined(Collector):
+    """The metrics of several registries as one (what an encoder is given)."""
+
+    def __init__(self, *registries: CollectorRegistry) -> None:
+        self._registries = registries
+
+    def collect(self) -> Iterable[Metric]:
+        for registry in self._registries:
+            yield from registry.collect()
+
+
+def _accept(request: bytes) -> str:
+    """The ``Accept`` header of a raw request head (empty when absent or not ASCII)."""
+    for line in request.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"accept":
+            try:
+                return value.strip().decode("ascii")
+            except UnicodeDecodeError:
+                return ""
+    return ""

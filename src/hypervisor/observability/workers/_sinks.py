@@ -9,17 +9,25 @@ from typing import IO, Any, Self
 
 import msgspec
 
+from hypervisor.observability._core.agent_spans import AgentSpanRecord, AgentSpanSink
 from hypervisor.observability._core.span_records import deliverer
 from hypervisor.observability._core.spans import SagaSpanRecord, SpanRecordSink, SpanSink
 
-__all__ = ["JsonLinesSpanSink", "export_records", "span_to_dict"]
+__all__ = [
+    "JsonLinesSpanSink",
+    "agent_span_to_dict",
+    "export_agent_records",
+    "export_records",
+    "span_to_dict",
+]
 
 _encoder = msgspec.json.Encoder()
 
 
 def span_to_dict(record: SagaSpanRecord) -> dict[str, Any]:
-    """Return the JSON-lines form of a span: ids, name, epoch-second times, status, attributes."""
-    return {
+    """Return the JSON-lines form of a span: ids, name, epoch-second times, status, attributes
+    (and ``links``, the producers' ``traceparent`` and ``tracestate``, when it has any)."""
+    document: dict[str, Any] = {
         "name": record.name,
         "trace_id": record.trace_id,
         "span_id": record.span_id,
@@ -31,6 +39,37 @@ def span_to_dict(record: SagaSpanRecord) -> dict[str, Any]:
         "step_id": record.step_id,
         "step_action": record.step_action,
         "attributes": record.attributes,
+    }
+    if record.links:
+        document["links"] = [_link(link) for link in record.links]
+    return document
+
+
+def _link(context: Any) -> dict[str, str]:
+    return {"traceparent": context.traceparent, "tracestate": context.tracestate}
+
+
+def agent_span_to_dict(record: AgentSpanRecord) -> dict[str, Any]:
+    """Return the JSON-lines form of an agent span (``"kind": "agent"``): ids, name, agent,
+    session, causal id, epoch-second times, status, attributes, span events and links."""
+    return {
+        "kind": "agent",
+        "name": record.name,
+        "trace_id": record.trace_id,
+        "span_id": record.span_id,
+        "parent_span_id": record.parent_span_id,
+        "start_time": record.start_time,
+        "end_time": record.end_time,
+        "status": record.status,
+        "agent_did": record.agent_did,
+        "session_id": record.session_id,
+        "causal_trace_id": record.causal_trace_id,
+        "attributes": record.attributes,
+        "events": [
+            {"name": event.name, "time": event.time, "attributes": event.attributes}
+            for event in record.events
+        ],
+        "links": [_link(link) for link in record.links],
     }
 
 
@@ -59,6 +98,13 @@ class JsonLinesSpanSink:
         if self._file is None:
             raise ValueError(f"span sink {self.path} is closed")
         self._file.write(_encoder.encode(span_to_dict(record)) + b"\n")
+        self.spans_written += 1
+
+    def export_agent_span(self, record: AgentSpanRecord) -> None:
+        """Write one agent span (buffered until :meth:`flush`)."""
+        if self._file is None:
+            raise ValueError(f"span sink {self.path} is closed")
+        self._file.write(_encoder.encode(agent_span_to_dict(record)) + b"\n")
         self.spans_written += 1
 
     def flush(self) -> None:
@@ -99,6 +145,18 @@ def export_records(records: list[SagaSpanRecord], sinks: list[SpanRecordSink | S
         deliver = deliverer(sink)
         for record in records:
             deliver(record)
+        flush = getattr(sink, "flush", None)
+        if callable(flush):
+            flush()
+
+
+def export_agent_records(records: list[AgentSpanRecord], sinks: list[AgentSpanSink]) -> None:
+    """Hand agent span ``records`` to every sink, then flush sinks that buffer (errors
+    propagate, as in :func:`export_records`)."""
+    for sink in sinks:
+        export = sink.export_agent_span
+        for record in records:
+            export(record)
         flush = getattr(sink, "flush", None)
         if callable(flush):
             flush()
