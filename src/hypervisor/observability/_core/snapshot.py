@@ -27,12 +27,12 @@ import msgspec
 
 from hypervisor.observability._core.ring import _NO_CLOCK, _NO_TIME, RingMetricsState
 from hypervisor.observability._core.span_records import SagaSpanRecord, _record
+from hypervisor.observability._core.span_sagas import _OpenSaga
 from hypervisor.observability._core.spans import (
     DEFAULT_MAX_OPEN_SAGAS,
     DEFAULT_MAX_OPEN_STEPS,
     DEFAULT_MAX_SPANS,
     SagaSpanState,
-    _OpenSaga,
 )
 
 __all__ = [
