@@ -42,12 +42,12 @@ from hypervisor.observability._core.ring import (
     _epoch_exemplars,
 )
 from hypervisor.observability._core.span_records import SagaSpanRecord, _record
+from hypervisor.observability._core.span_sagas import _OpenSaga
 from hypervisor.observability._core.spans import (
     DEFAULT_MAX_OPEN_SAGAS,
     DEFAULT_MAX_OPEN_STEPS,
     DEFAULT_MAX_SPANS,
     SagaSpanState,
-    _OpenSaga,
 )
 
 __all__ = [
