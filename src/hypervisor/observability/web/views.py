@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.ring import RingMetricsState
+from hypervisor.observability._core.span_sagas import _saga_keys as saga_keys
 from hypervisor.observability._core.spans import SagaSpanRecord, SagaSpanState
 from hypervisor.observability._core.trace import CausalTraceId
 
@@ -75,13 +76,10 @@ def _text(value: object) -> str:
 
 
 def _saga_keys(event: HypervisorEvent) -> tuple[str, str, str]:
-    """``(saga_id, step_key, step_action)`` with the span state's fallbacks."""
-    get = event.payload.get
-    saga_id = _text(get("saga_id")) or event.causal_trace_id or "unknown"
-    action = get("action")
-    action = _text(get("step_action") if action is None else action)
-    step_key = _text(get("step_id")) or action
-    return saga_id, step_key, action
+    """``(saga_id, step_key, step_action)``: the span state's keys, a step keyed by its id or
+    else its action, as the span state keys its open steps."""
+    saga_id, step_id, action = saga_keys(event)
+    return saga_id, step_id or action, action
 
 
 @dataclass(slots=True)
