@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final, TypeVar
 
@@ -115,8 +115,6 @@ _DEMOTED: Final = EventType.RING_DEMOTED
 _EXPIRED: Final = EventType.RING_ELEVATION_EXPIRED
 # Below every aware timestamp: the newest timestamp before any event is applied.
 _NO_TIME: Final = datetime.min.replace(tzinfo=UTC)
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND: Final = timedelta(microseconds=1)
 
 
 def parse_ring(value: object) -> int | None:

@@ -62,7 +62,6 @@ _MAX_TYPE_CODES = 255
 # A type's posting list is [head, code, seqs...]: its first entry is at 2 (1 for the others).
 _TYPE_HEAD = 2
 _MIN_TIME = datetime.min.replace(tzinfo=UTC)
-_MAX_TIME = datetime.max.replace(tzinfo=UTC)
 
 
 def _query_limit(limit: int | None) -> int | None:
