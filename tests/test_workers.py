@@ -403,3 +403,15 @@ def test_json_lines_sink_writes_one_span_per_line(tmp_path: Path) -> None:
         "step_action": "a",
         "attributes": {"agent.saga.id": "s1"},
     }
+
+
+async def test_a_stop_before_the_worker_is_ready_ends_run_promptly() -> None:
+    """A stop that arrives before the worker re-read its own pending entries (a SIGTERM right
+    after start) still ends run(): no loop waits for a readiness that never comes."""
+    log = MemoryStreamLog("events")
+    worker = Worker(log, [RingMetricsDerivation(MemoryStateStore())], config("w0"))
+    worker.stop()
+    with anyio.fail_after(10):  # a bound on a hang, not a speed target
+        await worker.run()
+    assert worker.stopped.is_set()
+    assert not worker.ready.is_set()

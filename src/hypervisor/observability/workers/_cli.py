@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import anyio
+from anyio.abc import TaskStatus
 
 from hypervisor.observability._core.agent_spans import DEFAULT_IDLE_TIMEOUT_S, AgentSpanSink
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
@@ -401,6 +402,10 @@ async def serve_worker(
     ``session_label=False`` sums the ring counters over sessions (no ``session_id`` label).
     """
     async with anyio.create_task_group() as tg:
+        if handle_signals:
+            # Before the port is announced: whoever sees the worker up may stop it at once,
+            # and SIGTERM must then drain it rather than kill it.
+            await tg.start(_stop_on_signal, worker)
         if metrics_port is not None:
             from hypervisor.observability.workers._http import WorkerHttpServer
 
@@ -418,14 +423,15 @@ async def serve_worker(
                     host_option="--metrics-host",
                 ) from None
             print(f"metrics-port={bound}", flush=True)
-        if handle_signals:
-            tg.start_soon(_stop_on_signal, worker)
         await worker.run()
         tg.cancel_scope.cancel()
 
 
-async def _stop_on_signal(worker: Worker) -> None:
+async def _stop_on_signal(
+    worker: Worker, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             logging.getLogger("hypervisor.observability.workers").info(
                 "signal %s: draining", signal.Signals(signum).name

@@ -459,7 +459,17 @@ class Worker(AsyncResource):
         return claimed
 
     async def _sweep_loop(self) -> None:
-        await self.ready.wait()
+        # Sweep once the own pending entries were re-read; a stop may come first (a SIGTERM
+        # right after start), and then ready is never set.
+        async with anyio.create_task_group() as waiting:
+
+            async def stop_waiting() -> None:
+                await self._stop.wait()
+                waiting.cancel_scope.cancel()
+
+            waiting.start_soon(stop_waiting)
+            await self.ready.wait()
+            waiting.cancel_scope.cancel()
         while not self.stopping:
             with anyio.move_on_after(self.config.claim_interval_s):
                 await self._stop.wait()
