@@ -142,15 +142,26 @@ def test_hostile_entries_do_not_stop_worker_processes(
     for data in bad * 3:  # each kind several times, spread over the stream
         entries.insert(rng.randrange(len(entries) + 1), data)
     client = redis.Redis.from_url(url)
+    chunks = iter([entries[start : start + 40] for start in range(0, len(entries), 40)])
+
+    def write_chunk() -> bool:
+        chunk = next(chunks, None)
+        if chunk is None:
+            return False
+        with client.pipeline(transaction=False) as pipe:
+            for data in chunk:
+                pipe.xadd(stream, {"e": data})
+            pipe.execute()
+        return True
+
     try:
-        for start in range(0, len(entries), 40):
-            with client.pipeline(transaction=False) as pipe:
-                for data in entries[start : start + 40]:
-                    pipe.xadd(stream, {"e": data})
-                pipe.execute()
-            if start == 400:
-                kill_mid_batch(url, stream, "ring-metrics", workers[1], "r1")
-                workers[1] = WorkerProc(worker_argv("ring-metrics", url, stream, "r1", *extra))
+        for _ in range(10):
+            write_chunk()
+        # Kill r1 holding a batch; each miss writes the next chunk, so there is work to catch.
+        kill_mid_batch(url, stream, "ring-metrics", workers[1], "r1", feed=write_chunk)
+        workers[1] = WorkerProc(worker_argv("ring-metrics", url, stream, "r1", *extra))
+        while write_chunk():
+            pass
     finally:
         client.close()
     for group in ("ring-metrics", "saga-spans"):

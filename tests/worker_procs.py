@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
@@ -213,8 +213,17 @@ async def pending_of(url: str, stream: str, group: str, consumer: str) -> int:
     return sum(c.pending for c in summary.consumers if c.name == consumer)
 
 
-def kill_mid_batch(url: str, stream: str, group: str, worker: WorkerProc, consumer: str) -> int:
-    """Freeze the worker until it is caught holding pending entries, then SIGKILL it."""
+def kill_mid_batch(
+    url: str,
+    stream: str,
+    group: str,
+    worker: WorkerProc,
+    consumer: str,
+    feed: Callable[[], object] | None = None,
+) -> int:
+    """Freeze the worker until it is caught holding pending entries, then SIGKILL it. `feed`,
+    when given, writes more entries after each miss, so the catch does not depend on the
+    worker being slower than a producer that has already finished."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         worker.proc.send_signal(signal.SIGSTOP)
@@ -223,6 +232,8 @@ def kill_mid_batch(url: str, stream: str, group: str, worker: WorkerProc, consum
             worker.kill()
             return held
         worker.proc.send_signal(signal.SIGCONT)
+        if feed is not None:
+            feed()
         time.sleep(0.002)
     raise AssertionError("the worker never held pending entries")
 
