@@ -197,13 +197,15 @@ for target in "${sim_targets[@]}"; do wait_http "http://$target/metrics"; done
 if command -v prometheus >/dev/null 2>&1; then
     mkdir -p "$state/prometheus"
     cp "$root/deploy/prometheus/rules.yml" "$state/prometheus/rules.yml"
+    spans_target=""
+    if [ -n "$redis_url" ]; then spans_target="$host:$spans_port"; fi
     "$py" - "$root/deploy/prometheus/prometheus.yml" "$state/prometheus/prometheus.yml" \
-        "${ring_targets[*]:-}" "${sim_targets[*]}" <<'PY'
+        "${ring_targets[*]:-}" "${sim_targets[*]}" "$spans_target" <<'PY'
 import sys
 
 import yaml
 
-source, dest, ring, sims = sys.argv[1:5]
+source, dest, ring, sims, spans = sys.argv[1:6]
 config = yaml.safe_load(open(source))
 jobs = {job["job_name"]: job for job in config["scrape_configs"]}
 kept = []
@@ -211,7 +213,8 @@ if ring.strip():
     # Workers serve the ring metrics; the simulators the governance metrics.
     jobs["agent-hypervisor"]["static_configs"] = [{"targets": ring.split()}]
     jobs["agent-simulator"]["static_configs"] = [{"targets": sims.split()}]
-    kept = [jobs["agent-hypervisor"], jobs["agent-simulator"]]
+    jobs["hvobs-span-workers"]["static_configs"] = [{"targets": spans.split()}]
+    kept = [jobs["agent-hypervisor"], jobs["agent-simulator"], jobs["hvobs-span-workers"]]
 else:
     # In-process simulators serve both: one job, so no series is scraped twice.
     jobs["agent-hypervisor"]["static_configs"] = [{"targets": sims.split()}]

@@ -129,6 +129,7 @@ class _Fleet:
     simulator: int
     otel_view: int
     workers: list[int]
+    spans: int
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,8 @@ def fleet(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     The simulator appends its fleet's events to a fresh stream and serves its governance metrics
     twice: with prometheus_client, and through an OpenTelemetry meter and OpenTelemetry's
     Prometheus exporter (standing in for a .NET kernel). Two ``hvobs worker ring-metrics``
-    processes share consumer group ``ring`` and each serve the global ring metrics.
+    processes share consumer group ``ring`` and each serve the global ring metrics; one
+    ``hvobs worker saga-spans`` (group ``spans``) serves its own health.
     """
     pytest.importorskip("opentelemetry.exporter.prometheus")
     logs = tmp_path_factory.mktemp("fleet")
@@ -149,7 +151,7 @@ def fleet(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         log = (logs / f"{name}.log").open("wb")
         processes.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT), log))
 
-    ports = _Fleet(_free_port(), _free_port(), [_free_port(), _free_port()])
+    ports = _Fleet(_free_port(), _free_port(), [_free_port(), _free_port()], _free_port())
     spawn(
         "simulator",
         [
@@ -197,8 +199,32 @@ def fleet(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 str(port),
             ],
         )
+    spawn(
+        "saga-spans",
+        [
+            sys.executable,
+            "-c",
+            "import sys; from hypervisor.observability.cli import main; sys.exit(main())",
+            "worker",
+            "saga-spans",
+            "--redis",
+            redis_server.url,
+            "--stream",
+            stream,
+            "--group",
+            "spans",
+            "--consumer",
+            "spans-1",
+            "--jsonl",
+            str(logs / "spans.jsonl"),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            str(ports.spans),
+        ],
+    )
     try:
-        for port in (ports.simulator, ports.otel_view, *ports.workers):
+        for port in (ports.simulator, ports.otel_view, *ports.workers, ports.spans):
             _wait_for(
                 f"port {port} to serve /metrics (logs in {logs})",
                 _answers(f"http://127.0.0.1:{port}/metrics"),
@@ -230,6 +256,7 @@ def prometheus(fleet: _Fleet, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "agent-hypervisor": [f"127.0.0.1:{port}" for port in fleet.workers],
         "agent-simulator": [f"127.0.0.1:{fleet.simulator}"],
         "agent-governance": [f"127.0.0.1:{fleet.otel_view}"],
+        "hvobs-span-workers": [f"127.0.0.1:{fleet.spans}"],
     }
     for name, addresses in targets.items():
         jobs[name]["static_configs"] = [{"targets": addresses}]
@@ -320,8 +347,9 @@ def test_scraped_targets_are_up(prometheus: str) -> None:
         "agent-hypervisor",
         "agent-simulator",
         "agent-governance",
+        "hvobs-span-workers",
     }
-    assert len(targets) == 4
+    assert len(targets) == 5
     # Both workers serve the global ring metrics.
     per_worker = _wait_for(
         "both workers to serve breaches",
@@ -338,6 +366,17 @@ def test_scraped_targets_are_up(prometheus: str) -> None:
         timeout=30,
     )
     assert len(per_worker) == 2
+    # The pipeline's per-group health covers the span workers' group too.
+    groups = _wait_for(
+        "both groups to report a connected worker",
+        lambda: (
+            result
+            if len(result := _query(prometheus, "group:hvobs_worker_connected:max >= 1")) == 2
+            else None
+        ),
+        timeout=30,
+    )
+    assert {sample["metric"]["group"] for sample in groups} == {"ring", "spans"}
 
 
 def test_every_dashboard_and_rule_expression_returns_data(prometheus: str) -> None:
