@@ -16,7 +16,9 @@ from hypervisor.observability._backends.redis_client import make_client, retry_r
 from hypervisor.observability._backends.redis_log import RedisStreamLog
 from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
 from hypervisor.observability._backends.state import Commit, StateMeta
+from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability.errors import LogUnavailableError
+from hypervisor.observability.redis_bus import RedisEventBus
 from redis_server import RedisServer, redis_server_binary
 
 pytestmark = pytest.mark.anyio
@@ -169,3 +171,31 @@ async def test_a_plain_client_read_needs_the_retry(aof_server: RedisServer) -> N
         assert await retry_read(client, lambda: client.get("k")) == b"v"
     finally:
         await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_bus_says_how_stale_its_index_is_while_it_cannot_read(
+    aof_server: RedisServer,
+) -> None:
+    """While Redis is down the bus keeps serving its last index and reports for how long it
+    has failed to read (what ``hvobs serve`` puts in ``/api/status``); back up, it reads
+    again and says it is current."""
+    bus = RedisEventBus.from_url(aof_server.url, f"test:{uuid.uuid4().hex[:8]}")
+    async with bus:
+        await bus.emit(HypervisorEvent(payload={"n": 1}))
+        with anyio.fail_after(30):
+            await bus.sync()
+        assert bus.reader_stale_s is None
+        await anyio.to_thread.run_sync(aof_server.kill)
+        with anyio.fail_after(30):
+            while True:  # no event marks the reader's failure: poll
+                if bus.reader_stale_s is not None:
+                    break
+                await anyio.sleep(0.01)
+        assert await bus.event_count() == 1
+        await anyio.to_thread.run_sync(aof_server.start)
+        with anyio.fail_after(30):
+            while True:
+                if bus.reader_stale_s is None:
+                    break
+                await anyio.sleep(0.01)
