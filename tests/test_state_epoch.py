@@ -73,7 +73,7 @@ async def test_the_first_commit_writes_the_epoch_and_later_ones_must_match(
     await store.stage([("1-0", b"a"), ("2-0", b"b")])
     assert await store.commit(Commit(0, None, StateMeta(1, "1-0", epoch=_EPOCH)))
     assert (await store.meta()).epoch == _EPOCH
-    assert await store.lease_round("t", 5.0) == (1, _EPOCH)
+    assert await store.lease_round("t", 5.0) == StateMeta(1, "1-0", epoch=_EPOCH)
     other = "fedcba9876543210"
     assert not await store.commit(
         Commit(1, None, StateMeta(2, "2-0", epoch=other), expected_epoch=other)
@@ -85,7 +85,7 @@ async def test_the_first_commit_writes_the_epoch_and_later_ones_must_match(
     assert await store.load() == (StateMeta(2, "2-0", epoch=_EPOCH), b"snap")
     await store.reset()
     assert await store.meta() == StateMeta()
-    assert await store.lease_round("t", 5.0) == (0, "")
+    assert await store.lease_round("t", 5.0) == StateMeta()
 
 
 async def test_replay_of_another_epoch_is_refused(store: StateStore) -> None:
@@ -243,4 +243,69 @@ async def test_a_meta_written_before_epochs_gets_one_without_a_reset(
         await client.hset(f"{prefix}:meta", "epoch", "not-an-epoch")
         with pytest.raises(WorkerStateError, match="epoch"):
             await store.meta()
+        await store.reset()
+
+
+async def _keys(client: aioredis.Redis, prefix: str) -> dict[bytes, bytes]:
+    """A copy of a derivation's keys (not the lease), as an append-only file would hold."""
+    dumped: dict[bytes, bytes] = {}
+    async for key in client.scan_iter(match=f"{prefix}:*"):
+        value = await client.dump(key)
+        if value is not None and not key.endswith(b":lease"):
+            dumped[key] = value
+    return dumped
+
+
+async def _put_back(client: aioredis.Redis, prefix: str, dumped: dict[bytes, bytes]) -> None:
+    """Replace a derivation's keys by an older copy (Redis restarted from an older file)."""
+    async for key in client.scan_iter(match=f"{prefix}:*"):
+        await client.delete(key)
+    for key, value in dumped.items():
+        await client.restore(key, 0, value)
+
+
+@pytest.mark.redis
+async def test_a_state_that_went_back_to_an_older_copy_is_rebuilt(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarts from an older copy of the state (same epoch, version 1) after a view and
+    an applier held version 2; another applier commits other records up to version 2 again.
+    The view and the applier see the same version at another applied id, rebuild (counted,
+    logged), and equal the reference over what the stored state now holds."""
+    caplog.set_level(logging.WARNING, logger="hypervisor.observability.workers")
+    prefix = state_prefix(f"t{uuid.uuid4().hex[:8]}", "g", "ring")
+    first, lost, other = _events(8, 30), _events(9, 30), _events(10, 40)
+    log = MemoryStreamLog("events")
+    await log.ensure_group("g", "0")
+    async with (
+        RedisStateStore(redis_server.url, prefix) as store,
+        aioredis.Redis.from_url(redis_server.url) as client,
+    ):
+        applier = Applier(log, "g", RingMetricsDerivation(store), token="a")
+        view = SnapshotView(RingMetricsDerivation(store))
+        await _feed(log, store, first)
+        await _apply_all(applier)
+        older = await _keys(client, prefix)
+        await _feed(log, store, lost)
+        await _apply_all(applier)
+        await view.refresh()
+        held = view.meta
+        assert held.version == 2
+        await _put_back(client, prefix, older)
+        await applier.release()
+        another = Applier(log, "g", RingMetricsDerivation(store), token="b")
+        await _feed(log, store, other)
+        await _apply_all(another)
+        now = await store.meta()
+        assert (now.version, now.epoch) == (held.version, held.epoch)
+        assert now.applied_id != held.applied_id
+        await view.refresh()
+        assert (view.meta, view.state_resets) == (now, 1)
+        assert view.state.snapshot() == reference(first + other).ring
+        await another.release()
+        assert await applier.round() == 0
+        assert applier.state.snapshot() == reference(first + other).ring
+        assert applier.state_resets == 1
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert sum("went back from version 2" in m for m in warned) == 2
         await store.reset()

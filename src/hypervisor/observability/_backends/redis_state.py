@@ -472,20 +472,23 @@ class RedisStateStore(AsyncResource):
         self._repaired(repaired, self._lease_key, "lease")
         return bool(got)
 
-    async def lease_round(self, token: str, ttl_s: float) -> tuple[int, str] | None:
-        """Take or extend the lease and read the version and epoch (one script call)."""
+    async def lease_round(self, token: str, ttl_s: float) -> StateMeta | None:
+        """Take or extend the lease and read the meta's version, epoch and applied id (one
+        script call)."""
         async with self._op("lease round"):
-            held, version, repaired, epoch = await self._lease_round(
+            held, version, repaired, epoch, applied, applied_key = await self._lease_round(
                 keys=[self._lease_key, self._meta_key], args=[token, int(ttl_s * 1000)]
             )
             self._repaired(repaired, self._lease_key, "lease")
             if not held:
                 return None
             fields = {b"version": bytes(version)}
-            if epoch:
-                fields[b"epoch"] = bytes(epoch)
-            meta = _meta(fields, self._meta_key)
-            return meta.version, meta.epoch
+            for name, value in ((b"epoch", epoch), (b"applied", applied)):
+                if value:
+                    fields[name] = bytes(value)
+            if applied:
+                fields[b"applied_key"] = bytes(applied_key)
+            return _meta(fields, self._meta_key)
 
     async def notify(self) -> None:
         """Push the wake-up (one script call)."""

@@ -54,15 +54,16 @@ return {got, repaired}
 """
 )
 
-# The lease, and the committed version and epoch (raw: the caller checks them). KEYS: lease,
-# meta. ARGV: token, ttl ms. Returns {held, version or false, what was replaced or '', epoch}.
+# The lease, and the committed version, epoch and applied id (raw: the caller checks them).
+# KEYS: lease, meta. ARGV: token, ttl ms. Returns {held, version or false, what was replaced or
+# '', epoch, applied, applied key}.
 LEASE_ROUND = (
     LEASE
     + """
 local got, repaired = take(KEYS[1], ARGV[1], ARGV[2])
-if got == 0 then return {0, false, repaired, ''} end
-local meta = redis.call('HMGET', KEYS[2], 'version', 'epoch')
-return {1, meta[1] or '0', repaired, meta[2] or ''}
+if got == 0 then return {0, false, repaired, '', '', ''} end
+local meta = redis.call('HMGET', KEYS[2], 'version', 'epoch', 'applied', 'applied_key')
+return {1, meta[1] or '0', repaired, meta[2] or '', meta[3] or '', meta[4] or ''}
 """
 )
 

@@ -221,9 +221,10 @@ class StateStore(Protocol):
         """Take the applier lease for ``token`` or extend it if ``token`` holds it."""
         ...
 
-    async def lease_round(self, token: str, ttl_s: float) -> tuple[int, str] | None:
-        """Take or extend the lease; return the committed version and epoch if ``token`` now
-        holds it, ``None`` if another token does (one backend call: the start of a round)."""
+    async def lease_round(self, token: str, ttl_s: float) -> StateMeta | None:
+        """Take or extend the lease; return the committed meta's version, epoch and applied
+        id (the other fields at their defaults) if ``token`` now holds it, ``None`` if another
+        token does (one backend call: the start of an apply round)."""
         ...
 
     async def release_lease(self, token: str) -> None:
@@ -405,10 +406,11 @@ class MemoryStateStore(AsyncResource):
             return True
         return False
 
-    async def lease_round(self, token: str, ttl_s: float) -> tuple[int, str] | None:
-        """Take or extend the lease; return the version and epoch if held."""
+    async def lease_round(self, token: str, ttl_s: float) -> StateMeta | None:
+        """Take or extend the lease; return the version, epoch and applied id if held."""
         if await self.acquire_lease(token, ttl_s):
-            return self._meta.version, self._meta.epoch
+            meta = self._meta
+            return StateMeta(meta.version, meta.applied_id, epoch=meta.epoch)
         return None
 
     async def notify(self) -> None:

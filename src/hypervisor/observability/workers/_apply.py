@@ -46,7 +46,15 @@ from hypervisor.observability.workers._dlq import (
 )
 from hypervisor.observability.workers._snapshot import dump_state, load_state
 
-__all__ = ["Applier", "epoch_lost", "fold", "log_state_reset", "restore_state", "watermark"]
+__all__ = [
+    "Applier",
+    "epoch_lost",
+    "fold",
+    "log_state_reset",
+    "restore_state",
+    "watermark",
+    "went_back",
+]
 
 _log = logging.getLogger("hypervisor.observability.workers")
 
@@ -62,8 +70,37 @@ def epoch_lost(held: StateMeta, found: StateMeta) -> bool:
     return bool(held.epoch) and found.epoch != held.epoch
 
 
+def went_back(held: StateMeta, found: StateMeta) -> bool:
+    """Whether the stored state of ``held``'s epoch is no longer the one a copy as of ``held``
+    was taken from: an older version, or the same version at another applied id.
+
+    Versions only grow, so this means Redis restarted from an older copy of its data (an
+    append-only file or snapshot without the last writes) and commits may have gone on from
+    there: a copy at the same version may hold other records.
+    """
+    if found.epoch != held.epoch:
+        return False
+    return found.version < held.version or (
+        found.version == held.version and found.applied_id != held.applied_id
+    )
+
+
 def log_state_reset(name: str, held: StateMeta, found: StateMeta) -> None:
-    """Say once, at WARNING, that a derivation's stored state was lost and begun again."""
+    """Say once, at WARNING, that a derivation's stored state was lost and begun again (or
+    went back to an older copy)."""
+    if found.epoch and found.epoch == held.epoch:
+        _log.warning(
+            "%s: the stored state went back from version %d (applied %s) to version %d "
+            "(applied %s) of epoch %s: Redis restarted from an older copy of its data; "
+            "rebuilding from it",
+            name,
+            held.version,
+            held.applied_id,
+            found.version,
+            found.applied_id,
+            found.epoch,
+        )
+        return
     _log.warning(
         "%s: state epoch changed (%s at version %d, now %s at version %d): Redis lost the "
         "state (flushed, restarted without persistence, or --reset-state); rebuilding from "
@@ -304,14 +341,14 @@ class Applier:
             WorkerStateError: the stored snapshot cannot be read.
             Exception: a sink failed (nothing was committed; the spans will be exported again).
         """
-        held = await self.store.lease_round(self.token, self.lease_ttl_s)
-        if held is None:
+        found = await self.store.lease_round(self.token, self.lease_ttl_s)
+        if found is None:
             self.leader = False
             self._state = None  # another applier moves on: a copy here would only go stale
             return 0
         self.leader = True
         try:
-            return await self._round(*held)
+            return await self._round(found)
         except BaseException:
             self._state = None
             raise
@@ -371,12 +408,17 @@ class Applier:
             derivation=self.derivation.name,
         )
 
-    async def _round(self, version: int, epoch: str) -> int:
-        if self._state is None or version != self._meta.version or epoch != self._meta.epoch:
-            found = StateMeta(version, epoch=epoch)
-            if self._state is not None and epoch_lost(self._meta, found):
+    async def _round(self, found: StateMeta) -> int:
+        held = self._meta
+        if (
+            self._state is None
+            or found.version != held.version
+            or found.epoch != held.epoch
+            or found.applied_id != held.applied_id
+        ):
+            if self._state is not None and (epoch_lost(held, found) or went_back(held, found)):
                 self.state_resets += 1
-                log_state_reset(self.derivation.name, self._meta, found)
+                log_state_reset(self.derivation.name, held, found)
             await self._load()
         meta = self._meta
         mark = await watermark(self.log, self.group)

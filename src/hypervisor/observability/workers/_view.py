@@ -10,7 +10,9 @@ checkpoint and its redo records) and never serves a wrong one:
   reported (``hvobs_worker_view_stale``, ``hvobs_worker_view_age_seconds``);
 * a copy of a state Redis has since lost (its **epoch** changed, or the meta is gone) is void:
   it is dropped, with everything rendered from it, and the state is rebuilt from scratch
-  (versions of two epochs are never compared).
+  (versions of two epochs are never compared); so is a copy newer than the stored state of its
+  epoch (Redis restarted from an older copy of its data), or at its version with another
+  applied id.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from hypervisor.observability.workers._apply import (
     fold,
     log_state_reset,
     restore_state,
+    went_back,
 )
 from hypervisor.observability.workers._derivations import Derivation
 
@@ -181,7 +184,8 @@ class SnapshotView:
         return self._rendered.get(kind)
 
     def _void(self, meta: StateMeta) -> None:
-        """Drop a copy of a state Redis lost, and everything rendered from it."""
+        """Drop a copy of a state Redis lost (or that went back to an older copy), and
+        everything rendered from it."""
         self.state_resets += 1
         log_state_reset(self._derivation.name, self.meta, meta)
         self.state = None
@@ -192,7 +196,9 @@ class SnapshotView:
 
     async def _refresh(self) -> None:
         meta = await self._store.meta()
-        if self._loaded_version >= 0 and epoch_lost(self.meta, meta):
+        if self._loaded_version >= 0 and (
+            epoch_lost(self.meta, meta) or went_back(self.meta, meta)
+        ):
             self._void(meta)
         if await self._share(meta):
             return
