@@ -29,6 +29,7 @@ from hypervisor.observability.workers import (
     StateStore,
 )
 from hypervisor.observability.workers._view import SnapshotView
+from manual_clock import ManualClock
 from redis_server import RedisServer
 from workers_support import random_events, reference
 
@@ -53,6 +54,10 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
 def _events(seed: int, count: int) -> list[Any]:
     events = random_events(random.Random(seed), count * 4)
     return [e for e in events if e.event_type in RING_EVENTS][:count]
+
+
+# Every applier here runs on a clock that does not move, so when checkpoints are due (and how
+# many commits a round makes) never depends on the machine's speed.
 
 
 async def _feed(log: MemoryStreamLog, store: StateStore, events: list[Any]) -> None:
@@ -115,7 +120,14 @@ async def test_a_lost_state_at_the_same_version_is_never_taken_for_current(
     log = MemoryStreamLog("events")
     await log.ensure_group("g", "0")
     before, after = _events(3, 60), _events(4, 60)
-    first = Applier(log, "g", RingMetricsDerivation(store), token="a", checkpoint_interval_s=0)
+    first = Applier(
+        log,
+        "g",
+        RingMetricsDerivation(store),
+        token="a",
+        checkpoint_interval_s=0,
+        clock=ManualClock(),
+    )
     view = SnapshotView(RingMetricsDerivation(store))
     for start in range(0, 60, 20):
         await _feed(log, store, before[start : start + 20])
@@ -125,7 +137,14 @@ async def test_a_lost_state_at_the_same_version_is_never_taken_for_current(
     assert (old.version, view.meta) == (3, old)
     assert old.epoch
     await store.reset()  # what FLUSHALL, a restart without persistence or --reset-state do
-    second = Applier(log, "g", RingMetricsDerivation(store), token="b", checkpoint_interval_s=0)
+    second = Applier(
+        log,
+        "g",
+        RingMetricsDerivation(store),
+        token="b",
+        checkpoint_interval_s=0,
+        clock=ManualClock(),
+    )
     for start in range(0, 60, 20):
         await _feed(log, store, after[start : start + 20])
         await _apply_all(second)
@@ -149,7 +168,7 @@ async def test_a_view_of_a_vanished_meta_rebuilds_empty(store: StateStore) -> No
     it serves the empty state that is now stored, not the old numbers as current."""
     log = MemoryStreamLog("events")
     await log.ensure_group("g", "0")
-    applier = Applier(log, "g", RingMetricsDerivation(store))
+    applier = Applier(log, "g", RingMetricsDerivation(store), clock=ManualClock())
     await _feed(log, store, _events(5, 30))
     await _apply_all(applier)
     view = SnapshotView(RingMetricsDerivation(store))
@@ -189,7 +208,9 @@ async def test_a_failed_rebuild_keeps_the_last_good_copy(store: StateStore) -> N
     log = MemoryStreamLog("events")
     await log.ensure_group("g", "0")
     events = _events(6, 80)
-    applier = Applier(log, "g", RingMetricsDerivation(store), checkpoint_interval_s=0)
+    applier = Applier(
+        log, "g", RingMetricsDerivation(store), checkpoint_interval_s=0, clock=ManualClock()
+    )
     failing = _Failing(store)
     view = SnapshotView(RingMetricsDerivation(failing))
     await _feed(log, store, events[:40])
@@ -226,7 +247,7 @@ async def test_a_meta_written_before_epochs_gets_one_without_a_reset(
         RedisStateStore(redis_server.url, prefix) as store,
         aioredis.Redis.from_url(redis_server.url) as client,
     ):
-        applier = Applier(log, "g", RingMetricsDerivation(store))
+        applier = Applier(log, "g", RingMetricsDerivation(store), clock=ManualClock())
         await _feed(log, store, events[:20])
         await _apply_all(applier)
         await client.hdel(f"{prefix}:meta", "epoch")
@@ -281,7 +302,7 @@ async def test_a_state_that_went_back_to_an_older_copy_is_rebuilt(
         RedisStateStore(redis_server.url, prefix) as store,
         aioredis.Redis.from_url(redis_server.url) as client,
     ):
-        applier = Applier(log, "g", RingMetricsDerivation(store), token="a")
+        applier = Applier(log, "g", RingMetricsDerivation(store), token="a", clock=ManualClock())
         view = SnapshotView(RingMetricsDerivation(store))
         await _feed(log, store, first)
         await _apply_all(applier)
@@ -293,7 +314,7 @@ async def test_a_state_that_went_back_to_an_older_copy_is_rebuilt(
         assert held.version == 2
         await _put_back(client, prefix, older)
         await applier.release()
-        another = Applier(log, "g", RingMetricsDerivation(store), token="b")
+        another = Applier(log, "g", RingMetricsDerivation(store), token="b", clock=ManualClock())
         await _feed(log, store, other)
         await _apply_all(another)
         now = await store.meta()
