@@ -242,6 +242,7 @@ def test_status_counts(http: httpx.Client) -> None:
     assert status["source"] == "test log"
     assert status["events_indexed"] == len(FLEET.events)
     assert status["view"]["agents"] == len(FLEET.agents)
+    assert (status["stale_seconds"], status["reader_errors"]) == (None, 0)
 
 
 def read_stream(

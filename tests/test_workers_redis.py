@@ -253,7 +253,7 @@ async def test_store_notify_wakes_one_wait(store: StateStore) -> None:
     await store.notify()
     assert await store.wait_notified(1.0)
     assert not await store.wait_notified(0.01)
-    assert await store.lease_round("a", 5.0) == 0
+    assert await store.lease_round("a", 5.0) == StateMeta()
     assert await store.lease_round("b", 5.0) is None
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -30,7 +30,9 @@ from hypervisor.observability.errors import (
     LogUnavailableError,
 )
 
-__all__ = ["make_client", "permission_error", "translate_errors", "url_user"]
+__all__ = ["make_client", "permission_error", "retry_read", "translate_errors", "url_user"]
+
+_T = TypeVar("_T")
 
 # Redis 7.0: "NOPERM this user has no permissions to run the 'xtrim' command", and from a script
 # "ERR The user executing the script can't run this command or subcommand ..."; Redis 7.2+:
@@ -150,3 +152,41 @@ def make_client(
     if raw_replies:
         client.response_callbacks = {}
     return client
+
+
+def _dead_pooled(exc: BaseException) -> bool:
+    """Whether ``exc`` is what a command meets on a pooled connection the server dropped.
+
+    redis-py checks a pooled connection before handing it out, but a connection the server
+    closed (a restart, a proxy, ``CLIENT KILL``) often still looks healthy then: the command
+    is written and the reply is an end of file ("Connection closed by server."). Refused
+    credentials are final, a timeout may be a slow server (another wait would double it) and
+    a failure to connect had no pooled connection to blame, so none of these counts.
+    """
+    if not isinstance(exc, rexc.ConnectionError) or isinstance(
+        exc, rexc.AuthenticationError | rexc.AuthorizationError | rexc.MaxConnectionsError
+    ):
+        return False
+    return " connecting to " not in str(exc)
+
+
+async def retry_read(client: aioredis.Redis, call: Callable[[], Awaitable[_T]]) -> _T:
+    """Run an idempotent read, once more if its pooled connection turned out to be dead.
+
+    Only for commands that change nothing (meta and state reads, ``XRANGE``, ``XINFO``,
+    ``XPENDING``, read-only scripts): running them twice is harmless. The pool's idle
+    connections are dropped before the second attempt (what killed one, a server restart or a
+    proxy, killed them all), so it runs on a new connection. Writes are never retried here:
+    their callers retry with their own deduplication.
+
+    Args:
+        client: the client ``call`` uses.
+        call: makes the read (called at most twice).
+    """
+    try:
+        return await call()
+    except rexc.ConnectionError as exc:
+        if not _dead_pooled(exc):
+            raise
+    await client.connection_pool.disconnect(inuse_connections=False)
+    return await call()

@@ -40,7 +40,12 @@ from hypervisor.observability._backends.log import (
     PendingSummary,
     TrimPolicy,
 )
-from hypervisor.observability._backends.redis_client import make_client, translate_errors, url_user
+from hypervisor.observability._backends.redis_client import (
+    make_client,
+    retry_read,
+    translate_errors,
+    url_user,
+)
 from hypervisor.observability._util.aio import AsyncResource
 
 __all__ = ["DEFAULT_FIELD", "RedisStreamLog", "translate_errors"]
@@ -109,6 +114,11 @@ return redis.call(unpack(args))
 
 async def _call(client: aioredis.Redis, *args: Any) -> Any:
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+async def _read(client: aioredis.Redis, *args: Any) -> Any:
+    """A command that changes nothing: once more if its pooled connection was dead."""
+    return await retry_read(client, lambda: _call(client, *args))
 
 
 _PAGE: Final = 500
@@ -294,7 +304,7 @@ class RedisStreamLog(AsyncResource):
         """Read after an id (``XREAD``); see ``StreamLog.read``."""
         self._check_open()
         with self._errors("read", "xread"):
-            raw = await _call(
+            raw = await _read(
                 self._reader,
                 b"XREAD",
                 b"COUNT",
@@ -311,7 +321,7 @@ class RedisStreamLog(AsyncResource):
         self._check_open()
         try:
             with self._errors("head_id", "xinfo|stream"):
-                raw = await _call(self._control, b"XINFO", b"STREAM", self._key)
+                raw = await _read(self._control, b"XINFO", b"STREAM", self._key)
         except LogGroupMissingError:  # "no such key": an empty log
             return "0-0"
         return _text(_pairs(raw)["last-generated-id"])
@@ -320,14 +330,14 @@ class RedisStreamLog(AsyncResource):
         """Return the oldest retained id; see ``StreamLog.first_id``."""
         self._check_open()
         with self._errors("first_id", "xrange"):
-            raw = await _call(self._control, b"XRANGE", self._key, b"-", b"+", b"COUNT", 1)
+            raw = await _read(self._control, b"XRANGE", self._key, b"-", b"+", b"COUNT", 1)
         return _text(raw[0][0]) if raw else None
 
     async def length(self) -> int:
         """Return ``XLEN``."""
         self._check_open()
         with self._errors("length", "xlen"):
-            return int(await _call(self._control, b"XLEN", self._key))
+            return int(await _read(self._control, b"XLEN", self._key))
 
     async def id_from_end(self, n: int) -> str | None:
         """Return the ``n``-th newest id; see ``StreamLog.id_from_end``.
@@ -357,7 +367,7 @@ class RedisStreamLog(AsyncResource):
         while True:
             count = min(skip + 1, _PAGE)
             with self._errors(what, command.decode().lower()):
-                page = await _call(self._control, command, self._key, start, stop, b"COUNT", count)
+                page = await _read(self._control, command, self._key, start, stop, b"COUNT", count)
             if not page:
                 return last
             if len(page) > skip:
@@ -380,7 +390,7 @@ class RedisStreamLog(AsyncResource):
         while counted < limit:
             count = min(limit - counted, _PAGE)
             with self._errors("count_after", "xrange"):
-                page = await _call(
+                page = await _read(
                     self._control, b"XRANGE", self._key, start, b"+", b"COUNT", count
                 )
             if not page:
@@ -480,11 +490,11 @@ class RedisStreamLog(AsyncResource):
         """Summarise a group's PEL (``XPENDING`` and its extended form for the idle time)."""
         self._check_open()
         with self._errors("pending_summary", "xpending"):
-            raw = await _call(self._control, b"XPENDING", self._key, group)
+            raw = await _read(self._control, b"XPENDING", self._key, group)
             count = int(raw[0])
             if count == 0:
                 return PendingSummary(0, None, None, 0.0, ())
-            oldest = await _call(self._control, b"XPENDING", self._key, group, b"-", b"+", 1)
+            oldest = await _read(self._control, b"XPENDING", self._key, group, b"-", b"+", 1)
         idle_s = int(oldest[0][2]) / 1000 if oldest else 0.0
         consumers = tuple(ConsumerPending(_text(name), int(n)) for name, n in sorted(raw[3] or []))
         return PendingSummary(count, _text(raw[1]), _text(raw[2]), idle_s, consumers)
@@ -495,10 +505,14 @@ class RedisStreamLog(AsyncResource):
         if not ids:
             return {}
         with self._errors("delivery_counts", "xpending"):
-            pipe = self._control.pipeline(transaction=False)
-            for entry_id in ids:
-                pipe.execute_command(b"XPENDING", self._key, group, entry_id, entry_id, 1)
-            replies = await pipe.execute()
+
+            async def pending_of_each() -> list[Any]:
+                pipe = self._control.pipeline(transaction=False)
+                for entry_id in ids:
+                    pipe.execute_command(b"XPENDING", self._key, group, entry_id, entry_id, 1)
+                return await pipe.execute()
+
+            replies = await retry_read(self._control, pending_of_each)
         counts: dict[str, int] = {}
         for entry_id, reply in zip(ids, replies, strict=True):
             if reply:
@@ -510,7 +524,7 @@ class RedisStreamLog(AsyncResource):
         self._check_open()
         try:
             with self._errors("group_info", "xinfo|groups"):
-                raw = await _call(self._control, b"XINFO", b"GROUPS", self._key)
+                raw = await _read(self._control, b"XINFO", b"GROUPS", self._key)
         except LogGroupMissingError:
             return []
         infos: list[GroupInfo] = []
@@ -580,12 +594,12 @@ class RedisStreamLog(AsyncResource):
             text = ""
             try:
                 with self._errors("server_version", "hello"):
-                    text = _text(_pairs(await _call(self._control, b"HELLO")).get("version", ""))
+                    text = _text(_pairs(await _read(self._control, b"HELLO")).get("version", ""))
             except LogError as exc:
                 if isinstance(exc, LogUnavailableError):
                     raise
                 with self._errors("server_version", "info"):
-                    info = _text(await _call(self._control, b"INFO", b"server"))
+                    info = _text(await _read(self._control, b"INFO", b"server"))
                 for line in info.splitlines():
                     if line.startswith("redis_version:"):
                         text = line.split(":", 1)[1].strip()

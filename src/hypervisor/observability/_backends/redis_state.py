@@ -11,7 +11,7 @@ derivation share a hash tag, so every script stays in one slot on a cluster:
 * ``<prefix>:batches``: hash, index member -> the batch's records (msgpack ``[[id, bytes]..]``);
   staging a batch is one script call with two arguments, whatever its size;
 * ``<prefix>:meta``: hash ``version``, ``applied`` (+ ``applied_key``), ``seen_gen``,
-  ``seen_count``, ``checkpoint`` (+ ``checkpoint_key``);
+  ``seen_count``, ``checkpoint`` (+ ``checkpoint_key``), ``epoch`` (from the first commit on);
 * ``<prefix>:snap``: the checkpoint snapshot;
 * ``<prefix>:skip``: sorted set of the sort keys of staged ids the applier skipped;
 * ``<prefix>:seen:<gen>``: lists of msgpack arrays of applied event ids (two generations);
@@ -48,6 +48,7 @@ from hypervisor.observability._backends.log import (
 )
 from hypervisor.observability._backends.redis_client import (
     make_client,
+    retry_read,
     translate_errors,
     url_user,
 )
@@ -248,9 +249,12 @@ class RedisStateStore(AsyncResource):
         scan, budget = _FETCH_BATCHES, _FETCH_BYTES
         async with self._op("read staged"):
             while True:
-                more, flat, applied_key, applied = await self._fetch(
-                    keys=[self._open_key, self._batches_key, self._meta_key],
-                    args=[low_key, high_key, scan, budget],
+                fetch_args = [low_key, high_key, scan, budget]
+                more, flat, applied_key, applied = await retry_read(
+                    self._client,
+                    lambda args=fetch_args: self._fetch(  # type: ignore[misc]
+                        keys=[self._open_key, self._batches_key, self._meta_key], args=args
+                    ),
                 )
                 low = max(low, self._applied_key(applied_key, applied))
                 if more and not _MEMBER.fullmatch(bytes(more)):
@@ -276,10 +280,7 @@ class RedisStateStore(AsyncResource):
         straddle the applied id: their records are read to count each id once.
         """
         async with self._op("backlog", "zrange"):
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hgetall(self._meta_key)
-                pipe.zrange(self._open_key, 0, -1)
-                raw_meta, members = await pipe.execute()
+            raw_meta, members = await retry_read(self._client, self._meta_and_open)
             applied = parse_id(_meta(raw_meta, self._meta_key).applied_id)
             # Clusters of batches with overlapping id ranges (headers come ordered by first id).
             clusters: list[list[bytes]] = []
@@ -305,7 +306,9 @@ class RedisStateStore(AsyncResource):
                 else:
                     exact.extend(cluster)
             if exact:
-                blobs: list[Any] = await self._client.hmget(self._batches_key, exact)
+                blobs: list[Any] = await retry_read(
+                    self._client, lambda: self._client.hmget(self._batches_key, exact)
+                )
                 ids: set[str] = set()
                 for member, blob in zip(exact, blobs, strict=True):
                     records = _batch_records(member, blob, self.errors)
@@ -314,19 +317,28 @@ class RedisStateStore(AsyncResource):
                 total += sum(1 for entry_id in ids if parse_id(entry_id) > applied)
         return total
 
+    async def _meta_and_open(self) -> list[Any]:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self._meta_key)
+            pipe.zrange(self._open_key, 0, -1)
+            return await pipe.execute()
+
+    async def _meta_and_snapshot(self) -> list[Any]:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self._meta_key)
+            pipe.get(self._snap_key)
+            return await pipe.execute()
+
     async def meta(self) -> StateMeta:
         """Read the meta hash."""
         async with self._op("read meta", "hgetall"):
-            raw: Any = await self._client.hgetall(self._meta_key)
+            raw: Any = await retry_read(self._client, lambda: self._client.hgetall(self._meta_key))
             return _meta(raw, self._meta_key)
 
     async def load(self) -> tuple[StateMeta, bytes | None]:
         """Read meta and checkpoint snapshot in one transaction."""
         async with self._op("load state", "hgetall"):
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hgetall(self._meta_key)
-                pipe.get(self._snap_key)
-                raw, snapshot = await pipe.execute()
+            raw, snapshot = await retry_read(self._client, self._meta_and_snapshot)
             return _meta(raw, self._meta_key), snapshot
 
     def _skipped_ids(self, keys: list[Any]) -> frozenset[str]:
@@ -343,14 +355,17 @@ class RedisStateStore(AsyncResource):
     async def restore(self) -> Restored:
         """Read meta, checkpoint and redo records in one script call."""
         async with self._op("restore state"):
-            raw_meta, snapshot, flat, skips = await self._restore(
-                keys=[
-                    self._meta_key,
-                    self._snap_key,
-                    self._idx_key,
-                    self._batches_key,
-                    self._skip_key,
-                ]
+            raw_meta, snapshot, flat, skips = await retry_read(
+                self._client,
+                lambda: self._restore(
+                    keys=[
+                        self._meta_key,
+                        self._snap_key,
+                        self._idx_key,
+                        self._batches_key,
+                        self._skip_key,
+                    ]
+                ),
             )
             fields = _pairs(raw_meta)
             meta = _meta(fields, self._meta_key)
@@ -361,13 +376,21 @@ class RedisStateStore(AsyncResource):
             return Restored(meta, snapshot, checkpoint, records, self._skipped_ids(skips))
 
     async def replay(
-        self, after_id: str, upto_id: str
+        self, after_id: str, upto_id: str, epoch: str | None = None
     ) -> tuple[list[tuple[str, bytes]], frozenset[str]] | None:
         """Read the redo records after ``after_id`` (one script call); see ``StateStore``."""
         async with self._op("replay state"):
-            reply = await self._replay(
-                keys=[self._meta_key, self._idx_key, self._batches_key, self._skip_key],
-                args=[sort_key(after_id), sort_key(upto_id)],
+            reply = await retry_read(
+                self._client,
+                lambda: self._replay(
+                    keys=[self._meta_key, self._idx_key, self._batches_key, self._skip_key],
+                    args=[
+                        sort_key(after_id),
+                        sort_key(upto_id),
+                        b"0" if epoch is None else b"1",
+                        epoch or "",
+                    ],
+                ),
             )
             if reply is None:
                 return None
@@ -381,10 +404,14 @@ class RedisStateStore(AsyncResource):
         """Read the two seen generations in commit order (an element no worker wrote is left
         out)."""
         async with self._op("load seen ids", "lrange"):
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.lrange(self._seen_key(meta.seen_gen - 1), 0, -1)
-                pipe.lrange(self._seen_key(meta.seen_gen), 0, -1)
-                prev, cur = await pipe.execute()
+
+            async def both() -> list[Any]:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.lrange(self._seen_key(meta.seen_gen - 1), 0, -1)
+                    pipe.lrange(self._seen_key(meta.seen_gen), 0, -1)
+                    return await pipe.execute()
+
+            prev, cur = await retry_read(self._client, both)
             return self._unpack_ids(prev, meta.seen_gen - 1), self._unpack_ids(cur, meta.seen_gen)
 
     def _unpack_ids(self, blobs: list[bytes], gen: int) -> list[str]:
@@ -422,6 +449,8 @@ class RedisStateStore(AsyncResource):
             _records_encoder.encode(commit.seen_add) if commit.seen_add else b"",
             b"0" if drop is None else b"1",
             b"" if commit.snapshot is None else commit.snapshot,
+            commit.expected_epoch,
+            meta.epoch,
             *(sort_key(entry_id) for entry_id in commit.skipped),
         ]
         async with self._op("commit"):
@@ -443,16 +472,23 @@ class RedisStateStore(AsyncResource):
         self._repaired(repaired, self._lease_key, "lease")
         return bool(got)
 
-    async def lease_round(self, token: str, ttl_s: float) -> int | None:
-        """Take or extend the lease and read the version (one script call)."""
+    async def lease_round(self, token: str, ttl_s: float) -> StateMeta | None:
+        """Take or extend the lease and read the meta's version, epoch and applied id (one
+        script call)."""
         async with self._op("lease round"):
-            held, version, repaired = await self._lease_round(
+            held, version, repaired, epoch, applied, applied_key = await self._lease_round(
                 keys=[self._lease_key, self._meta_key], args=[token, int(ttl_s * 1000)]
             )
             self._repaired(repaired, self._lease_key, "lease")
             if not held:
                 return None
-            return _meta({b"version": bytes(version)}, self._meta_key).version
+            fields = {b"version": bytes(version)}
+            for name, value in ((b"epoch", epoch), (b"applied", applied)):
+                if value:
+                    fields[name] = bytes(value)
+            if applied:
+                fields[b"applied_key"] = bytes(applied_key)
+            return _meta(fields, self._meta_key)
 
     async def notify(self) -> None:
         """Push the wake-up (one script call)."""

@@ -42,6 +42,8 @@ _MEMBER: Final = re.compile(
 )
 """An index member: first and last sort keys, record count, digest (see batch_member)."""
 _INTEGER: Final = re.compile(rb"-?(?:0|[1-9][0-9]{0,15})")
+_EPOCH: Final = re.compile(rb"[0-9a-f]{16}")
+"""A state epoch as ``new_epoch`` makes it."""
 
 
 def _unsort_key(key: bytes) -> str:
@@ -88,11 +90,15 @@ def _meta(raw: dict[bytes, bytes], key: str) -> StateMeta:
             raise bad(key_name, f"does not match {name.decode()}")
         return text
 
+    epoch = raw.get(b"epoch", b"")
+    if epoch and not _EPOCH.fullmatch(epoch):
+        raise bad(b"epoch", "is not an epoch a commit writes")
     meta = StateMeta(
         version=number(b"version", 0),
         applied_id=entry_id(b"applied", b"applied_key"),
         seen_gen=number(b"seen_gen", -_VERSION_LIMIT),
         seen_count=number(b"seen_count", 0),
+        epoch=epoch.decode(),
     )
     entry_id(b"checkpoint", b"checkpoint_key")
     return meta

@@ -54,14 +54,16 @@ return {got, repaired}
 """
 )
 
-# The lease, and the committed version (raw: the caller checks it). KEYS: lease, meta.
-# ARGV: token, ttl ms. Returns {held, version or false, what was replaced or ''}.
+# The lease, and the committed version, epoch and applied id (raw: the caller checks them).
+# KEYS: lease, meta. ARGV: token, ttl ms. Returns {held, version or false, what was replaced or
+# '', epoch, applied, applied key}.
 LEASE_ROUND = (
     LEASE
     + """
 local got, repaired = take(KEYS[1], ARGV[1], ARGV[2])
-if got == 0 then return {0, false, repaired} end
-return {1, redis.call('HGET', KEYS[2], 'version') or '0', repaired}
+if got == 0 then return {0, false, repaired, '', '', ''} end
+local meta = redis.call('HMGET', KEYS[2], 'version', 'epoch', 'applied', 'applied_key')
+return {1, meta[1] or '0', repaired, meta[2] or '', meta[3] or '', meta[4] or ''}
 """
 )
 
@@ -120,8 +122,12 @@ return {more, out, ak, redis.call('HGET', KEYS[3], 'applied') or ''}
 """
 
 # The redo records in (after, upto] and the skipped ids among them, unless a checkpoint beyond
-# `after` dropped some (then nil). KEYS: meta, idx, batches, skip. ARGV: after key, upto key.
+# `after` dropped some, or the state's epoch is not ARGV[4] (when ARGV[3] is '1'): then nil.
+# KEYS: meta, idx, batches, skip. ARGV: after key, upto key, check epoch ('1'/'0'), epoch.
 REPLAY = """
+if ARGV[3] == '1' and (redis.call('HGET', KEYS[1], 'epoch') or '') ~= ARGV[4] then
+  return false
+end
 local rk = redis.call('HGET', KEYS[1], 'retained_key')
 if not rk or (rk ~= '' and string.len(rk) ~= 41) then
   -- Written before records were retained (or not by a worker): the checkpoint is the bound.
@@ -166,18 +172,21 @@ end
 return {meta, snap, out, skips}
 """
 
-# The version-checked commit. KEYS: meta, seen (current gen), seen (gen to drop), skip, snap,
-# idx, batches, open. ARGV: expected version, version, applied, applied key, seen gen, seen count,
-# seen ids (packed, '' for none), drop ('1'/'0'), snapshot ('' for none; a snapshot is never
-# empty), skipped sort keys...
+# The version- and epoch-checked commit. KEYS: meta, seen (current gen), seen (gen to drop), skip,
+# snap, idx, batches, open. ARGV: expected version, version, applied, applied key, seen gen, seen
+# count, seen ids (packed, '' for none), drop ('1'/'0'), snapshot ('' for none; a snapshot is
+# never empty), expected epoch ('' for none), epoch, skipped sort keys...
 COMMIT = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-if current ~= tonumber(ARGV[1]) then return 0 end
+local current = redis.call('HMGET', KEYS[1], 'version', 'epoch')
+if tonumber(current[1] or '0') ~= tonumber(ARGV[1]) then return 0 end
+if (current[2] or '') ~= ARGV[10] then return 0 end
 redis.call('HSET', KEYS[1], 'version', ARGV[2], 'applied', ARGV[3], 'applied_key', ARGV[4],
   'seen_gen', ARGV[5], 'seen_count', ARGV[6])
+if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'epoch', ARGV[11])
+else redis.call('HDEL', KEYS[1], 'epoch') end
 if ARGV[7] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[7]) end
 if ARGV[8] == '1' then redis.call('DEL', KEYS[3]) end
-for i = 10, #ARGV do redis.call('ZADD', KEYS[4], 0, ARGV[i]) end
+for i = 12, #ARGV do redis.call('ZADD', KEYS[4], 0, ARGV[i]) end
 local key = ARGV[4]
 for _, m in ipairs(redis.call('ZRANGEBYLEX', KEYS[8], '-', '(' .. key .. '}')) do
   if string.sub(m, 43, 83) <= key then redis.call('ZREM', KEYS[8], m) end

@@ -6,8 +6,12 @@ A store holds, for one derivation of one consumer group:
   staging the same id twice is a no-op. They stay staged after they are applied, up to the next
   checkpoint: together with the checkpoint they *are* the committed state (a redo log);
 * the **checkpoint**: a snapshot of the state folded up to some id (the checkpoint id);
-* the **meta**: version and **applied id**, changed by one atomic :meth:`StateStore.commit` that
-  succeeds only if the version is still the one the applier loaded. The committed state is the
+* the **meta**: version, **applied id** and **epoch**, changed by one atomic
+  :meth:`StateStore.commit` that succeeds only if the version and the epoch are still the ones
+  the applier loaded. The epoch is a random id the first commit of a state writes: when Redis
+  loses the state (a flush, a restart without persistence, ``--reset-state``) the next first
+  commit writes another, so a copy of the old state is never taken for the new one, whose
+  versions start again from 0. The committed state is the
   checkpoint plus the staged entries in ``(checkpoint id, applied id]``, in id order, minus the
   ones the applier **skipped** (duplicate event ids, dead-lettered unread ones; recorded with the
   commit that skipped them); a commit that carries a snapshot moves the checkpoint to its
@@ -23,6 +27,7 @@ A store holds, for one derivation of one consumer group:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +46,7 @@ __all__ = [
     "Restored",
     "StateMeta",
     "StateStore",
+    "new_epoch",
     "sort_key",
     "state_prefix",
 ]
@@ -61,6 +67,11 @@ def sort_key(entry_id: str) -> bytes:
     return b"%020d-%020d" % (ms, seq)
 
 
+def new_epoch() -> str:
+    """Return a fresh state epoch: 16 lowercase hex characters from the OS random source."""
+    return os.urandom(8).hex()
+
+
 @dataclass(frozen=True, slots=True)
 class StateMeta:
     """The committed position of a derivation.
@@ -70,12 +81,15 @@ class StateMeta:
         applied_id: the highest stream id folded into the committed state (``"0-0"`` if none).
         seen_gen: the current generation of the seen-event-id window.
         seen_count: ids added to the current generation so far.
+        epoch: the state's epoch (see :func:`new_epoch`), written by its first commit; ``""``
+            while nothing is committed (and in a meta written before epochs existed).
     """
 
     version: int = 0
     applied_id: str = MIN_ID
     seen_gen: int = 0
     seen_count: int = 0
+    epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +106,9 @@ class Commit:
         skipped: stream ids of this round that were not folded in (duplicate event ids, and
             entries dead-lettered unread: too long or undecodable), so a replay of the staged
             entries skips them too.
+        expected_epoch: the epoch the applier loaded (``""``: none); the commit fails if the
+            stored epoch differs (the state was lost and begun again meanwhile). The commit
+            writes ``meta.epoch``, which is the same unless the loaded state had none.
     """
 
     expected_version: int
@@ -100,6 +117,7 @@ class Commit:
     seen_add: list[str] = field(default_factory=list)
     seen_drop_gen: int | None = None
     skipped: list[str] = field(default_factory=list)
+    expected_epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,14 +191,14 @@ class StateStore(Protocol):
         ...
 
     async def replay(
-        self, after_id: str, upto_id: str
+        self, after_id: str, upto_id: str, epoch: str | None = None
     ) -> tuple[list[tuple[str, bytes]], frozenset[str]] | None:
         """Return the staged pairs in ``(after_id, upto_id]`` and the skipped ids among them.
 
         ``upto_id`` must not exceed the committed applied id. The records since the checkpoint
         before the last one are kept, so a reader at most one checkpoint interval behind can
-        always replay. Returns ``None`` when some of them were dropped (rebuild with
-        :meth:`restore` instead).
+        always replay. Returns ``None`` when some of them were dropped, or when ``epoch`` is
+        given and is not the stored epoch (rebuild with :meth:`restore` instead).
         """
         ...
 
@@ -190,7 +208,8 @@ class StateStore(Protocol):
         ...
 
     async def commit(self, commit: Commit) -> bool:
-        """Apply ``commit`` atomically if the version is still ``expected_version``.
+        """Apply ``commit`` atomically if the version is still ``expected_version`` and the
+        epoch still ``expected_epoch``.
 
         With a snapshot, also moves the checkpoint to ``commit.meta.applied_id`` and removes
         the staged entries (and skipped ids) up to the previous checkpoint (those since it stay
@@ -202,9 +221,10 @@ class StateStore(Protocol):
         """Take the applier lease for ``token`` or extend it if ``token`` holds it."""
         ...
 
-    async def lease_round(self, token: str, ttl_s: float) -> int | None:
-        """Take or extend the lease; return the committed version if ``token`` now holds it,
-        ``None`` if another token does (one backend call: the start of an apply round)."""
+    async def lease_round(self, token: str, ttl_s: float) -> StateMeta | None:
+        """Take or extend the lease; return the committed meta's version, epoch and applied
+        id (the other fields at their defaults) if ``token`` now holds it, ``None`` if another
+        token does (one backend call: the start of an apply round)."""
         ...
 
     async def release_lease(self, token: str) -> None:
@@ -221,7 +241,8 @@ class StateStore(Protocol):
         ...
 
     async def reset(self) -> None:
-        """Delete everything (staged entries, snapshot, meta, seen ids, lease)."""
+        """Delete everything (staged entries, snapshot, meta, seen ids, lease); the next
+        commit begins a new epoch."""
         ...
 
     async def aclose(self) -> None:
@@ -330,12 +351,12 @@ class MemoryStateStore(AsyncResource):
         )
 
     async def replay(
-        self, after_id: str, upto_id: str
+        self, after_id: str, upto_id: str, epoch: str | None = None
     ) -> tuple[list[tuple[str, bytes]], frozenset[str]] | None:
         """Return redo records after ``after_id``; see ``StateStore.replay``."""
         await anyio.lowlevel.checkpoint()
         low, high = parse_id(after_id), parse_id(upto_id)
-        if parse_id(self._retained) > low:
+        if parse_id(self._retained) > low or (epoch is not None and epoch != self._meta.epoch):
             return None
         return self._range(low, high), self._skipped_in(low, high)
 
@@ -350,7 +371,10 @@ class MemoryStateStore(AsyncResource):
     async def commit(self, commit: Commit) -> bool:
         """Commit atomically; see ``StateStore.commit``."""
         await anyio.lowlevel.checkpoint()
-        if self._meta.version != commit.expected_version:
+        if (
+            self._meta.version != commit.expected_version
+            or self._meta.epoch != commit.expected_epoch
+        ):
             return False
         self._meta = commit.meta
         self._seen.setdefault(commit.meta.seen_gen, []).extend(commit.seen_add)
@@ -382,10 +406,11 @@ class MemoryStateStore(AsyncResource):
             return True
         return False
 
-    async def lease_round(self, token: str, ttl_s: float) -> int | None:
-        """Take or extend the lease; return the version if held."""
+    async def lease_round(self, token: str, ttl_s: float) -> StateMeta | None:
+        """Take or extend the lease; return the version, epoch and applied id if held."""
         if await self.acquire_lease(token, ttl_s):
-            return self._meta.version
+            meta = self._meta
+            return StateMeta(meta.version, meta.applied_id, epoch=meta.epoch)
         return None
 
     async def notify(self) -> None:

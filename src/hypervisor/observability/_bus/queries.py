@@ -7,6 +7,7 @@ reads the ``_store`` and ``_reader`` the bus builds. Nothing here is on the emit
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 from hypervisor.observability._backends.log import format_id
@@ -73,6 +74,13 @@ class BusQueries:
     def reader_errors(self) -> int:
         """Tailing reads that failed (the reader reconnected and resumed)."""
         return self._reader.reader_errors
+
+    @property
+    def reader_stale_s(self) -> float | None:
+        """Seconds the tailing reader has been failing to read (``None`` while it reads): the
+        local index is that stale, at least."""
+        since = self._reader.failing_since
+        return None if since is None else max(0.0, time.monotonic() - since)
 
     # -- queries (from the local index) -------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -97,6 +98,8 @@ class BusReader:
         self.deleted_entries = 0
         self.duplicates = 0
         self.reader_errors = 0
+        # time.monotonic() of the first failed read of the ongoing outage (None: reading).
+        self.failing_since: float | None = None
         # The kinds of skipped entry already logged: each is logged once, then only counted.
         self._reported: set[str] = set()
 
@@ -125,6 +128,7 @@ class BusReader:
             except LogError as exc:
                 self.reader_errors += 1
                 if attempt == 0:
+                    self.failing_since = time.monotonic()
                     _log.warning("%s: tailing read failed, reconnecting: %s", log.name, exc)
                 await self._backoff.wait(attempt)
                 attempt += 1
@@ -132,6 +136,7 @@ class BusReader:
             if attempt:
                 _log.info("%s: tailing reader resumed after %d attempts", log.name, attempt)
                 attempt = 0
+                self.failing_since = None
             if entries:
                 try:
                     self._apply(entries)

@@ -274,6 +274,7 @@ class _Api:
         bus = self.bus
         view = self.view
         broadcaster = self.broadcaster
+        stale = bus.reader_stale_s
         return _Json(
             {
                 "source": self.runtime.source,
@@ -282,6 +283,10 @@ class _Api:
                 "index_position": bus.index_position,
                 "evicted_events": bus.evicted_count,
                 "decode_errors": bus.decode_errors,
+                # While the bus cannot read its log, the index (and everything served from it)
+                # is the last one read: say for how long.
+                "reader_errors": bus.reader_errors,
+                "stale_seconds": None if stale is None else round(stale, 3),
                 "stream_clients": len(broadcaster.clients),
                 "stream_messages": broadcaster.messages_sent,
                 "stream_dropped_events": broadcaster.dropped_events,

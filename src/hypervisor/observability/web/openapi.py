@@ -291,6 +291,11 @@ _STATUS_SCHEMA: Final = {
         "index_position": {"type": "integer"},
         "stream_clients": {"type": "integer"},
         "stream_dropped_events": {"type": "integer"},
+        "reader_errors": {"type": "integer"},
+        "stale_seconds": {
+            "type": ["number", "null"],
+            "description": "seconds the bus has failed to read its log (null while it reads)",
+        },
         "view": {"type": "object"},
     },
 }

@@ -31,7 +31,7 @@ from hypervisor.observability._backends.log import (
     next_id,
     parse_id,
 )
-from hypervisor.observability._backends.state import Commit, Restored, StateMeta
+from hypervisor.observability._backends.state import Commit, Restored, StateMeta, new_epoch
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES, decode_event, error_text
 from hypervisor.observability._core.recent import RecentIds
 from hypervisor.observability._core.trace_context import decode_context
@@ -46,9 +46,71 @@ from hypervisor.observability.workers._dlq import (
 )
 from hypervisor.observability.workers._snapshot import dump_state, load_state
 
-__all__ = ["Applier", "fold", "restore_state", "watermark"]
+__all__ = [
+    "Applier",
+    "epoch_lost",
+    "fold",
+    "log_state_reset",
+    "restore_state",
+    "watermark",
+    "went_back",
+]
 
 _log = logging.getLogger("hypervisor.observability.workers")
+
+
+def epoch_lost(held: StateMeta, found: StateMeta) -> bool:
+    """Whether a copy of the state as of ``held`` belongs to a state Redis has since lost.
+
+    It does when ``held`` has an epoch and ``found`` (the meta read now) has another one or
+    none (the meta is gone). Versions of two epochs are never compared: the new state counts
+    from 0 again. A copy without an epoch (nothing committed yet, or written before epochs)
+    is not "lost" but is rebuilt when an epoch appears (see ``SnapshotView``).
+    """
+    return bool(held.epoch) and found.epoch != held.epoch
+
+
+def went_back(held: StateMeta, found: StateMeta) -> bool:
+    """Whether the stored state of ``held``'s epoch is no longer the one a copy as of ``held``
+    was taken from: an older version, or the same version at another applied id.
+
+    Versions only grow, so this means Redis restarted from an older copy of its data (an
+    append-only file or snapshot without the last writes) and commits may have gone on from
+    there: a copy at the same version may hold other records.
+    """
+    if found.epoch != held.epoch:
+        return False
+    return found.version < held.version or (
+        found.version == held.version and found.applied_id != held.applied_id
+    )
+
+
+def log_state_reset(name: str, held: StateMeta, found: StateMeta) -> None:
+    """Say once, at WARNING, that a derivation's stored state was lost and begun again (or
+    went back to an older copy)."""
+    if found.epoch and found.epoch == held.epoch:
+        _log.warning(
+            "%s: the stored state went back from version %d (applied %s) to version %d "
+            "(applied %s) of epoch %s: Redis restarted from an older copy of its data; "
+            "rebuilding from it",
+            name,
+            held.version,
+            held.applied_id,
+            found.version,
+            found.applied_id,
+            found.epoch,
+        )
+        return
+    _log.warning(
+        "%s: state epoch changed (%s at version %d, now %s at version %d): Redis lost the "
+        "state (flushed, restarted without persistence, or --reset-state); rebuilding from "
+        "the stored state, and events before it may be missing",
+        name,
+        held.epoch,
+        held.version,
+        found.epoch or "none",
+        found.version,
+    )
 
 
 def fold(
@@ -233,6 +295,8 @@ class Applier:
         """Commits refused because another applier had committed."""
         self.reloads = 0
         """State rebuilds (start, or after another applier committed)."""
+        self.state_resets = 0
+        """Times the stored state's epoch changed under this applier (Redis lost it)."""
 
     @property
     def applied_id(self) -> str:
@@ -277,14 +341,14 @@ class Applier:
             WorkerStateError: the stored snapshot cannot be read.
             Exception: a sink failed (nothing was committed; the spans will be exported again).
         """
-        version = await self.store.lease_round(self.token, self.lease_ttl_s)
-        if version is None:
+        found = await self.store.lease_round(self.token, self.lease_ttl_s)
+        if found is None:
             self.leader = False
             self._state = None  # another applier moves on: a copy here would only go stale
             return 0
         self.leader = True
         try:
-            return await self._round(version)
+            return await self._round(found)
         except BaseException:
             self._state = None
             raise
@@ -344,8 +408,17 @@ class Applier:
             derivation=self.derivation.name,
         )
 
-    async def _round(self, version: int) -> int:
-        if self._state is None or version != self._meta.version:
+    async def _round(self, found: StateMeta) -> int:
+        held = self._meta
+        if (
+            self._state is None
+            or found.version != held.version
+            or found.epoch != held.epoch
+            or found.applied_id != held.applied_id
+        ):
+            if self._state is not None and (epoch_lost(held, found) or went_back(held, found)):
+                self.state_resets += 1
+                log_state_reset(self.derivation.name, held, found)
             await self._load()
         meta = self._meta
         mark = await watermark(self.log, self.group)
@@ -354,8 +427,10 @@ class Applier:
             if self._since_checkpoint and self._checkpoint_due():
                 snapshot = self._try_snapshot()
                 if snapshot is not None:
-                    same = replace(meta, version=meta.version + 1)
-                    await self._commit(Commit(meta.version, snapshot, same), 0)
+                    same = replace(meta, version=meta.version + 1, epoch=meta.epoch or new_epoch())
+                    await self._commit(
+                        Commit(meta.version, snapshot, same, expected_epoch=meta.epoch), 0
+                    )
             return 0
         state = self._state
         derivation = self.derivation
@@ -420,11 +495,12 @@ class Applier:
         drop: int | None = None
         if count >= self.dedup_window:
             drop, gen, count = gen - 1, gen + 1, len(seen_add)
-        new_meta = StateMeta(meta.version + 1, items[-1][0], gen, count)
+        # The first commit of a state (or of one written before epochs) begins its epoch.
+        new_meta = StateMeta(meta.version + 1, items[-1][0], gen, count, meta.epoch or new_epoch())
         self._since_checkpoint += len(items)
         self._bytes_since_checkpoint += size
         snapshot = self._try_snapshot() if self._checkpoint_due() else None
-        commit = Commit(meta.version, snapshot, new_meta, seen_add, drop, skipped)
+        commit = Commit(meta.version, snapshot, new_meta, seen_add, drop, skipped, meta.epoch)
         if not await self._commit(commit, len(items)):
             return 0
         return len(items)

@@ -1,17 +1,18 @@
 """The worker's HTTP endpoints: ``/metrics`` (Prometheus text) and ``/healthz`` (JSON).
 
 ``/metrics`` carries the worker's own health (``hvobs_worker_*``) and, for a ring-metrics
-worker, the **global** ring metrics: before each scrape the worker brings its copy of the
-committed state up to date (one meta read; when the version changed, the records committed
-since, or the checkpoint and its redo records), so every worker of a group serves the same
-numbers. A small anyio server (not prometheus_client's
-thread) lets the scrape await that refresh.
+worker, the **global** ring metrics: before each scrape the worker brings its view of the
+committed state up to date (``_view.SnapshotView``), so every worker of a group serves the same
+numbers. When it cannot, the scrape serves the last good view (and says so:
+``hvobs_worker_view_stale``), or answers 503 when there is none: never zeros, which Prometheus
+would read as a counter reset. A small anyio server (not prometheus_client's thread) lets the
+scrape await that refresh.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import Any
 
@@ -28,8 +29,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from hypervisor.observability._backends.log import LogError, parse_id
-from hypervisor.observability._backends.state import StateMeta
+from hypervisor.observability._backends.log import LogError
 from hypervisor.observability._core.ring import RingMetricsState
 from hypervisor.observability.errors import WorkerStateError
 from hypervisor.observability.exporters.prometheus import (
@@ -37,127 +37,23 @@ from hypervisor.observability.exporters.prometheus import (
     RingMetricsPrometheusCollector,
     render_ring_metrics,
 )
-from hypervisor.observability.workers._apply import Applier, fold, restore_state
-from hypervisor.observability.workers._derivations import RING_METRICS, Derivation
+from hypervisor.observability.workers._derivations import RING_METRICS
 from hypervisor.observability.workers._dlq import REASON_MAX_DELIVERIES, REASON_UNDECODABLE
 from hypervisor.observability.workers._runtime import BATCH_BUCKETS, Worker
+from hypervisor.observability.workers._view import SnapshotView
 
 __all__ = ["SnapshotView", "WorkerHttpServer", "health_document"]
 
 _log = logging.getLogger("hypervisor.observability.workers")
 _json = msgspec.json.Encoder()
-# Milliseconds a refresh waits for the applier's commit in flight before building its own copy.
-_SHARE_WAITS = 50
+_TEXT = "text"
+_OPENMETRICS = "openmetrics"
+_EOF = b"# EOF\n"
 
 
-class SnapshotView:
-    """A local copy of a derivation's committed state, refreshed on demand.
-
-    A refresh reads the meta; when the version changed it folds in the redo records committed
-    since the copy's applied id (the staged entries, as the applier folded them), or rebuilds
-    from the checkpoint when a checkpoint dropped some of them meanwhile.
-
-    While this worker's own applier holds the lease and its state is the committed state (no
-    round in flight), the view uses that state instead of a copy of its own: one copy of the
-    state per worker, and a scrape has nothing to fold.
-
-    Refreshes are serialised (a scrape and a health check at once must not fold the same
-    records twice). :attr:`state` is ``None`` until the first refresh and while a rebuild is
-    under way or failed: the old copy is released first, so a rebuild never holds two.
-
-    Args:
-        derivation: the derivation whose committed state is shown (its ``store``).
-        applier: this worker's applier of that derivation, whose state the view may share.
-    """
-
-    def __init__(self, derivation: Derivation, applier: Applier | None = None) -> None:
-        self._derivation = derivation
-        self._store = derivation.store
-        self._applier = applier
-        self.meta = StateMeta()
-        self.state: Any = None
-        self._loaded_version = -1
-        self._shared = False
-        self._lock = anyio.Lock()
-        self.rebuilds = 0
-        """Rebuilds from the checkpoint (first refresh, or records dropped meanwhile)."""
-        self.shared_refreshes = 0
-        """Refreshes that took the applier's state."""
-        self.error: WorkerStateError | None = None
-        """Why the last refresh could not read the committed state (``None``: it could)."""
-
-    async def refresh(self) -> None:
-        """Bring the copy up to the committed state if the committed version changed.
-
-        Raises:
-            WorkerStateError: the committed state is unreadable (also kept in :attr:`error`
-                until a refresh succeeds: the copy is not served meanwhile).
-        """
-        async with self._lock:
-            try:
-                await self._refresh()
-            except WorkerStateError as error:
-                self.error = error
-                raise
-            self.error = None
-
-    @property
-    def unreadable(self) -> bool:
-        """Whether the derivation's stored state is unreadable now (then it is not served)."""
-        return self.error is not None or bool(self._store.errors.current)
-
-    async def _refresh(self) -> None:
-        meta = await self._store.meta()
-        if await self._share(meta):
-            return
-        if self._shared:
-            # The state was the applier's, which moves on without us: build a copy of our own.
-            self._shared = False
-            self._loaded_version = -1
-        if meta.version == self._loaded_version:
-            return
-        if self._loaded_version >= 0 and parse_id(meta.applied_id) >= parse_id(
-            self.meta.applied_id
-        ):
-            replay = await self._store.replay(self.meta.applied_id, meta.applied_id)
-            if replay is not None:
-                fold(self._derivation, self.state, *replay)
-                self.meta = meta
-                self._loaded_version = meta.version
-                return
-        self.state = None
-        self._loaded_version = -1
-        restored = await self._store.restore()
-        self.rebuilds += 1
-        self.state = restore_state(self._derivation, restored)
-        self.meta = restored.meta
-        self._loaded_version = restored.meta.version
-
-    async def _share(self, meta: StateMeta) -> bool:
-        """Take the applier's state if it is the committed state of ``meta``'s version or a
-        later one (waiting a little for a commit in flight)."""
-        applier = self._applier
-        if applier is None or not applier.leader:
-            return False
-        found = applier.committed_state()
-        for _ in range(_SHARE_WAITS):
-            if found is not None:
-                break
-            await anyio.sleep(0.001)
-            found = applier.committed_state()
-        if found is None or found[0].version < meta.version:
-            return False
-        # Nothing awaits between here and the export, so the applier cannot change it meanwhile.
-        self.meta, self.state = found
-        self._loaded_version = found[0].version
-        self._shared = True
-        self.shared_refreshes += 1
-        return True
-
-
-class _GlobalRingCollector(Collector):
-    """The committed ring metrics of a state that is not bounded (a custom derivation), through
-    the in-process collector and a guard kept for the life of the worker.
+class _RingCollector(Collector):
+    """The ring metrics of one state through the in-process collector, with a guard kept for
+    the life of the worker.
 
     A bounded state (the ring derivation's) has decided in stream order which labels have series
     of their own, and is exported as it folded them (so its export depends on the committed
@@ -166,27 +62,19 @@ class _GlobalRingCollector(Collector):
     serves OpenMetrics (with the counters' exemplars) and states that are not bounded.
     """
 
-    def __init__(self, view: SnapshotView, session_label: bool = True) -> None:
-        self._view = view
+    def __init__(self, guard: LabelGuard, session_label: bool) -> None:
+        self._guard = guard
         self._session_label = session_label
-        self._guard = LabelGuard()
-
-    def _collector(self) -> RingMetricsPrometheusCollector:
-        state = self._view.state
-        if not isinstance(state, RingMetricsState):
-            state = RingMetricsState()
-        # A bounded state is exported as it folded it (the guard is not consulted).
-        return RingMetricsPrometheusCollector(
-            state, guard=self._guard, session_label=self._session_label
-        )
-
-    def describe(self) -> Iterable[Metric]:
-        return self._collector().describe()
+        self.state: RingMetricsState | None = None
+        """The state to export (set just before each export; ``None``: nothing)."""
 
     def collect(self) -> Iterable[Metric]:
-        if self._view.unreadable:  # serve none of a state that may be wrong
+        if self.state is None:  # never an empty state's zeros
             return iter(())
-        return self._collector().collect()
+        # A bounded state is exported as it folded it (the guard is not consulted).
+        return RingMetricsPrometheusCollector(
+            self.state, guard=self._guard, session_label=self._session_label
+        ).collect()
 
 
 class _WorkerCollector(Collector):
@@ -283,6 +171,26 @@ class _WorkerCollector(Collector):
             "1 while the derivation's stored state is unreadable (nothing applied or served)",
             labels=per,
         )
+        stale = GaugeMetricFamily(
+            "hvobs_worker_view_stale",
+            "1 while the view cannot be brought up to date (the last good view is served)",
+            labels=per,
+        )
+        age = GaugeMetricFamily(
+            "hvobs_worker_view_age_seconds",
+            "Seconds since the view was last brought up to the committed state",
+            labels=per,
+        )
+        failures = CounterMetricFamily(
+            "hvobs_worker_view_refresh_failures",
+            "View refreshes that could not reach the committed state",
+            labels=per,
+        )
+        resets = CounterMetricFamily(
+            "hvobs_worker_state_resets",
+            "Times the state's epoch changed: Redis lost the state, rebuilt from scratch",
+            labels=per,
+        )
         for applier in worker.appliers:
             key = (group, applier.derivation.name)
             applied.add_metric(key, applier.applied_events)
@@ -292,11 +200,19 @@ class _WorkerCollector(Collector):
             view = self._views.get(applier.derivation.name)
             if view is not None:
                 version.add_metric(key, view.meta.version)
+                stale.add_metric(key, float(view.stale))
+                view_age = view.age_s()
+                if view_age is not None:  # never up to date: no sample rather than a made-up one
+                    age.add_metric(key, view_age)
+                failures.add_metric(key, view.refresh_failures)
+                resets.add_metric(key, view.state_resets)
             errors = applier.store.errors
             for name, count in sorted(errors.counts.items()):
                 state_errors.add_metric((*key, name), count)
             unreadable.add_metric(key, float(bool(errors.current)))
         yield from (applied, duplicates, conflicts, leader, version, state_errors, unreadable)
+        if self._views:
+            yield from (stale, age, failures, resets)
 
 
 async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dict[str, Any]:
@@ -308,11 +224,11 @@ async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dic
         for applier in worker.appliers:
             with suppress(WorkerStateError):  # reported by the store: see state_errors
                 backlog[applier.derivation.name] = await applier.store.backlog()
-        for view in views.values():
-            with suppress(WorkerStateError):
-                await view.refresh()
     except LogError as exc:
         error = str(exc)
+    for view in views.values():
+        with suppress(WorkerStateError, LogError):  # reported in state_errors and views
+            await view.refresh()
     state_errors = {
         applier.derivation.name: " | ".join(applier.store.errors.blocking)
         for applier in worker.appliers
@@ -332,6 +248,7 @@ async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dic
         "events": stats.events,
         "dead_lettered": dict(stats.dead_lettered),
         "applied_id": {name: view.meta.applied_id for name, view in views.items()},
+        "views": {name: _view_document(view) for name, view in views.items()},
         "backlog": backlog,
         "server_version": ".".join(map(str, version)) if version else None,
         "error": error,
@@ -340,6 +257,20 @@ async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dic
             applier.derivation.name: sum(applier.store.errors.counts.values())
             for applier in worker.appliers
         },
+    }
+
+
+def _view_document(view: SnapshotView) -> dict[str, Any]:
+    """A view's freshness, for ``/healthz``."""
+    age = view.age_s()
+    return {
+        "version": view.meta.version,
+        "epoch": view.meta.epoch,
+        "stale": view.stale,
+        "stale_error": view.stale_error,
+        "age_seconds": None if age is None else round(age, 3),
+        "refresh_failures": view.refresh_failures,
+        "state_resets": view.state_resets,
     }
 
 
@@ -381,23 +312,38 @@ class WorkerHttpServer:
         self.registry.register(_WorkerCollector(worker, self.views))
         self._session_label = session_label
         self._ring_view = self.views.get(RING_METRICS)
+        self._backend_down = False
         # OpenMetrics, and the ring metrics of a state that is not bounded (a custom
         # derivation), go through prometheus_client.
-        self._ring_fallback = CollectorRegistry(auto_describe=False)
-        if self._ring_view is not None:
-            self._ring_fallback.register(_GlobalRingCollector(self._ring_view, session_label))
+        self._ring_collector = _RingCollector(LabelGuard(), session_label)
+        self._ring_registry = CollectorRegistry(auto_describe=False)
+        self._ring_registry.register(self._ring_collector)
 
-    def _ring_text(self) -> bytes:
-        """The ring metrics' exposition of the view's state (nothing without a ring view)."""
+    def _ring_body(self, kind: str, encode: Callable[[CollectorRegistry], bytes]) -> bytes | None:
+        """The ring metrics' exposition in format ``kind`` (without OpenMetrics' ``# EOF``).
+
+        From the view's state when it may be served, else the last good exposition; ``b""``
+        (no series) without a ring view or while the stored state is unreadable (numbers that
+        may be wrong); ``None`` when there is no good view to serve at all.
+        """
         view = self._ring_view
-        if view is None or view.state is None or view.unreadable:
-            # Not loaded (yet), or the stored state is unreadable: no series rather than zeros
-            # that look like resets or numbers that may be wrong.
+        if view is None or view.unreadable:
             return b""
-        state = view.state
-        if isinstance(state, RingMetricsState) and state.bounds is not None and self._session_label:
-            return render_ring_metrics(state)
-        return generate_latest(self._ring_fallback)
+        state = view.servable()
+        if state is None:
+            return view.rendered(kind)
+        if not isinstance(state, RingMetricsState):
+            return b""
+        if kind == _TEXT and state.bounds is not None and self._session_label:
+            body = render_ring_metrics(state)
+        else:
+            self._ring_collector.state = state
+            try:
+                body = encode(self._ring_registry).removesuffix(_EOF)
+            finally:
+                self._ring_collector.state = None
+        view.remember(kind, body)
+        return body
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; reports the bound port through ``task_status``.
@@ -455,27 +401,40 @@ class WorkerHttpServer:
         self._last_failure = failure
         _log.error("%s", failure, exc_info=exc)
 
+    async def _refresh_for_scrape(self) -> None:
+        """Bring the group gauges and the views up to date, as far as the backend lets us."""
+        try:
+            await self.worker.refresh()
+        except LogError as exc:
+            # Serve what is known; the connected gauge says the backend is away.
+            if not self._backend_down:
+                _log.warning("metrics refresh failed: %s", exc)
+            self._backend_down = True
+        else:
+            self._backend_down = False
+        # The ring view last: nothing awaits between its refresh and the export, so a state it
+        # shares with the applier cannot take uncommitted records meanwhile.
+        for name in sorted(self.views, key=lambda name: name == RING_METRICS):
+            # Unreadable state is reported by the store and not served; a backend failure
+            # leaves the view stale (reported by the view), and its last good state is served.
+            with suppress(WorkerStateError, LogError):
+                await self.views[name].refresh()
+
     async def _respond(self, path: bytes, accept: str = "") -> tuple[str, str, bytes]:
         if path == b"/metrics":
-            try:
-                await self.worker.refresh()
-                # The ring view last: nothing awaits between its refresh and the export, so a
-                # state it shares with the applier cannot take uncommitted records meanwhile.
-                for name in sorted(self.views, key=lambda name: name == RING_METRICS):
-                    with suppress(WorkerStateError):  # reported by the store; not served
-                        await self.views[name].refresh()
-            except LogError as exc:
-                # Serve what is known; the connected gauge says the backend is away.
-                _log.warning("metrics refresh failed: %s", exc)
+            await self._refresh_for_scrape()
             encode, content_type = choose_encoder(accept)
-            if not content_type.startswith("application/openmetrics-text"):
-                body = generate_latest(self.registry) + self._ring_text()
-                return "200 OK", CONTENT_TYPE_LATEST, body
-            view = self._ring_view
-            if view is None or view.state is None or view.unreadable:
-                # As in the text format: no ring series from a state not loaded or unreadable.
-                return "200 OK", content_type, encode(self.registry)
-            return "200 OK", content_type, encode(_Joined(self.registry, self._ring_fallback))
+            openmetrics = content_type.startswith("application/openmetrics-text")
+            ring = self._ring_body(_OPENMETRICS if openmetrics else _TEXT, encode)
+            if ring is None:
+                # No good view to serve: zeros would read as a counter reset.
+                view = self._ring_view
+                why = (view.stale_error if view is not None else "") or "not loaded yet"
+                line = f"ring metrics unavailable: {why}".replace("\n", " ")
+                return "503 Service Unavailable", "text/plain; charset=utf-8", line.encode() + b"\n"
+            if not openmetrics:
+                return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry) + ring
+            return "200 OK", content_type, encode(self.registry).removesuffix(_EOF) + ring + _EOF
         if path in (b"/healthz", b"/health"):
             document = await health_document(self.worker, self.views)
             healthy = (
@@ -484,17 +443,6 @@ class WorkerHttpServer:
             status = "200 OK" if healthy else "503 Service Unavailable"
             return status, "application/json", _json.encode(document)
         return "404 Not Found", "text/plain", b"not found\n"
-
-
-class _Joined(Collector):
-    """The metrics of several registries as one (what an encoder is given)."""
-
-    def __init__(self, *registries: CollectorRegistry) -> None:
-        self._registries = registries
-
-    def collect(self) -> Iterable[Metric]:
-        for registry in self._registries:
-            yield from registry.collect()
 
 
 def _accept(request: bytes) -> str:
