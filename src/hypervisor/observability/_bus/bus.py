@@ -20,14 +20,14 @@ store; ``sync()`` waits until it holds everything up to the log's head as of the
 
 The bus owns both sides and their tasks: the writing machinery is ``writer.BusWriter``, the
 reading machinery ``reader.BusReader``, its read side (queries, pages, trace contexts, reader
-counters) the ``queries.BusQueries`` mixin.
+counters) the ``queries.BusQueries`` mixin, its emit paths the ``emitting.BusEmitting`` mixin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
 import anyio
@@ -40,30 +40,21 @@ from hypervisor.observability._backends.log import (
     parse_id,
     previous_id,
 )
+from hypervisor.observability._bus.emitting import BusEmitting
 from hypervisor.observability._bus.queries import BusQueries
 from hypervisor.observability._bus.reader import BusReader
-from hypervisor.observability._bus.writer import BusWriter, Tracker
-from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES, encode_event
+from hypervisor.observability._bus.writer import BusWriter
+from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
 from hypervisor.observability._core.dispatch import Dispatcher
-from hypervisor.observability._core.events import EventHandler, EventType, HypervisorEvent
+from hypervisor.observability._core.events import EventHandler, EventType
 from hypervisor.observability._core.store import (
     DEFAULT_MAX_EVENTS,
     EventStore,
 )
-from hypervisor.observability._core.trace_context import (
-    EVENT_PREFIX,
-    attach_context,
-)
 from hypervisor.observability._util.aio import AsyncResource
-from hypervisor.observability._util.otel_context import current_trace_context
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
     BusClosedError,
-    BusFullError,
-    BusPermissionError,
-    BusUnavailableError,
-    EventTooLargeError,
-    PermissionDeniedError,
 )
 
 __all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy"]
@@ -104,7 +95,7 @@ def _retention(
     return TrimPolicy(max_len=max_len, max_age_s=max_age_s)
 
 
-class RedisEventBus(BusQueries, AsyncResource):
+class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
     """An event bus shared by many processes through a ``StreamLog`` (Redis Streams in production).
 
     Use as an async context manager (or ``await start()`` / ``await aclose()``)::
@@ -372,164 +363,6 @@ class RedisEventBus(BusQueries, AsyncResource):
             raise BusClosedError("the bus was closed")
         if not self._started:
             raise BusClosedError("the bus is not started: use `async with bus` or `await start()`")
-
-    # -- emitting -----------------------------------------------------------------------------
-
-    async def _wait_space(self, needed: int = 1) -> None:
-        while len(self._writer.buffer) + needed > self._buffer_size:
-            space = self._writer.space
-            assert space is not None
-            space.clear()
-            await space.wait()
-            self._check_running()
-
-    async def emit(self, event: HypervisorEvent, *, block: bool = True) -> None:
-        """Store ``event`` in the log; return once the backend has stored it.
-
-        Args:
-            event: the event.
-            block: wait while the buffer is full (else raise ``BusFullError``).
-
-        Raises:
-            EventEncodeError: the event cannot be encoded, or would not be read back the same
-                (raised before buffering; the message names the payload path).
-            EventTooLargeError: the encoded event is longer than ``max_event_bytes``.
-            BusFullError: the buffer is full and ``block`` is false.
-            BusUnavailableError: the backend stayed unreachable past ``retry_deadline_s``.
-            BusPermissionError: the backend refused the append to this user (at once).
-            BusClosedError: the bus is closed or not started.
-        """
-        data = encode_event(event, exact=True)
-        if self._trace_context:
-            context = current_trace_context()
-            if context is not None:
-                data = attach_context(data, context)
-        if len(data) > self._max_event_bytes:
-            raise self._too_large(event, len(data))
-        self._check_running()
-        if len(self._writer.buffer) >= self._buffer_size:
-            if not block:
-                raise BusFullError(f"emit buffer full ({self._buffer_size} events)")
-            await self._wait_space()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._writer.enqueue(data, future)
-        await future
-
-    async def emit_many(self, events: Iterable[HypervisorEvent]) -> None:
-        """Store many events in order; return once the backend has stored all of them.
-
-        Every event is encoded first, so an unencodable or too large one raises before any is
-        buffered.
-
-        Raises:
-            EventEncodeError: an event cannot be encoded (nothing was buffered).
-            EventTooLargeError: an event is longer than ``max_event_bytes`` (nothing was
-                buffered).
-            BusUnavailableError: some of them could not be stored before the retry deadline
-                (``BusPermissionError``: refused to this user).
-            BusClosedError: the bus is closed or not started.
-        """
-        limit = self._max_event_bytes
-        encoded: list[bytes] = []
-        # One context for the call: every event is encoded here, inside the caller's span.
-        context = current_trace_context() if self._trace_context else None
-        if context is None:
-            for event in events:
-                data = encode_event(event, exact=True)
-                if len(data) > limit:
-                    raise self._too_large(event, len(data))
-                encoded.append(data)
-        else:
-            # attach_context's common case inline: a third of its cost is the call.
-            prefix, fields = context.prefix, context.fields
-            for event in events:
-                data = encode_event(event, exact=True)
-                if data.startswith(EVENT_PREFIX):
-                    data = prefix + data[3:] + fields
-                else:
-                    data = attach_context(data, context)
-                if len(data) > limit:
-                    raise self._too_large(event, len(data))
-                encoded.append(data)
-        self._check_running()
-        if not encoded:
-            return
-        tracker = Tracker()
-        step = max(1, min(self._buffer_size, self._writer.batch_size * 4))
-        for offset in range(0, len(encoded), step):
-            chunk = encoded[offset : offset + step]
-            if len(self._writer.buffer) + len(chunk) > self._buffer_size:
-                await self._wait_space(len(chunk))
-            for data in chunk:
-                self._writer.enqueue(data, tracker)
-        await self._writer.wait_done(self._writer.enqueued)
-        error = tracker.error
-        if error is not None:
-            message = f"some of the {len(encoded)} events were not stored: {error}"
-            if isinstance(error, PermissionDeniedError):
-                raise BusPermissionError(message, user=error.user, command=error.command) from error
-            raise BusUnavailableError(message) from error
-
-    def emit_nowait(self, event: HypervisorEvent) -> None:
-        """Buffer ``event`` for the flusher and return at once; ``flush()`` confirms storage.
-
-        Raises:
-            EventEncodeError: the event cannot be encoded.
-            EventTooLargeError: the encoded event is longer than ``max_event_bytes``.
-            BusFullError: the buffer holds ``buffer_size`` events already.
-            BusClosedError: the bus is closed or not started.
-        """
-        data = encode_event(event, exact=True)
-        if self._trace_context:
-            context = current_trace_context()
-            if context is not None:
-                data = attach_context(data, context)
-        if len(data) > self._max_event_bytes:
-            raise self._too_large(event, len(data))
-        self._check_running()
-        if len(self._writer.buffer) >= self._buffer_size:
-            raise BusFullError(
-                f"emit buffer full ({self._buffer_size} events); await emit() or flush()"
-            )
-        self._writer.enqueue(data, None)
-
-    def _too_large(self, event: HypervisorEvent, size: int) -> EventTooLargeError:
-        limit = self._max_event_bytes
-        return EventTooLargeError(
-            f"event {event.event_id} is {size} bytes encoded, over the limit of {limit} bytes "
-            "(RedisEventBus option max_event_bytes; workers: --max-event-bytes)",
-            size=size,
-            limit=limit,
-        )
-
-    @property
-    def max_event_bytes(self) -> int:
-        """The longest encoded event the bus writes or reads."""
-        return self._max_event_bytes
-
-    async def flush(self) -> None:
-        """Wait until everything buffered before the call is stored.
-
-        Raises:
-            BusUnavailableError: buffered events were lost to an unreachable backend since the
-                previous ``flush()`` (the count is in the message); ``BusPermissionError`` when
-                the last loss was a refusal to this user.
-        """
-        self._check_running()
-        writer = self._writer
-        await writer.wait_done(writer.enqueued)
-        if writer.unreported_failures:
-            lost, writer.unreported_failures = writer.unreported_failures, 0
-            error = writer.last_error
-            message = f"{lost} buffered events could not be stored: {error}"
-            if isinstance(error, PermissionDeniedError):
-                raise BusPermissionError(message, user=error.user, command=error.command) from error
-            raise BusUnavailableError(message) from error
-
-    @property
-    def buffered(self) -> int:
-        """Events waiting in the emit buffer."""
-        return len(self._writer.buffer)
 
     # -- reading ------------------------------------------------------------------------------
 
