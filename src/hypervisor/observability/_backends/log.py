@@ -8,7 +8,9 @@ contract: ``MemoryStreamLog`` (in process) and ``RedisStreamLog`` (Redis Streams
 test suite runs against both.
 
 Errors: a backend that cannot be reached raises ``LogUnavailableError`` (transient: the caller
-may retry); every other failure is a ``LogError``. Operations on a group that does not exist raise
+may retry); an append whose request was sent but whose reply was lost raises its subclass
+``LogOutcomeUnknownError`` (the entries may be stored: a retry may store them twice); every
+other failure is a ``LogError``. Operations on a group that does not exist raise
 ``LogGroupMissingError`` (for Redis: the stream key or group vanished, e.g. after a flush). An
 operation the backend refuses to this user (a Redis ACL) raises ``LogPermissionError``, which is
 deliberately *not* a ``LogError``: retry loops catch ``LogError``, and a refusal must stop its
@@ -25,6 +27,7 @@ import msgspec
 from hypervisor.observability.errors import (
     LogError,
     LogGroupMissingError,
+    LogOutcomeUnknownError,
     LogPermissionError,
     LogUnavailableError,
 )
@@ -38,6 +41,7 @@ __all__ = [
     "GroupInfo",
     "LogError",
     "LogGroupMissingError",
+    "LogOutcomeUnknownError",
     "LogPermissionError",
     "LogUnavailableError",
     "PendingSummary",
@@ -184,9 +188,15 @@ class StreamLog(Protocol):
     async def append_many(self, entries: list[bytes]) -> list[str]:
         """Append entries in order; return their ids once the backend has stored them all.
 
-        Ids are strictly increasing within the call and across calls of this log. On an error
-        some prefix of the entries may have been stored (the call is not atomic); callers that
-        retry accept at-least-once appends.
+        Ids are strictly increasing within the call and across calls of this log.
+
+        Raises:
+            LogOutcomeUnknownError: the request was sent and its reply lost (a timeout, a
+                connection lost after sending): some prefix of the entries may have been
+                stored (the call is not atomic); callers that retry accept at-least-once
+                appends.
+            LogUnavailableError: nothing was sent (the connection could not be made): none
+                of the entries was stored.
         """
         ...
 

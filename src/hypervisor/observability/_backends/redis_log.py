@@ -20,6 +20,7 @@ and trims with ``MINID`` up to it, atomically.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from typing import Any, Final
@@ -35,6 +36,7 @@ from hypervisor.observability._backends.log import (
     GroupInfo,
     LogError,
     LogGroupMissingError,
+    LogOutcomeUnknownError,
     LogPermissionError,
     LogUnavailableError,
     PendingSummary,
@@ -109,6 +111,20 @@ return redis.call(unpack(args))
 
 async def _call(client: aioredis.Redis, *args: Any) -> Any:
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+# redis-py 5.3 deprecated get_connection's arguments (a warning), 5.2 requires a command name.
+_GET_CONNECTION_ARGS: Final = (
+    ()
+    if inspect.signature(aioredis.ConnectionPool.get_connection).parameters["command_name"].default
+    is None
+    else ("PIPELINE",)
+)
+
+
+async def _pooled_connection(client: aioredis.Redis) -> Any:
+    """A connected connection of ``client``'s pool (connecting now if it has none)."""
+    return await client.connection_pool.get_connection(*_GET_CONNECTION_ARGS)  # type: ignore[no-untyped-call]
 
 
 _PAGE: Final = 500
@@ -256,21 +272,31 @@ class RedisStreamLog(AsyncResource):
         self._check_open()
         if not entries:
             return []
+        # Connect first, apart: a failure up to here sent nothing (no entry can be stored);
+        # one while the pipeline runs may come after Redis applied some of it.
         with self._errors("append", "xadd"):
-            pipe = self._writer.pipeline(transaction=False)
-            command = pipe.execute_command
-            key, field = self._key, self._field
-            for data in entries:
-                command(b"XADD", key, b"*", field, data)
-            try:
-                with anyio.fail_after(self._write_timeout_s):
-                    ids = await pipe.execute()
-            except BaseException:
-                # Interrupted mid-pipeline, the connection may still owe replies: drop it so
-                # no later command reads a stale one.
-                with anyio.CancelScope(shield=True):
-                    await self._writer.connection_pool.disconnect()
-                raise
+            connection = await _pooled_connection(self._writer)
+        pipe = self._writer.pipeline(transaction=False)
+        pipe.connection = connection  # the pipeline's reset() gives it back to the pool
+        command = pipe.execute_command
+        key, field = self._key, self._field
+        for data in entries:
+            command(b"XADD", key, b"*", field, data)
+        try:
+            with self._errors("append", "xadd"):
+                try:
+                    with anyio.fail_after(self._write_timeout_s):
+                        ids = await pipe.execute()
+                except BaseException:
+                    # Interrupted mid-pipeline, the connection may still owe replies: drop it
+                    # so no later command reads a stale one.
+                    with anyio.CancelScope(shield=True):
+                        await self._writer.connection_pool.disconnect()
+                    raise
+        except LogUnavailableError as exc:
+            raise LogOutcomeUnknownError(
+                f"{exc}; the request was sent, so some of the {len(entries)} entries may be stored"
+            ) from exc
         if self._retention is not None and time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + self._trim_interval_s
             try:

@@ -183,6 +183,7 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
             linger_s=linger_s,
             retry_deadline_s=retry_deadline_s,
             backoff=backoff,
+            keep_failed=buffer_size,
         )
         self._reader = BusReader(
             log,

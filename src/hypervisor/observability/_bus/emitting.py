@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from hypervisor.observability._bus.writer import BusWriter, Tracker
+from hypervisor.observability._bus.writer import BusWriter, Tracker, decode_all
 from hypervisor.observability._core.codec import encode_event
 from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability._core.trace_context import EVENT_PREFIX, attach_context
@@ -60,7 +60,10 @@ class BusEmitting:
                 (raised before buffering; the message names the payload path).
             EventTooLargeError: the encoded event is longer than ``max_event_bytes``.
             BusFullError: the buffer is full and ``block`` is false.
-            BusUnavailableError: the backend stayed unreachable past ``retry_deadline_s``.
+            BusUnavailableError: the backend stayed unreachable past ``retry_deadline_s``; the
+                error's ``events`` holds this event and ``stored_unknown`` says whether it may
+                have been stored anyway (a reply was lost): re-emitting it is safe, readers and
+                workers drop copies.
             BusPermissionError: the backend refused the append to this user (at once).
             BusClosedError: the bus is closed or not started.
         """
@@ -91,7 +94,9 @@ class BusEmitting:
             EventTooLargeError: an event is longer than ``max_event_bytes`` (nothing was
                 buffered).
             BusUnavailableError: some of them could not be stored before the retry deadline
-                (``BusPermissionError``: refused to this user).
+                (``BusPermissionError``: refused to this user); its ``events`` are those not
+                confirmed stored, ``stored_unknown`` whether some may have been stored anyway
+                (re-emitting them is safe: readers and workers drop copies).
             BusClosedError: the bus is closed or not started.
         """
         limit = self._max_event_bytes
@@ -130,10 +135,9 @@ class BusEmitting:
         await self._writer.wait_done(self._writer.enqueued)
         error = tracker.error
         if error is not None:
-            message = f"some of the {len(encoded)} events were not stored: {error}"
-            if isinstance(error, PermissionDeniedError):
-                raise BusPermissionError(message, user=error.user, command=error.command) from error
-            raise BusUnavailableError(message) from error
+            failed = tracker.failed
+            message = f"{len(failed)} of the {len(encoded)} events were not confirmed stored"
+            raise _lost(message, error, failed, tracker.stored_unknown) from error
 
     def emit_nowait(self, event: HypervisorEvent) -> None:
         """Buffer ``event`` for the flusher and return at once; ``flush()`` confirms storage.
@@ -177,21 +181,39 @@ class BusEmitting:
 
         Raises:
             BusUnavailableError: buffered events were lost to an unreachable backend since the
-                previous ``flush()`` (the count is in the message); ``BusPermissionError`` when
-                the last loss was a refusal to this user.
+                previous ``flush()`` (the count is in the message; ``events`` holds them, at
+                most ``buffer_size`` of the newest, and ``stored_unknown`` says whether some may
+                have been stored after all); ``BusPermissionError`` when the last loss was a
+                refusal to this user.
         """
         self._check_running()
         writer = self._writer
         await writer.wait_done(writer.enqueued)
         if writer.unreported_failures:
             lost, writer.unreported_failures = writer.unreported_failures, 0
-            error = writer.last_error
-            message = f"{lost} buffered events could not be stored: {error}"
-            if isinstance(error, PermissionDeniedError):
-                raise BusPermissionError(message, user=error.user, command=error.command) from error
-            raise BusUnavailableError(message) from error
+            datas, unknown = list(writer.unreported), writer.unreported_unknown
+            writer.unreported.clear()
+            writer.unreported_unknown = False
+            kept = "" if len(datas) == lost else f" (error.events holds the newest {len(datas)})"
+            message = f"{lost} buffered events were not confirmed stored{kept}"
+            raise _lost(message, writer.last_error, datas, unknown) from writer.last_error
 
     @property
     def buffered(self) -> int:
         """Events waiting in the emit buffer."""
         return len(self._writer.buffer)
+
+
+def _lost(
+    message: str, error: BaseException | None, datas: list[bytes], unknown: bool
+) -> BusUnavailableError:
+    """The error of a call some of whose events were not confirmed stored: it carries them."""
+    events = decode_all(datas)
+    if isinstance(error, PermissionDeniedError):
+        return BusPermissionError(
+            f"{message}: {error}", user=error.user, command=error.command, events=events
+        )
+    if isinstance(error, BusUnavailableError):
+        # The batch's message already says what is known of the events' fate.
+        return type(error)(f"{message}: {error}", events=events, stored_unknown=unknown)
+    return BusUnavailableError(f"{message}: {error}", events=events, stored_unknown=unknown)
