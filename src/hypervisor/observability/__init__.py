@@ -44,7 +44,10 @@ if TYPE_CHECKING:
         PrometheusExporterProtocol as PrometheusExporterProtocol,
         RingMetricsCollector as RingMetricsCollector,
     )
-    from hypervisor.observability.redis_bus import RedisEventBus as RedisEventBus
+    from hypervisor.observability.redis_bus import (
+        RedisEventBus as RedisEventBus,
+        run_until_signal as run_until_signal,
+    )
     from hypervisor.observability.saga_span_exporter import (
         SagaSpanExporter as SagaSpanExporter,
         SagaSpanRecord as SagaSpanRecord,
@@ -70,6 +73,7 @@ _EXPORTS: dict[str, str] = {
     "SpanSink": "saga_span_exporter",
     "SpanRecordSink": "saga_span_exporter",
     "RedisEventBus": "redis_bus",
+    "run_until_signal": "redis_bus",
     "TraceContext": "trace_context",
     "AgentSpanExporter": "agent_spans",
     "AgentSpanRecord": "agent_spans",
@@ -120,6 +124,7 @@ __all__ = [
     "SpanRecordSink",
     "SpanSink",
     "TraceContext",
+    "run_until_signal",
 ]
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
@@ -57,12 +58,22 @@ from hypervisor.observability.errors import (
     BusClosedError,
 )
 
-__all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy"]
+__all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy", "live_buses"]
 
 _log = logging.getLogger("hypervisor.observability.redis_bus")
 
 DEFAULT_STREAM = "hvobs:events"
 """The stream key used when none is given."""
+
+# The buses started and not yet closed in this process, so that run_until_signal can close the
+# ones an application left open and abort their flushes on a second signal.
+_LIVE: weakref.WeakSet[RedisEventBus] = weakref.WeakSet()
+
+
+def live_buses(loop: asyncio.AbstractEventLoop | None = None) -> list[RedisEventBus]:
+    """The buses started and not closed yet, those closing included (on ``loop`` when
+    given)."""
+    return [bus for bus in list(_LIVE) if loop is None or bus._loop is loop]
 
 
 class IndexLag(msgspec.Struct, frozen=True):
@@ -200,6 +211,10 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         self._tasks: list[tuple[asyncio.Task[None], anyio.CancelScope]] = []
         self._started = False
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scope: anyio.CancelScope | None = None
+        self._abort_flush = False
+        self._unstored = 0
 
     # -- construction -------------------------------------------------------------------------
 
@@ -278,6 +293,8 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         if self._started:
             return
         self._started = True
+        self._loop = asyncio.get_running_loop()
+        _LIVE.add(self)
         self._writer.open()
         start_after = "0-0"
         try:
@@ -308,25 +325,36 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
                 await self.aclose(flush_timeout_s=0.0)
                 raise
 
-    async def aclose(self, *, flush_timeout_s: float | None = None) -> None:
+    async def aclose(self, *, flush_timeout_s: float | None = None) -> int:
         """Flush what is buffered, stop the tasks and close the log. Idempotent.
 
         Args:
             flush_timeout_s: how long to wait for buffered events to be stored (default: the
                 retry deadline plus a second). Events still buffered then fail: their
                 emitters get ``BusClosedError`` and they count in ``failed``.
+
+        Returns:
+            The events this bus could not store (also :attr:`unstored`, and logged as a
+            WARNING when not 0): those that failed while closing (still buffered past the
+            flush timeout or :meth:`abort_flush`, or in a round trip it cut short, whose fate
+            is unknown) and the buffered (``emit_nowait``) events lost earlier that no
+            ``flush()`` reported.
         """
         if self._closed:
-            return
+            return self._unstored
         self._closed = True
         tasks, self._tasks = self._tasks, []
         writer = self._writer
+        failed_before = writer.failed - writer.unreported_failures
         timeout = writer.retry_deadline_s + 1.0 if flush_timeout_s is None else flush_timeout_s
         try:
-            if tasks:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
-                    await writer.wait_done(writer.enqueued)
+            if tasks and not self._abort_flush:
+                with anyio.CancelScope(shield=True) as self._flush_scope:
+                    with anyio.move_on_after(timeout):
+                        await writer.wait_done(writer.enqueued)
         finally:
+            self._flush_scope = None
+            _LIVE.discard(self)  # only now: a second signal aborts the flush through _LIVE
             for _, scope in tasks:
                 scope.cancel()
             with anyio.CancelScope(shield=True):
@@ -335,9 +363,31 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
             self._reader.fail_syncs()
             if writer.space is not None:
                 writer.space.set()
+            self._unstored = writer.failed - failed_before
+            if self._unstored:
+                _log.warning(
+                    "%s: closed with %d events not stored (last error: %s)",
+                    self._stream_log.name,
+                    self._unstored,
+                    writer.last_error,
+                )
             if self._owns_log:
                 with anyio.CancelScope(shield=True):
                     await self._stream_log.aclose()
+        return self._unstored
+
+    def abort_flush(self) -> None:
+        """Make a running or later ``aclose()`` stop waiting for buffered events at once: they
+        fail and count in :attr:`unstored` (what a second SIGTERM does under
+        :func:`run_until_signal`)."""
+        self._abort_flush = True
+        if self._flush_scope is not None:
+            self._flush_scope.cancel()
+
+    @property
+    def unstored(self) -> int:
+        """Events ``aclose()`` reported it could not store (0 before it ran)."""
+        return self._unstored
 
     def _spawn(self, body: Callable[[], Awaitable[None]], name: str) -> None:
         scope = anyio.CancelScope()
