@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from hypervisor.observability.causal_trace import CausalTraceId as CausalTraceId
     from hypervisor.observability.errors import (
         BusClosedError as BusClosedError,
+        BusDurabilityError as BusDurabilityError,
         BusFullError as BusFullError,
         BusPermissionError as BusPermissionError,
         BusUnavailableError as BusUnavailableError,
@@ -86,6 +87,7 @@ _EXPORTS: dict[str, str] = {
     "BusUnavailableError": "errors",
     "BusPermissionError": "errors",
     "BusClosedError": "errors",
+    "BusDurabilityError": "errors",
     "LogError": "errors",
     "LogGroupMissingError": "errors",
     "LogUnavailableError": "errors",
@@ -99,6 +101,7 @@ __all__ = [
     "AgentSpanRecord",
     "AgentSpanSink",
     "BusClosedError",
+    "BusDurabilityError",
     "BusFullError",
     "BusPermissionError",
     "BusUnavailableError",

@@ -21,6 +21,7 @@ __all__ = [
     "EventEncodeError",
     "EventTooLargeError",
     "HypervisorObservabilityError",
+    "LogDurabilityError",
     "LogError",
     "LogGroupMissingError",
     "LogOutcomeUnknownError",
@@ -135,6 +136,24 @@ class LogOutcomeUnknownError(LogUnavailableError):
 
     Transient like its parent; retrying the write may apply it twice.
     """
+
+
+class LogDurabilityError(LogError):
+    """An append was stored, but what it was asked to wait for (an fsync, replicas) did not
+    confirm it in time, or the log has nothing of the kind.
+
+    Not transient in the retry sense: the entries are stored, so retrying would store them
+    again.
+
+    Attributes:
+        local: local fsyncs that confirmed the entries (0 or 1).
+        replicas: replicas that confirmed them.
+    """
+
+    def __init__(self, message: str, *, local: int = 0, replicas: int = 0) -> None:
+        super().__init__(message)
+        self.local = local
+        self.replicas = replicas
 
 
 class LogGroupMissingError(LogError):

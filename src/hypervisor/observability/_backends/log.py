@@ -25,6 +25,7 @@ from typing import Protocol, Self, runtime_checkable
 import msgspec
 
 from hypervisor.observability.errors import (
+    LogDurabilityError,
     LogError,
     LogGroupMissingError,
     LogOutcomeUnknownError,
@@ -37,8 +38,11 @@ __all__ = [
     "MIN_ID",
     "ClaimResult",
     "ConsumerPending",
+    "DurabilityOffer",
+    "DurableWait",
     "Entry",
     "GroupInfo",
+    "LogDurabilityError",
     "LogError",
     "LogGroupMissingError",
     "LogOutcomeUnknownError",
@@ -172,6 +176,41 @@ class TrimPolicy(msgspec.Struct, frozen=True):
     approximate: bool = True
 
 
+class DurabilityOffer(msgspec.Struct, frozen=True):
+    """What a log's server can confirm about a stored entry beyond its memory.
+
+    Attributes:
+        version: the server's version (``(0, 0, 0)`` for an in-process log).
+        waitaof: it has ``WAITAOF`` (Redis 7.2 and later): an append can wait for its fsync.
+        aof: its append-only file is on (``appendonly yes``), which ``WAITAOF`` needs.
+        replicas: replicas connected to it now (an append can wait for them with ``WAIT``).
+    """
+
+    version: tuple[int, int, int]
+    waitaof: bool
+    aof: bool
+    replicas: int
+
+    @property
+    def local_fsync(self) -> bool:
+        """An append can wait for the fsync of the server's append-only file."""
+        return self.waitaof and self.aof
+
+
+class DurableWait(msgspec.Struct, frozen=True):
+    """What ``append_many`` waits for after storing its entries, at most ``timeout_s`` each.
+
+    Attributes:
+        local: the fsync of the server's append-only file (``WAITAOF 1 0``).
+        replicas: this many replicas received the entries (``WAIT``); 0 waits for none.
+        timeout_s: the longest wait of each.
+    """
+
+    local: bool
+    replicas: int
+    timeout_s: float
+
+
 @runtime_checkable
 class StreamLog(Protocol):
     """An async append-only log of byte entries with consumer groups (Redis Streams semantics).
@@ -185,8 +224,11 @@ class StreamLog(Protocol):
         """The log's name (the Redis stream key)."""
         ...
 
-    async def append_many(self, entries: list[bytes]) -> list[str]:
-        """Append entries in order; return their ids once the backend has stored them all.
+    async def append_many(
+        self, entries: list[bytes], durable: DurableWait | None = None
+    ) -> list[str]:
+        """Append entries in order; return their ids once the backend has stored them all (and,
+        with ``durable``, once what it names confirmed them).
 
         Ids are strictly increasing within the call and across calls of this log.
 
@@ -197,6 +239,8 @@ class StreamLog(Protocol):
                 appends.
             LogUnavailableError: nothing was sent (the connection could not be made): none
                 of the entries was stored.
+            LogDurabilityError: the entries are stored, but ``durable``'s fsync or replicas did
+                not confirm them within its timeout (or the log has neither).
         """
         ...
 
@@ -311,6 +355,10 @@ class StreamLog(Protocol):
 
     async def server_version(self) -> tuple[int, int, int]:
         """Return the backend's version (Redis ``INFO server``; the emulated one in memory)."""
+        ...
+
+    async def durability(self) -> DurabilityOffer:
+        """What an append can wait for on this backend (``append_many``'s ``durable``)."""
         ...
 
     async def aclose(self) -> None:

@@ -35,6 +35,7 @@ import anyio
 import msgspec
 
 from hypervisor.observability._backends.log import (
+    DurableWait,
     StreamLog,
     TrimPolicy,
     format_id,
@@ -56,6 +57,7 @@ from hypervisor.observability._util.aio import AsyncResource
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
     BusClosedError,
+    BusDurabilityError,
 )
 
 __all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy", "live_buses"]
@@ -149,6 +151,15 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
             span's W3C ``traceparent`` and ``tracestate`` on the wire (extra keys every decoder
             ignores); readers expose it (:meth:`trace_context`). ``False`` never adds them.
             Nothing is added, and nothing is imported, while OpenTelemetry is not in use.
+        durable: each flush waits, after its append, until the server confirms the events
+            beyond its memory: the fsync of its append-only file (``WAITAOF``, Redis 7.2+
+            with ``appendonly yes``) and/or ``durable_replicas`` replicas (``WAIT``, when
+            replicas are connected at start). ``start()`` says in one INFO line what it waits
+            for, and raises ``BusDurabilityError`` when the server offers neither. An emit
+            whose events are not confirmed within ``durable_timeout_s`` raises
+            ``BusDurabilityError`` (stored on the primary, durability unknown).
+        durable_timeout_s: the longest wait of each confirmation.
+        durable_replicas: replicas that must confirm (when the server has replicas).
     """
 
     def __init__(
@@ -170,6 +181,9 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         dedup_window: int = 100_000,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         trace_context: bool = True,
+        durable: bool = False,
+        durable_timeout_s: float = 1.0,
+        durable_replicas: int = 1,
     ) -> None:
         if buffer_size < 1 or batch_size < 1:
             raise ValueError("buffer_size and batch_size must be >= 1")
@@ -179,6 +193,11 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         self._trace_context = trace_context
         if dedup_window < 0:
             raise ValueError(f"dedup_window must be >= 0, got {dedup_window}")
+        if durable_timeout_s <= 0 or durable_replicas < 1:
+            raise ValueError("durable_timeout_s must be > 0 and durable_replicas >= 1")
+        self._durable = durable
+        self._durable_timeout_s = durable_timeout_s
+        self._durable_replicas = durable_replicas
         self._stream_log = log
         self._store = EventStore(max_events)
         self._dispatcher = Dispatcher()
@@ -289,6 +308,8 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
             BusPermissionError: the Redis user may not read the stream (a producer's user: pass
                 ``reader=False``).
             BusUnavailableError: the backend stayed unreachable past the retry deadline.
+            BusDurabilityError: ``durable=True`` and the server offers neither an fsync to
+                wait for nor a connected replica.
         """
         if self._started:
             return
@@ -306,6 +327,8 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
                     self._stream_log.id_from_end, self._store.max_events
                 )
                 start_after = "0-0" if first is None else previous_id(first)
+            if self._durable:
+                self._writer.durable = await self._durable_wait()
         except BaseException:
             # A start that fails leaves nothing open (``async with`` never reaches __aexit__).
             await self.aclose(flush_timeout_s=0.0)
@@ -388,6 +411,44 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
     def unstored(self) -> int:
         """Events ``aclose()`` reported it could not store (0 before it ran)."""
         return self._unstored
+
+    async def _durable_wait(self) -> DurableWait:
+        """What each flush of a durable bus waits for, from what the server offers (logged)."""
+        offer = await self._writer.with_retry(self._stream_log.durability)
+        name = self._stream_log.name
+        server = f"redis {'.'.join(map(str, offer.version))}"
+        if offer.version == (0, 0, 0):
+            no_fsync = "an in-process log has no append-only file"
+        elif not offer.waitaof:
+            no_fsync = f"{server} has no WAITAOF (Redis 7.2 and later)"
+        else:
+            no_fsync = f"{server} has appendonly off"
+        wait = DurableWait(
+            local=offer.local_fsync,
+            replicas=self._durable_replicas if offer.replicas else 0,
+            timeout_s=self._durable_timeout_s,
+        )
+        if not wait.local and not wait.replicas:
+            raise BusDurabilityError(
+                f"{name}: durable=True, but there is nothing to wait for: {no_fsync}, and no "
+                "replica is connected (WAIT). Turn appendonly on (Redis 7.2+), connect a "
+                "replica, or drop durable=True"
+            )
+        waits = []
+        if wait.local:
+            waits.append(f"the append-only file's fsync ({server}, WAITAOF)")
+        if wait.replicas:
+            plural = "" if wait.replicas == 1 else "s"
+            waits.append(f"{wait.replicas} replica{plural} (WAIT; {offer.replicas} connected now)")
+        unawaited = "" if wait.local else f"; the fsync is not awaited: {no_fsync}"
+        _log.info(
+            "%s: durable: each flush waits for %s, at most %g s each%s",
+            name,
+            " and ".join(waits),
+            wait.timeout_s,
+            unawaited,
+        )
+        return wait
 
     def _spawn(self, body: Callable[[], Awaitable[None]], name: str) -> None:
         scope = anyio.CancelScope()

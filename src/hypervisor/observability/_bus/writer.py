@@ -23,6 +23,8 @@ from typing import ParamSpec, TypeVar
 import anyio
 
 from hypervisor.observability._backends.log import (
+    DurableWait,
+    LogDurabilityError,
     LogError,
     LogOutcomeUnknownError,
     LogPermissionError,
@@ -34,6 +36,7 @@ from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
     BusClosedError,
+    BusDurabilityError,
     BusPermissionError,
     BusUnavailableError,
     EventDecodeError,
@@ -129,6 +132,7 @@ class BusWriter:
         self.done_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.wake: asyncio.Event | None = None
         self.space: asyncio.Event | None = None
+        self.durable: DurableWait | None = None  # set by a durable bus's start()
 
         # Read through the bus's properties of the same names (documented there).
         self.emitted = 0
@@ -186,9 +190,13 @@ class BusWriter:
     async def _append_batch(self, batch: list[tuple[bytes, Waiter]]) -> None:
         datas = [data for data, _ in batch]
         sent = [False]  # set when an attempt's request may have reached the backend
+        durable = self.durable
         try:
-            await self._retrying(lambda: self.log.append_many(datas), sent)
-        except BusPermissionError as exc:
+            if durable is None:
+                await self._retrying(lambda: self.log.append_many(datas), sent)
+            else:
+                await self._retrying(lambda: self.log.append_many(datas, durable), sent)
+        except (BusPermissionError, BusDurabilityError) as exc:
             self._fail_batch(batch, exc)
             return
         except BusUnavailableError as exc:
@@ -298,6 +306,12 @@ class BusWriter:
                     _log.warning("%s: append failed, retrying: %s", self.log.name, exc)
                 await self._backoff.wait(attempt, limit_s=deadline - now)
                 attempt += 1
+            except LogDurabilityError as exc:  # stored: retrying would store it again
+                raise BusDurabilityError(
+                    f"{self.log.name}: {exc}; re-emitting the events (error.events) is safe: "
+                    "readers and workers drop an event id they already applied",
+                    stored_unknown=True,
+                ) from exc
             except LogError as exc:  # not transient: retrying cannot help
                 if sent is not None:
                     sent[0] = True  # e.g. an error reply to one command of a pipeline
