@@ -11,6 +11,8 @@ import pytest
 import redis
 
 from hypervisor.observability._backends import RedisStreamLog
+from hypervisor.observability._backends.log import DurableWait, LogDurabilityError
+from hypervisor.observability._backends.redis_append import check_waits
 from hypervisor.observability._core.codec import decode_events
 from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability.errors import BusDurabilityError
@@ -139,3 +141,20 @@ async def test_durable_in_memory_bus_is_refused_at_start() -> None:
     bus = RedisEventBus.in_memory(durable=True)
     with pytest.raises(BusDurabilityError, match="an in-process log has no append-only file"):
         await bus.start()
+
+
+def test_waitaof_replies_are_checked_against_the_wait() -> None:
+    """The WAITAOF path, which Redis before 7.2 cannot run: its reply ``[local, replicas]``
+    after the WAIT reply is read in pipeline order; a local count of 0 fails the wait with a
+    message naming the fsync, and both counts are kept on the error."""
+    wait = DurableWait(local=True, replicas=1, timeout_s=0.25)
+    check_waits(wait, [1, [1, 0]], 3)  # WAIT's count, then WAITAOF's pair: both met
+    with pytest.raises(LogDurabilityError) as caught:
+        check_waits(wait, [1, [0, 0]], 3)
+    assert "the append-only file's fsync did not confirm (WAITAOF)" in str(caught.value)
+    assert "within 0.25 s" in str(caught.value)
+    assert (caught.value.local, caught.value.replicas) == (0, 1)
+    local_only = DurableWait(local=True, replicas=0, timeout_s=1.0)
+    check_waits(local_only, [[1, 0]], 3)
+    with pytest.raises(LogDurabilityError):
+        check_waits(local_only, [[0, 0]], 3)

@@ -31,7 +31,7 @@ from hypervisor.observability._backends.log import (
     LogUnavailableError,
 )
 
-__all__ = ["append", "durability"]
+__all__ = ["append", "check_waits", "durability"]
 
 Errors = Callable[[str, str], AbstractContextManager[None]]
 """``errors(what, command)``: the log's translator of redis-py errors for one operation."""
@@ -108,11 +108,11 @@ async def append(
         ) from exc
     ids = replies[: len(entries)]
     if durable is not None:
-        _check(durable, replies[len(entries) :], len(entries))
+        check_waits(durable, replies[len(entries) :], len(entries))
     return ids
 
 
-def _check(durable: DurableWait, replies: list[Any], count: int) -> None:
+def check_waits(durable: DurableWait, replies: list[Any], count: int) -> None:
     """Raise ``LogDurabilityError`` unless the wait replies meet ``durable``."""
     replicas = local = 0
     if durable.replicas:
