@@ -50,8 +50,8 @@ def run_until_signal(
     open are closed here. A second signal aborts the flushes: what is still buffered fails and
     counts in the bus's ``unstored`` (each bus logs a WARNING with the count).
 
-    Signals are handled by the event loop, so a ``main`` that never awaits (a CPU loop) sees
-    one only when it next awaits.
+    Signals are handled by the event loop (POSIX only), so a ``main`` that never awaits (a CPU
+    loop) sees one only when it next awaits.
 
     Args:
         main: the application's async entry point (``functools.partial`` for arguments).
