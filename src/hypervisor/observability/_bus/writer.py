@@ -213,7 +213,8 @@ class BusWriter:
         except BaseException:
             # Cancelled mid-append (aclose past its flush timeout): whether Redis stored the
             # batch is unknown, so its emitters must not be told it was.
-            self._fail_batch(batch, BusClosedError("the bus was closed while storing the event"))
+            closed = BusClosedError("the bus was closed while storing the event")
+            self._fail_batch(batch, closed, unknown=True)
             raise
         self.emitted += len(batch)
         self.batches += 1
@@ -240,12 +241,14 @@ class BusWriter:
         fated.__cause__ = error.__cause__
         return fated
 
-    def _fail_batch(self, batch: list[tuple[bytes, Waiter]], error: BaseException) -> None:
+    def _fail_batch(
+        self, batch: list[tuple[bytes, Waiter]], error: BaseException, *, unknown: bool = False
+    ) -> None:
         if not batch:
             return
         self.failed += len(batch)
         self.last_error = error
-        unknown = isinstance(error, BusUnavailableError) and error.stored_unknown
+        unknown = unknown or (isinstance(error, BusUnavailableError) and error.stored_unknown)
         for data, waiter in batch:
             if waiter is None:
                 self.unreported_failures += 1
