@@ -37,11 +37,13 @@ Errors = Callable[[str, str], AbstractContextManager[None]]
 """``errors(what, command)``: the log's translator of redis-py errors for one operation."""
 
 # redis-py 5.3 deprecated get_connection's arguments (a warning), 5.2 requires a command name.
+_COMMAND_NAME: Final = inspect.signature(aioredis.ConnectionPool.get_connection).parameters.get(
+    "command_name"
+)
 _GET_CONNECTION_ARGS: Final = (
-    ()
-    if inspect.signature(aioredis.ConnectionPool.get_connection).parameters["command_name"].default
-    is None
-    else ("PIPELINE",)
+    ("PIPELINE",)
+    if _COMMAND_NAME is not None and _COMMAND_NAME.default is inspect.Parameter.empty
+    else ()
 )
 
 
