@@ -406,8 +406,10 @@ async def test_producer_bus_emits_and_refusals_fail_fast(
         with anyio.fail_after(20):
             with pytest.raises(BusPermissionError, match="XADD"):
                 await elsewhere.emit(sent[0])
-            with pytest.raises(BusPermissionError, match="some of the 2 events"):
+            with pytest.raises(BusPermissionError, match="2 of the 2 events") as many:
                 await elsewhere.emit_many(sent[:2])
+            assert many.value.events == tuple(sent[:2])
+            assert many.value.stored_unknown is False
             elsewhere.emit_nowait(sent[1])
             with pytest.raises(BusPermissionError, match="1 buffered events"):
                 await elsewhere.flush()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from hypervisor.observability.errors import (
     EventEncodeError,
 )
 from hypervisor.observability.redis_bus import RedisEventBus
+from redis_proxy import ReplyDroppingProxy
 from redis_server import RedisServer, free_port
 
 # Per test, not per module: the tests without a redis-server (dead ports, the in-memory log,
@@ -551,59 +551,6 @@ async def test_rediss_url_with_acl_user_over_real_tls(tmp_path: Path, stream_nam
                 pass
 
 
-class _ReplyDroppingProxy:
-    """A TCP proxy to a redis-server that, once armed, closes the connection that next sends an
-    ``XADD`` right after the server's reply reaches the proxy, without passing the reply on:
-    the command is applied, the client never learns it (a reply lost on the network)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.armed = False
-        self.dropped = 0
-        self.port = 0
-        self._server: asyncio.AbstractServer | None = None
-
-    async def __aenter__(self) -> _ReplyDroppingProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        doomed = asyncio.Event()
-
-        async def upstream() -> None:
-            while data := await client_r.read(65536):
-                if self.armed and b"XADD" in data:
-                    self.armed = False
-                    doomed.set()
-                server_w.write(data)
-                await server_w.drain()
-
-        async def downstream() -> None:
-            while data := await server_r.read(65536):
-                if doomed.is_set():
-                    self.dropped += 1
-                    break
-                client_w.write(data)
-                await client_w.drain()
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(upstream)
-                await downstream()
-                tg.cancel_scope.cancel()
-        except OSError:
-            pass
-        finally:
-            for writer in (client_w, server_w):
-                writer.close()
-
-
 @pytest.mark.redis
 async def test_a_batch_stored_twice_after_a_lost_reply_is_applied_once(
     redis_server: RedisServer, stream_name: str
@@ -612,7 +559,7 @@ async def test_a_batch_stored_twice_after_a_lost_reply_is_applied_once(
     retries and the stream holds the batch twice. The reader applies and dispatches each event
     once and counts the copy."""
     events = [HypervisorEvent(event_type=EventType.VFS_WRITE, payload={"i": i}) for i in range(5)]
-    async with _ReplyDroppingProxy(redis_server.port) as proxy:
+    async with ReplyDroppingProxy(redis_server.port) as proxy:
         url = f"redis://127.0.0.1:{proxy.port}/0"
         async with RedisEventBus.from_url(
             url, stream_name, max_events=None, retry_base_s=0.01, retry_cap_s=0.05

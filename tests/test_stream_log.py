@@ -22,6 +22,7 @@ from hypervisor.observability._backends import (
     parse_id,
     previous_id,
 )
+from hypervisor.observability._backends.log import DurableWait, LogDurabilityError
 from manual_clock import ManualClock
 from redis_server import RedisServer
 
@@ -312,3 +313,22 @@ def test_previous_and_next_id_bracket_an_id() -> None:
     assert previous_id("0-0") == "0-0"
     assert next_id("5-3") == "5-4"
     assert next_id(previous_id("7-0")) == "7-0"
+
+
+async def test_durability_offer_and_an_unmet_durable_append(log: StreamLog) -> None:
+    """``durability()`` says what an append can wait for: neither an fsync nor a replica here
+    (the in-memory log; the test server runs without an append-only file and replicas). An
+    append that asks for a replica is stored and raises ``LogDurabilityError`` saying nothing
+    confirmed it; one that asks for nothing returns its ids."""
+    offer = await log.durability()
+    assert (offer.aof, offer.replicas, offer.local_fsync) == (False, 0, False)
+    if offer.version != (0, 0, 0):  # Redis: WAITAOF exactly from 7.2 (probed, not assumed)
+        assert offer.waitaof == (offer.version >= (7, 2, 0))
+    with pytest.raises(LogDurabilityError) as caught:
+        await log.append_many([b"a", b"b"], DurableWait(local=False, replicas=1, timeout_s=0.05))
+    assert caught.value.replicas == 0
+    assert "the 2 entries are stored" in str(caught.value)
+    assert [e.data for e in await log.read("0-0", 10)] == [b"a", b"b"]
+    ids = await log.append_many([b"c"], DurableWait(local=False, replicas=0, timeout_s=0.05))
+    assert [e.id for e in await log.read(ids[0], 10)] == []
+    assert (await log.read("0-0", 10))[-1].id == ids[0]

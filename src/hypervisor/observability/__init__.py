@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from hypervisor.observability.causal_trace import CausalTraceId as CausalTraceId
     from hypervisor.observability.errors import (
         BusClosedError as BusClosedError,
+        BusDurabilityError as BusDurabilityError,
         BusFullError as BusFullError,
         BusPermissionError as BusPermissionError,
         BusUnavailableError as BusUnavailableError,
@@ -44,7 +45,10 @@ if TYPE_CHECKING:
         PrometheusExporterProtocol as PrometheusExporterProtocol,
         RingMetricsCollector as RingMetricsCollector,
     )
-    from hypervisor.observability.redis_bus import RedisEventBus as RedisEventBus
+    from hypervisor.observability.redis_bus import (
+        RedisEventBus as RedisEventBus,
+        run_until_signal as run_until_signal,
+    )
     from hypervisor.observability.saga_span_exporter import (
         SagaSpanExporter as SagaSpanExporter,
         SagaSpanRecord as SagaSpanRecord,
@@ -70,6 +74,7 @@ _EXPORTS: dict[str, str] = {
     "SpanSink": "saga_span_exporter",
     "SpanRecordSink": "saga_span_exporter",
     "RedisEventBus": "redis_bus",
+    "run_until_signal": "redis_bus",
     "TraceContext": "trace_context",
     "AgentSpanExporter": "agent_spans",
     "AgentSpanRecord": "agent_spans",
@@ -82,6 +87,7 @@ _EXPORTS: dict[str, str] = {
     "BusUnavailableError": "errors",
     "BusPermissionError": "errors",
     "BusClosedError": "errors",
+    "BusDurabilityError": "errors",
     "LogError": "errors",
     "LogGroupMissingError": "errors",
     "LogUnavailableError": "errors",
@@ -95,6 +101,7 @@ __all__ = [
     "AgentSpanRecord",
     "AgentSpanSink",
     "BusClosedError",
+    "BusDurabilityError",
     "BusFullError",
     "BusPermissionError",
     "BusUnavailableError",
@@ -120,6 +127,7 @@ __all__ = [
     "SpanRecordSink",
     "SpanSink",
     "TraceContext",
+    "run_until_signal",
 ]
 
 

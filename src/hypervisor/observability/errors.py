@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hypervisor.observability._core.events import HypervisorEvent
+
 __all__ = [
     "AclArgumentError",
     "BadRequestError",
     "BusClosedError",
+    "BusDurabilityError",
     "BusFullError",
     "BusPermissionError",
     "BusUnavailableError",
@@ -14,8 +21,10 @@ __all__ = [
     "EventEncodeError",
     "EventTooLargeError",
     "HypervisorObservabilityError",
+    "LogDurabilityError",
     "LogError",
     "LogGroupMissingError",
+    "LogOutcomeUnknownError",
     "LogPermissionError",
     "LogUnavailableError",
     "MetricsExportError",
@@ -64,7 +73,46 @@ class BusFullError(HypervisorObservabilityError):
 
 
 class BusUnavailableError(HypervisorObservabilityError):
-    """The backend stayed unreachable past the configured retry deadline."""
+    """The backend stayed unreachable past the configured retry deadline (or failed the call
+    for good), so the events of the call were not confirmed stored.
+
+    Re-emitting :attr:`events` is safe whatever their fate: the bus's readers and the workers
+    drop an event whose id they already applied, so an event stored twice counts once.
+
+    Attributes:
+        events: the events this error is about that were not confirmed stored, in emit order
+            (for ``emit`` its event, for ``emit_many`` those of its events whose batch failed,
+            for ``flush()`` the buffered events lost since the previous ``flush()``, at most
+            ``buffer_size`` of the newest); empty for ``start()`` and ``sync()``.
+        stored_unknown: ``True`` when some of them may have been stored after all: a request
+            reached Redis but its reply did not (a timeout, a connection lost after sending).
+            ``False`` when none of them was stored (the connection was refused before anything
+            was sent, or Redis refused the command).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        events: Iterable[HypervisorEvent] = (),
+        stored_unknown: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.events: tuple[HypervisorEvent, ...] = tuple(events)
+        self.stored_unknown = stored_unknown
+
+
+class BusDurabilityError(BusUnavailableError):
+    """A ``durable=True`` bus cannot confirm durability: at start, the server offers neither an
+    fsync to wait for (``WAITAOF``, Redis 7.2+ with ``appendonly yes``) nor a connected replica
+    (``WAIT``); on an emit, Redis stored the events but the fsync or the replicas did not
+    confirm them within ``durable_timeout_s``.
+
+    For an emit, :attr:`events` holds the events concerned and :attr:`stored_unknown` is
+    ``True``: they are in the primary's memory and may survive, or not (a power loss, a
+    failover to a replica that never got them). Re-emitting them is safe (duplicates count
+    once).
+    """
 
 
 class BusClosedError(HypervisorObservabilityError):
@@ -80,6 +128,32 @@ class LogUnavailableError(LogError):
 
     Transient: the same call may succeed when retried later.
     """
+
+
+class LogOutcomeUnknownError(LogUnavailableError):
+    """A write reached the backend, or may have, but its reply did not (a timeout, or the
+    connection lost after the request was sent): whether it was applied is unknown.
+
+    Transient like its parent; retrying the write may apply it twice.
+    """
+
+
+class LogDurabilityError(LogError):
+    """An append was stored, but what it was asked to wait for (an fsync, replicas) did not
+    confirm it in time, or the log has nothing of the kind.
+
+    Not transient in the retry sense: the entries are stored, so retrying would store them
+    again.
+
+    Attributes:
+        local: local fsyncs that confirmed the entries (0 or 1).
+        replicas: replicas that confirmed them.
+    """
+
+    def __init__(self, message: str, *, local: int = 0, replicas: int = 0) -> None:
+        super().__init__(message)
+        self.local = local
+        self.replicas = replicas
 
 
 class LogGroupMissingError(LogError):
@@ -119,8 +193,17 @@ class BusPermissionError(BusUnavailableError, PermissionDeniedError):
     working; it is raised at once, never after retries.
     """
 
-    def __init__(self, message: str, *, user: str = "default", command: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        user: str = "default",
+        command: str = "",
+        events: Iterable[HypervisorEvent] = (),
+    ) -> None:
         PermissionDeniedError.__init__(self, message, user=user, command=command)
+        self.events = tuple(events)
+        self.stored_unknown = False  # refused: nothing was stored
 
 
 class AclArgumentError(HypervisorObservabilityError, ValueError):

@@ -8,7 +8,9 @@ contract: ``MemoryStreamLog`` (in process) and ``RedisStreamLog`` (Redis Streams
 test suite runs against both.
 
 Errors: a backend that cannot be reached raises ``LogUnavailableError`` (transient: the caller
-may retry); every other failure is a ``LogError``. Operations on a group that does not exist raise
+may retry); an append whose request was sent but whose reply was lost raises its subclass
+``LogOutcomeUnknownError`` (the entries may be stored: a retry may store them twice); every
+other failure is a ``LogError``. Operations on a group that does not exist raise
 ``LogGroupMissingError`` (for Redis: the stream key or group vanished, e.g. after a flush). An
 operation the backend refuses to this user (a Redis ACL) raises ``LogPermissionError``, which is
 deliberately *not* a ``LogError``: retry loops catch ``LogError``, and a refusal must stop its
@@ -23,8 +25,10 @@ from typing import Protocol, Self, runtime_checkable
 import msgspec
 
 from hypervisor.observability.errors import (
+    LogDurabilityError,
     LogError,
     LogGroupMissingError,
+    LogOutcomeUnknownError,
     LogPermissionError,
     LogUnavailableError,
 )
@@ -34,10 +38,14 @@ __all__ = [
     "MIN_ID",
     "ClaimResult",
     "ConsumerPending",
+    "DurabilityOffer",
+    "DurableWait",
     "Entry",
     "GroupInfo",
+    "LogDurabilityError",
     "LogError",
     "LogGroupMissingError",
+    "LogOutcomeUnknownError",
     "LogPermissionError",
     "LogUnavailableError",
     "PendingSummary",
@@ -168,6 +176,41 @@ class TrimPolicy(msgspec.Struct, frozen=True):
     approximate: bool = True
 
 
+class DurabilityOffer(msgspec.Struct, frozen=True):
+    """What a log's server can confirm about a stored entry beyond its memory.
+
+    Attributes:
+        version: the server's version (``(0, 0, 0)`` for an in-process log).
+        waitaof: it has ``WAITAOF`` (Redis 7.2 and later): an append can wait for its fsync.
+        aof: its append-only file is on (``appendonly yes``), which ``WAITAOF`` needs.
+        replicas: replicas connected to it now (an append can wait for them with ``WAIT``).
+    """
+
+    version: tuple[int, int, int]
+    waitaof: bool
+    aof: bool
+    replicas: int
+
+    @property
+    def local_fsync(self) -> bool:
+        """An append can wait for the fsync of the server's append-only file."""
+        return self.waitaof and self.aof
+
+
+class DurableWait(msgspec.Struct, frozen=True):
+    """What ``append_many`` waits for after storing its entries, at most ``timeout_s`` each.
+
+    Attributes:
+        local: the fsync of the server's append-only file (``WAITAOF 1 0``).
+        replicas: this many replicas received the entries (``WAIT``); 0 waits for none.
+        timeout_s: the longest wait of each.
+    """
+
+    local: bool
+    replicas: int
+    timeout_s: float
+
+
 @runtime_checkable
 class StreamLog(Protocol):
     """An async append-only log of byte entries with consumer groups (Redis Streams semantics).
@@ -181,12 +224,23 @@ class StreamLog(Protocol):
         """The log's name (the Redis stream key)."""
         ...
 
-    async def append_many(self, entries: list[bytes]) -> list[str]:
-        """Append entries in order; return their ids once the backend has stored them all.
+    async def append_many(
+        self, entries: list[bytes], durable: DurableWait | None = None
+    ) -> list[str]:
+        """Append entries in order; return their ids once the backend has stored them all (and,
+        with ``durable``, once what it names confirmed them).
 
-        Ids are strictly increasing within the call and across calls of this log. On an error
-        some prefix of the entries may have been stored (the call is not atomic); callers that
-        retry accept at-least-once appends.
+        Ids are strictly increasing within the call and across calls of this log.
+
+        Raises:
+            LogOutcomeUnknownError: the request was sent and its reply lost (a timeout, a
+                connection lost after sending): some prefix of the entries may have been
+                stored (the call is not atomic); callers that retry accept at-least-once
+                appends.
+            LogUnavailableError: nothing was sent (the connection could not be made): none
+                of the entries was stored.
+            LogDurabilityError: the entries are stored, but ``durable``'s fsync or replicas did
+                not confirm them within its timeout (or the log has neither).
         """
         ...
 
@@ -301,6 +355,10 @@ class StreamLog(Protocol):
 
     async def server_version(self) -> tuple[int, int, int]:
         """Return the backend's version (Redis ``INFO server``; the emulated one in memory)."""
+        ...
+
+    async def durability(self) -> DurabilityOffer:
+        """What an append can wait for on this backend (``append_many``'s ``durable``)."""
         ...
 
     async def aclose(self) -> None:

@@ -17,8 +17,11 @@ import anyio
 from hypervisor.observability._backends.log import (
     ClaimResult,
     ConsumerPending,
+    DurabilityOffer,
+    DurableWait,
     Entry,
     GroupInfo,
+    LogDurabilityError,
     LogError,
     LogGroupMissingError,
     PendingSummary,
@@ -122,8 +125,12 @@ class MemoryStreamLog(AsyncResource):
             return self._data[index]
         return None
 
-    async def append_many(self, entries: list[bytes]) -> list[str]:
-        """Append entries; see ``StreamLog.append_many``."""
+    async def append_many(
+        self, entries: list[bytes], durable: DurableWait | None = None
+    ) -> list[str]:
+        """Append entries; see ``StreamLog.append_many``. Nothing here outlives the process:
+        a ``durable`` wait for an fsync or a replica stores the entries and then raises
+        ``LogDurabilityError``."""
         self._check_open()
         ids: list[str] = []
         for data in entries:
@@ -136,6 +143,11 @@ class MemoryStreamLog(AsyncResource):
             if self._retention is not None:
                 self._apply(self._retention)
         await anyio.lowlevel.checkpoint()
+        if durable is not None and (durable.local or durable.replicas):
+            raise LogDurabilityError(
+                f"append: the {len(entries)} entries are stored in this process only: an "
+                "in-process log has no fsync and no replica to wait for"
+            )
         return ids
 
     async def _wait_appended(self, block_s: float) -> None:
@@ -409,3 +421,9 @@ class MemoryStreamLog(AsyncResource):
         """Return the emulated server version."""
         await anyio.lowlevel.checkpoint()
         return self._version
+
+    async def durability(self) -> DurabilityOffer:
+        """Nothing to wait for: no fsync, no replica (version ``(0, 0, 0)``)."""
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        return DurabilityOffer(version=(0, 0, 0), waitaof=False, aof=False, replicas=0)

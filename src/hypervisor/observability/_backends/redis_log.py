@@ -1,8 +1,8 @@
 """``RedisStreamLog``: the ``StreamLog`` contract on one Redis stream.
 
-Three clients share one URL: a writer (appends are pipelined, ``transaction=False``), a reader
-for blocking reads (its socket timeout stays above the longest ``BLOCK`` so redis-py 8's default
-of 5 s cannot break them) and a control client for group management, acks and trimming. Response
+Three clients share one URL: a writer (appends pipelined in ``redis_append``), a reader for
+blocking reads (its socket timeout stays above the longest ``BLOCK`` so redis-py 8's default of
+5 s cannot break them) and a control client for group management, acks and trimming. Response
 callbacks are switched off so replies arrive raw (hiredis-parsed lists and bytes) and their shape
 does not depend on the redis-py version. The clients come from ``redis_client.make_client`` and
 every redis-py error is translated by ``redis_client.translate_errors`` where it is caught.
@@ -24,13 +24,15 @@ import logging
 import time
 from typing import Any, Final
 
-import anyio
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
+from hypervisor.observability._backends import redis_append
 from hypervisor.observability._backends.log import (
     ClaimResult,
     ConsumerPending,
+    DurabilityOffer,
+    DurableWait,
     Entry,
     GroupInfo,
     LogError,
@@ -261,26 +263,22 @@ class RedisStreamLog(AsyncResource):
         if self._closed:
             raise LogError(f"log {self._name!r} is closed")
 
-    async def append_many(self, entries: list[bytes]) -> list[str]:
-        """Append entries in one pipeline; see ``StreamLog.append_many``."""
+    async def append_many(
+        self, entries: list[bytes], durable: DurableWait | None = None
+    ) -> list[str]:
+        """Append in one pipeline; see ``StreamLog.append_many``, ``redis_append.append``."""
         self._check_open()
         if not entries:
             return []
-        with self._errors("append", "xadd"):
-            pipe = self._writer.pipeline(transaction=False)
-            command = pipe.execute_command
-            key, field = self._key, self._field
-            for data in entries:
-                command(b"XADD", key, b"*", field, data)
-            try:
-                with anyio.fail_after(self._write_timeout_s):
-                    ids = await pipe.execute()
-            except BaseException:
-                # Interrupted mid-pipeline, the connection may still owe replies: drop it so
-                # no later command reads a stale one.
-                with anyio.CancelScope(shield=True):
-                    await self._writer.connection_pool.disconnect()
-                raise
+        ids = await redis_append.append(
+            self._writer,
+            entries,
+            key=self._key,
+            field=self._field,
+            timeout_s=self._write_timeout_s,
+            durable=durable,
+            errors=self._errors,
+        )
         if self._retention is not None and time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + self._trim_interval_s
             try:
@@ -581,6 +579,13 @@ class RedisStreamLog(AsyncResource):
             ) from exc
         self.trimmed += int(removed)
         return int(removed)
+
+    async def durability(self) -> DurabilityOffer:
+        """What the server offers an append to wait for; see ``StreamLog.durability``."""
+        self._check_open()
+        return await redis_append.durability(
+            self._control, await self.server_version(), self._errors
+        )
 
     async def server_version(self) -> tuple[int, int, int]:
         """Return the server's version (cached after the first call).

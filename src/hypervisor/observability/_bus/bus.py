@@ -20,58 +20,62 @@ store; ``sync()`` waits until it holds everything up to the log's head as of the
 
 The bus owns both sides and their tasks: the writing machinery is ``writer.BusWriter``, the
 reading machinery ``reader.BusReader``, its read side (queries, pages, trace contexts, reader
-counters) the ``queries.BusQueries`` mixin.
+counters) the ``queries.BusQueries`` mixin, its emit paths the ``emitting.BusEmitting`` mixin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
 import anyio
 import msgspec
 
 from hypervisor.observability._backends.log import (
+    DurableWait,
     StreamLog,
     TrimPolicy,
     format_id,
     parse_id,
     previous_id,
 )
+from hypervisor.observability._bus.emitting import BusEmitting
 from hypervisor.observability._bus.queries import BusQueries
 from hypervisor.observability._bus.reader import BusReader
-from hypervisor.observability._bus.writer import BusWriter, Tracker
-from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES, encode_event
+from hypervisor.observability._bus.writer import BusWriter
+from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
 from hypervisor.observability._core.dispatch import Dispatcher
-from hypervisor.observability._core.events import EventHandler, EventType, HypervisorEvent
+from hypervisor.observability._core.events import EventHandler, EventType
 from hypervisor.observability._core.store import (
     DEFAULT_MAX_EVENTS,
     EventStore,
 )
-from hypervisor.observability._core.trace_context import (
-    EVENT_PREFIX,
-    attach_context,
-)
 from hypervisor.observability._util.aio import AsyncResource
-from hypervisor.observability._util.otel_context import current_trace_context
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
     BusClosedError,
-    BusFullError,
-    BusPermissionError,
-    BusUnavailableError,
-    EventTooLargeError,
-    PermissionDeniedError,
+    BusDurabilityError,
 )
 
-__all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy"]
+__all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy", "live_buses"]
 
 _log = logging.getLogger("hypervisor.observability.redis_bus")
 
 DEFAULT_STREAM = "hvobs:events"
 """The stream key used when none is given."""
+
+# The buses started and not yet closed in this process, so that run_until_signal can close the
+# ones an application left open and abort their flushes on a second signal.
+_LIVE: weakref.WeakSet[RedisEventBus] = weakref.WeakSet()
+
+
+def live_buses(loop: asyncio.AbstractEventLoop | None = None) -> list[RedisEventBus]:
+    """The buses started and not closed yet, those closing included (on ``loop`` when
+    given)."""
+    return [bus for bus in list(_LIVE) if loop is None or bus._loop is loop]
 
 
 class IndexLag(msgspec.Struct, frozen=True):
@@ -104,7 +108,7 @@ def _retention(
     return TrimPolicy(max_len=max_len, max_age_s=max_age_s)
 
 
-class RedisEventBus(BusQueries, AsyncResource):
+class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
     """An event bus shared by many processes through a ``StreamLog`` (Redis Streams in production).
 
     Use as an async context manager (or ``await start()`` / ``await aclose()``)::
@@ -147,6 +151,15 @@ class RedisEventBus(BusQueries, AsyncResource):
             span's W3C ``traceparent`` and ``tracestate`` on the wire (extra keys every decoder
             ignores); readers expose it (:meth:`trace_context`). ``False`` never adds them.
             Nothing is added, and nothing is imported, while OpenTelemetry is not in use.
+        durable: each flush waits, after its append, until the server confirms the events
+            beyond its memory: the fsync of its append-only file (``WAITAOF``, Redis 7.2+
+            with ``appendonly yes``) and/or ``durable_replicas`` replicas (``WAIT``, when
+            replicas are connected at start). ``start()`` says in one INFO line what it waits
+            for, and raises ``BusDurabilityError`` when the server offers neither. An emit
+            whose events are not confirmed within ``durable_timeout_s`` raises
+            ``BusDurabilityError`` (stored on the primary, durability unknown).
+        durable_timeout_s: the longest wait of each confirmation.
+        durable_replicas: replicas that must confirm (when the server has replicas).
     """
 
     def __init__(
@@ -168,6 +181,9 @@ class RedisEventBus(BusQueries, AsyncResource):
         dedup_window: int = 100_000,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         trace_context: bool = True,
+        durable: bool = False,
+        durable_timeout_s: float = 1.0,
+        durable_replicas: int = 1,
     ) -> None:
         if buffer_size < 1 or batch_size < 1:
             raise ValueError("buffer_size and batch_size must be >= 1")
@@ -177,6 +193,11 @@ class RedisEventBus(BusQueries, AsyncResource):
         self._trace_context = trace_context
         if dedup_window < 0:
             raise ValueError(f"dedup_window must be >= 0, got {dedup_window}")
+        if durable_timeout_s <= 0 or durable_replicas < 1:
+            raise ValueError("durable_timeout_s must be > 0 and durable_replicas >= 1")
+        self._durable = durable
+        self._durable_timeout_s = durable_timeout_s
+        self._durable_replicas = durable_replicas
         self._stream_log = log
         self._store = EventStore(max_events)
         self._dispatcher = Dispatcher()
@@ -192,6 +213,7 @@ class RedisEventBus(BusQueries, AsyncResource):
             linger_s=linger_s,
             retry_deadline_s=retry_deadline_s,
             backoff=backoff,
+            keep_failed=buffer_size,
         )
         self._reader = BusReader(
             log,
@@ -208,6 +230,10 @@ class RedisEventBus(BusQueries, AsyncResource):
         self._tasks: list[tuple[asyncio.Task[None], anyio.CancelScope]] = []
         self._started = False
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scope: anyio.CancelScope | None = None
+        self._abort_flush = False
+        self._unstored = 0
 
     # -- construction -------------------------------------------------------------------------
 
@@ -282,10 +308,14 @@ class RedisEventBus(BusQueries, AsyncResource):
             BusPermissionError: the Redis user may not read the stream (a producer's user: pass
                 ``reader=False``).
             BusUnavailableError: the backend stayed unreachable past the retry deadline.
+            BusDurabilityError: ``durable=True`` and the server offers neither an fsync to
+                wait for nor a connected replica.
         """
         if self._started:
             return
         self._started = True
+        self._loop = asyncio.get_running_loop()
+        _LIVE.add(self)
         self._writer.open()
         start_after = "0-0"
         try:
@@ -297,6 +327,8 @@ class RedisEventBus(BusQueries, AsyncResource):
                     self._stream_log.id_from_end, self._store.max_events
                 )
                 start_after = "0-0" if first is None else previous_id(first)
+            if self._durable:
+                self._writer.durable = await self._durable_wait()
         except BaseException:
             # A start that fails leaves nothing open (``async with`` never reaches __aexit__).
             await self.aclose(flush_timeout_s=0.0)
@@ -316,25 +348,36 @@ class RedisEventBus(BusQueries, AsyncResource):
                 await self.aclose(flush_timeout_s=0.0)
                 raise
 
-    async def aclose(self, *, flush_timeout_s: float | None = None) -> None:
+    async def aclose(self, *, flush_timeout_s: float | None = None) -> int:
         """Flush what is buffered, stop the tasks and close the log. Idempotent.
 
         Args:
             flush_timeout_s: how long to wait for buffered events to be stored (default: the
                 retry deadline plus a second). Events still buffered then fail: their
                 emitters get ``BusClosedError`` and they count in ``failed``.
+
+        Returns:
+            The events this bus could not store (also :attr:`unstored`, and logged as a
+            WARNING when not 0): those that failed while closing (still buffered past the
+            flush timeout or :meth:`abort_flush`, or in a round trip it cut short, whose fate
+            is unknown) and the buffered (``emit_nowait``) events lost earlier that no
+            ``flush()`` reported.
         """
         if self._closed:
-            return
+            return self._unstored
         self._closed = True
         tasks, self._tasks = self._tasks, []
         writer = self._writer
+        failed_before = writer.failed - writer.unreported_failures
         timeout = writer.retry_deadline_s + 1.0 if flush_timeout_s is None else flush_timeout_s
         try:
-            if tasks:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
-                    await writer.wait_done(writer.enqueued)
+            if tasks and not self._abort_flush:
+                with anyio.CancelScope(shield=True) as self._flush_scope:
+                    with anyio.move_on_after(timeout):
+                        await writer.wait_done(writer.enqueued)
         finally:
+            self._flush_scope = None
+            _LIVE.discard(self)  # only now: a second signal aborts the flush through _LIVE
             for _, scope in tasks:
                 scope.cancel()
             with anyio.CancelScope(shield=True):
@@ -343,9 +386,69 @@ class RedisEventBus(BusQueries, AsyncResource):
             self._reader.fail_syncs()
             if writer.space is not None:
                 writer.space.set()
+            self._unstored = writer.failed - failed_before
+            if self._unstored:
+                _log.warning(
+                    "%s: closed with %d events not stored (last error: %s)",
+                    self._stream_log.name,
+                    self._unstored,
+                    writer.last_error,
+                )
             if self._owns_log:
                 with anyio.CancelScope(shield=True):
                     await self._stream_log.aclose()
+        return self._unstored
+
+    def abort_flush(self) -> None:
+        """Make a running or later ``aclose()`` stop waiting for buffered events at once: they
+        fail and count in :attr:`unstored` (what a second SIGTERM does under
+        :func:`run_until_signal`)."""
+        self._abort_flush = True
+        if self._flush_scope is not None:
+            self._flush_scope.cancel()
+
+    @property
+    def unstored(self) -> int:
+        """Events ``aclose()`` reported it could not store (0 before it ran)."""
+        return self._unstored
+
+    async def _durable_wait(self) -> DurableWait:
+        """What each flush of a durable bus waits for, from what the server offers (logged)."""
+        offer = await self._writer.with_retry(self._stream_log.durability)
+        name = self._stream_log.name
+        server = f"redis {'.'.join(map(str, offer.version))}"
+        if offer.version == (0, 0, 0):
+            no_fsync = "an in-process log has no append-only file"
+        elif not offer.waitaof:
+            no_fsync = f"{server} has no WAITAOF (Redis 7.2 and later)"
+        else:
+            no_fsync = f"{server} has appendonly off"
+        wait = DurableWait(
+            local=offer.local_fsync,
+            replicas=self._durable_replicas if offer.replicas else 0,
+            timeout_s=self._durable_timeout_s,
+        )
+        if not wait.local and not wait.replicas:
+            raise BusDurabilityError(
+                f"{name}: durable=True, but there is nothing to wait for: {no_fsync}, and no "
+                "replica is connected (WAIT). Turn appendonly on (Redis 7.2+), connect a "
+                "replica, or drop durable=True"
+            )
+        waits = []
+        if wait.local:
+            waits.append(f"the append-only file's fsync ({server}, WAITAOF)")
+        if wait.replicas:
+            plural = "" if wait.replicas == 1 else "s"
+            waits.append(f"{wait.replicas} replica{plural} (WAIT; {offer.replicas} connected now)")
+        unawaited = "" if wait.local else f"; the fsync is not awaited: {no_fsync}"
+        _log.info(
+            "%s: durable: each flush waits for %s, at most %g s each%s",
+            name,
+            " and ".join(waits),
+            wait.timeout_s,
+            unawaited,
+        )
+        return wait
 
     def _spawn(self, body: Callable[[], Awaitable[None]], name: str) -> None:
         scope = anyio.CancelScope()
@@ -372,164 +475,6 @@ class RedisEventBus(BusQueries, AsyncResource):
             raise BusClosedError("the bus was closed")
         if not self._started:
             raise BusClosedError("the bus is not started: use `async with bus` or `await start()`")
-
-    # -- emitting -----------------------------------------------------------------------------
-
-    async def _wait_space(self, needed: int = 1) -> None:
-        while len(self._writer.buffer) + needed > self._buffer_size:
-            space = self._writer.space
-            assert space is not None
-            space.clear()
-            await space.wait()
-            self._check_running()
-
-    async def emit(self, event: HypervisorEvent, *, block: bool = True) -> None:
-        """Store ``event`` in the log; return once the backend has stored it.
-
-        Args:
-            event: the event.
-            block: wait while the buffer is full (else raise ``BusFullError``).
-
-        Raises:
-            EventEncodeError: the event cannot be encoded, or would not be read back the same
-                (raised before buffering; the message names the payload path).
-            EventTooLargeError: the encoded event is longer than ``max_event_bytes``.
-            BusFullError: the buffer is full and ``block`` is false.
-            BusUnavailableError: the backend stayed unreachable past ``retry_deadline_s``.
-            BusPermissionError: the backend refused the append to this user (at once).
-            BusClosedError: the bus is closed or not started.
-        """
-        data = encode_event(event, exact=True)
-        if self._trace_context:
-            context = current_trace_context()
-            if context is not None:
-                data = attach_context(data, context)
-        if len(data) > self._max_event_bytes:
-            raise self._too_large(event, len(data))
-        self._check_running()
-        if len(self._writer.buffer) >= self._buffer_size:
-            if not block:
-                raise BusFullError(f"emit buffer full ({self._buffer_size} events)")
-            await self._wait_space()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._writer.enqueue(data, future)
-        await future
-
-    async def emit_many(self, events: Iterable[HypervisorEvent]) -> None:
-        """Store many events in order; return once the backend has stored all of them.
-
-        Every event is encoded first, so an unencodable or too large one raises before any is
-        buffered.
-
-        Raises:
-            EventEncodeError: an event cannot be encoded (nothing was buffered).
-            EventTooLargeError: an event is longer than ``max_event_bytes`` (nothing was
-                buffered).
-            BusUnavailableError: some of them could not be stored before the retry deadline
-                (``BusPermissionError``: refused to this user).
-            BusClosedError: the bus is closed or not started.
-        """
-        limit = self._max_event_bytes
-        encoded: list[bytes] = []
-        # One context for the call: every event is encoded here, inside the caller's span.
-        context = current_trace_context() if self._trace_context else None
-        if context is None:
-            for event in events:
-                data = encode_event(event, exact=True)
-                if len(data) > limit:
-                    raise self._too_large(event, len(data))
-                encoded.append(data)
-        else:
-            # attach_context's common case inline: a third of its cost is the call.
-            prefix, fields = context.prefix, context.fields
-            for event in events:
-                data = encode_event(event, exact=True)
-                if data.startswith(EVENT_PREFIX):
-                    data = prefix + data[3:] + fields
-                else:
-                    data = attach_context(data, context)
-                if len(data) > limit:
-                    raise self._too_large(event, len(data))
-                encoded.append(data)
-        self._check_running()
-        if not encoded:
-            return
-        tracker = Tracker()
-        step = max(1, min(self._buffer_size, self._writer.batch_size * 4))
-        for offset in range(0, len(encoded), step):
-            chunk = encoded[offset : offset + step]
-            if len(self._writer.buffer) + len(chunk) > self._buffer_size:
-                await self._wait_space(len(chunk))
-            for data in chunk:
-                self._writer.enqueue(data, tracker)
-        await self._writer.wait_done(self._writer.enqueued)
-        error = tracker.error
-        if error is not None:
-            message = f"some of the {len(encoded)} events were not stored: {error}"
-            if isinstance(error, PermissionDeniedError):
-                raise BusPermissionError(message, user=error.user, command=error.command) from error
-            raise BusUnavailableError(message) from error
-
-    def emit_nowait(self, event: HypervisorEvent) -> None:
-        """Buffer ``event`` for the flusher and return at once; ``flush()`` confirms storage.
-
-        Raises:
-            EventEncodeError: the event cannot be encoded.
-            EventTooLargeError: the encoded event is longer than ``max_event_bytes``.
-            BusFullError: the buffer holds ``buffer_size`` events already.
-            BusClosedError: the bus is closed or not started.
-        """
-        data = encode_event(event, exact=True)
-        if self._trace_context:
-            context = current_trace_context()
-            if context is not None:
-                data = attach_context(data, context)
-        if len(data) > self._max_event_bytes:
-            raise self._too_large(event, len(data))
-        self._check_running()
-        if len(self._writer.buffer) >= self._buffer_size:
-            raise BusFullError(
-                f"emit buffer full ({self._buffer_size} events); await emit() or flush()"
-            )
-        self._writer.enqueue(data, None)
-
-    def _too_large(self, event: HypervisorEvent, size: int) -> EventTooLargeError:
-        limit = self._max_event_bytes
-        return EventTooLargeError(
-            f"event {event.event_id} is {size} bytes encoded, over the limit of {limit} bytes "
-            "(RedisEventBus option max_event_bytes; workers: --max-event-bytes)",
-            size=size,
-            limit=limit,
-        )
-
-    @property
-    def max_event_bytes(self) -> int:
-        """The longest encoded event the bus writes or reads."""
-        return self._max_event_bytes
-
-    async def flush(self) -> None:
-        """Wait until everything buffered before the call is stored.
-
-        Raises:
-            BusUnavailableError: buffered events were lost to an unreachable backend since the
-                previous ``flush()`` (the count is in the message); ``BusPermissionError`` when
-                the last loss was a refusal to this user.
-        """
-        self._check_running()
-        writer = self._writer
-        await writer.wait_done(writer.enqueued)
-        if writer.unreported_failures:
-            lost, writer.unreported_failures = writer.unreported_failures, 0
-            error = writer.last_error
-            message = f"{lost} buffered events could not be stored: {error}"
-            if isinstance(error, PermissionDeniedError):
-                raise BusPermissionError(message, user=error.user, command=error.command) from error
-            raise BusUnavailableError(message) from error
-
-    @property
-    def buffered(self) -> int:
-        """Events waiting in the emit buffer."""
-        return len(self._writer.buffer)
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -5,6 +5,10 @@ Emitters put ``(bytes, waiter)`` into the buffer (``enqueue``); the flusher drai
 jitter until the retry deadline, and then tells every waiter of the batch how it went. Two
 sequence numbers, of the last event buffered and of the last one whose batch finished, let
 ``flush()``, ``emit_many`` and ``aclose()`` wait for everything buffered before them.
+
+A failed batch's error carries its events (decoded back from the bytes, only on failure) and
+whether any attempt may have stored them (``stored_unknown``: an attempt's request was sent
+and its reply lost), so the emitter can re-emit them; readers and workers drop the copies.
 """
 
 from __future__ import annotations
@@ -13,25 +17,32 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import ParamSpec, TypeVar
 
 import anyio
 
 from hypervisor.observability._backends.log import (
+    DurableWait,
+    LogDurabilityError,
     LogError,
+    LogOutcomeUnknownError,
     LogPermissionError,
     LogUnavailableError,
     StreamLog,
 )
+from hypervisor.observability._core.codec import decode_event
+from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
     BusClosedError,
+    BusDurabilityError,
     BusPermissionError,
     BusUnavailableError,
+    EventDecodeError,
 )
 
-__all__ = ["BusWriter", "Tracker", "Waiter"]
+__all__ = ["BusWriter", "Tracker", "Waiter", "decode_all", "with_events"]
 
 _log = logging.getLogger("hypervisor.observability.redis_bus")
 
@@ -40,12 +51,44 @@ T = TypeVar("T")
 
 
 class Tracker:
-    """Shared by the events of one ``emit_many`` call: records whether any of them failed."""
+    """Shared by the events of one ``emit_many`` call: records which of them failed and how."""
 
-    __slots__ = ("error",)
+    __slots__ = ("error", "failed", "stored_unknown")
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
+        self.failed: list[bytes] = []
+        self.stored_unknown = False
+
+
+def decode_all(datas: Iterable[bytes]) -> tuple[HypervisorEvent, ...]:
+    """The events of encoded entries this bus wrote (exact encodings: they decode back the
+    same); called only to report a failure."""
+    events: list[HypervisorEvent] = []
+    for data in datas:
+        try:
+            events.append(decode_event(data))
+        except EventDecodeError:  # cannot happen for the bus's own encodings
+            _log.debug("an event that was not stored does not decode back")
+    return tuple(events)
+
+
+def with_events(error: BaseException, datas: Iterable[bytes]) -> BaseException:
+    """A copy of a batch's ``BusUnavailableError`` that carries the events of ``datas`` (other
+    errors, ``BusClosedError``, are returned as they are)."""
+    if not isinstance(error, BusUnavailableError):
+        return error
+    copy: BusUnavailableError
+    if isinstance(error, BusPermissionError):
+        copy = BusPermissionError(
+            str(error), user=error.user, command=error.command, events=decode_all(datas)
+        )
+    else:
+        copy = type(error)(
+            str(error), events=decode_all(datas), stored_unknown=error.stored_unknown
+        )
+    copy.__cause__ = error.__cause__
+    return copy
 
 
 # Who waits for a buffered event: an awaited emit's future, an emit_many call's tracker, or
@@ -70,6 +113,7 @@ class BusWriter:
         linger_s: float,
         retry_deadline_s: float,
         backoff: Backoff,
+        keep_failed: int = 65_536,
     ) -> None:
         self.log = log
         self.batch_size = batch_size
@@ -81,10 +125,14 @@ class BusWriter:
         self.enqueued = 0  # sequence number of the last event put into the buffer
         self.done = 0  # sequence number of the last event whose batch finished (ok or failed)
         self.unreported_failures = 0
+        # The newest buffered (emit_nowait) events lost since the last flush(), for its error.
+        self.unreported: deque[bytes] = deque(maxlen=keep_failed)
+        self.unreported_unknown = False
         self.last_error: BaseException | None = None
         self.done_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.wake: asyncio.Event | None = None
         self.space: asyncio.Event | None = None
+        self.durable: DurableWait | None = None  # set by a durable bus's start()
 
         # Read through the bus's properties of the same names (documented there).
         self.emitted = 0
@@ -116,11 +164,6 @@ class BusWriter:
     def fail_buffered(self) -> None:
         """Fail what is still buffered (the bus is closing and the flusher has stopped)."""
         if self.buffer:
-            _log.error(
-                "%s: closing with %d events not stored (backend unavailable)",
-                self.log.name,
-                len(self.buffer),
-            )
             closed = BusClosedError("the bus was closed before the event was stored")
             self._fail_batch(list(self.buffer), closed)
             self.buffer.clear()
@@ -146,21 +189,32 @@ class BusWriter:
 
     async def _append_batch(self, batch: list[tuple[bytes, Waiter]]) -> None:
         datas = [data for data, _ in batch]
+        sent = [False]  # set when an attempt's request may have reached the backend
+        durable = self.durable
         try:
-            await self.with_retry(self.log.append_many, datas)
-        except BusUnavailableError as exc:
+            if durable is None:
+                await self._retrying(lambda: self.log.append_many(datas), sent)
+            else:
+                await self._retrying(lambda: self.log.append_many(datas, durable), sent)
+        except (BusPermissionError, BusDurabilityError) as exc:
             self._fail_batch(batch, exc)
+            return
+        except BusUnavailableError as exc:
+            self._fail_batch(batch, self._fate(exc, sent[0]))
             return
         except Exception as exc:  # a bug below us must not kill the flusher and hang emitters
             _log.exception("%s: append failed unexpectedly", self.log.name)
-            error = BusUnavailableError(f"{self.log.name}: append failed: {exc!r}")
+            error = self._fate(
+                BusUnavailableError(f"{self.log.name}: append failed: {exc!r}"), True
+            )
             error.__cause__ = exc
             self._fail_batch(batch, error)
             return
         except BaseException:
             # Cancelled mid-append (aclose past its flush timeout): whether Redis stored the
             # batch is unknown, so its emitters must not be told it was.
-            self._fail_batch(batch, BusClosedError("the bus was closed while storing the event"))
+            closed = BusClosedError("the bus was closed while storing the event")
+            self._fail_batch(batch, closed, unknown=True)
             raise
         self.emitted += len(batch)
         self.batches += 1
@@ -169,18 +223,43 @@ class BusWriter:
                 waiter.set_result(None)
         self._advance(len(batch))
 
-    def _fail_batch(self, batch: list[tuple[bytes, Waiter]], error: BaseException) -> None:
+    @staticmethod
+    def _fate(error: BusUnavailableError, sent: bool) -> BusUnavailableError:
+        """The batch's error with what is known of its events' fate in the message."""
+        if sent:
+            message = (
+                f"{error}; the events' fate is unknown: a request reached redis and its reply "
+                "was lost, so they may be stored. Re-emitting them (error.events) is safe: "
+                "readers and workers drop an event id they already applied"
+            )
+        else:
+            message = (
+                f"{error}; the events were not stored (no request reached redis): re-emit "
+                "them (error.events) when it is back"
+            )
+        fated = BusUnavailableError(message, stored_unknown=sent)
+        fated.__cause__ = error.__cause__
+        return fated
+
+    def _fail_batch(
+        self, batch: list[tuple[bytes, Waiter]], error: BaseException, *, unknown: bool = False
+    ) -> None:
         if not batch:
             return
         self.failed += len(batch)
         self.last_error = error
-        for _, waiter in batch:
+        unknown = unknown or (isinstance(error, BusUnavailableError) and error.stored_unknown)
+        for data, waiter in batch:
             if waiter is None:
                 self.unreported_failures += 1
+                self.unreported.append(data)
+                self.unreported_unknown |= unknown
             elif isinstance(waiter, Tracker):
                 waiter.error = error
+                waiter.failed.append(data)
+                waiter.stored_unknown |= unknown
             elif not waiter.done():
-                waiter.set_exception(error)
+                waiter.set_exception(with_events(error, (data,)))
         self._advance(len(batch))
 
     def _advance(self, count: int) -> None:
@@ -206,12 +285,19 @@ class BusWriter:
         The bus runs its own log calls of ``start()`` and ``sync()`` through here as well; their
         retries count in ``retries`` too.
         """
+        return await self._retrying(lambda: call(*args, **kwargs), None)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], sent: list[bool] | None) -> T:
+        # ``sent[0]`` becomes true when an attempt may have reached the backend: its reply was
+        # lost (LogOutcomeUnknownError) or it failed in a way that does not say (a LogError).
         deadline = time.monotonic() + self.retry_deadline_s
         attempt = 0
         while True:
             try:
-                return await call(*args, **kwargs)
+                return await call()
             except LogUnavailableError as exc:
+                if sent is not None and isinstance(exc, LogOutcomeUnknownError):
+                    sent[0] = True
                 now = time.monotonic()
                 if now >= deadline:
                     raise BusUnavailableError(
@@ -223,7 +309,15 @@ class BusWriter:
                     _log.warning("%s: append failed, retrying: %s", self.log.name, exc)
                 await self._backoff.wait(attempt, limit_s=deadline - now)
                 attempt += 1
+            except LogDurabilityError as exc:  # stored: retrying would store it again
+                raise BusDurabilityError(
+                    f"{self.log.name}: {exc}; re-emitting the events (error.events) is safe: "
+                    "readers and workers drop an event id they already applied",
+                    stored_unknown=True,
+                ) from exc
             except LogError as exc:  # not transient: retrying cannot help
+                if sent is not None:
+                    sent[0] = True  # e.g. an error reply to one command of a pipeline
                 raise BusUnavailableError(f"{self.log.name}: {exc}") from exc
             except LogPermissionError as exc:
                 raise BusPermissionError(

@@ -15,8 +15,10 @@ class AsyncResource:
     ``__aenter__`` and still inherits the exit.
     """
 
-    async def aclose(self) -> None:
-        """Release what the object holds. Idempotent in every subclass."""
+    async def aclose(self) -> object:
+        """Release what the object holds. Idempotent in every subclass (which may return what
+        it could not finish, as ``RedisEventBus.aclose`` returns the events it could not
+        store)."""
         raise NotImplementedError
 
     async def __aenter__(self) -> Self:

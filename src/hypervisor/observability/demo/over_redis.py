@@ -20,6 +20,7 @@ AGENTS SAGAS AGENT_DID``.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
@@ -120,9 +121,12 @@ def feed_redis(
 
 
 def _main(argv: list[str]) -> int:
+    from hypervisor.observability._bus.shutdown import run_until_signal
+
     url, stream, seed, agents, sagas, agent_did = argv
     fleet = generate_fleet(seed=int(seed), agents=int(agents), sagas=int(sagas))
-    anyio.run(_produce, url, stream, fleet, agent_did)
+    # SIGTERM or Ctrl-C stops the producer after it stored what it buffered.
+    run_until_signal(partial(_produce, url, stream, fleet, agent_did))
     return 0
 
 
