@@ -18,17 +18,39 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_redis import fresh, make_events
-from hypervisor.observability._core.events import HypervisorEvent
+from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability.redis_bus import RedisEventBus
 from redis_server import RedisServer
+
+
+def make_events(n: int) -> list[HypervisorEvent]:
+    """Events of the size the fleet emits (a few types, sessions, agents, a small payload)."""
+    types = [EventType.VFS_WRITE, EventType.RING_ASSIGNED, EventType.SAGA_STEP_COMMITTED]
+    return [
+        HypervisorEvent(
+            event_type=types[i % 3],
+            session_id=f"session-{i % 50}",
+            agent_did=f"did:mesh:agent-{i % 200}",
+            payload={"path": f"reports/{i}.txt", "bytes": i * 7},
+        )
+        for i in range(n)
+    ]
+
+
+async def fresh(url: str, key: str) -> None:
+    """Delete ``key``: every run starts on a new stream."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        await client.delete(key)
+    finally:
+        await client.aclose()
 
 
 class Sampler:
@@ -45,9 +67,9 @@ class Sampler:
         while not self.stop.is_set():
             length = int(await self.client.xlen(self.stream))
             self.max_len = max(self.max_len, length)
-            first = await self.client.xrange(self.stream, count=1)
+            first: Any = await self.client.xrange(self.stream, count=1)
             if first:
-                ms = int(first[0][0].split(b"-")[0])
+                ms = int(bytes(first[0][0]).split(b"-")[0])
                 self.max_age_s = max(self.max_age_s, time.time() - ms / 1000)
             with anyio.move_on_after(0.005):
                 await self.stop.wait()
@@ -61,7 +83,7 @@ async def group_consumer(url: str, stream: str, stop: anyio.Event) -> int:
     acked = 0
     try:
         while not stop.is_set():
-            reply = await client.xreadgroup("bench", "c", {stream: ">"}, count=1000, block=20)
+            reply: Any = await client.xreadgroup("bench", "c", {stream: ">"}, count=1000, block=20)
             for _, entries in reply or ():
                 ids = [entry_id for entry_id, _ in entries]
                 if ids:

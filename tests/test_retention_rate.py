@@ -9,6 +9,8 @@ group receives every entry (nothing unacknowledged was trimmed).
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 import redis.asyncio as aioredis
@@ -32,7 +34,8 @@ async def _sample(
         pipe = client.pipeline(transaction=False)
         pipe.xlen(stream)
         pipe.xinfo_groups(stream)
-        length, groups = await pipe.execute()
+        replies: list[Any] = await pipe.execute()
+        length, groups = replies
         group = groups[0]
         lag = group["lag"]
         assert isinstance(lag, int), "lag is exact while nothing is deleted mid-stream"
@@ -49,8 +52,8 @@ async def _consume(client: aioredis.Redis, stream: str, done: anyio.Event) -> in
     delivered = 0
     late: list[bytes] = []
     while True:
-        reply = await client.xreadgroup("g", "c", {stream: ">"}, count=500, block=50)
-        ids = [entry_id for _, entries in reply or () for entry_id, _ in entries]
+        reply: Any = await client.xreadgroup("g", "c", {stream: ">"}, count=500, block=50)
+        ids: list[bytes] = [entry_id for _, entries in reply or () for entry_id, _ in entries]
         delivered += len(ids)
         if late:
             await client.xack(stream, "g", *late)
