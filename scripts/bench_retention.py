@@ -151,16 +151,24 @@ async def run(url: str, args: argparse.Namespace) -> None:
     print(f"  {'path':<22}{'max_len':>8}{'group':>7}{'max XLEN':>10}{'/ 2N':>8}{'ev/s':>11}")
     for n in args.max_len:
         for path in ("emit_many", "emit_nowait"):
-            base, _, _ = await one_run(url, events, path=path, max_len=None, group=False)
+            # Rounds alternate with and without retention; the best rate of each is kept (the
+            # machine is shared), and the longest stream seen over all rounds.
+            base = plain = grouped = 0.0
+            longest = longest_grouped = acked = 0
+            for _ in range(args.rounds):
+                rate, _, _ = await one_run(url, events, path=path, max_len=None, group=False)
+                base = max(base, rate)
+                rate, sampler, _ = await one_run(url, events, path=path, max_len=n, group=False)
+                plain, longest = max(plain, rate), max(longest, sampler.max_len)
+                rate, sampler, acked = await one_run(url, events, path=path, max_len=n, group=True)
+                grouped = max(grouped, rate)
+                longest_grouped = max(longest_grouped, sampler.max_len)
             print(f"  {path:<22}{'none':>8}{'':>7}{'':>10}{'':>8}{base:>11,.0f}")
-            for group in (False, True):
-                rate, sampler, acked = await one_run(url, events, path=path, max_len=n, group=group)
-                ratio = sampler.max_len / (2 * n)
-                tag = "yes" if group else "no"
+            for tag, rate, most in (("no", plain, longest), ("yes", grouped, longest_grouped)):
                 print(
-                    f"  {path:<22}{n:>8}{tag:>7}{sampler.max_len:>10,}{ratio:>8.2f}"
+                    f"  {path:<22}{n:>8}{tag:>7}{most:>10,}{most / (2 * n):>8.2f}"
                     f"{rate:>11,.0f}  ({rate / base:.0%} of no retention"
-                    + (f", group acked {acked:,})" if group else ")")
+                    + (f"; the group, in this process, acked {acked:,})" if tag == "yes" else ")")
                 )
     if args.max_age:
         for max_age in args.max_age:
@@ -186,6 +194,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, nargs="+", default=[5_000, 20_000])
     parser.add_argument("--max-age", type=float, nargs="*", default=[1.0])
     parser.add_argument("--age-seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=3, help="best rate of this many rounds")
     args = parser.parse_args()
     with RedisServer("--appendonly", "no") as server:
         anyio.run(run, server.url, args)
