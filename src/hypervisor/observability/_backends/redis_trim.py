@@ -10,9 +10,9 @@ entries it appended (and at least every ``trim_interval_s``, or ``max_age_s / 2`
 shorter, for the age bound), and one run trims everything over the bound: ``~`` with ``LIMIT 0``
 (the server's default limit with ``~`` is 100 stream nodes, about 10k entries, per call), which
 removes whole stream nodes only, so at most one node (``stream-node-max-entries``, 100) more
-than the bound stays. Trimming by length uses ``MAXLEN`` (no walk over the entries) whenever the
-entries the groups need all lie within the newest ``max_len``; only when they do not is it
-``MINID`` at the safe point.
+than the bound stays. Trimming by length walks only the entries it is about to remove (those
+over ``max_len``, about ``max_len / 4`` plus a batch): when all of them lie below the safe point
+it trims with ``MAXLEN``, else with ``MINID`` up to the last one that does.
 """
 
 from __future__ import annotations
@@ -49,19 +49,16 @@ local function xtrim(strategy, threshold)
   if acked then table.insert(args, 'ACKED') end
   return redis.call(unpack(args))
 end
--- The safe point: nothing at or after it may go. far: some group still needs more than
--- max_len entries (its lag alone says so), so MAXLEN cannot be used.
+-- The safe point: nothing at or after it may go.
 local safe = nil
-local far = false
 if not acked then
   local groups = redis.call('XINFO', 'GROUPS', key)
   for _, g in ipairs(groups) do
-    local name, ldi, pending, lag
+    local name, ldi, pending
     for i = 1, #g, 2 do
       if g[i] == 'name' then name = g[i + 1]
       elseif g[i] == 'last-delivered-id' then ldi = g[i + 1]
-      elseif g[i] == 'pending' then pending = g[i + 1]
-      elseif g[i] == 'lag' then lag = g[i + 1] end
+      elseif g[i] == 'pending' then pending = g[i + 1] end
     end
     local l = parse(ldi)
     local s = {l[1], l[2] + 1}
@@ -70,7 +67,6 @@ if not acked then
       if less(p, s) then s = p end
     end
     if safe == nil or less(s, safe) then safe = s end
-    if max_len >= 0 and type(lag) == 'number' and lag >= max_len then far = true end
   end
 end
 local removed = 0
@@ -81,16 +77,21 @@ if max_age_ms >= 0 then
   if safe ~= nil and less(safe, cut) then cut = safe end
   removed = removed + xtrim('MINID', fmt(cut))
 end
-if max_len >= 0 and redis.call('XLEN', key) > max_len then
-  if safe ~= nil and not far then
-    -- How many entries the groups need (those from the safe point on), counted up to max_len + 1.
-    local needed = redis.call('XRANGE', key, fmt(safe), '+', 'COUNT', max_len + 1)
-    far = #needed > max_len
-  end
-  if safe ~= nil and far then
-    removed = removed + xtrim('MINID', fmt(safe))
-  else
+local over = max_len >= 0 and redis.call('XLEN', key) - max_len or 0
+if over > 0 then
+  if safe == nil then
     removed = removed + xtrim('MAXLEN', max_len)
+  else
+    -- The oldest entries below the safe point, as many as are over the bound (at most 100k a
+    -- call, so a first trim of a huge stream never holds the server for long): when all of
+    -- them are, MAXLEN is safe; else trim up to the last one found.
+    local below = redis.call('XRANGE', key, '-', '(' .. fmt(safe), 'COUNT', math.min(over, 100000))
+    if #below == over then
+      removed = removed + xtrim('MAXLEN', max_len)
+    elseif #below > 0 then
+      local last = parse(below[#below][1])
+      removed = removed + xtrim('MINID', fmt({last[1], last[2] + 1}))
+    end
   end
 end
 return removed
