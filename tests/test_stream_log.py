@@ -21,6 +21,7 @@ from hypervisor.observability._backends import (
     next_id,
     parse_id,
     previous_id,
+    trimmed_before_first,
 )
 from hypervisor.observability._backends.log import DurableWait, LogDurabilityError
 from manual_clock import ManualClock
@@ -259,6 +260,70 @@ async def test_trim_never_removes_unacknowledged_entries(log: StreamLog) -> None
     await log.ack("slow", ids[10:])
     await log.trim(TrimPolicy(max_len=3, approximate=False))
     assert await log.first_id() == ids[-3]
+
+
+async def test_trim_by_length_keeps_what_a_reading_group_holds_pending(log: StreamLog) -> None:
+    """A group that read entries without acknowledging them (no lag, many pending) keeps
+    them through a trim by length, down to its oldest pending entry."""
+    await log.ensure_group("g")
+    ids = await log.append_many(_payloads(40))
+    await log.read_group("g", "c", 40)
+    ids += await log.append_many(_payloads(40, "more"))
+    await log.read_group("g", "c", 40)
+    assert await log.trim(TrimPolicy(max_len=10, approximate=False)) == 0
+    await log.ack("g", ids[:35])
+    await log.trim(TrimPolicy(max_len=10, approximate=False))
+    assert await log.first_id() == ids[35]
+    await log.ack("g", ids[35:])
+    await log.trim(TrimPolicy(max_len=10, approximate=False))
+    assert await log.first_id() == ids[-10]
+
+
+async def test_stream_info_counts_entries_ever_added(log: StreamLog) -> None:
+    """``stream_info`` reports length, head, first retained id and every entry ever appended,
+    trimmed ones included, so the entries gone before the first are counted exactly."""
+    empty = await log.stream_info()
+    assert (empty.length, empty.head_id, empty.first_id) == (0, "0-0", None)
+    assert trimmed_before_first(empty) == 0
+    ids = await log.append_many(_payloads(30))
+    await log.trim(TrimPolicy(max_len=12, approximate=False))
+    info = await log.stream_info()
+    assert info.length == 12
+    assert info.head_id == ids[-1]
+    assert info.first_id == ids[18]
+    assert info.entries_added == 30
+    assert info.max_deleted_id == "0-0"
+    assert trimmed_before_first(info) == 18
+
+
+async def test_read_with_info_returns_the_read_and_the_counters(log: StreamLog) -> None:
+    """``read_with_info`` reads like a non-blocking ``read`` and returns the counters with it;
+    on a log that does not exist yet it returns nothing and empty counters."""
+    entries, info = await log.read_with_info("0-0", 10)
+    assert entries == []
+    assert (info.length, info.head_id, info.first_id) == (0, "0-0", None)
+    ids = await log.append_many(_payloads(8))
+    await log.trim(TrimPolicy(max_len=5, approximate=False))
+    entries, info = await log.read_with_info(ids[0], 2)
+    assert [e.id for e in entries] == ids[3:5]
+    assert info.first_id == ids[3]
+    assert info.head_id == ids[-1]
+    assert trimmed_before_first(info) == 3
+
+
+async def test_group_info_reports_entries_read(log: StreamLog) -> None:
+    """A group's ``entries_read`` is the count of entries ever appended up to the last one
+    delivered to it, trimmed entries included."""
+    ids = await log.append_many(_payloads(20))
+    await log.trim(TrimPolicy(max_len=10, approximate=False))
+    await log.ensure_group("g")
+    await log.read_group("g", "c", 4)
+    (group,) = await log.group_info()
+    assert group.last_delivered_id == ids[13]
+    assert group.entries_read == 14
+    await log.read_group("g", "c", 100)
+    (group,) = await log.group_info()
+    assert group.entries_read == 20
 
 
 async def test_trim_by_age(log: StreamLog, elapse: Elapse) -> None:

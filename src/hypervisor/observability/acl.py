@@ -59,9 +59,11 @@ _CONSUME: Final = (
     "xautoclaim",
     "xpending",
     "xinfo|groups",
+    "xinfo|stream",
     "xgroup|create",
 )
-"""The worker runtime and applier on the stream (read, ack, claim, watermark, group creation)."""
+"""The worker runtime and applier on the stream (read, ack, claim, watermark, group creation,
+the gap check's counters)."""
 _DEAD_LETTER: Final = ("xadd", "xread")
 """The worker on the dead-letter stream: dead-lettering and ``hvobs dlq list``."""
 _STATE: Final = (

@@ -21,12 +21,14 @@ from hypervisor.observability._backends.log import (
     LogGroupMissingError,
     LogUnavailableError,
     PendingSummary,
+    StreamInfo,
     StreamLog,
     TrimPolicy,
     format_id,
     next_id,
     parse_id,
     previous_id,
+    trimmed_before_first,
 )
 
 if TYPE_CHECKING:
@@ -46,12 +48,14 @@ __all__ = [
     "MemoryStreamLog",
     "PendingSummary",
     "RedisStreamLog",
+    "StreamInfo",
     "StreamLog",
     "TrimPolicy",
     "format_id",
     "next_id",
     "parse_id",
     "previous_id",
+    "trimmed_before_first",
 ]
 
 

@@ -49,12 +49,14 @@ __all__ = [
     "LogPermissionError",
     "LogUnavailableError",
     "PendingSummary",
+    "StreamInfo",
     "StreamLog",
     "TrimPolicy",
     "format_id",
     "next_id",
     "parse_id",
     "previous_id",
+    "trimmed_before_first",
 ]
 
 MIN_ID = "0-0"
@@ -139,6 +141,9 @@ class GroupInfo(msgspec.Struct, frozen=True):
         lag: entries in the log after ``last_delivered_id`` (not yet delivered), or ``None``
             when the backend cannot tell (Redis after deletions inside the range).
         consumers: how many consumers the group has.
+        entries_read: how many entries of the log's history (counted from its first append)
+            come up to ``last_delivered_id``, or ``None`` when the backend does not know (Redis
+            before 7.0; a group created at ``"0"`` that has read nothing yet).
     """
 
     name: str
@@ -146,6 +151,41 @@ class GroupInfo(msgspec.Struct, frozen=True):
     pending: int
     lag: int | None
     consumers: int
+    entries_read: int | None = None
+
+
+class StreamInfo(msgspec.Struct, frozen=True):
+    """The log's own counters, read at one instant (Redis ``XINFO STREAM``).
+
+    Attributes:
+        length: retained entries.
+        head_id: the newest id ever appended (``"0-0"`` for a log never appended to).
+        first_id: the oldest retained id, or ``None`` when nothing is retained.
+        entries_added: entries ever appended, trimmed ones included, or ``None`` when the
+            backend does not count them (Redis before 7.0).
+        max_deleted_id: the highest id deleted from the middle of the log (``XDEL``); trimming
+            from the front does not move it. ``"0-0"`` when nothing was, ``None`` when unknown.
+    """
+
+    length: int
+    head_id: str
+    first_id: str | None
+    entries_added: int | None
+    max_deleted_id: str | None
+
+
+def trimmed_before_first(info: StreamInfo) -> int | None:
+    """How many entries ever appended are no longer retained, or ``None`` when not exact.
+
+    ``entries_added - length`` counts them exactly while no entry was deleted from the middle
+    of the retained range (``max_deleted_id`` below the first retained id): every entry gone
+    was then trimmed from the front.
+    """
+    if info.entries_added is None or info.max_deleted_id is None:
+        return None
+    if info.first_id is not None and parse_id(info.max_deleted_id) >= parse_id(info.first_id):
+        return None
+    return info.entries_added - info.length
 
 
 class ClaimResult(msgspec.Struct, frozen=True):
@@ -249,6 +289,23 @@ class StreamLog(Protocol):
 
         With ``block_s`` set and nothing to return, wait up to that long for new entries;
         ``None`` returns at once. Entries trimmed away are simply absent.
+        """
+        ...
+
+    async def read_with_info(self, after_id: str, count: int) -> tuple[list[Entry], StreamInfo]:
+        """Like ``read`` without blocking, with the log's counters taken right after the read.
+
+        Both come from one instant where the backend allows it (in memory always; on Redis one
+        pipelined round trip that the server runs back to back), so a reader can tell whether
+        entries it never read were trimmed (``docs/redis-bus.md``, "Gaps"). With read
+        permission only: no scripts, no writes.
+        """
+        ...
+
+    async def stream_info(self) -> StreamInfo:
+        """Return the log's counters (length, head, first retained id, entries ever added).
+
+        With read permission only: no scripts, no writes.
         """
         ...
 

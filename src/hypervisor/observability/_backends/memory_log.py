@@ -25,6 +25,7 @@ from hypervisor.observability._backends.log import (
     LogError,
     LogGroupMissingError,
     PendingSummary,
+    StreamInfo,
     TrimPolicy,
     format_id,
     parse_id,
@@ -84,6 +85,10 @@ class MemoryStreamLog(AsyncResource):
         self._data: list[bytes] = []
         self._start = 0
         self._last: _IdTuple = (0, 0)
+        # Entries ever appended, and the newest id trimmed away: the counters a Redis 7 stream
+        # keeps (entries-added; its first id moves past the trimmed ones).
+        self._added = 0
+        self._last_trimmed: _IdTuple = (0, 0)
         self._groups: dict[str, _Group] = {}
         # Created on first wait: an anyio.Event needs a running event loop.
         self._appended: anyio.Event | None = None
@@ -138,6 +143,7 @@ class MemoryStreamLog(AsyncResource):
             self._ids.append(key)
             self._data.append(bytes(data))
             ids.append(format_id(*key))
+        self._added += len(entries)
         if entries:
             self._wake()
             if self._retention is not None:
@@ -171,6 +177,36 @@ class MemoryStreamLog(AsyncResource):
             await anyio.lowlevel.checkpoint()
         stop = min(len(self._ids), index + count)
         return [Entry(format_id(*self._ids[i]), self._data[i]) for i in range(index, stop)]
+
+    def _info(self) -> StreamInfo:
+        first = format_id(*self._ids[self._start]) if self._start < len(self._ids) else None
+        return StreamInfo(
+            length=len(self._ids) - self._start,
+            head_id=format_id(*self._last),
+            first_id=first,
+            entries_added=self._added,
+            max_deleted_id="0-0",
+        )
+
+    async def read_with_info(self, after_id: str, count: int) -> tuple[list[Entry], StreamInfo]:
+        """Read without blocking, with the counters of the same instant; see
+        ``StreamLog.read_with_info``."""
+        entries = await self.read(after_id, count)
+        return entries, self._info()
+
+    async def stream_info(self) -> StreamInfo:
+        """Return the log's counters; see ``StreamLog.stream_info``."""
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        return self._info()
+
+    def _entries_read(self, last_delivered: _IdTuple) -> int | None:
+        """Entries ever appended up to ``last_delivered`` (``None``: it lies among trimmed ids,
+        whose count below it is not kept)."""
+        removed = self._added - (len(self._ids) - self._start)
+        if removed and last_delivered < self._last_trimmed:
+            return 0 if last_delivered == (0, 0) else None
+        return removed + self._index_after(last_delivered) - self._start
 
     async def head_id(self) -> str:
         """Return the newest id ever appended; see ``StreamLog.head_id``."""
@@ -366,6 +402,7 @@ class MemoryStreamLog(AsyncResource):
                     pending=len(state.pel),
                     lag=lag,
                     consumers=len(state.consumers),
+                    entries_read=self._entries_read(state.last_delivered),
                 )
             )
         return infos
@@ -401,6 +438,7 @@ class MemoryStreamLog(AsyncResource):
         removed = cut - self._start
         if removed <= 0:
             return 0
+        self._last_trimmed = self._ids[cut - 1]
         for i in range(self._start, cut):
             self._data[i] = b""
         self._start = cut

@@ -12,16 +12,13 @@ The reading path (``read``, ``head_id``, ``first_id``, ``length``, ``id_from_end
 given as written, so a read-only ACL user could not run one. The server version comes from
 ``HELLO``, which every user may run.
 
-Retention never removes entries a consumer group still needs. On Redis 8.2 and later the server
-does that itself (``XTRIM ... ACKED``); on older servers a Lua script computes the safe point
-(the lowest of every group's oldest pending id and the successor of its last-delivered id)
-and trims with ``MINID`` up to it, atomically.
+Retention never removes entries a consumer group still needs, and keeps up with any append
+rate: its script and schedule are in ``redis_trim.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -40,6 +37,7 @@ from hypervisor.observability._backends.log import (
     LogPermissionError,
     LogUnavailableError,
     PendingSummary,
+    StreamInfo,
     TrimPolicy,
 )
 from hypervisor.observability._backends.redis_client import (
@@ -48,6 +46,7 @@ from hypervisor.observability._backends.redis_client import (
     translate_errors,
     url_user,
 )
+from hypervisor.observability._backends.redis_trim import TRIM_SCRIPT, TrimSchedule, trim_args
 from hypervisor.observability._util.aio import AsyncResource
 
 __all__ = ["DEFAULT_FIELD", "RedisStreamLog", "translate_errors"]
@@ -56,62 +55,6 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_FIELD = b"e"
 """The stream entry field that holds an encoded event."""
-
-# Safe-point trimming for servers without XTRIM ... ACKED. KEYS[1] = stream; ARGV = max_len
-# (-1 = none), max_age_ms (-1 = none), approximate ("1"/"0"), acked mode ("1" = let the
-# server protect unacknowledged entries, 8.2+). Returns the number of entries removed.
-_TRIM_SCRIPT = """
-local key = KEYS[1]
-local max_len = tonumber(ARGV[1])
-local max_age_ms = tonumber(ARGV[2])
-local approx = ARGV[3] == '1'
-local acked = ARGV[4] == '1'
-if redis.call('EXISTS', key) == 0 then return 0 end
-local function parse(id)
-  local d = string.find(id, '-', 1, true)
-  return {tonumber(string.sub(id, 1, d - 1)), tonumber(string.sub(id, d + 1))}
-end
-local function less(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end
-local cut = nil
-local len = redis.call('XLEN', key)
-if max_len >= 0 and len > max_len then
-  -- At most 100k per call: a first trim of a huge stream must not block the server for long.
-  local r = redis.call('XRANGE', key, '-', '+', 'COUNT', math.min(len - max_len, 100000))
-  local last = parse(r[#r][1])
-  cut = {last[1], last[2] + 1}
-end
-if max_age_ms >= 0 then
-  local t = redis.call('TIME')
-  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local c = {now_ms - max_age_ms, 0}
-  if cut == nil or less(cut, c) then cut = c end
-end
-if cut == nil then return 0 end
-if not acked then
-  local groups = redis.call('XINFO', 'GROUPS', key)
-  for _, g in ipairs(groups) do
-    local name, ldi, pending
-    for i = 1, #g, 2 do
-      if g[i] == 'name' then name = g[i + 1]
-      elseif g[i] == 'last-delivered-id' then ldi = g[i + 1]
-      elseif g[i] == 'pending' then pending = g[i + 1] end
-    end
-    local l = parse(ldi)
-    local safe = {l[1], l[2] + 1}
-    if pending > 0 then
-      local p = redis.call('XPENDING', key, name)
-      local s = parse(p[2])
-      if less(s, safe) then safe = s end
-    end
-    if less(safe, cut) then cut = safe end
-  end
-end
-local args = {'XTRIM', key, 'MINID'}
-if approx then table.insert(args, '~') end
-table.insert(args, string.format('%.0f-%.0f', cut[1], cut[2]))
-if acked then table.insert(args, 'ACKED') end
-return redis.call(unpack(args))
-"""
 
 
 async def _call(client: aioredis.Redis, *args: Any) -> Any:
@@ -165,6 +108,31 @@ def _stream_entries(raw: Any, field: bytes) -> list[Entry]:
     return _entries(raw[0][1], field)
 
 
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _stream_info(raw: Any) -> StreamInfo:
+    """``XINFO STREAM``'s reply as counters (Redis 6.2 lacks the 7.0 ones: ``None``)."""
+    fields = _pairs(raw)
+    first = fields.get("recorded-first-entry-id")
+    if first is None:  # before 7.0: the first entry itself
+        entry = fields.get("first-entry")
+        first = entry[0] if entry else None
+    length = int(fields["length"])
+    deleted = fields.get("max-deleted-entry-id")
+    return StreamInfo(
+        length=length,
+        head_id=_text(fields["last-generated-id"]),
+        first_id=_text(first) if first is not None and length else None,
+        entries_added=_int_or_none(fields.get("entries-added")),
+        max_deleted_id=None if deleted is None else _text(deleted),
+    )
+
+
+_EMPTY_INFO = StreamInfo(0, "0-0", None, 0, "0-0")
+
+
 def _pairs(raw: Any) -> dict[str, Any]:
     if isinstance(raw, dict):
         return {_text(k): v for k, v in raw.items()}
@@ -178,9 +146,11 @@ class RedisStreamLog(AsyncResource):
         url: ``redis://`` or ``rediss://`` (TLS) URL; ACL username and password come from it
             (``redis://user:secret@host:6379/0``).
         name: the stream key.
-        retention: bounds applied by ``trim`` and automatically after appends, at most every
-            ``trim_interval_s``; ``None`` keeps everything.
-        trim_interval_s: minimum time between automatic trims.
+        retention: bounds applied by ``trim`` and automatically after appends (after every
+            ``max_len / 4`` entries this log appended, and every ``trim_interval_s``);
+            ``None`` keeps everything.
+        trim_interval_s: longest time between automatic trims while appending (at most
+            ``max_age_s / 2``).
         max_block_s: the longest ``BLOCK`` a read may use (longer requests are capped); the
             reader's socket timeout is this plus ``socket_timeout_s``.
         socket_timeout_s: socket timeout of the writer and control connections.
@@ -207,8 +177,7 @@ class RedisStreamLog(AsyncResource):
         self._user = str(client_options.get("username") or url_user(url))
         self._field = field
         self._retention = retention
-        self._trim_interval_s = trim_interval_s
-        self._next_trim = 0.0
+        self._schedule = None if retention is None else TrimSchedule(retention, trim_interval_s)
         self._max_block_s = max_block_s
         self._version: tuple[int, int, int] | None = None
         self._scripts: dict[str, str] = {}
@@ -279,19 +248,22 @@ class RedisStreamLog(AsyncResource):
             durable=durable,
             errors=self._errors,
         )
-        if self._retention is not None and time.monotonic() >= self._next_trim:
-            self._next_trim = time.monotonic() + self._trim_interval_s
-            try:
-                await self.trim(self._retention)
-            except LogPermissionError as exc:
-                # The append succeeded; a refusal is permanent, so stop trying (and saying so).
-                self.trim_errors += 1
-                self._retention = None
-                _log.error("automatic retention of %r is off: %s", self._name, exc)
-            except LogError as exc:
-                self.trim_errors += 1
-                _log.warning("retention trim of %r failed: %s", self._name, exc)
+        schedule = self._schedule
+        if self._retention is not None and schedule is not None and schedule.appended(len(ids)):
+            await self._auto_trim(self._retention)
         return [entry_id.decode() for entry_id in ids]
+
+    async def _auto_trim(self, retention: TrimPolicy) -> None:
+        try:
+            await self.trim(retention)
+        except LogPermissionError as exc:
+            # The append succeeded; a refusal is permanent, so stop trying (and saying so).
+            self.trim_errors += 1
+            self._retention = None
+            _log.error("automatic retention of %r is off: %s", self._name, exc)
+        except LogError as exc:
+            self.trim_errors += 1
+            _log.warning("retention trim of %r failed: %s", self._name, exc)
 
     def _block_ms(self, block_s: float | None) -> list[Any]:
         if block_s is None:
@@ -313,6 +285,37 @@ class RedisStreamLog(AsyncResource):
                 after_id,
             )
         return _stream_entries(raw, self._field)
+
+    async def read_with_info(self, after_id: str, count: int) -> tuple[list[Entry], StreamInfo]:
+        """``XREAD`` and ``XINFO STREAM`` in one pipeline; see ``StreamLog.read_with_info``.
+
+        Redis runs the commands a connection sent together one after the other, no other
+        client's command in between (they arrive in one write; a transaction would guarantee
+        it, but would need ``MULTI`` in the reader's ACL role).
+        """
+        self._check_open()
+        with self._errors("read", "xread"):
+            pipe = self._reader.pipeline(transaction=False)
+            pipe.execute_command(b"XREAD", b"COUNT", count, b"STREAMS", self._key, after_id)
+            pipe.execute_command(b"XINFO", b"STREAM", self._key)
+            raw, info = await pipe.execute(raise_on_error=False)
+        for reply in (raw, info):
+            if isinstance(reply, rexc.ResponseError) and "no such key" in str(reply):
+                return [], _EMPTY_INFO
+            if isinstance(reply, Exception):
+                with self._errors("read", "xinfo|stream"):
+                    raise reply
+        return _stream_entries(raw, self._field), _stream_info(info)
+
+    async def stream_info(self) -> StreamInfo:
+        """Return ``XINFO STREAM``'s counters; see ``StreamLog.stream_info``."""
+        self._check_open()
+        try:
+            with self._errors("stream_info", "xinfo|stream"):
+                raw = await _call(self._control, b"XINFO", b"STREAM", self._key)
+        except LogGroupMissingError:  # "no such key": an empty log
+            return _EMPTY_INFO
+        return _stream_info(raw)
 
     async def head_id(self) -> str:
         """Return the stream's last generated id; see ``StreamLog.head_id``."""
@@ -536,6 +539,7 @@ class RedisStreamLog(AsyncResource):
                     pending=int(fields["pending"]),
                     lag=None if lag is None else int(lag),
                     consumers=int(fields["consumers"]),
+                    entries_read=_int_or_none(fields.get("entries-read")),
                 )
             )
         return infos
@@ -560,16 +564,10 @@ class RedisStreamLog(AsyncResource):
         """Apply retention now, never past unacknowledged entries; see ``StreamLog.trim``."""
         self._check_open()
         version = await self.server_version()
-        acked = version >= (8, 2, 0)
-        args = [
-            -1 if policy.max_len is None else policy.max_len,
-            -1 if policy.max_age_s is None else int(policy.max_age_s * 1000),
-            b"1" if policy.approximate else b"0",
-            b"1" if acked else b"0",
-        ]
+        args = trim_args(policy, acked=version >= (8, 2, 0))
         try:
             with self._errors("trim", "evalsha"):
-                removed = await self._script(_TRIM_SCRIPT, [self._key], args)
+                removed = await self._script(TRIM_SCRIPT, [self._key], args)
         except LogPermissionError as exc:
             raise LogPermissionError(
                 f"{exc}; retention (max_len, max_age_s) trims the stream, which only the admin "

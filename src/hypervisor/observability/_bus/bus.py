@@ -32,7 +32,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
 import anyio
-import msgspec
 
 from hypervisor.observability._backends.log import (
     DurableWait,
@@ -43,7 +42,7 @@ from hypervisor.observability._backends.log import (
     previous_id,
 )
 from hypervisor.observability._bus.emitting import BusEmitting
-from hypervisor.observability._bus.queries import BusQueries
+from hypervisor.observability._bus.queries import BusQueries, IndexLag
 from hypervisor.observability._bus.reader import BusReader
 from hypervisor.observability._bus.writer import BusWriter
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
@@ -76,22 +75,6 @@ def live_buses(loop: asyncio.AbstractEventLoop | None = None) -> list[RedisEvent
     """The buses started and not closed yet, those closing included (on ``loop`` when
     given)."""
     return [bus for bus in list(_LIVE) if loop is None or bus._loop is loop]
-
-
-class IndexLag(msgspec.Struct, frozen=True):
-    """How far the local index is behind the log.
-
-    Attributes:
-        entries: entries in the log after the last one applied (capped at the count limit).
-        seconds: age difference between the log's head and the last applied entry (from ids).
-        head_id: the log's newest id.
-        applied_id: the newest id applied to the local index.
-    """
-
-    entries: int
-    seconds: float
-    head_id: str
-    applied_id: str
 
 
 def _retention(
@@ -494,14 +477,18 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         await self._reader.wait_applied(head, read_no)
 
     async def index_lag(self, limit: int = 1_000_000) -> IndexLag:
-        """How far the local index is behind the log's head (entries and seconds)."""
+        """How far the local index is behind the log's head (entries, seconds, and entries
+        trimmed before the reader read them)."""
         self._check_running()
         reader = self._reader
         applied = format_id(*reader.last_applied)
-        head = await self._stream_log.head_id()
+        info = await self._stream_log.stream_info()
+        head = info.head_id
         entries = await self._stream_log.count_after(applied, limit)
-        seconds = max(0.0, (parse_id(head)[0] - reader.last_applied[0]) / 1000) if entries else 0.0
-        return IndexLag(entries, seconds, head, applied)
+        trimmed = reader.pending_gap(info)
+        behind = entries or trimmed
+        seconds = max(0.0, (parse_id(head)[0] - reader.last_applied[0]) / 1000) if behind else 0.0
+        return IndexLag(entries, seconds, head, applied, trimmed, reader.gap_entries)
 
     # -- counters -----------------------------------------------------------------------------
 

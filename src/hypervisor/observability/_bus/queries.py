@@ -10,13 +10,38 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+import msgspec
+
 from hypervisor.observability._backends.log import format_id
 from hypervisor.observability._bus.reader import BusReader
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.store import EventPage, EventSlice, EventStore
 from hypervisor.observability._core.trace_context import TraceContext
 
-__all__ = ["BusQueries"]
+__all__ = ["BusQueries", "IndexLag"]
+
+
+class IndexLag(msgspec.Struct, frozen=True):
+    """How far the local index is behind the log.
+
+    Attributes:
+        entries: entries in the log after the last one applied (capped at the count limit).
+        seconds: age difference between the log's head and the last applied entry (from ids).
+        head_id: the log's newest id.
+        applied_id: the newest id applied to the local index.
+        trimmed: entries after ``applied_id`` that retention already removed: the reader will
+            never read them (its next read counts them in ``gap_entries``). Exact on Redis 7
+            and in memory; 0 on Redis 6.2, which does not count its entries.
+        gap_entries: entries the reader has found trimmed before it read them, since start
+            (the bus's :attr:`~BusQueries.gap_entries`).
+    """
+
+    entries: int
+    seconds: float
+    head_id: str
+    applied_id: str
+    trimmed: int = 0
+    gap_entries: int = 0
 
 
 class BusQueries:
@@ -69,6 +94,18 @@ class BusQueries:
     def duplicates(self) -> int:
         """Events the reader dropped as copies of one it applied shortly before."""
         return self._reader.duplicates
+
+    @property
+    def gap_entries(self) -> int:
+        """Entries trimmed from the log before the reader read them (missing from the local
+        index and never dispatched to subscribers; each gap is logged as a warning with its id
+        range). See ``docs/redis-bus.md``, "Gaps"."""
+        return self._reader.gap_entries
+
+    @property
+    def gaps(self) -> int:
+        """How many times the reader found entries trimmed before it read them."""
+        return self._reader.gaps
 
     @property
     def reader_errors(self) -> int:

@@ -8,6 +8,14 @@ local subscribers. After every read it completes the ``sync()`` waiters whose ta
 or that a read which started after their call found nothing more to read. A read the backend
 refuses to the user (an ACL) stops the reader: retrying cannot help, so ``sync()`` raises that
 error instead.
+
+Gaps: each read comes with the log's counters of the same instant (``read_with_info``); the
+reader keeps the number of entries ever appended up to the last one it applied (its *offset*)
+and so tells how many entries after it were trimmed before it read them (counted in
+``gap_entries``, logged as a warning with the id range). The offset is exact whenever a read
+starts at the oldest retained entry or ends at the head; in between it advances by the entries
+read. While the log is empty, the reader waits with a blocking read of one entry and then reads
+again with the counters.
 """
 
 from __future__ import annotations
@@ -19,11 +27,14 @@ from collections import OrderedDict
 from typing import Any
 
 from hypervisor.observability._backends.log import (
+    Entry,
     LogError,
     LogPermissionError,
+    StreamInfo,
     StreamLog,
     format_id,
     parse_id,
+    trimmed_before_first,
 )
 from hypervisor.observability._core.codec import decode_events
 from hypervisor.observability._core.dispatch import Dispatcher
@@ -100,6 +111,10 @@ class BusReader:
         self.reader_errors = 0
         # time.monotonic() of the first failed read of the ongoing outage (None: reading).
         self.failing_since: float | None = None
+        self.gap_entries = 0
+        self.gaps = 0
+        # Entries ever appended up to last_applied (None until a read tells it exactly).
+        self.offset: int | None = None
         # The kinds of skipped entry already logged: each is logged once, then only counted.
         self._reported: set[str] = set()
 
@@ -110,10 +125,21 @@ class BusReader:
         while True:
             self.read_no += 1
             read_no = self.read_no
+            after = format_id(*self.last_applied)
             try:
-                entries = await log.read(
-                    format_id(*self.last_applied), self.read_count, self.block_s
-                )
+                entries, info = await log.read_with_info(after, self.read_count)
+                if attempt:
+                    _log.info("%s: tailing reader resumed after %d attempts", log.name, attempt)
+                    attempt = 0
+                    self.failing_since = None
+                if not entries:
+                    self._account(entries, info)
+                    self.empty_read_no = read_no
+                    if self.sync_waiters:
+                        self._wake_syncs()
+                    # Wait for the next append; that entry is read again with the counters.
+                    await log.read(after, 1, self.block_s)
+                    continue
             except LogPermissionError as exc:
                 self.reader_errors += 1
                 self.error = BusPermissionError(
@@ -133,23 +159,69 @@ class BusReader:
                 await self._backoff.wait(attempt)
                 attempt += 1
                 continue
-            if attempt:
-                _log.info("%s: tailing reader resumed after %d attempts", log.name, attempt)
-                attempt = 0
-                self.failing_since = None
-            if entries:
-                try:
-                    self._apply(entries)
-                except Exception:
-                    # Not reached by a bad entry (each is skipped on its own in _apply): a bug
-                    # here must still not stop the index, so the batch is skipped.
-                    self.reader_errors += 1
-                    _log.exception("%s: applying %d entries failed", log.name, len(entries))
-                    self.last_applied = parse_id(entries[-1].id)
-            else:
-                self.empty_read_no = read_no
+            self._account(entries, info)
+            try:
+                self._apply(entries)
+            except Exception:
+                # Not reached by a bad entry (each is skipped on its own in _apply): a bug
+                # here must still not stop the index, so the batch is skipped.
+                self.reader_errors += 1
+                _log.exception("%s: applying %d entries failed", log.name, len(entries))
+                self.last_applied = parse_id(entries[-1].id)
             if self.sync_waiters:
                 self._wake_syncs()
+
+    def _account(self, entries: list[Entry], info: StreamInfo) -> None:
+        """Advance the offset over a read after ``last_applied`` and count what it skipped.
+
+        The offset of the read's last entry (or, for an empty read, of the head) is exact when
+        the read ended at the head (the head's offset is ``entries_added``) or began at the
+        oldest retained entry (whose offset is ``entries_added - length + 1``); otherwise the
+        read is taken as contiguous. Whatever exceeds the entries read is a gap.
+        """
+        read = len(entries)
+        end: int | None = None
+        added = info.entries_added
+        if added is not None:
+            if (entries[-1].id if entries else format_id(*self.last_applied)) == info.head_id:
+                end = added
+            elif not entries and info.length == 0:
+                end = added  # everything after the reader was trimmed
+            elif entries and entries[0].id == info.first_id:
+                before = trimmed_before_first(info)
+                if before is not None:
+                    end = before + read
+        if self.offset is None:
+            self.offset = end  # the first exact offset: nothing to compare with yet
+            return
+        if end is None:
+            self.offset += read
+            return
+        missing = end - read - self.offset
+        self.offset = end
+        if missing <= 0:
+            return
+        self.gap_entries += missing
+        self.gaps += 1
+        upto = f"before {entries[0].id}" if entries else f"up to {info.head_id}"
+        _log.warning(
+            "%s: %d entries after %s, %s, were trimmed before the reader read them: they are "
+            "missing from the local index and its subscribers (gap_entries %d)",
+            self.log.name,
+            missing,
+            format_id(*self.last_applied),
+            upto,
+            self.gap_entries,
+        )
+
+    def pending_gap(self, info: StreamInfo) -> int:
+        """Entries after ``last_applied`` already trimmed, that the next read will count."""
+        before = trimmed_before_first(info)
+        if self.offset is None or before is None:
+            return 0
+        if info.first_id is not None and parse_id(info.first_id) <= self.last_applied:
+            return 0
+        return max(0, before - self.offset)
 
     def _report(self, kind: str, entry_id: str, detail: str) -> None:
         """Log the first skipped entry of each kind; the others are only counted."""

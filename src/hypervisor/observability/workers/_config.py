@@ -76,6 +76,7 @@ class WorkerStats:
     dead_lettered: dict[str, int] = field(default_factory=dict)
     group_recreated: int = 0
     backend_errors: int = 0
+    gap_entries: int = 0
     batch_buckets: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
     batch_seconds_sum: float = 0.0
     lag: int | None = None

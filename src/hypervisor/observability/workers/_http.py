@@ -113,6 +113,11 @@ class _WorkerCollector(Collector):
             "group_recreated", "Consumer group recreated after NOGROUP", stats.group_recreated
         )
         yield counter("backend_errors", "Backend calls that failed", stats.backend_errors)
+        yield counter(
+            "gap_entries",
+            "Entries trimmed from the stream before the group read them (never processed)",
+            stats.gap_entries,
+        )
         dead = CounterMetricFamily(
             "hvobs_worker_dead_lettered",
             "Entries sent to the dead-letter log",
@@ -246,6 +251,7 @@ async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dic
         "pending": stats.pending,
         "oldest_pending_age_seconds": stats.oldest_pending_age_s,
         "events": stats.events,
+        "gap_entries": stats.gap_entries,
         "dead_lettered": dict(stats.dead_lettered),
         "applied_id": {name: view.meta.applied_id for name, view in views.items()},
         "views": {name: _view_document(view) for name, view in views.items()},

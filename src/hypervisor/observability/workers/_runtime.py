@@ -48,6 +48,7 @@ from hypervisor.observability.workers._dlq import (
     dlq_name,
     encode_dead_letter,
 )
+from hypervisor.observability.workers._gaps import GroupGaps
 
 __all__ = ["BATCH_BUCKETS", "Worker", "WorkerConfig", "WorkerStats", "default_consumer_name"]
 
@@ -110,6 +111,8 @@ class Worker(AsyncResource):
         self.dlq = dlq
         token = f"{config.consumer}:{os.getpid()}:{os.urandom(4).hex()}"
         self.stats = WorkerStats()
+        self.gaps = GroupGaps(log, config.group)
+        """Entries trimmed before the group read them (``_gaps.py``)."""
         self.appliers = [
             Applier(
                 log,
@@ -193,6 +196,7 @@ class Worker(AsyncResource):
             try:
                 self.server_version = await self.log.server_version()
                 await self._ensure_group()
+                await self.check_gaps()
             except LogError as exc:
                 self.stats.backend_errors += 1
                 _log.warning("worker start: %s; retrying", exc)
@@ -477,6 +481,7 @@ class Worker(AsyncResource):
                 return
             try:
                 await self.sweep()
+                await self.check_gaps()
             except LogGroupMissingError:
                 await self._recovering(self._recreate_group)
             except LogError as exc:
@@ -567,6 +572,7 @@ class Worker(AsyncResource):
                     stats.lag = info.lag
                     break
             summary = await self.log.pending_summary(self.config.group)
+            await self.check_gaps()
         except LogError:
             self.connected = False
             raise
@@ -574,6 +580,13 @@ class Worker(AsyncResource):
         stats.oldest_pending_age_s = summary.oldest_idle_s
         stats.last_refresh = time.time()
         self.connected = True
+
+    async def check_gaps(self) -> int:
+        """Count entries trimmed before the group read them (``stats.gap_entries``, logged);
+        return how many this check found."""
+        found = await self.gaps.check()
+        self.stats.gap_entries = self.gaps.entries
+        return found
 
     @property
     def keeping_up(self) -> bool:
