@@ -40,7 +40,12 @@ from hypervisor.observability._backends.log import (
     PendingSummary,
     TrimPolicy,
 )
-from hypervisor.observability._backends.redis_client import make_client, translate_errors, url_user
+from hypervisor.observability._backends.redis_client import (
+    make_client,
+    redis_location,
+    translate_errors,
+    url_user,
+)
 from hypervisor.observability._util.aio import AsyncResource
 
 __all__ = ["DEFAULT_FIELD", "RedisStreamLog", "translate_errors"]
@@ -193,6 +198,7 @@ class RedisStreamLog(AsyncResource):
         self._name = name
         self._key = name.encode()
         self._user = str(client_options.get("username") or url_user(url))
+        self._location = redis_location(url)
         self._field = field
         self._retention = retention
         self._trim_interval_s = trim_interval_s
@@ -234,7 +240,9 @@ class RedisStreamLog(AsyncResource):
         return self._user
 
     def _errors(self, what: str, command: str) -> Any:
-        return translate_errors(what, user=self._user, command=command, key=self._name)
+        return translate_errors(
+            what, user=self._user, command=command, key=self._name, location=self._location
+        )
 
     async def aclose(self) -> None:
         """Close all connections. Idempotent."""

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -20,6 +21,7 @@ from hypervisor.observability._util.cli import (
     DEFAULT_STREAM,
     LOG_LEVELS,
     REDIS_URL_ENV,
+    add_tls_options,
     check_port_free,
     check_redis,
     listen_error,
@@ -29,9 +31,11 @@ from hypervisor.observability._util.cli import (
     redis_url_or_env,
     seconds,
     stream_name,
+    tls_options,
     whole_number,
 )
 from hypervisor.observability.errors import CommandError
+from hypervisor.observability.workers._config import DEFAULT_DRAIN_TIMEOUT_S
 from hypervisor.observability.workers._derivations import (
     AGENT_SPANS,
     RING_METRICS,
@@ -133,6 +137,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
             "(default: %(default)g seconds)"
         ),
     )
+    add_tls_options(parser)
 
 
 def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -285,6 +290,15 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         if kind == RING_METRICS:
             _ring_bounds_options(sub)
         sub.add_argument(
+            "--drain-timeout",
+            type=seconds(3600),
+            default=DEFAULT_DRAIN_TIMEOUT_S,
+            metavar="SECONDS",
+            help="at SIGTERM/SIGINT, finish the batch in hand, apply and release the lease "
+            "within this time; what is left stays pending for the next start (default: "
+            "%(default)g seconds)",
+        )
+        sub.add_argument(
             "--reset-state",
             action="store_true",
             help="delete the derivation's shared state before starting, after a lost stream "
@@ -381,6 +395,7 @@ def _config(args: argparse.Namespace) -> WorkerConfig:
         max_event_bytes=args.max_event_bytes,
         apply_interval_s=args.apply_interval,
         max_pending_age_s=args.max_pending_age,
+        drain_timeout_s=args.drain_timeout,
     )
 
 
@@ -405,7 +420,7 @@ async def serve_worker(
         if handle_signals:
             # Before the port is announced: whoever sees the worker up may stop it at once,
             # and SIGTERM must then drain it rather than kill it.
-            await tg.start(_stop_on_signal, worker)
+            await tg.start(_stop_on_signal, worker.stop)
         if metrics_port is not None:
             from hypervisor.observability.workers._http import WorkerHttpServer
 
@@ -428,24 +443,56 @@ async def serve_worker(
 
 
 async def _stop_on_signal(
-    worker: Worker, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    stop: Callable[[], None], *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
+    """Call ``stop`` at the first SIGTERM or SIGINT; a second one then has its default effect
+    (SIGTERM ends the process at once, SIGINT raises ``KeyboardInterrupt``)."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
         async for signum in signals:
             logging.getLogger("hypervisor.observability.workers").info(
                 "signal %s: draining", signal.Signals(signum).name
             )
-            worker.stop()
+            stop()
             return
 
 
+class _SignalStop:
+    """Where the worker command's first SIGTERM/SIGINT goes: until the worker exists, it
+    cancels the start (waiting for Redis, resetting state); then it drains the worker."""
+
+    def __init__(self) -> None:
+        self.starting = anyio.CancelScope()
+        self.worker: Worker | None = None
+
+    def __call__(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        else:
+            self.starting.cancel()
+
+
 async def _run_worker(args: argparse.Namespace) -> int:
+    # The signals are handled from the very start: a worker still waiting for Redis stops
+    # at SIGTERM as promptly as a running one.
+    stop = _SignalStop()
+    async with anyio.create_task_group() as tg:
+        await tg.start(_stop_on_signal, stop)
+        with stop.starting:
+            await _serve(args, stop)
+        tg.cancel_scope.cancel()
+    if stop.starting.cancelled_caught:
+        logging.getLogger("hypervisor.observability.workers").info("stopped before starting")
+    return 0
+
+
+async def _serve(args: argparse.Namespace, stop: _SignalStop) -> None:
     from hypervisor.observability._backends.redis_log import RedisStreamLog
     from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
     from hypervisor.observability.workers._sinks import JsonLinesSpanSink
 
-    await check_redis(args.redis, timeout_s=args.connect_timeout)
+    tls: dict[str, Any] = args.tls
+    await check_redis(args.redis, timeout_s=args.connect_timeout, **tls)
     if args.kind == SAGA_SPANS and not (args.jsonl or args.otlp_endpoint):
         print(
             "hvobs worker saga-spans: warning: no span sink, so the spans are derived and "
@@ -466,7 +513,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
                 exit_status=2,
             ) from None
         otlp_sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-hypervisor")
-    store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind))
+    store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind), **tls)
     stores = [store]
     if args.kind == RING_METRICS:
         bounds = RingBounds(
@@ -485,7 +532,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
             # A second derivation of the same worker and group: its state keys are the group's,
             # so the worker role's ACL already covers them.
             agent_store = RedisStateStore(
-                args.redis, state_prefix(args.stream, args.group, AGENT_SPANS)
+                args.redis, state_prefix(args.stream, args.group, AGENT_SPANS), **tls
             )
             stores.append(agent_store)
             agent_sinks: list[AgentSpanSink] = [s for s in (sink, otlp_sink) if s is not None]
@@ -502,14 +549,16 @@ async def _run_worker(args: argparse.Namespace) -> int:
             for each in stores:
                 await each.reset()
         async with (
-            RedisStreamLog(args.redis, args.stream, max_block_s=args.block) as log,
-            RedisStreamLog(args.redis, dlq_name(args.stream)) as dlq,
+            RedisStreamLog(args.redis, args.stream, max_block_s=args.block, **tls) as log,
+            RedisStreamLog(args.redis, dlq_name(args.stream), **tls) as dlq,
             Worker(log, derivations, _config(args), dlq=dlq) as worker,
         ):
+            stop.worker = worker
             await serve_worker(
                 worker,
                 metrics_port=args.metrics_port,
                 metrics_host=args.metrics_host,
+                handle_signals=False,
                 session_label=getattr(args, "session_label", True),
             )
     finally:
@@ -519,7 +568,6 @@ async def _run_worker(args: argparse.Namespace) -> int:
             otlp_sink.shutdown()
         for each in stores:
             await each.aclose()
-    return 0
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -529,6 +577,7 @@ def run_worker(args: argparse.Namespace) -> int:
         CommandError: no Redis URL, the metrics port in use, Redis unreachable at start.
     """
     args.redis = redis_url_or_env(args.redis)
+    args.tls = tls_options(args)
     check_port_free(
         args.metrics_host,
         args.metrics_port,
@@ -549,10 +598,10 @@ async def _run_dlq(args: argparse.Namespace) -> int:
     from hypervisor.observability._backends.redis_log import RedisStreamLog
     from hypervisor.observability.workers._dlq import list_dead_letters, replay
 
-    await check_redis(args.redis, timeout_s=args.connect_timeout)
+    await check_redis(args.redis, timeout_s=args.connect_timeout, **args.tls)
     async with (
-        RedisStreamLog(args.redis, args.stream) as log,
-        RedisStreamLog(args.redis, dlq_name(args.stream)) as dlq,
+        RedisStreamLog(args.redis, args.stream, **args.tls) as log,
+        RedisStreamLog(args.redis, dlq_name(args.stream), **args.tls) as dlq,
     ):
         if args.action == "list":
             encoder = msgspec.json.Encoder()
@@ -601,4 +650,5 @@ def run_dlq(args: argparse.Namespace) -> int:
         CommandError: no Redis URL, or Redis unreachable.
     """
     args.redis = redis_url_or_env(args.redis)
+    args.tls = tls_options(args)
     return anyio.run(_run_dlq, args)

@@ -4,15 +4,20 @@ A :class:`Worker` runs on any ``StreamLog`` (Redis or in memory) and hosts one o
 derivations on one consumer group. Tasks: the consume loop (own pending entries first, then new
 ones), the claim sweep (XAUTOCLAIM of entries idle on dead consumers), and one apply loop per
 derivation (see ``_apply``). ``stop()`` drains: no new read, the batch in hand is finished and
-acknowledged, a last apply round runs, the lease is released.
+acknowledged, a last apply round runs, the lease is released; all of it within
+``drain_timeout_s`` (every shielded section gets that deadline at the stop), so a stop ends the
+worker whatever the backend does. A refusal that retrying cannot fix (``LogPermanentError``,
+``PermissionDeniedError``) is never retried: it stops the worker and leaves :meth:`Worker.run`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import anyio
 
@@ -29,6 +34,7 @@ from hypervisor.observability._util.aio import AsyncResource
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
     EventDecodeError,
+    LogPermanentError,
     PermissionDeniedError,
     WorkerStateError,
 )
@@ -57,6 +63,9 @@ _RETRY_BASE_S = 0.05
 """Upper bound of the first backoff after a backend error; doubles up to ``retry_max_s``."""
 
 _MAX_REMEMBERED_ERRORS = 10_000
+
+_PERMANENT = (LogPermanentError, PermissionDeniedError)
+"""Refusals no loop retries: they stop the worker (the CLI exits with status 78)."""
 
 
 async def _all(calls: list[Awaitable[None]]) -> None:
@@ -151,24 +160,49 @@ class Worker(AsyncResource):
         self._read_scope: anyio.CancelScope | None = None
         self._reread_own = True
         self._errors: dict[str, str] = {}
+        self._deadline = math.inf
+        """When the drain must end (``anyio.current_time()`` clock); set by :meth:`stop`."""
+        self._run_scope: anyio.CancelScope | None = None
+        self._shields: set[anyio.CancelScope] = set()
 
     async def aclose(self) -> None:
-        """Stop (if running) and release the leases. Does not close the logs or stores."""
+        """Stop (if running) and release the leases, within ``drain_timeout_s`` of the stop.
+        Does not close the logs or stores."""
         self.stop()
-        with anyio.CancelScope(shield=True):
+        with self._shielded():
             for applier in self.appliers:
                 try:
                     await applier.release()
-                except (LogError, WorkerStateError) as exc:
+                except (LogError, WorkerStateError, PermissionDeniedError) as exc:
                     _log.debug("releasing the applier lease: %s", exc)
 
     def stop(self) -> None:
-        """Ask the worker to drain and return from :meth:`run`; safe to call many times."""
+        """Ask the worker to drain and return from :meth:`run` within ``drain_timeout_s``;
+        safe to call many times (the first call sets the deadline). Call it from the worker's
+        event loop."""
         self._stop.set()
         if self._read_scope is not None:
             # Only the blocking read is cancelled: anything it had delivered stays pending on
             # this consumer and is re-read on the next start.
             self._read_scope.cancel()
+        if self._deadline == math.inf:
+            self._deadline = anyio.current_time() + self.config.drain_timeout_s
+            # Shielded sections (a batch, the drain, the lease release) ignore the cancellation
+            # of the run but not a deadline of their own: a hung backend cannot hold them.
+            for scope in (*self._shields, self._run_scope):
+                if scope is not None:
+                    scope.deadline = min(scope.deadline, self._deadline)
+
+    @contextmanager
+    def _shielded(self) -> Iterator[anyio.CancelScope]:
+        """A shielded cancel scope that still ends at the stop's drain deadline."""
+        scope = anyio.CancelScope(shield=True, deadline=self._deadline)
+        self._shields.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._shields.discard(scope)
 
     @property
     def stopping(self) -> bool:
@@ -193,6 +227,8 @@ class Worker(AsyncResource):
             try:
                 self.server_version = await self.log.server_version()
                 await self._ensure_group()
+            except _PERMANENT:
+                raise
             except LogError as exc:
                 self.stats.backend_errors += 1
                 _log.warning("worker start: %s; retrying", exc)
@@ -210,16 +246,48 @@ class Worker(AsyncResource):
             return
 
     async def run(self) -> None:
-        """Consume, stage, acknowledge and apply until :meth:`stop`; then drain and return."""
+        """Consume, stage, acknowledge and apply until :meth:`stop`; then drain and return.
+
+        The drain takes at most ``config.drain_timeout_s``: what it could not finish stays
+        pending in the group (logged) and is taken up at the next start.
+
+        Raises:
+            LogPermanentError: the backend refused for good (credentials, database, TLS).
+            PermissionDeniedError: an ACL refused a command to the worker's user.
+        """
         try:
-            await self._start()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._consume_loop)
-                tg.start_soon(self._sweep_loop)
-                for index in range(len(self.appliers)):
-                    tg.start_soon(self._apply_loop, index)
+            with anyio.CancelScope(deadline=self._deadline) as scope:
+                self._run_scope = scope
+                try:
+                    await self._start()
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._guarded, self._consume_loop)
+                        tg.start_soon(self._guarded, self._sweep_loop)
+                        for index in range(len(self.appliers)):
+                            tg.start_soon(self._guarded, self._apply_loop, index)
+                except BaseException:
+                    self.stop()  # a failure ends the run as a stop does: drained, bounded
+                    raise
+            if scope.cancelled_caught:
+                _log.warning(
+                    "worker %s: the drain took longer than %g s and was cut short; what it "
+                    "had not acknowledged stays pending and is taken up at the next start",
+                    self.config.consumer,
+                    self.config.drain_timeout_s,
+                )
         finally:
+            self._run_scope = None
             self.stopped.set()
+
+    async def _guarded(self, loop: Callable[..., Awaitable[None]], *args: int) -> None:
+        """Run one of the worker's loops; its failure stops the others (bounded drain)."""
+        try:
+            await loop(*args)
+        except BaseException:
+            # Before the task group cancels the other loops: their shielded sections (a
+            # batch, the lease release) then get the drain deadline when they start.
+            self.stop()
+            raise
 
     # -- consuming -----------------------------------------------------------------------------
 
@@ -264,6 +332,8 @@ class Worker(AsyncResource):
                 except LogGroupMissingError:
                     await self._recovering(self._recreate_group)
                     self._reread_own = True
+                except _PERMANENT:
+                    raise
                 except WorkerStateError:
                     # A state key of the wrong type refused the batch (the store reported it):
                     # the batch stays pending and is retried after a back-off.
@@ -286,8 +356,9 @@ class Worker(AsyncResource):
             self._wake_appliers()
 
     async def _drain_own(self) -> None:
-        """Process what the cancelled read had delivered, so nothing stays pending here."""
-        with anyio.CancelScope(shield=True):
+        """Process what the cancelled read had delivered, so nothing stays pending here (until
+        the drain deadline: then the rest stays pending for the next start)."""
+        with self._shielded():
             for _ in range(self.config.max_deliveries + 1):
                 try:
                     entries = await self.log.read_group(
@@ -299,13 +370,15 @@ class Worker(AsyncResource):
                     if not entries:
                         return
                     await self._process(entries, redelivered=True)
-                except (LogError, WorkerStateError) as exc:
+                except (LogError, WorkerStateError, PermissionDeniedError) as exc:
                     _log.warning("draining own pending entries: %s", exc)
                     return
 
     async def _recovering(self, action: Callable[[], Awaitable[None]]) -> None:
         try:
             await action()
+        except _PERMANENT:
+            raise
         except LogError as exc:
             self.connected = False
             self.stats.backend_errors += 1
@@ -313,8 +386,9 @@ class Worker(AsyncResource):
             await self._backoff(3)
 
     async def _process(self, entries: list[Entry], *, redelivered: bool) -> None:
-        """Stage, dead-letter and acknowledge one batch (shielded: a batch is never half done)."""
-        with anyio.CancelScope(shield=True):
+        """Stage, dead-letter and acknowledge one batch (shielded: a batch is never half done,
+        unless the drain deadline passes: then it stays pending and is redelivered)."""
+        with self._shielded():
             await self._process_batch(entries, redelivered)
 
     async def _process_batch(self, entries: list[Entry], redelivered: bool) -> None:
@@ -479,6 +553,8 @@ class Worker(AsyncResource):
                 await self.sweep()
             except LogGroupMissingError:
                 await self._recovering(self._recreate_group)
+            except _PERMANENT:
+                raise
             except LogError as exc:
                 self.stats.backend_errors += 1
                 _log.warning("claim sweep failed: %s", exc)
@@ -495,10 +571,10 @@ class Worker(AsyncResource):
                 await self._apply_rounds(index)
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
+            with self._shielded():
                 try:
                     await applier.release()
-                except (LogError, WorkerStateError) as exc:
+                except (LogError, WorkerStateError, PermissionDeniedError) as exc:
                     _log.debug("releasing the applier lease: %s", exc)
 
     async def _listen(self, index: int) -> None:
@@ -513,6 +589,8 @@ class Worker(AsyncResource):
             try:
                 if await applier.store.wait_notified(0.1):
                     self._wake_appliers((index,))
+            except _PERMANENT:
+                raise
             except (LogError, WorkerStateError) as exc:
                 _log.debug("waiting for staged entries: %s", exc)
                 await anyio.sleep(interval)
@@ -528,6 +606,8 @@ class Worker(AsyncResource):
             try:
                 applied = await applier.round()
                 attempt = 0
+            except _PERMANENT:
+                raise  # retrying cannot help: the refusal stops the worker
             except WorkerStateError as exc:
                 # Unreadable state, reported once by the store: nothing is applied until it
                 # reads again (repaired, or reset), retried after a back-off.
@@ -537,8 +617,6 @@ class Worker(AsyncResource):
                 applied = -1
                 self.stats.backend_errors += 1
                 _log.warning("%s apply round failed: %s", applier.derivation.name, exc)
-            except PermissionDeniedError:
-                raise  # an ACL refusal stops the worker: retrying cannot help
             except Exception:
                 applied = -1
                 _log.exception("%s apply round failed (export)", applier.derivation.name)
