@@ -64,6 +64,13 @@ _DENIED_COMMAND: Final = re.compile(r"run the '([^']+)' command")
 _NAMED_SERVER: Final = re.compile(r"(?:connecting to|reading from|writing to) (\S+?:\d+)")
 # OpenSSL's verify codes of a certificate that is not for the host name or address asked for.
 _HOSTNAME_MISMATCH: Final = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_
+# OpenSSL's reasons of the usual handshake failures, in an operator's words.
+_HANDSHAKE_HINTS: Final = (
+    ("CERTIFICATE_REQUIRED", "the server requires a client certificate (--tls-cert, ssl_certfile)"),
+    ("ALERT_UNKNOWN_CA", "the server does not trust the client certificate"),
+    ("ALERT_BAD_CERTIFICATE", "the server refused the client certificate"),
+    ("WRONG_VERSION_NUMBER", "the server does not speak TLS on this port"),
+)
 
 
 def url_user(url: str) -> str:
@@ -93,7 +100,10 @@ def _tls_failure(exc: BaseException) -> tuple[str, str] | None:
         if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError)):
             return None  # the connection ended during the handshake: a server going away
         if isinstance(error, ssl.SSLError):
-            return "tls-handshake", f"TLS handshake failed: {error.reason or error}"
+            reason = str(error.reason or error)
+            words = next((words for key, words in _HANDSHAKE_HINTS if key in reason), "")
+            shown = f"{words} ({reason})" if words else reason
+            return "tls-handshake", f"TLS handshake failed: {shown}"
     return None
 
 
@@ -146,9 +156,9 @@ def _and(words: tuple[str, ...]) -> str:
 
 
 def permission_error(
-    what: str, message: str, *, user: str, command: str = "", key: str = ""
+    what: str, message: str, *, user: str, command: str = "", key: str = "", location: str = ""
 ) -> LogPermissionError:
-    """Build the error for an ACL refusal: who, which command, on what, and who may."""
+    """Build the error for an ACL refusal: who, which command, on what, where, and who may."""
     from hypervisor.observability.acl import roles_granting  # acl imports the workers package
 
     found = _DENIED_COMMAND.search(message)
@@ -158,7 +168,7 @@ def permission_error(
         hint = f"`hvobs acl` grants it to the {_and(roles)} role{'s' if len(roles) > 1 else ''}"
     else:
         hint = "no `hvobs acl` role grants it"
-    where = f" on {key!r}" if key else ""
+    where = (f" on {key!r}" if key else "") + (f" at Redis {location}" if location else "")
     return LogPermissionError(
         f"{what}: redis user {user!r} may not run {refused.upper()}{where} ({message}); {hint}",
         user=user,
@@ -208,7 +218,9 @@ def translate_errors(
         if isinstance(exc, rexc.NoPermissionError):
             message = f"NOPERM {message}"  # redis-py drops the error code from the text
         if _DENIED.match(message):
-            raise permission_error(what, message, user=user, command=command, key=key) from exc
+            raise permission_error(
+                what, message, user=user, command=command, key=key, location=location
+            ) from exc
         if message.startswith(("NOGROUP", "no such key")):
             raise LogGroupMissingError(f"{what}: {message}") from exc
         if message.startswith(("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")):
