@@ -212,7 +212,7 @@ async def test_tls_client_certificate_required(tls_redis_client_certs: TlsRedis)
         assert "requires a client certificate" in str(error)
     else:
         assert "connection reset by the server" in str(error)
-    options = {
+    options: dict[str, Any] = {
         "ssl_ca_certs": str(files.ca),
         "ssl_certfile": str(files.client_cert),
         "ssl_keyfile": str(files.client_key),
