@@ -15,9 +15,11 @@ from collections.abc import Callable, Sequence
 from hypervisor.observability._util.cli import (
     DEFAULT_STREAM,
     CommandParser,
+    add_tls_options,
     redis_url,
     seconds,
     stream_name,
+    tls_options,
     whole_number,
 )
 
@@ -92,6 +94,7 @@ def add_demo_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         metavar="SECONDS",
         help="with --redis: wait this long for Redis to answer (default: %(default)g seconds)",
     )
+    add_tls_options(parser)
     parser.set_defaults(handler=run_demo)
 
 
@@ -112,6 +115,7 @@ def run_demo(args: argparse.Namespace) -> int:
             stream=args.stream,
             keep_stream=args.keep_stream,
             connect_timeout_s=args.connect_timeout,
+            tls=tls_options(args),
         )
     else:
         result = feed_in_process(fleet)
