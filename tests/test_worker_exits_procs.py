@@ -30,7 +30,7 @@ from hypervisor.observability.errors import PERMANENT_EXIT_STATUS
 from hypervisor.observability.redis_bus import RedisEventBus
 from redis_server import RedisServer, free_port
 from tls_support import TlsFiles, TlsRedis, make_tls_files, openssl_available, start_tls_redis
-from worker_procs import WorkerProc, child_env, procs as procs, worker_argv
+from worker_procs import WorkerProc, child_env, cli, procs as procs, worker_argv
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -382,3 +382,29 @@ def test_tls_options_need_a_rediss_url(started: list[Started], tls_files: TlsFil
         "hvobs worker ring-metrics: --tls-ca, --tls-cert and --tls-key need a rediss:// URL "
         "in --redis (got redis://)"
     ]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["dlq", "list"], ["serve", "--port", "0"], ["demo", "--agents", "2", "--sagas", "1"]],
+    ids=["dlq", "serve", "demo"],
+)
+def test_other_commands_take_tls_options(
+    tls_redis: TlsRedis, started: list[Started], command: list[str]
+) -> None:
+    """``hvobs dlq``, ``serve --redis`` and ``demo --redis`` take the TLS options too: a wrong
+    CA ends them at once with status 78 and one line naming the failed check and host:port."""
+    argv = cli(*command, "--redis", tls_redis.url(), "--tls-ca", str(tls_redis.files.other_ca))
+    code, lines = _refused(started, argv)
+    assert code == PERMANENT_EXIT_STATUS, lines
+    assert len(lines) == 1, lines
+    assert "TLS certificate verify failed" in lines[0]
+    assert f"127.0.0.1:{tls_redis.tls_port}" in lines[0]
+
+
+def test_dlq_lists_over_tls(tls_redis: TlsRedis) -> None:
+    """``hvobs dlq list`` with the right CA reads the dead letters over TLS (none: status 0)."""
+    argv = cli("dlq", "list", "--redis", tls_redis.url(), "--tls-ca", str(tls_redis.files.ca))
+    listed = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=child_env())
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout == ""
