@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import redis
 
@@ -21,6 +22,7 @@ from hypervisor.observability.errors import (
     LogPermissionError,
     LogUnavailableError,
 )
+from hypervisor.observability.workers import RingMetricsDerivation, Worker, WorkerConfig
 from redis_server import RedisServer, free_port, redis_server_binary
 from tls_support import TlsFiles, TlsRedis, make_tls_files, openssl_available, start_tls_redis
 
@@ -219,3 +221,48 @@ async def test_tls_client_certificate_required(tls_redis_client_certs: TlsRedis)
     }
     async with RedisStreamLog(server.url(), "t:mtls", **options) as log:
         assert await log.server_version() >= (6, 0, 0)
+
+
+def _ring_worker(
+    url: str, timeout_s: float = 1.0, **config: Any
+) -> tuple[RedisStreamLog, RedisStateStore, Worker]:
+    log = RedisStreamLog(url, "t:worker", connect_timeout_s=timeout_s, socket_timeout_s=timeout_s)
+    store = RedisStateStore(url, "t:worker:state", socket_timeout_s=timeout_s)
+    worker = Worker(log, [RingMetricsDerivation(store)], WorkerConfig(group="g", **config))
+    return log, store, worker
+
+
+async def test_worker_stop_is_bounded_while_redis_is_silent() -> None:
+    """``Worker.run()`` against a port that accepts and never answers (its calls would hang
+    for their 60 s socket timeout) returns within the drain timeout of ``stop()``, never
+    having connected."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        listener.settimeout(30)
+        url = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+        log, store, worker = _ring_worker(url, timeout_s=60, drain_timeout_s=0.5)
+        async with log, store, anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            # The worker's first call is connected and waiting for an answer that never comes.
+            connection, _ = await anyio.to_thread.run_sync(listener.accept)
+            with connection:
+                worker.stop()
+                with anyio.fail_after(10):
+                    await worker.stopped.wait()
+                await worker.aclose()
+    assert not worker.connected
+
+
+@pytest.mark.redis
+async def test_worker_raises_a_refusal_without_retrying(password_server: RedisServer) -> None:
+    """A wrong password: ``Worker.run()`` raises ``LogPermanentError`` at its first attempt
+    (no backend error counted as retried) instead of backing off forever."""
+    url = f"redis://:wrong@127.0.0.1:{password_server.port}/0"
+    log, store, worker = _ring_worker(url)
+    async with log, store, worker:
+        with anyio.fail_after(30), pytest.raises(LogPermanentError) as caught:
+            await worker.run()
+    assert caught.value.cause == "authentication"
+    assert worker.stats.backend_errors == 0
+    assert worker.stopped.is_set()

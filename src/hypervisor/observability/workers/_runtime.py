@@ -161,7 +161,11 @@ class Worker(AsyncResource, BatchProcessor):
             # this consumer and is re-read on the next start.
             self._read_scope.cancel()
         if self._deadline == math.inf:
-            self._deadline = anyio.current_time() + self.config.drain_timeout_s
+            try:
+                now = anyio.current_time()
+            except RuntimeError:  # not in an event loop: run() never started, nothing to bound
+                return
+            self._deadline = now + self.config.drain_timeout_s
             # Shielded sections (a batch, the drain, the lease release) ignore the cancellation
             # of the run but not a deadline of their own: a hung backend cannot hold them.
             for scope in (*self._shields, self._run_scope):
@@ -238,7 +242,9 @@ class Worker(AsyncResource, BatchProcessor):
                 except BaseException:
                     self.stop()  # a failure ends the run as a stop does: drained, bounded
                     raise
-            if scope.cancelled_caught:
+            if scope.cancelled_caught and self.server_version is None:
+                _log.info("worker %s stopped before it reached Redis", self.config.consumer)
+            elif scope.cancelled_caught:
                 _log.warning(
                     "worker %s: the drain took longer than %g s and was cut short; what it "
                     "had not acknowledged stays pending and is taken up at the next start",
