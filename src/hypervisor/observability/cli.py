@@ -134,7 +134,7 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 def add_dlq_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``hvobs dlq`` (list and replay dead-lettered entries)."""
-    from hypervisor.observability.workers._cli import add_dlq_command as add
+    from hypervisor.observability.workers._dlq_cli import add_dlq_command as add
 
     add(subparsers)
 

@@ -40,13 +40,9 @@ from hypervisor.observability._backends.log import (
     PendingSummary,
     TrimPolicy,
 )
-from hypervisor.observability._backends.redis_client import (
-    make_client,
-    redis_location,
-    translate_errors,
-    url_user,
-)
+from hypervisor.observability._backends.redis_client import make_client, translate_errors, url_user
 from hypervisor.observability._util.aio import AsyncResource
+from hypervisor.observability._util.cli import redis_location
 
 __all__ = ["DEFAULT_FIELD", "RedisStreamLog", "translate_errors"]
 

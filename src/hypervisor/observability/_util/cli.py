@@ -35,6 +35,7 @@ __all__ = [
     "REDIS_SCHEMES",
     "REDIS_URL_ENV",
     "CommandParser",
+    "add_redis_options",
     "add_tls_options",
     "check_port_free",
     "check_redis",
@@ -419,3 +420,37 @@ async def check_redis(
                 raise CommandError(
                     f"Redis at {location} answered with an error: {failure_reason(exc)}"
                 ) from None
+
+
+def add_redis_options(parser: argparse.ArgumentParser) -> None:
+    """Declare ``--redis``, ``--stream``, ``--connect-timeout`` and the TLS options of a command
+    on the bus (``hvobs worker``, ``hvobs dlq``)."""
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        type=redis_url,
+        default=None,
+        help=(
+            "Redis URL of the bus, such as redis://user:password@host:6379/0 (rediss:// for "
+            f"TLS, unix:// for a socket) (default: ${REDIS_URL_ENV}, which keeps the password "
+            "out of the process list)"
+        ),
+    )
+    parser.add_argument(
+        "--stream",
+        type=stream_name,
+        default=DEFAULT_STREAM,
+        metavar="NAME",
+        help="stream key of the bus (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=seconds(3600),
+        default=5.0,
+        metavar="SECONDS",
+        help=(
+            "at start, wait this long for Redis to answer before giving up with one line "
+            "(default: %(default)g seconds)"
+        ),
+    )
+    add_tls_options(parser)
