@@ -280,7 +280,13 @@ def test_password_changed_under_a_running_worker_exits_78(
     finally:
         admin.close()
     code = worker.proc.wait(timeout=REFUSAL_DEADLINE_S)
-    assert code == PERMANENT_EXIT_STATUS
+    worker._log.seek(0)  # the worker's stderr (WorkerProc keeps it in this file)
+    last = worker._log.read().decode(errors="replace").splitlines()[-1]
+    assert code == PERMANENT_EXIT_STATUS, last
+    assert last.startswith("hvobs worker ring-metrics: Redis at 127.0.0.1:"), last
+    assert "refused the credentials of user 'default'" in last
+    assert "right-pw" not in last
+    assert "new-pw" not in last
 
 
 @pytest.fixture(scope="module")
