@@ -32,6 +32,14 @@ ensure_redis_server() {
     fi
 }
 
+ensure_openssl() {
+    # The openssl command makes the throwaway CA and certificates of the TLS tests.
+    if ! command -v openssl >/dev/null 2>&1; then
+        echo "bootstrap: installing openssl from Debian's packages" >&2
+        apt_install --no-install-recommends openssl
+    fi
+}
+
 ensure_prometheus() {
     # Debian's prometheus package (prometheus + promtool) for tests/test_stack_prometheus.py.
     if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then

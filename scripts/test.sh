@@ -7,6 +7,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/bootstrap.sh"
 
 ensure_redis_server
+ensure_openssl
 ensure_prometheus
 ensure_chromium
 ensure_venv

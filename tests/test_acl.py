@@ -31,6 +31,7 @@ from hypervisor.observability._core.codec import decode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability.acl import ROLES, acl_line, acl_rules, roles_granting
 from hypervisor.observability.errors import (
+    PERMANENT_EXIT_STATUS,
     AclArgumentError,
     BusPermissionError,
     BusUnavailableError,
@@ -686,7 +687,7 @@ def test_workers_and_operator_commands_run_under_their_roles(users: Users, tmp_p
     assert all('"reason":"undecodable"' in letter for letter in letters)
 
     denied = hvobs("dlq", "replay", "--redis", users.urls["worker"], "--stream", stream)
-    assert denied.returncode == 1
+    assert denied.returncode == PERMANENT_EXIT_STATUS  # a refusal: restarting cannot help
     assert denied.stderr.count("\n") == 1
     assert f"redis user '{users.names['worker']}' may not run XGROUP|CREATE" in denied.stderr
     replayed = hvobs("dlq", "replay", "--redis", users.urls["admin"], "--stream", stream)
@@ -700,7 +701,7 @@ def test_workers_and_operator_commands_run_under_their_roles(users: Users, tmp_p
         "worker", "ring-metrics", "--redis", users.urls["worker"], "--stream", stream,
         "--group", "ring", "--reset-state", "--metrics-port", "0",
     )  # fmt: skip
-    assert refused.returncode == 1
+    assert refused.returncode == PERMANENT_EXIT_STATUS
     assert refused.stderr.splitlines()[-1].startswith(
         f"hvobs: reset: redis user '{users.names['worker']}' may not run SCAN"
     )

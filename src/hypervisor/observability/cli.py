@@ -15,9 +15,11 @@ from collections.abc import Callable, Sequence
 from hypervisor.observability._util.cli import (
     DEFAULT_STREAM,
     CommandParser,
+    add_tls_options,
     redis_url,
     seconds,
     stream_name,
+    tls_options,
     whole_number,
 )
 
@@ -92,6 +94,7 @@ def add_demo_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         metavar="SECONDS",
         help="with --redis: wait this long for Redis to answer (default: %(default)g seconds)",
     )
+    add_tls_options(parser)
     parser.set_defaults(handler=run_demo)
 
 
@@ -112,6 +115,7 @@ def run_demo(args: argparse.Namespace) -> int:
             stream=args.stream,
             keep_stream=args.keep_stream,
             connect_timeout_s=args.connect_timeout,
+            tls=tls_options(args),
         )
     else:
         result = feed_in_process(fleet)
@@ -130,7 +134,7 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 def add_dlq_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``hvobs dlq`` (list and replay dead-lettered entries)."""
-    from hypervisor.observability.workers._cli import add_dlq_command as add
+    from hypervisor.observability.workers._dlq_cli import add_dlq_command as add
 
     add(subparsers)
 
@@ -330,11 +334,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     An operator's mistake ends the command with one line on stderr and a non-zero status,
     never a traceback: a usage mistake (status 2, from the parser), Redis unreachable, a port
-    in use (:class:`~hypervisor.observability.errors.CommandError`, its status), a command the
-    Redis server refuses to the configured user (one line naming the user, the command and the
-    roles that grant it; status 1). Ctrl-C ends it with status 130.
+    in use (:class:`~hypervisor.observability.errors.CommandError`, its status), a refusal that
+    retrying cannot fix (status 78,
+    :data:`~hypervisor.observability.errors.PERMANENT_EXIT_STATUS`): wrong credentials, an
+    unknown database, a TLS verification failure, a command the Redis server refuses to the
+    configured user (one line naming the user, the command and the roles that grant it).
+    Ctrl-C ends it with status 130.
     """
-    from hypervisor.observability.errors import CommandError
+    from hypervisor.observability.errors import (
+        PERMANENT_EXIT_STATUS,
+        CommandError,
+        LogPermanentError,
+    )
 
     args = build_parser().parse_args(argv)
     words = [args.command, *(getattr(args, key, None) for key in ("kind", "action"))]
@@ -354,11 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(mistake, CommandError):
             print(f"{prefix}: {mistake}", file=sys.stderr)
             return mistake.exit_status
+        permanent = _found(exc, LogPermanentError)
+        if isinstance(permanent, LogPermanentError):
+            print(f"{prefix}: {permanent.detail}", file=sys.stderr)
+            return PERMANENT_EXIT_STATUS
         refusal = _refusal(exc)
         if refusal is None:
             raise
         print(f"hvobs: {refusal}", file=sys.stderr)
-        return 1
+        return PERMANENT_EXIT_STATUS
 
 
 if __name__ == "__main__":

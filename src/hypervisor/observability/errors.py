@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from hypervisor.observability._core.events import HypervisorEvent
 
 __all__ = [
+    "PERMANENT_EXIT_STATUS",
     "AclArgumentError",
     "BadRequestError",
     "BusClosedError",
@@ -25,6 +26,7 @@ __all__ = [
     "LogError",
     "LogGroupMissingError",
     "LogOutcomeUnknownError",
+    "LogPermanentError",
     "LogPermissionError",
     "LogUnavailableError",
     "MetricsExportError",
@@ -154,6 +156,37 @@ class LogDurabilityError(LogError):
         super().__init__(message)
         self.local = local
         self.replicas = replicas
+
+
+PERMANENT_EXIT_STATUS: Final = 78
+"""The exit status of an ``hvobs`` command stopped by a refusal that retrying cannot fix (wrong
+credentials, unknown database, ACL denial, TLS verification): ``EX_CONFIG`` of ``sysexits.h``,
+so a supervisor can be told not to restart it (systemd: ``RestartPreventExitStatus=78``)."""
+
+
+class LogPermanentError(LogError):
+    """The backend refused the connection for a reason retrying cannot fix: the URL's
+    credentials, its database number, or the TLS verification of the server.
+
+    A ``LogError`` (code that wraps ``LogError`` keeps working), but no retry loop of this
+    package retries it: a worker ends with :data:`PERMANENT_EXIT_STATUS` and one line. The
+    message names the host and port and the cause, never the password.
+
+    Attributes:
+        cause: ``"authentication"``, ``"database"``, ``"tls-verify"`` (unknown CA, expired or
+            otherwise unverifiable certificate), ``"tls-hostname"`` (the certificate is not
+            for this host name or address) or ``"tls-handshake"`` (the TLS handshake failed,
+            e.g. a client certificate the server requires is missing).
+        location: ``host:port`` of the server (``""`` when unknown).
+        detail: the message without the operation that met the refusal, as a command's one
+            line shows it.
+    """
+
+    def __init__(self, message: str, *, cause: str, location: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.location = location
+        self.detail = detail or message
 
 
 class LogGroupMissingError(LogError):

@@ -14,7 +14,10 @@ other failure is a ``LogError``. Operations on a group that does not exist raise
 ``LogGroupMissingError`` (for Redis: the stream key or group vanished, e.g. after a flush). An
 operation the backend refuses to this user (a Redis ACL) raises ``LogPermissionError``, which is
 deliberately *not* a ``LogError``: retry loops catch ``LogError``, and a refusal must stop its
-caller with its message instead of being retried forever.
+caller with its message instead of being retried forever. A connection the backend refuses for
+good (credentials, database, TLS verification) raises ``LogPermanentError``: a ``LogError`` for
+code that wraps every log failure, which every retry loop re-raises before its ``LogError``
+branch.
 """
 
 from __future__ import annotations

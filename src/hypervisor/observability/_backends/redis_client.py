@@ -2,17 +2,30 @@
 
 Every Redis client of the backends (the log's three, the state store's) comes from
 :func:`make_client`, with the options every one of them needs, and every redis-py error is
-translated by :func:`translate_errors` where it is caught: connection failures become
-``LogUnavailableError``, ``NOGROUP`` becomes ``LogGroupMissingError``, refused credentials a
-``LogError`` (not retried), and an ACL refusal (``NOPERM``, or its script form) a
-``LogPermissionError`` naming the user, the refused command and the ``hvobs acl`` roles that grant
-it.
+translated by :func:`translate_errors` where it is caught. This is the one place that decides
+what is transient and what is not:
+
+* transient, ``LogUnavailableError`` (callers retry with the one backoff): connection refused,
+  reset or closed, timed out, host name not resolved, ``LOADING``, ``READONLY`` (failover),
+  ``MASTERDOWN``, ``TRYAGAIN``;
+* permanent, ``LogPermanentError`` (never retried): refused credentials, a database number the
+  server does not have, a TLS certificate that does not verify (which check failed: unknown
+  CA or otherwise unverifiable, or host name mismatch) or a failed TLS handshake;
+* an ACL refusal (``NOPERM``, or its script form): ``LogPermissionError`` naming the user, the
+  refused command and the ``hvobs acl`` roles that grant it (permanent too);
+* ``NOGROUP``: ``LogGroupMissingError``.
+
+Every message names the server's ``host:port`` and the cause; none holds the password (only
+redis-py's and the operating system's words are quoted, never the URL).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Final, TypeVar
@@ -23,14 +36,24 @@ import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from hypervisor.observability._util.cli import redis_location
 from hypervisor.observability.errors import (
     LogError,
     LogGroupMissingError,
+    LogPermanentError,
     LogPermissionError,
     LogUnavailableError,
 )
 
-__all__ = ["make_client", "permission_error", "retry_read", "translate_errors", "url_user"]
+__all__ = [
+    "connection_failure",
+    "make_client",
+    "permission_error",
+    "redis_location",
+    "retry_read",
+    "translate_errors",
+    "url_user",
+]
 
 _T = TypeVar("_T")
 
@@ -39,12 +62,83 @@ _T = TypeVar("_T")
 # "NOPERM User u has no permissions to run the 'xtrim' command" and "ERR ACL failure in script:".
 _DENIED: Final = re.compile(r"NOPERM|ERR ACL failure in script|ERR The user executing the script")
 _DENIED_COMMAND: Final = re.compile(r"run the '([^']+)' command")
+# redis-py names the server in its connection errors: "Error 111 connecting to h:p." or
+# "Error while reading from h:p : (104, ...)"; used when the caller did not say where.
+_NAMED_SERVER: Final = re.compile(r"(?:connecting to|reading from|writing to) (\S+?:\d+)")
+# OpenSSL's verify codes of a certificate that is not for the host name or address asked for.
+_HOSTNAME_MISMATCH: Final = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_
+# OpenSSL's reasons of the usual handshake failures, in an operator's words.
+_HANDSHAKE_HINTS: Final = (
+    ("CERTIFICATE_REQUIRED", "the server requires a client certificate (--tls-cert, ssl_certfile)"),
+    ("ALERT_UNKNOWN_CA", "the server does not trust the client certificate"),
+    ("ALERT_BAD_CERTIFICATE", "the server refused the client certificate"),
+    ("WRONG_VERSION_NUMBER", "the server does not speak TLS on this port"),
+)
 
 
 def url_user(url: str) -> str:
     """Return the ACL user name of a Redis URL (``"default"`` when it names none)."""
     name = urlsplit(url).username
     return unquote(name) if name else "default"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the errors it was raised from or during, outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _tls_failure(exc: BaseException) -> tuple[str, str] | None:
+    """``(cause, words)`` when ``exc`` comes from a TLS failure that retrying cannot fix."""
+    for error in _chain(exc):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            detail = error.verify_message or error.reason or str(error)
+            if error.verify_code in _HOSTNAME_MISMATCH or "mismatch" in str(detail).lower():
+                return "tls-hostname", f"TLS host name mismatch: {detail}"
+            return "tls-verify", f"TLS certificate verify failed: {detail}"
+        if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError)):
+            return None  # the connection ended during the handshake: a server going away
+        if isinstance(error, ssl.SSLError):
+            reason = str(error.reason or error)
+            words = next((words for key, words in _HANDSHAKE_HINTS if key in reason), "")
+            shown = f"{words} ({reason})" if words else reason
+            return "tls-handshake", f"TLS handshake failed: {shown}"
+    return None
+
+
+def connection_failure(exc: BaseException) -> str:
+    """Short words for why a connection failed: refused, timed out, host name not resolved,
+    reset, closed by the server, or the operating system's words for the deepest socket error.
+    """
+    for error in _chain(exc):
+        if isinstance(error, socket.gaierror):
+            return f"host name not resolved ({error.strerror or error})"
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(error, ConnectionResetError):
+            return "connection reset by the server"
+        if isinstance(error, (TimeoutError, rexc.TimeoutError)):
+            return "timed out"
+        if isinstance(error, OSError) and error.errno is not None and error.errno > 0:
+            return os.strerror(error.errno)
+    text = str(exc).strip() or type(exc).__name__
+    # redis-py's own words ("Connection closed by server."), without the location it repeats.
+    return _NAMED_SERVER.sub("", text).strip(" .:").splitlines()[0][:200] or type(exc).__name__
+
+
+def _where(location: str, exc: BaseException) -> str:
+    if location:
+        return location
+    found = _NAMED_SERVER.search(str(exc))
+    return found.group(1) if found else "the server"
+
+
+def _permanent(what: str, detail: str, cause: str, where: str) -> LogPermanentError:
+    return LogPermanentError(f"{what}: {detail}", cause=cause, location=where, detail=detail)
 
 
 def default_client_options() -> dict[str, Any]:
@@ -65,9 +159,9 @@ def _and(words: tuple[str, ...]) -> str:
 
 
 def permission_error(
-    what: str, message: str, *, user: str, command: str = "", key: str = ""
+    what: str, message: str, *, user: str, command: str = "", key: str = "", location: str = ""
 ) -> LogPermissionError:
-    """Build the error for an ACL refusal: who, which command, on what, and who may."""
+    """Build the error for an ACL refusal: who, which command, on what, where, and who may."""
     from hypervisor.observability.acl import roles_granting  # acl imports the workers package
 
     found = _DENIED_COMMAND.search(message)
@@ -77,7 +171,7 @@ def permission_error(
         hint = f"`hvobs acl` grants it to the {_and(roles)} role{'s' if len(roles) > 1 else ''}"
     else:
         hint = "no `hvobs acl` role grants it"
-    where = f" on {key!r}" if key else ""
+    where = (f" on {key!r}" if key else "") + (f" at Redis {location}" if location else "")
     return LogPermissionError(
         f"{what}: redis user {user!r} may not run {refused.upper()}{where} ({message}); {hint}",
         user=user,
@@ -87,31 +181,64 @@ def permission_error(
 
 @contextmanager
 def translate_errors(
-    what: str, *, user: str = "default", command: str = "", key: str = ""
+    what: str, *, user: str = "default", command: str = "", key: str = "", location: str = ""
 ) -> Iterator[None]:
-    """Translate redis-py errors into the log's errors at the boundary.
+    """Translate redis-py errors into the log's errors at the boundary (see the module's
+    docstring for what is transient and what is permanent).
 
-    ``user``, ``command`` (the Redis command sent, lower case) and ``key`` only go into the
-    message of a refusal (``LogPermissionError``).
+    ``user``, ``command`` (the Redis command sent, lower case) and ``key`` go into the message
+    of a refusal (``LogPermissionError``); ``location`` (``host:port``, see
+    :func:`~hypervisor.observability._util.cli.redis_location`) into every message (taken
+    from redis-py's words when not given).
     """
     try:
         yield
     except (rexc.AuthenticationError, rexc.AuthorizationError) as exc:
-        # Subclasses of ConnectionError, but retrying cannot fix credentials.
-        raise LogError(f"{what}: redis refused the credentials: {exc}") from exc
+        # Subclasses of ConnectionError, but retrying cannot fix credentials. Redis's words
+        # ("invalid username-password pair or user is disabled.") hold no password.
+        where = _where(location, exc)
+        raise _permanent(
+            what,
+            f"Redis at {where} refused the credentials of user {user!r} "
+            f"({str(exc).strip().rstrip('.')}); check the user and password of the URL",
+            "authentication",
+            where,
+        ) from exc
     except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
         # OSError includes the builtin TimeoutError of anyio.fail_after deadlines.
-        raise LogUnavailableError(f"{what}: redis unreachable: {exc!r}") from exc
+        where = _where(location, exc)
+        tls = _tls_failure(exc)
+        if tls is not None:
+            cause, words = tls
+            raise _permanent(
+                what, f"cannot connect to Redis at {where}: {words}", cause, where
+            ) from exc
+        raise LogUnavailableError(
+            f"{what}: Redis at {where} unreachable: {connection_failure(exc)}"
+        ) from exc
     except rexc.ResponseError as exc:
         message = str(exc)
         if isinstance(exc, rexc.NoPermissionError):
             message = f"NOPERM {message}"  # redis-py drops the error code from the text
         if _DENIED.match(message):
-            raise permission_error(what, message, user=user, command=command, key=key) from exc
+            raise permission_error(
+                what, message, user=user, command=command, key=key, location=location
+            ) from exc
         if message.startswith(("NOGROUP", "no such key")):
             raise LogGroupMissingError(f"{what}: {message}") from exc
         if message.startswith(("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")):
-            raise LogUnavailableError(f"{what}: {message}") from exc
+            raise LogUnavailableError(
+                f"{what}: Redis at {_where(location, exc)}: {message}"
+            ) from exc
+        if "DB index is out of range" in message:  # SELECT of the URL's database, on connect
+            where = _where(location, exc)
+            raise _permanent(
+                what,
+                f"Redis at {where} has no such database ({message}); the URL's database "
+                "number must be below the server's `databases` setting",
+                "database",
+                where,
+            ) from exc
         raise LogError(f"{what}: {message}") from exc
     except rexc.RedisError as exc:
         raise LogError(f"{what}: {exc}") from exc

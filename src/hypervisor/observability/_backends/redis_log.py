@@ -48,6 +48,7 @@ from hypervisor.observability._backends.redis_client import (
 )
 from hypervisor.observability._backends.redis_trim import TRIM_SCRIPT, TrimSchedule, trim_args
 from hypervisor.observability._util.aio import AsyncResource
+from hypervisor.observability._util.cli import redis_location
 
 __all__ = ["DEFAULT_FIELD", "RedisStreamLog", "translate_errors"]
 
@@ -175,6 +176,7 @@ class RedisStreamLog(AsyncResource):
         self._name = name
         self._key = name.encode()
         self._user = str(client_options.get("username") or url_user(url))
+        self._location = redis_location(url)
         self._field = field
         self._retention = retention
         self._schedule = None if retention is None else TrimSchedule(retention, trim_interval_s)
@@ -215,7 +217,9 @@ class RedisStreamLog(AsyncResource):
         return self._user
 
     def _errors(self, what: str, command: str) -> Any:
-        return translate_errors(what, user=self._user, command=command, key=self._name)
+        return translate_errors(
+            what, user=self._user, command=command, key=self._name, location=self._location
+        )
 
     async def aclose(self) -> None:
         """Close all connections. Idempotent."""

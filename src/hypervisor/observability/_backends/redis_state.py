@@ -48,6 +48,7 @@ from hypervisor.observability._backends.log import (
 )
 from hypervisor.observability._backends.redis_client import (
     make_client,
+    redis_location,
     retry_read,
     translate_errors,
     url_user,
@@ -107,6 +108,8 @@ class RedisStateStore(AsyncResource):
         socket_timeout_s: socket timeout of the connection.
         client: an existing ``redis.asyncio.Redis`` to use instead of ``url`` (not closed by
             :meth:`aclose`).
+        **client_options: extra ``redis.asyncio.Redis`` options for the client made from
+            ``url`` (TLS: ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``).
     """
 
     def __init__(
@@ -116,12 +119,16 @@ class RedisStateStore(AsyncResource):
         *,
         socket_timeout_s: float = 5.0,
         client: aioredis.Redis | None = None,
+        **client_options: Any,
     ) -> None:
         if client is None:
             if url is None:
                 raise ValueError("pass a url or a client")
             client = make_client(
-                url, socket_timeout_s=socket_timeout_s, connect_timeout_s=socket_timeout_s
+                url,
+                socket_timeout_s=socket_timeout_s,
+                connect_timeout_s=socket_timeout_s,
+                **client_options,
             )
             self._own_client = True
         else:
@@ -129,6 +136,14 @@ class RedisStateStore(AsyncResource):
         self._user = str(client.connection_pool.connection_kwargs.get("username") or "default")
         if url is not None and self._user == "default":
             self._user = url_user(url)
+        made = client.connection_pool.connection_kwargs
+        self._location = (
+            redis_location(url)
+            if url is not None
+            else str(
+                made.get("path") or f"{made.get('host', 'localhost')}:{made.get('port', 6379)}"
+            )
+        )
         self._client = client
         self._prefix = prefix
         self._idx_key = f"{prefix}:idx"
@@ -177,7 +192,11 @@ class RedisStateStore(AsyncResource):
     def _translate(self, operation: str, command: str) -> Any:
         """Translate redis-py errors, naming this store's user, the command and its keys."""
         return translate_errors(
-            operation, user=self._user, command=command, key=f"{self._prefix}:*"
+            operation,
+            user=self._user,
+            command=command,
+            key=f"{self._prefix}:*",
+            location=self._location,
         )
 
     async def _wrong_type(self, operation: str) -> WorkerStateError:

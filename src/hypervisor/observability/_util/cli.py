@@ -8,7 +8,9 @@
 * :func:`redis_location`: ``host:port`` of a Redis URL, the only part of it a message shows;
 * start checks that turn the usual operator mistakes into one :class:`CommandError` line: a
   port already in use (:func:`check_port_free`, :func:`listen_error`) and a Redis that does
-  not answer (:func:`check_redis`).
+  not answer or refuses for good (:func:`check_redis`);
+* the TLS options of every command that takes a Redis URL (:func:`add_tls_options`,
+  :func:`tls_options`).
 
 Nothing here imports a backend client at import time, so ``hvobs --help`` stays fast.
 """
@@ -22,7 +24,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
 from hypervisor.observability.errors import CommandError
@@ -33,17 +35,21 @@ __all__ = [
     "REDIS_SCHEMES",
     "REDIS_URL_ENV",
     "CommandParser",
+    "add_redis_options",
+    "add_tls_options",
     "check_port_free",
     "check_redis",
     "failure_reason",
     "listen_error",
     "log_level",
     "port",
+    "readable_file",
     "redis_location",
     "redis_url",
     "redis_url_or_env",
     "seconds",
     "stream_name",
+    "tls_options",
     "whole_number",
 ]
 
@@ -264,46 +270,133 @@ def check_port_free(host: str, number: int, *, port_option: str, host_option: st
 
 
 def failure_reason(exc: BaseException, timeout_s: float | None = None) -> str:
-    """A short reason for a failed connection: the operating system's words for the deepest
-    socket error (``Connection refused``), else the first line of the error's text."""
+    """A short reason for a failed connection: refused, timed out (``no answer within ...``),
+    host name not resolved, or the operating system's words for the deepest socket error, else
+    the first line of the error's text."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, TimeoutError) or type(current).__name__ == "TimeoutError":
             return "no answer" + (f" within {timeout_s:g} s" if timeout_s else "")
-        if isinstance(current, OSError) and current.errno is not None:
+        if isinstance(current, socket.gaierror):
+            return f"host name not resolved: {current.strerror or current}"
+        if isinstance(current, OSError) and current.errno is not None and current.errno > 0:
             return os.strerror(current.errno)
         current = current.__cause__ or current.__context__
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
 
 
-async def check_redis(url: str, *, timeout_s: float = 5.0) -> tuple[int, int, int]:
+def tls_options(args: argparse.Namespace, option: str = "--redis") -> dict[str, Any]:
+    """The ``redis.asyncio.Redis`` TLS options of a command's ``--tls-ca``, ``--tls-cert`` and
+    ``--tls-key`` (see :func:`add_tls_options`), for ``args.redis``'s ``rediss://`` URL.
+
+    Raises:
+        CommandError: a TLS option with a URL that is not ``rediss://``, or a certificate
+            without its key (status 2).
+    """
+    options: dict[str, Any] = {}
+    for name, key in (
+        ("tls_ca", "ssl_ca_certs"),
+        ("tls_cert", "ssl_certfile"),
+        ("tls_key", "ssl_keyfile"),
+    ):
+        value = getattr(args, name, None)
+        if value:
+            options[key] = value
+    if not options:
+        return options
+    url = getattr(args, "redis", None) or ""
+    if urlsplit(url).scheme != "rediss":
+        raise CommandError(
+            f"--tls-ca, --tls-cert and --tls-key need a rediss:// URL in {option} "
+            f"(got {urlsplit(url).scheme or 'none'}://)",
+            exit_status=2,
+        )
+    if ("ssl_certfile" in options) != ("ssl_keyfile" in options):
+        raise CommandError("--tls-cert and --tls-key go together", exit_status=2)
+    return options
+
+
+def readable_file(text: str) -> str:
+    """An option type: the path of a file this process can read."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} (permissions)")
+    return text
+
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    """Declare ``--tls-ca``, ``--tls-cert`` and ``--tls-key`` (for a ``rediss://`` URL)."""
+    parser.add_argument(
+        "--tls-ca",
+        metavar="PATH",
+        type=readable_file,
+        help="with a rediss:// URL: verify the server against this CA bundle (PEM) "
+        "(default: the system's CAs)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PATH",
+        type=readable_file,
+        help="with a rediss:// URL: the client certificate (PEM), for a server that requires "
+        "one (tls-auth-clients yes) (default: none)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        metavar="PATH",
+        type=readable_file,
+        help="with --tls-cert: its private key (PEM) (default: none)",
+    )
+
+
+async def check_redis(
+    url: str, *, timeout_s: float = 5.0, **client_options: Any
+) -> tuple[int, int, int]:
     """Wait until the Redis at ``url`` answers (``HELLO``), at most ``timeout_s`` seconds.
 
     A Redis still starting (connection refused, ``LOADING``) is retried until the deadline, so
-    a stack that starts everything at once is not refused.
+    a stack that starts everything at once is not refused; a refusal that retrying cannot fix
+    (credentials, database number, ACL, TLS verification) ends the wait at once.
+
+    Args:
+        url: the Redis URL.
+        timeout_s: how long to retry a Redis that does not answer.
+        **client_options: more ``redis.asyncio.Redis`` options (see :func:`tls_options`).
 
     Returns:
         The server's version.
 
     Raises:
         CommandError: it does not answer in time (naming its host and port, never the
-            credentials), refuses the credentials, or the URL is one redis-py cannot use.
+            credentials; status 1), refuses for good (status
+            :data:`~hypervisor.observability.errors.PERMANENT_EXIT_STATUS`), or the URL is
+            one redis-py cannot use (status 2).
     """
     import anyio
 
     from hypervisor.observability._backends.redis_log import RedisStreamLog
-    from hypervisor.observability.errors import LogError, LogUnavailableError
+    from hypervisor.observability.errors import (
+        PERMANENT_EXIT_STATUS,
+        LogError,
+        LogPermanentError,
+        LogUnavailableError,
+        PermissionDeniedError,
+    )
 
     location = redis_location(url)
     connect_s = max(0.1, min(timeout_s, 5.0))
     try:
         log = RedisStreamLog(
-            url, "hvobs:check", connect_timeout_s=connect_s, socket_timeout_s=connect_s
+            url,
+            "hvobs:check",
+            connect_timeout_s=connect_s,
+            socket_timeout_s=connect_s,
+            **client_options,
         )
-    except ValueError as exc:  # redis-py's own URL checks (its messages hold no credentials)
+    except (ValueError, TypeError) as exc:  # redis-py's own URL checks (no credentials)
         raise CommandError(
             f"cannot use the Redis URL for {location}: {exc}", exit_status=2
         ) from None
@@ -319,12 +412,45 @@ async def check_redis(url: str, *, timeout_s: float = 5.0) -> tuple[int, int, in
                         "start redis-server there or fix --redis"
                     ) from None
                 await anyio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            except LogPermanentError as exc:
+                raise CommandError(exc.detail, exit_status=PERMANENT_EXIT_STATUS) from None
+            except PermissionDeniedError as exc:
+                raise CommandError(str(exc), exit_status=PERMANENT_EXIT_STATUS) from None
             except LogError as exc:
-                if "refused the credentials" in str(exc):
-                    raise CommandError(
-                        f"Redis at {location} refused the credentials of user {log.user!r}; "
-                        "check the user and password of the URL"
-                    ) from None
                 raise CommandError(
                     f"Redis at {location} answered with an error: {failure_reason(exc)}"
                 ) from None
+
+
+def add_redis_options(parser: argparse.ArgumentParser) -> None:
+    """Declare ``--redis``, ``--stream``, ``--connect-timeout`` and the TLS options of a command
+    on the bus (``hvobs worker``, ``hvobs dlq``)."""
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        type=redis_url,
+        default=None,
+        help=(
+            "Redis URL of the bus, such as redis://user:password@host:6379/0 (rediss:// for "
+            f"TLS, unix:// for a socket) (default: ${REDIS_URL_ENV}, which keeps the password "
+            "out of the process list)"
+        ),
+    )
+    parser.add_argument(
+        "--stream",
+        type=stream_name,
+        default=DEFAULT_STREAM,
+        metavar="NAME",
+        help="stream key of the bus (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=seconds(3600),
+        default=5.0,
+        metavar="SECONDS",
+        help=(
+            "at start, wait this long for Redis to answer before giving up with one line "
+            "(default: %(default)g seconds)"
+        ),
+    )
+    add_tls_options(parser)

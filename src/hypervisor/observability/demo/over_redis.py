@@ -14,14 +14,15 @@ workers or ``hvobs serve`` started on it can look at it); a stream that existed 
 already consuming it) is never deleted.
 
 Run a producer directly: ``python -m hypervisor.observability.demo.over_redis URL STREAM SEED
-AGENTS SAGAS AGENT_DID``.
+AGENTS SAGAS AGENT_DID [OPTION=PATH ...]`` (TLS: ``ssl_ca_certs=ca.pem``, ``ssl_certfile=...``,
+``ssl_keyfile=...``).
 """
 
 from __future__ import annotations
 
 import sys
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -35,11 +36,16 @@ if TYPE_CHECKING:
 __all__ = ["feed_redis"]
 
 
-async def _produce(url: str, stream: str, fleet: Fleet, agent_did: str) -> int:
+_TLS_KEYS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+async def _produce(
+    url: str, stream: str, fleet: Fleet, agent_did: str, tls: dict[str, str] | None = None
+) -> int:
     from hypervisor.observability._bus.bus import RedisEventBus
 
     mine = [event for event in fleet.events if event.agent_did == agent_did]
-    async with RedisEventBus.from_url(url, stream, reader=False) as bus:
+    async with RedisEventBus.from_url(url, stream, reader=False, log_options=tls) as bus:
         await bus.emit_many(mine)
     return len(mine)
 
@@ -51,7 +57,13 @@ async def _stream_exists(log: RedisStreamLog) -> bool:
 
 
 async def _feed(
-    fleet: Fleet, url: str, stream: str, sagas: int, keep_stream: bool, timeout_s: float
+    fleet: Fleet,
+    url: str,
+    stream: str,
+    sagas: int,
+    keep_stream: bool,
+    timeout_s: float,
+    tls: dict[str, Any],
 ) -> DemoResult:
     from hypervisor.observability._backends.redis_log import RedisStreamLog
     from hypervisor.observability._bus.bus import RedisEventBus
@@ -59,18 +71,22 @@ async def _feed(
     from hypervisor.observability._core.span_exporter import SagaSpanExporter
     from hypervisor.observability._util.cli import check_redis
 
-    await check_redis(url, timeout_s=timeout_s)
+    await check_redis(url, timeout_s=timeout_s, **tls)
     agents = [agent.did for agent in fleet.agents]
-    async with RedisStreamLog(url, stream) as admin:
+    async with RedisStreamLog(url, stream, **tls) as admin:
         existed = await _stream_exists(admin)
         try:
-            async with RedisEventBus.from_url(url, stream, max_events=None, backfill=False) as bus:
+            async with RedisEventBus.from_url(
+                url, stream, max_events=None, backfill=False, log_options=tls
+            ) as bus:
                 collector = RingMetricsCollector(bus)
                 exporter = SagaSpanExporter(bus)
                 command = [sys.executable, "-m", __name__, url, stream, str(fleet.seed)]
                 command += [str(len(agents) - 1), str(sagas)]
+                tls_args = [f"{key}={path}" for key, path in tls.items()]
                 processes = [
-                    await anyio.open_process([*command, did], stdout=None) for did in agents
+                    await anyio.open_process([*command, did, *tls_args], stdout=None)
+                    for did in agents
                 ]
                 failed = [p.pid for p in processes if await p.wait() != 0]
                 if failed:
@@ -103,6 +119,7 @@ def feed_redis(
     stream: str = DEFAULT_STREAM,
     keep_stream: bool = False,
     connect_timeout_s: float = 5.0,
+    tls: dict[str, Any] | None = None,
 ) -> DemoResult:
     """Emit the fleet's events from one process per agent on a Redis bus; observe them here.
 
@@ -113,20 +130,26 @@ def feed_redis(
         stream: the stream key (the workers' default, ``hvobs:events``, by default).
         keep_stream: keep a stream the demo created (one that existed before is always kept).
         connect_timeout_s: how long to wait for Redis to answer at start.
+        tls: TLS files for a ``rediss://`` URL (``ssl_ca_certs``, ``ssl_certfile``,
+            ``ssl_keyfile``), for this process and the producers.
 
     Raises:
         CommandError: Redis does not answer, or a producer process failed.
     """
-    return anyio.run(_feed, fleet, url, stream, sagas, keep_stream, connect_timeout_s)
+    return anyio.run(_feed, fleet, url, stream, sagas, keep_stream, connect_timeout_s, tls or {})
 
 
 def _main(argv: list[str]) -> int:
     from hypervisor.observability._bus.shutdown import run_until_signal
 
-    url, stream, seed, agents, sagas, agent_did = argv
+    url, stream, seed, agents, sagas, agent_did, *options = argv
+    tls = dict(option.split("=", 1) for option in options)
+    unknown = set(tls) - set(_TLS_KEYS)
+    if unknown:
+        raise SystemExit(f"unknown producer options: {', '.join(sorted(unknown))}")
     fleet = generate_fleet(seed=int(seed), agents=int(agents), sagas=int(sagas))
     # SIGTERM or Ctrl-C stops the producer after it stored what it buffered.
-    run_until_signal(partial(_produce, url, stream, fleet, agent_did))
+    run_until_signal(partial(_produce, url, stream, fleet, agent_did, tls))
     return 0
 
 

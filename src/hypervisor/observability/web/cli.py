@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Final
 
 from hypervisor.observability._util.cli import (
     DEFAULT_STREAM,
+    add_tls_options,
     listen_error,
     port,
     redis_location,
     redis_url,
     stream_name,
+    tls_options,
 )
 from hypervisor.observability.errors import ServeError
 
@@ -79,6 +81,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         metavar="NAME",
         help="stream key of the bus with --redis (default: %(default)s)",
     )
+    add_tls_options(parser)
     parser.add_argument(
         "--host",
         default=DEFAULT_HOST,
@@ -193,6 +196,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    tls_options(args)  # a usage mistake is found before the port is bound
     try:
         sock = bind_socket(args.host, args.port)
     except ServeError as exc:
@@ -224,14 +228,24 @@ def _runtime(args: argparse.Namespace) -> ServeRuntime:
 
         return ServeRuntime(bus, source="demo fleet (in process)", driver=driver)
     bus = RedisEventBus.from_url(
-        args.redis, stream=args.stream, max_events=args.max_events, retry_deadline_s=5.0
+        args.redis,
+        stream=args.stream,
+        max_events=args.max_events,
+        retry_deadline_s=5.0,
+        log_options=tls_options(args),
     )
     source = f"Redis stream {args.stream!r} at {redis_location(args.redis)}"
     return ServeRuntime(bus, source=source)
 
 
 async def _serve(args: argparse.Namespace, sock: socket.socket, token: str | None) -> int:
-    from hypervisor.observability.errors import BusUnavailableError
+    from hypervisor.observability.errors import (
+        PERMANENT_EXIT_STATUS,
+        BusUnavailableError,
+        CommandError,
+        LogPermanentError,
+        PermissionDeniedError,
+    )
     from hypervisor.observability.web.app import LOOPBACK_NAMES
     from hypervisor.observability.web.server import make_server
 
@@ -246,6 +260,11 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, token: str | Non
         await runtime.aclose()
         cause: BaseException = exc
         while cause.__cause__ is not None:
+            # Retrying cannot help: say why, exit 78.
+            if isinstance(cause, LogPermanentError):
+                raise CommandError(cause.detail, exit_status=PERMANENT_EXIT_STATUS) from None
+            if isinstance(cause, PermissionDeniedError):
+                raise CommandError(str(cause), exit_status=PERMANENT_EXIT_STATUS) from None
             cause = cause.__cause__
         raise ServeError(
             f"cannot reach Redis at {redis_location(args.redis)} ({_reason(cause)}); start "

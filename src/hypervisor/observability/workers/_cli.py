@@ -1,4 +1,4 @@
-"""``hvobs worker ...`` and ``hvobs dlq ...``: argument declarations and handlers."""
+"""``hvobs worker ...``: argument declarations and handler (``hvobs dlq``: ``_dlq_cli``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -17,21 +18,20 @@ from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
 from hypervisor.observability._core.ring import RingBounds
 from hypervisor.observability._core.spans import SpanRecordSink
 from hypervisor.observability._util.cli import (
-    DEFAULT_STREAM,
     LOG_LEVELS,
-    REDIS_URL_ENV,
+    add_redis_options,
     check_port_free,
     check_redis,
     listen_error,
     log_level,
     port,
-    redis_url,
     redis_url_or_env,
     seconds,
-    stream_name,
+    tls_options,
     whole_number,
 )
 from hypervisor.observability.errors import CommandError
+from hypervisor.observability.workers._config import DEFAULT_DRAIN_TIMEOUT_S
 from hypervisor.observability.workers._derivations import (
     AGENT_SPANS,
     RING_METRICS,
@@ -41,10 +41,10 @@ from hypervisor.observability.workers._derivations import (
     RingMetricsDerivation,
     SagaSpansDerivation,
 )
-from hypervisor.observability.workers._dlq import REASONS, dlq_name
+from hypervisor.observability.workers._dlq import dlq_name
 from hypervisor.observability.workers._runtime import Worker, WorkerConfig, default_consumer_name
 
-__all__ = ["add_dlq_command", "add_worker_command", "run_dlq", "run_worker", "serve_worker"]
+__all__ = ["add_worker_command", "run_worker", "serve_worker"]
 
 SAGA_METRICS_PORT = 9102
 """The saga-spans worker's default ``/metrics`` port (the ring-metrics worker's is 9101)."""
@@ -104,37 +104,6 @@ def _genai_default() -> bool:
     return "gen_ai_latest_experimental" in {value.strip() for value in values.split(",")}
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--redis",
-        metavar="URL",
-        type=redis_url,
-        default=None,
-        help=(
-            "Redis URL of the bus, such as redis://user:password@host:6379/0 (rediss:// for "
-            f"TLS, unix:// for a socket) (default: ${REDIS_URL_ENV}, which keeps the password "
-            "out of the process list)"
-        ),
-    )
-    parser.add_argument(
-        "--stream",
-        type=stream_name,
-        default=DEFAULT_STREAM,
-        metavar="NAME",
-        help="stream key of the bus (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--connect-timeout",
-        type=seconds(3600),
-        default=5.0,
-        metavar="SECONDS",
-        help=(
-            "at start, wait this long for Redis to answer before giving up with one line "
-            "(default: %(default)g seconds)"
-        ),
-    )
-
-
 def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``hvobs worker ring-metrics|saga-spans``."""
     parser = subparsers.add_parser(
@@ -153,7 +122,7 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     ):
         default_port = RING_METRICS_PORT if kind == RING_METRICS else SAGA_METRICS_PORT
         sub = kinds.add_parser(kind, help=text, description=text)
-        _common(sub)
+        add_redis_options(sub)
         sub.add_argument("--group", required=True, help="consumer group (required)")
         sub.add_argument(
             "--consumer",
@@ -285,6 +254,15 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         if kind == RING_METRICS:
             _ring_bounds_options(sub)
         sub.add_argument(
+            "--drain-timeout",
+            type=seconds(3600),
+            default=DEFAULT_DRAIN_TIMEOUT_S,
+            metavar="SECONDS",
+            help="at SIGTERM/SIGINT, finish the batch in hand, apply and release the lease "
+            "within this time; what is left stays pending for the next start (default: "
+            "%(default)g seconds)",
+        )
+        sub.add_argument(
             "--reset-state",
             action="store_true",
             help="delete the derivation's shared state before starting, after a lost stream "
@@ -300,75 +278,6 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         sub.set_defaults(handler=run_worker)
 
 
-def add_dlq_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Declare ``hvobs dlq list|replay``."""
-    parser = subparsers.add_parser(
-        "dlq",
-        help="inspect or replay dead-lettered entries",
-        description=(
-            "Dead letters are the entries workers gave up on, kept whole with the reason in "
-            "the stream's dead-letter stream (<stream>:dlq)."
-        ),
-    )
-    actions = parser.add_subparsers(title="actions", dest="action", metavar="ACTION")
-    actions.required = True
-    listing = actions.add_parser(
-        "list",
-        help="print dead letters as JSON lines",
-        description="Print dead letters as "
-        "JSON lines, oldest first; data is the original entry, whole, in hex.",
-    )
-    _common(listing)
-    listing.add_argument(
-        "--limit",
-        type=whole_number(1, 10_000_000, "letters"),
-        default=1000,
-        metavar="N",
-        help="print at most N letters (default: %(default)s letters)",
-    )
-    listing.set_defaults(handler=run_dlq)
-    replay = actions.add_parser(
-        "replay",
-        help="append dead letters' entries to the stream again (once per entry)",
-        description=(
-            "Append the original entry of each dead letter not replayed yet to the stream, "
-            "which every group reads. An entry dead-lettered several times (by several groups) "
-            "is replayed once; a replayed letter is never replayed again. Needs the admin role."
-        ),
-    )
-    _common(replay)
-    replay.add_argument(
-        "--group",
-        action="append",
-        default=[],
-        metavar="GROUP",
-        help="replay only letters dead-lettered by this consumer group; repeat for several "
-        "(default: every group)",
-    )
-    replay.add_argument(
-        "--reason",
-        action="append",
-        default=[],
-        choices=REASONS,
-        metavar="REASON",
-        help=f"replay only letters with this reason ({', '.join(REASONS)}); repeat for several "
-        "(default: every reason)",
-    )
-    replay.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print what would be replayed; change nothing (default: off)",
-    )
-    replay.add_argument(
-        "--limit",
-        type=whole_number(1, 10_000_000, "letters"),
-        default=None,
-        metavar="N",
-        help="replay at most N letters (default: all)",
-    )
-    replay.set_defaults(handler=run_dlq)
-
-
 def _config(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         group=args.group,
@@ -381,6 +290,7 @@ def _config(args: argparse.Namespace) -> WorkerConfig:
         max_event_bytes=args.max_event_bytes,
         apply_interval_s=args.apply_interval,
         max_pending_age_s=args.max_pending_age,
+        drain_timeout_s=args.drain_timeout,
     )
 
 
@@ -405,7 +315,7 @@ async def serve_worker(
         if handle_signals:
             # Before the port is announced: whoever sees the worker up may stop it at once,
             # and SIGTERM must then drain it rather than kill it.
-            await tg.start(_stop_on_signal, worker)
+            await tg.start(_stop_on_signal, worker.stop)
         if metrics_port is not None:
             from hypervisor.observability.workers._http import WorkerHttpServer
 
@@ -428,24 +338,56 @@ async def serve_worker(
 
 
 async def _stop_on_signal(
-    worker: Worker, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    stop: Callable[[], None], *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
+    """Call ``stop`` at the first SIGTERM or SIGINT; a second one then has its default effect
+    (SIGTERM ends the process at once, SIGINT raises ``KeyboardInterrupt``)."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
         async for signum in signals:
             logging.getLogger("hypervisor.observability.workers").info(
                 "signal %s: draining", signal.Signals(signum).name
             )
-            worker.stop()
+            stop()
             return
 
 
+class _SignalStop:
+    """Where the worker command's first SIGTERM/SIGINT goes: until the worker exists, it
+    cancels the start (waiting for Redis, resetting state); then it drains the worker."""
+
+    def __init__(self) -> None:
+        self.starting = anyio.CancelScope()
+        self.worker: Worker | None = None
+
+    def __call__(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        else:
+            self.starting.cancel()
+
+
 async def _run_worker(args: argparse.Namespace) -> int:
+    # The signals are handled from the very start: a worker still waiting for Redis stops
+    # at SIGTERM as promptly as a running one.
+    stop = _SignalStop()
+    async with anyio.create_task_group() as tg:
+        await tg.start(_stop_on_signal, stop)
+        with stop.starting:
+            await _serve(args, stop)
+        tg.cancel_scope.cancel()
+    if stop.starting.cancelled_caught:
+        logging.getLogger("hypervisor.observability.workers").info("stopped before starting")
+    return 0
+
+
+async def _serve(args: argparse.Namespace, stop: _SignalStop) -> None:
     from hypervisor.observability._backends.redis_log import RedisStreamLog
     from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
     from hypervisor.observability.workers._sinks import JsonLinesSpanSink
 
-    await check_redis(args.redis, timeout_s=args.connect_timeout)
+    tls: dict[str, Any] = args.tls
+    await check_redis(args.redis, timeout_s=args.connect_timeout, **tls)
     if args.kind == SAGA_SPANS and not (args.jsonl or args.otlp_endpoint):
         print(
             "hvobs worker saga-spans: warning: no span sink, so the spans are derived and "
@@ -466,7 +408,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
                 exit_status=2,
             ) from None
         otlp_sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-hypervisor")
-    store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind))
+    store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind), **tls)
     stores = [store]
     if args.kind == RING_METRICS:
         bounds = RingBounds(
@@ -485,7 +427,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
             # A second derivation of the same worker and group: its state keys are the group's,
             # so the worker role's ACL already covers them.
             agent_store = RedisStateStore(
-                args.redis, state_prefix(args.stream, args.group, AGENT_SPANS)
+                args.redis, state_prefix(args.stream, args.group, AGENT_SPANS), **tls
             )
             stores.append(agent_store)
             agent_sinks: list[AgentSpanSink] = [s for s in (sink, otlp_sink) if s is not None]
@@ -502,14 +444,16 @@ async def _run_worker(args: argparse.Namespace) -> int:
             for each in stores:
                 await each.reset()
         async with (
-            RedisStreamLog(args.redis, args.stream, max_block_s=args.block) as log,
-            RedisStreamLog(args.redis, dlq_name(args.stream)) as dlq,
+            RedisStreamLog(args.redis, args.stream, max_block_s=args.block, **tls) as log,
+            RedisStreamLog(args.redis, dlq_name(args.stream), **tls) as dlq,
             Worker(log, derivations, _config(args), dlq=dlq) as worker,
         ):
+            stop.worker = worker
             await serve_worker(
                 worker,
                 metrics_port=args.metrics_port,
                 metrics_host=args.metrics_host,
+                handle_signals=False,
                 session_label=getattr(args, "session_label", True),
             )
     finally:
@@ -519,7 +463,6 @@ async def _run_worker(args: argparse.Namespace) -> int:
             otlp_sink.shutdown()
         for each in stores:
             await each.aclose()
-    return 0
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -529,6 +472,7 @@ def run_worker(args: argparse.Namespace) -> int:
         CommandError: no Redis URL, the metrics port in use, Redis unreachable at start.
     """
     args.redis = redis_url_or_env(args.redis)
+    args.tls = tls_options(args)
     check_port_free(
         args.metrics_host,
         args.metrics_port,
@@ -541,64 +485,3 @@ def run_worker(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     return anyio.run(_run_worker, args)
-
-
-async def _run_dlq(args: argparse.Namespace) -> int:
-    import msgspec
-
-    from hypervisor.observability._backends.redis_log import RedisStreamLog
-    from hypervisor.observability.workers._dlq import list_dead_letters, replay
-
-    await check_redis(args.redis, timeout_s=args.connect_timeout)
-    async with (
-        RedisStreamLog(args.redis, args.stream) as log,
-        RedisStreamLog(args.redis, dlq_name(args.stream)) as dlq,
-    ):
-        if args.action == "list":
-            encoder = msgspec.json.Encoder()
-            for dlq_id, letter in await list_dead_letters(dlq, args.limit):
-                document: dict[str, Any] = msgspec.structs.asdict(letter)
-                document["data"] = letter.data.hex()
-                document["dlq_id"] = dlq_id
-                sys.stdout.write(encoder.encode(document).decode() + "\n")
-            return 0
-        report = await replay(
-            dlq,
-            log,
-            groups=args.group,
-            reasons=args.reason,
-            limit=args.limit,
-            dry_run=args.dry_run,
-        )
-    for item in report.replayed:
-        letter = item.letter
-        where = "(dry run)" if item.new_id is None else item.new_id
-        print(
-            f"{item.dlq_id} -> {where}  entry {letter.original_id}, {letter.reason}, "
-            f"group {letter.group}"
-        )
-    for dlq_id, original_id in report.duplicates:
-        print(f"{dlq_id} == entry {original_id} replayed once already (duplicate, settled)")
-    verb = "would replay" if args.dry_run else "replayed"
-    notes = []
-    if report.duplicates:
-        notes.append(f"{len(report.duplicates)} duplicate letters of entries replayed once")
-    if report.skipped:
-        notes.append(f"{report.skipped} left by --group/--reason")
-    if report.left:
-        notes.append(f"{report.left} left by --limit")
-    if report.unreadable:
-        notes.append(f"{report.unreadable} unreadable entries settled")
-    detail = f" ({'; '.join(notes)})" if notes else ""
-    print(f"{verb} {len(report.replayed)} dead letters{detail}", file=sys.stderr)
-    return 0
-
-
-def run_dlq(args: argparse.Namespace) -> int:
-    """Run ``hvobs dlq list|replay``.
-
-    Raises:
-        CommandError: no Redis URL, or Redis unreachable.
-    """
-    args.redis = redis_url_or_env(args.redis)
-    return anyio.run(_run_dlq, args)

@@ -7,10 +7,18 @@ from dataclasses import dataclass, field
 
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
 
-__all__ = ["BATCH_BUCKETS", "WorkerConfig", "WorkerStats", "default_consumer_name"]
+__all__ = [
+    "BATCH_BUCKETS",
+    "DEFAULT_DRAIN_TIMEOUT_S",
+    "WorkerConfig",
+    "WorkerStats",
+    "default_consumer_name",
+]
 
 BATCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 """Upper bounds (seconds) of the batch latency histogram."""
+DEFAULT_DRAIN_TIMEOUT_S = 3.0
+"""The default longest drain after a stop (``WorkerConfig.drain_timeout_s``)."""
 
 
 def default_consumer_name() -> str:
@@ -42,6 +50,10 @@ class WorkerConfig:
         dedup_window: event ids remembered to drop duplicate appends.
         max_pending_age_s: health threshold: pending entries older than this mean "behind".
         retry_max_s: longest back-off between retries when the backend is unreachable.
+        drain_timeout_s: after :meth:`Worker.stop`, the longest time the drain (the batch in
+            hand, a last apply round, releasing the lease) may take; what it could not finish
+            stays pending in the group and is taken up at the next start (or by another
+            worker), so a hung or lost Redis never keeps a stopped worker alive.
     """
 
     group: str
@@ -60,6 +72,7 @@ class WorkerConfig:
     dedup_window: int = 100_000
     max_pending_age_s: float = 60.0
     retry_max_s: float = 5.0
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
 
 
 @dataclass(slots=True)

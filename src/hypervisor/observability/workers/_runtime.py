@@ -4,15 +4,20 @@ A :class:`Worker` runs on any ``StreamLog`` (Redis or in memory) and hosts one o
 derivations on one consumer group. Tasks: the consume loop (own pending entries first, then new
 ones), the claim sweep (XAUTOCLAIM of entries idle on dead consumers), and one apply loop per
 derivation (see ``_apply``). ``stop()`` drains: no new read, the batch in hand is finished and
-acknowledged, a last apply round runs, the lease is released.
+acknowledged, a last apply round runs, the lease is released; all of it within
+``drain_timeout_s`` (every shielded section gets that deadline at the stop), so a stop ends the
+worker whatever the backend does. A refusal that retrying cannot fix (``LogPermanentError``,
+``PermissionDeniedError``) is never retried: it stops the worker and leaves :meth:`Worker.run`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import anyio
 
@@ -23,16 +28,16 @@ from hypervisor.observability._backends.log import (
     LogGroupMissingError,
     StreamLog,
 )
-from hypervisor.observability._core.codec import decode_event, error_text
-from hypervisor.observability._core.events import EventType, HypervisorEvent
+from hypervisor.observability._core.events import EventType
 from hypervisor.observability._util.aio import AsyncResource
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
-    EventDecodeError,
+    LogPermanentError,
     PermissionDeniedError,
     WorkerStateError,
 )
 from hypervisor.observability.workers._apply import Applier
+from hypervisor.observability.workers._batch import BatchProcessor
 from hypervisor.observability.workers._config import (
     BATCH_BUCKETS,
     WorkerConfig,
@@ -41,12 +46,7 @@ from hypervisor.observability.workers._config import (
 )
 from hypervisor.observability.workers._derivations import Derivation
 from hypervisor.observability.workers._dlq import (
-    REASON_MAX_DELIVERIES,
-    REASON_OVERSIZED,
-    REASON_UNDECODABLE,
-    DeadLetter,
     dlq_name,
-    encode_dead_letter,
 )
 from hypervisor.observability.workers._gaps import GroupGaps
 
@@ -57,27 +57,11 @@ _log = logging.getLogger("hypervisor.observability.workers")
 _RETRY_BASE_S = 0.05
 """Upper bound of the first backoff after a backend error; doubles up to ``retry_max_s``."""
 
-_MAX_REMEMBERED_ERRORS = 10_000
+_PERMANENT = (LogPermanentError, PermissionDeniedError)
+"""Refusals no loop retries: they stop the worker (the CLI exits with status 78)."""
 
 
-async def _all(calls: list[Awaitable[None]]) -> None:
-    """Await the calls, concurrently when there are several (one round trip of latency)."""
-    if len(calls) == 1:
-        await calls[0]
-    elif calls:
-        try:
-            async with anyio.create_task_group() as tg:
-                for call in calls:
-                    tg.start_soon(_await, call)
-        except BaseExceptionGroup as group:  # callers handle the backend's own errors
-            raise group.exceptions[0] from None
-
-
-async def _await(call: Awaitable[None]) -> None:
-    await call
-
-
-class Worker(AsyncResource):
+class Worker(AsyncResource, BatchProcessor):
     """Runs derivations on a consumer group of a ``StreamLog``.
 
     Args:
@@ -154,34 +138,58 @@ class Worker(AsyncResource):
         self._read_scope: anyio.CancelScope | None = None
         self._reread_own = True
         self._errors: dict[str, str] = {}
+        self._deadline = math.inf
+        """When the drain must end (``anyio.current_time()`` clock); set by :meth:`stop`."""
+        self._run_scope: anyio.CancelScope | None = None
+        self._shields: set[anyio.CancelScope] = set()
 
     async def aclose(self) -> None:
-        """Stop (if running) and release the leases. Does not close the logs or stores."""
+        """Stop (if running) and release the leases, within ``drain_timeout_s`` of the stop.
+        Does not close the logs or stores."""
         self.stop()
-        with anyio.CancelScope(shield=True):
+        with self._shielded():
             for applier in self.appliers:
                 try:
                     await applier.release()
-                except (LogError, WorkerStateError) as exc:
+                except (LogError, WorkerStateError, PermissionDeniedError) as exc:
                     _log.debug("releasing the applier lease: %s", exc)
 
     def stop(self) -> None:
-        """Ask the worker to drain and return from :meth:`run`; safe to call many times."""
+        """Ask the worker to drain and return from :meth:`run` within ``drain_timeout_s``;
+        safe to call many times (the first call sets the deadline). Call it from the worker's
+        event loop."""
         self._stop.set()
         if self._read_scope is not None:
             # Only the blocking read is cancelled: anything it had delivered stays pending on
             # this consumer and is re-read on the next start.
             self._read_scope.cancel()
+        if self._deadline == math.inf:
+            try:
+                now = anyio.current_time()
+            except RuntimeError:  # not in an event loop: run() never started, nothing to bound
+                return
+            self._deadline = now + self.config.drain_timeout_s
+            # Shielded sections (a batch, the drain, the lease release) ignore the cancellation
+            # of the run but not a deadline of their own: a hung backend cannot hold them.
+            for scope in (*self._shields, self._run_scope):
+                if scope is not None:
+                    scope.deadline = min(scope.deadline, self._deadline)
+
+    @contextmanager
+    def _shielded(self) -> Iterator[anyio.CancelScope]:
+        """A shielded cancel scope that still ends at the stop's drain deadline."""
+        scope = anyio.CancelScope(shield=True, deadline=self._deadline)
+        self._shields.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._shields.discard(scope)
 
     @property
     def stopping(self) -> bool:
         """Whether :meth:`stop` was called."""
         return self._stop.is_set()
-
-    def _wake_appliers(self, indices: Iterable[int] | None = None) -> None:
-        for index in range(len(self.appliers)) if indices is None else indices:
-            self._wakes[index].set()
-            self._wakes[index] = anyio.Event()
 
     async def _backoff(self, attempt: int) -> None:
         await self._retry_backoff.wait(attempt, stop=self._stop)
@@ -197,6 +205,8 @@ class Worker(AsyncResource):
                 self.server_version = await self.log.server_version()
                 await self._ensure_group()
                 await self.check_gaps()
+            except _PERMANENT:
+                raise
             except LogError as exc:
                 self.stats.backend_errors += 1
                 _log.warning("worker start: %s; retrying", exc)
@@ -214,16 +224,50 @@ class Worker(AsyncResource):
             return
 
     async def run(self) -> None:
-        """Consume, stage, acknowledge and apply until :meth:`stop`; then drain and return."""
+        """Consume, stage, acknowledge and apply until :meth:`stop`; then drain and return.
+
+        The drain takes at most ``config.drain_timeout_s``: what it could not finish stays
+        pending in the group (logged) and is taken up at the next start.
+
+        Raises:
+            LogPermanentError: the backend refused for good (credentials, database, TLS).
+            PermissionDeniedError: an ACL refused a command to the worker's user.
+        """
         try:
-            await self._start()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._consume_loop)
-                tg.start_soon(self._sweep_loop)
-                for index in range(len(self.appliers)):
-                    tg.start_soon(self._apply_loop, index)
+            with anyio.CancelScope(deadline=self._deadline) as scope:
+                self._run_scope = scope
+                try:
+                    await self._start()
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._guarded, self._consume_loop)
+                        tg.start_soon(self._guarded, self._sweep_loop)
+                        for index in range(len(self.appliers)):
+                            tg.start_soon(self._guarded, self._apply_loop, index)
+                except BaseException:
+                    self.stop()  # a failure ends the run as a stop does: drained, bounded
+                    raise
+            if scope.cancelled_caught and self.server_version is None:
+                _log.info("worker %s stopped before it reached Redis", self.config.consumer)
+            elif scope.cancelled_caught:
+                _log.warning(
+                    "worker %s: the drain took longer than %g s and was cut short; what it "
+                    "had not acknowledged stays pending and is taken up at the next start",
+                    self.config.consumer,
+                    self.config.drain_timeout_s,
+                )
         finally:
+            self._run_scope = None
             self.stopped.set()
+
+    async def _guarded(self, loop: Callable[..., Awaitable[None]], *args: int) -> None:
+        """Run one of the worker's loops; its failure stops the others (bounded drain)."""
+        try:
+            await loop(*args)
+        except BaseException:
+            # Before the task group cancels the other loops: their shielded sections (a
+            # batch, the lease release) then get the drain deadline when they start.
+            self.stop()
+            raise
 
     # -- consuming -----------------------------------------------------------------------------
 
@@ -268,6 +312,8 @@ class Worker(AsyncResource):
                 except LogGroupMissingError:
                     await self._recovering(self._recreate_group)
                     self._reread_own = True
+                except _PERMANENT:
+                    raise
                 except WorkerStateError:
                     # A state key of the wrong type refused the batch (the store reported it):
                     # the batch stays pending and is retried after a back-off.
@@ -290,8 +336,9 @@ class Worker(AsyncResource):
             self._wake_appliers()
 
     async def _drain_own(self) -> None:
-        """Process what the cancelled read had delivered, so nothing stays pending here."""
-        with anyio.CancelScope(shield=True):
+        """Process what the cancelled read had delivered, so nothing stays pending here (until
+        the drain deadline: then the rest stays pending for the next start)."""
+        with self._shielded():
             for _ in range(self.config.max_deliveries + 1):
                 try:
                     entries = await self.log.read_group(
@@ -303,13 +350,15 @@ class Worker(AsyncResource):
                     if not entries:
                         return
                     await self._process(entries, redelivered=True)
-                except (LogError, WorkerStateError) as exc:
+                except (LogError, WorkerStateError, PermissionDeniedError) as exc:
                     _log.warning("draining own pending entries: %s", exc)
                     return
 
     async def _recovering(self, action: Callable[[], Awaitable[None]]) -> None:
         try:
             await action()
+        except _PERMANENT:
+            raise
         except LogError as exc:
             self.connected = False
             self.stats.backend_errors += 1
@@ -317,125 +366,10 @@ class Worker(AsyncResource):
             await self._backoff(3)
 
     async def _process(self, entries: list[Entry], *, redelivered: bool) -> None:
-        """Stage, dead-letter and acknowledge one batch (shielded: a batch is never half done)."""
-        with anyio.CancelScope(shield=True):
+        """Stage, dead-letter and acknowledge one batch (shielded: a batch is never half done,
+        unless the drain deadline passes: then it stays pending and is redelivered)."""
+        with self._shielded():
             await self._process_batch(entries, redelivered)
-
-    async def _process_batch(self, entries: list[Entry], redelivered: bool) -> None:
-        started = time.perf_counter()
-        config = self.config
-        stats = self.stats
-        derivations = self.derivations
-        counts: dict[str, int] = {}
-        if redelivered:
-            counts = await self.log.delivery_counts(config.group, [e.id for e in entries])
-            stats.redeliveries += len(entries)
-        to_ack: list[str] = []
-        letters: list[DeadLetter] = []
-        staged: list[list[tuple[str, bytes]]] = [[] for _ in derivations]
-        # Event type -> indices of the derivations that use it, for derivations that keep the
-        # default ``uses``/``prepare``; the others are asked per event.
-        by_type = self._users_by_type
-        custom = self._custom_users
-        max_deliveries = config.max_deliveries
-        max_bytes = config.max_event_bytes
-        for entry in entries:
-            entry_id, data = entry.id, entry.data
-            if data is None:  # deleted from the log while pending: nothing to process
-                stats.deleted_pending += 1
-                to_ack.append(entry_id)
-                continue
-            deliveries = counts.get(entry_id, 1) if counts else 1
-            if deliveries > max_deliveries:
-                letters.append(
-                    self._letter(
-                        REASON_MAX_DELIVERIES,
-                        entry_id,
-                        data,
-                        deliveries,
-                        self._errors.pop(entry_id, ""),
-                    )
-                )
-                continue
-            if len(data) > max_bytes:  # never decoded: its size alone rules it out
-                letters.append(
-                    self._letter(
-                        REASON_OVERSIZED,
-                        entry_id,
-                        data,
-                        deliveries,
-                        f"{len(data)} bytes, over the limit of {max_bytes} (--max-event-bytes)",
-                    )
-                )
-                continue
-            try:
-                # Strict, as the applier decodes: an entry it would refuse is not staged.
-                event = decode_event(data, strict=True)
-            except EventDecodeError as exc:  # whatever the bytes, decoding raises only this
-                stats.decode_errors += 1
-                letters.append(
-                    self._letter(REASON_UNDECODABLE, entry_id, data, deliveries, str(exc))
-                )
-                continue
-            users: Sequence[int] = by_type.get(event.event_type, ())
-            if custom:
-                try:
-                    users = self._custom_uses(event, users)
-                except Exception as exc:  # a derivation's own code: anything at all
-                    # Left pending: the sweep retries it; max_deliveries ends the retries.
-                    stats.processing_errors += 1
-                    if len(self._errors) >= _MAX_REMEMBERED_ERRORS:
-                        self._errors.clear()
-                    self._errors[entry_id] = error_text(exc)
-                    continue
-            for index in users:
-                staged[index].append((entry_id, data))
-            to_ack.append(entry_id)
-        used = [index for index in range(len(derivations)) if staged[index]]
-        await _all([derivations[i].store.stage(staged[i]) for i in used])
-        if letters:
-            await self.dlq.append_many([encode_dead_letter(letter) for letter in letters])
-            for letter in letters:
-                to_ack.append(letter.original_id)
-                stats.dead_lettered[letter.reason] = stats.dead_lettered.get(letter.reason, 0) + 1
-            _log.warning(
-                "worker %s dead-lettered %d entries (%s)",
-                config.consumer,
-                len(letters),
-                ", ".join(sorted({letter.reason for letter in letters})),
-            )
-        if to_ack:
-            await self.log.ack(config.group, to_ack)
-        stats.events += len(entries)
-        stats.observe_batch(time.perf_counter() - started)
-        # Wake the lease holder, after the ack that moves the watermark past these entries:
-        # here directly, in another worker through the store (its listener pops it).
-        appliers = self.appliers
-        self._wake_appliers(i for i in used if appliers[i].leader)
-        await _all([derivations[i].store.notify() for i in used if not appliers[i].leader])
-
-    def _custom_uses(self, event: HypervisorEvent, users: Sequence[int]) -> Sequence[int]:
-        """Add the derivations with their own ``uses``/``prepare`` that want ``event``."""
-        found = list(users)
-        for index in self._custom_users:
-            derivation = self.derivations[index]
-            if derivation.uses(event):
-                derivation.prepare(event)
-                found.append(index)
-        return found
-
-    def _letter(
-        self, reason: str, entry_id: str, data: bytes, deliveries: int, error: str
-    ) -> DeadLetter:
-        return DeadLetter(
-            reason=reason,
-            original_id=entry_id,
-            group=self.config.group,
-            consumer=self.config.consumer,
-            deliveries=deliveries,
-            error=error,
-            data=data,
-        )
 
     # -- claiming ------------------------------------------------------------------------------
 
@@ -484,6 +418,8 @@ class Worker(AsyncResource):
                 await self.check_gaps()
             except LogGroupMissingError:
                 await self._recovering(self._recreate_group)
+            except _PERMANENT:
+                raise
             except LogError as exc:
                 self.stats.backend_errors += 1
                 _log.warning("claim sweep failed: %s", exc)
@@ -500,10 +436,10 @@ class Worker(AsyncResource):
                 await self._apply_rounds(index)
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
+            with self._shielded():
                 try:
                     await applier.release()
-                except (LogError, WorkerStateError) as exc:
+                except (LogError, WorkerStateError, PermissionDeniedError) as exc:
                     _log.debug("releasing the applier lease: %s", exc)
 
     async def _listen(self, index: int) -> None:
@@ -518,6 +454,8 @@ class Worker(AsyncResource):
             try:
                 if await applier.store.wait_notified(0.1):
                     self._wake_appliers((index,))
+            except _PERMANENT:
+                raise
             except (LogError, WorkerStateError) as exc:
                 _log.debug("waiting for staged entries: %s", exc)
                 await anyio.sleep(interval)
@@ -533,6 +471,8 @@ class Worker(AsyncResource):
             try:
                 applied = await applier.round()
                 attempt = 0
+            except _PERMANENT:
+                raise  # retrying cannot help: the refusal stops the worker
             except WorkerStateError as exc:
                 # Unreadable state, reported once by the store: nothing is applied until it
                 # reads again (repaired, or reset), retried after a back-off.
@@ -542,8 +482,6 @@ class Worker(AsyncResource):
                 applied = -1
                 self.stats.backend_errors += 1
                 _log.warning("%s apply round failed: %s", applier.derivation.name, exc)
-            except PermissionDeniedError:
-                raise  # an ACL refusal stops the worker: retrying cannot help
             except Exception:
                 applied = -1
                 _log.exception("%s apply round failed (export)", applier.derivation.name)
