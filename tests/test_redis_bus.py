@@ -360,6 +360,43 @@ async def test_acl_user_from_url(redis_server: RedisServer, stream_name: str) ->
     assert time.monotonic() - started < 30.0
 
 
+@pytest.mark.redis
+async def test_reader_stops_on_credentials_changed_under_it(
+    redis_server: RedisServer, stream_name: str
+) -> None:
+    """The user's password changes and its connections are dropped while the bus reads: the
+    tailing reader stops at the refusal (one error, never a retry loop), and ``sync()`` raises
+    ``BusUnavailableError`` naming the refused credentials, never the password."""
+    user = f"r{stream_name[-8:]}"
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "SETUSER", user, "on", ">first-pw", "~*", "+@all"
+        )
+        url = f"redis://{user}:first-pw@127.0.0.1:{redis_server.port}/0"
+        async with RedisEventBus.from_url(url, stream_name, block_s=0.2) as bus:
+            await bus.emit(HypervisorEvent())
+            await bus.sync()
+            await admin.execute_command(  # type: ignore[no-untyped-call]
+                "ACL", "SETUSER", user, "resetpass", ">second-pw"
+            )
+            await admin.execute_command(  # type: ignore[no-untyped-call]
+                "CLIENT", "KILL", "USER", user
+            )
+            # sync() waits for the reader, which meets the refusal at its next read.
+            with (
+                anyio.fail_after(20),
+                pytest.raises(BusUnavailableError, match="credentials") as raised,
+            ):
+                await bus.sync()
+            assert "first-pw" not in str(raised.value)
+            errors = bus.reader_errors
+            await anyio.sleep(0.5)  # a retry loop would count more errors meanwhile
+            assert bus.reader_errors == errors == 1
+    finally:
+        await admin.aclose()
+
+
 def test_tls_url_builds_tls_connections() -> None:
     """A ``rediss://`` URL gives TLS connections with the URL's ACL credentials."""
     log = RedisStreamLog("rediss://alice:pw@cache.example:6380/2", "s")

@@ -43,7 +43,12 @@ from hypervisor.observability._core.recent import RecentIds
 from hypervisor.observability._core.store import EventStore
 from hypervisor.observability._core.trace_context import TraceContext, decode_entry_context
 from hypervisor.observability._util.retry import Backoff
-from hypervisor.observability.errors import BusClosedError, BusPermissionError
+from hypervisor.observability.errors import (
+    BusClosedError,
+    BusPermissionError,
+    BusUnavailableError,
+    LogPermanentError,
+)
 
 __all__ = ["BusReader", "IdTuple"]
 
@@ -92,8 +97,10 @@ class BusReader:
         self.last_applied: IdTuple = (0, 0)
         self.read_no = 0
         self.empty_read_no = -1
-        self.error: BusPermissionError | None = None
-        """Why the reader stopped for good (the backend refused its reads), else ``None``."""
+        self.error: BusUnavailableError | None = None
+        """Why the reader stopped for good (the backend refused its reads: an ACL refusal, as
+        ``BusPermissionError``, or credentials, database or TLS that retrying cannot fix), else
+        ``None``."""
         self.sync_waiters: list[_SyncWaiter] = []
         # The ids of the newest events applied (copies of them are dropped).
         self.dedup_window = dedup_window
@@ -147,6 +154,14 @@ class BusReader:
                     user=exc.user,
                     command=exc.command,
                 )
+                self.error.__cause__ = exc
+                _log.error("%s", self.error)
+                self.fail_syncs(self.error)
+                return
+            except LogPermanentError as exc:
+                # Credentials changed under a running reader, say: retrying cannot fix it.
+                self.reader_errors += 1
+                self.error = BusUnavailableError(f"{log.name}: the tailing reader stopped: {exc}")
                 self.error.__cause__ = exc
                 _log.error("%s", self.error)
                 self.fail_syncs(self.error)
