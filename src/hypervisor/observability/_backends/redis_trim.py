@@ -18,6 +18,7 @@ it trims with ``MAXLEN``, else with ``MINID`` up to the last one that does.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from hypervisor.observability._backends.log import TrimPolicy
@@ -114,11 +115,22 @@ class TrimSchedule:
 
     The count keeps the stream within about ``max_len * 1.25`` plus one append batch at any
     rate; the time keeps an age bound within about ``1.5 * max_age_s``.
+
+    Args:
+        policy: the retention.
+        interval_s: the longest time between two trims (capped at ``max_age_s / 2``).
+        clock: monotonic seconds (tests pass their own).
     """
 
-    __slots__ = ("_due", "_every", "_interval_s", "_since")
+    __slots__ = ("_clock", "_due", "_every", "_interval_s", "_since")
 
-    def __init__(self, policy: TrimPolicy, interval_s: float) -> None:
+    def __init__(
+        self,
+        policy: TrimPolicy,
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
         self._every = max(1, policy.max_len // 4) if policy.max_len is not None else None
         if policy.max_age_s is not None:
             interval_s = min(interval_s, policy.max_age_s / 2)
@@ -129,7 +141,7 @@ class TrimSchedule:
     def appended(self, count: int) -> bool:
         """Record ``count`` appended entries; return whether a trim is due now (and reset)."""
         self._since += count
-        now = time.monotonic()
+        now = self._clock()
         if (self._every is not None and self._since >= self._every) or now >= self._due:
             self._since = 0
             self._due = now + self._interval_s
