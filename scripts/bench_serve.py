@@ -372,7 +372,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--clients", type=int, default=50, help="concurrent query clients")
-    parser.add_argument("--rate", type=float, default=2000.0, help="open-loop requests/s")
+    parser.add_argument("--rate", type=float, default=1000.0, help="open-loop requests/s")
     parser.add_argument("--stream-clients", type=int, default=10)
     parser.add_argument("--stream-rate", type=float, default=10_000.0, help="events/s")
     asyncio.run(run(parser.parse_args()))
