@@ -22,6 +22,7 @@ from hypervisor.observability._core.partition import (
     encode_layout_record,
     key_hash_slot,
     partition_index,
+    partition_tags,
     single_slot,
 )
 from hypervisor.observability._core.spans import SAGA_SPAN_EVENTS
@@ -205,9 +206,38 @@ def test_every_key_of_a_partition_shares_its_slot(
     names_ = layout.keys(index, states)
     state_keys = [f"{p}:{suffix}" for p in names_[2:] for suffix in ("lease", "meta", "seen:1")]
     assert single_slot([*names_, *state_keys]) == layout.slot(index)
-    assert layout.stream_key(index) == f"{{{stream}:p{index}}}"
+    assert layout.stream_key(index) in (
+        f"{{{stream}:p{index}}}",
+        *(f"{{{stream}:p{index}.{k}}}" for k in range(1, 100 * n)),
+    )
     assert layout.dead_letter_key(index) == dlq_name(layout.stream_key(index))
     assert key_hash_slot(layout.layout_key) == key_hash_slot(stream)
+
+
+@settings(max_examples=100, deadline=None)
+@given(stream=stream_names, n=counts)
+def test_partition_slots_spread_evenly_over_the_slot_space(stream: str, n: int) -> None:
+    """Partition i's slot lies in the i-th of n equal slot ranges, so the partitions are
+    distinct keys in increasing slots."""
+    layout = PartitionLayout(stream, n)
+    assert len(set(partition_tags(stream, n))) == n
+    for index in range(n):
+        assert index * 16384 // n <= layout.slot(index) < (index + 1) * 16384 // n
+
+
+@pytest.mark.parametrize("masters", [3, 4, 5, 6])
+@pytest.mark.parametrize("n", [3, 6, 12, 24, 64])
+def test_partitions_spread_over_the_masters_of_an_even_slot_split(masters: int, n: int) -> None:
+    """Over masters holding equal contiguous slot ranges (as ``redis-cli --cluster create``
+    makes them), the partitions per master differ by at most one, by two only where a range
+    boundary splits a partition's range."""
+    ranges = [(m * 16384 // masters, (m + 1) * 16384 // masters) for m in range(masters)]
+    per_master = Counter(
+        next(m for m, (low, high) in enumerate(ranges) if low <= slot < high)
+        for slot in (PartitionLayout("hvobs:events", n).slot(i) for i in range(n))
+    )
+    spread = [per_master.get(m, 0) for m in range(masters)]
+    assert max(spread) - min(spread) <= (0 if n % masters == 0 else 2), spread
 
 
 def test_single_slot_refuses_keys_of_several_slots() -> None:
@@ -256,7 +286,7 @@ def test_the_layout_record_round_trips() -> None:
     """A layout's record decodes to itself and names the hash."""
     record = PartitionLayout("s", 12).record()
     assert decode_layout_record(encode_layout_record(record)) == record
-    assert record == LayoutRecord(partitions=12, hash="crc32", version=1)
+    assert record == LayoutRecord(partitions=12, hash="crc32", tags="spread1", version=1)
 
 
 @settings(max_examples=300, deadline=None)

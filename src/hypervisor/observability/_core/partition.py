@@ -1,9 +1,14 @@
 """Partition routing, pure: which partition of a stream an event belongs to, and its key names.
 
-A stream ``S`` split into ``N`` partitions is ``N`` stream keys ``{S:p0}`` ... ``{S:p<N-1>}``.
-Every key of partition ``i`` carries the same hash tag ``{S:pi}`` (its dead letters, the
-workers' state), so on a Redis Cluster they share one slot and each script or transaction
-stays single-slot. The layout record, which holds ``N``, has a tag of its own (``{S}``).
+A stream ``S`` split into ``N`` partitions is ``N`` stream keys, one hash tag each:
+``{S:p<i>}``, or ``{S:p<i>.<k>}`` with the smallest ``k`` that puts partition ``i``'s slot in
+the ``i``-th of ``N`` equal ranges of the 16384 slots. A cluster created by ``redis-cli
+--cluster create`` (or rebalanced) gives each master one contiguous, equal range of slots, so
+the partitions spread over the masters as evenly as they can (N=12 over 3 masters: 4/4/4; the
+plain tags ``{S:p<i>}`` gave 4/6/2 and 6/3/3 for two stream names, measured). Every key of
+partition ``i`` carries its tag (its dead letters, the workers' state), so on a Redis Cluster
+they share one slot and each script or transaction stays single-slot. The layout record, which
+holds ``N``, has a tag of its own (``{S}``).
 
 An event's partition is a stable hash (CRC-32, not Python's per-process ``hash``) of its
 *partition key*, modulo ``N``. The default key follows the event family, so that each
@@ -30,6 +35,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Final
 
 import msgspec
@@ -41,6 +47,7 @@ __all__ = [
     "HASH_NAME",
     "MAX_PARTITIONS",
     "SAGA_FAMILY",
+    "TAGS_NAME",
     "LayoutRecord",
     "PartitionKey",
     "PartitionLayout",
@@ -49,17 +56,22 @@ __all__ = [
     "encode_layout_record",
     "key_hash_slot",
     "partition_index",
+    "partition_tags",
     "single_slot",
 ]
 
 PartitionKey = Callable[[HypervisorEvent], str]
 """A function from an event to its partition key (events with equal keys share a partition)."""
 
-MAX_PARTITIONS: Final = 1024
-"""The most partitions a stream may have (each one costs a reader and a lease per group)."""
+MAX_PARTITIONS: Final = 256
+"""The most partitions a stream may have (each one costs a reader and a lease per group, and
+choosing the tags costs about N² CRC16 steps: 70 ms for 256)."""
 
 HASH_NAME: Final = "crc32"
 """The name of the key hash, recorded in the layout record so that a change is detected."""
+
+TAGS_NAME: Final = "spread1"
+"""The name of the scheme that chooses the partitions' hash tags, recorded likewise."""
 
 LAYOUT_VERSION: Final = 1
 """The version of the layout record's format."""
@@ -104,6 +116,13 @@ def _crc16_table() -> tuple[int, ...]:
 _CRC16: Final = _crc16_table()
 
 
+def _crc16(data: bytes, crc: int = 0) -> int:
+    table = _CRC16
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFF) ^ table[((crc >> 8) ^ byte) & 0xFF]
+    return crc
+
+
 def key_hash_slot(key: str | bytes) -> int:
     """The Redis Cluster hash slot of ``key``: CRC16 (XMODEM) modulo 16384 of the key, or of
     its hash tag (the text between the first ``{`` and the next ``}``, when not empty)."""
@@ -113,10 +132,33 @@ def key_hash_slot(key: str | bytes) -> int:
         end = data.find(b"}", start + 1)
         if end > start + 1:
             data = data[start + 1 : end]
-    crc = 0
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[((crc >> 8) ^ byte) & 0xFF]
-    return crc % _SLOTS
+    return _crc16(data) % _SLOTS
+
+
+@lru_cache(maxsize=64)
+def partition_tags(stream: str, partitions: int) -> tuple[str, ...]:
+    """The hash tags (without braces) of ``stream``'s partitions: partition ``i``'s is
+    ``<stream>:p<i>``, or ``<stream>:p<i>.<k>`` with the smallest ``k`` that puts its slot in
+    ``[i * 16384 // N, (i + 1) * 16384 // N)``.
+
+    Raises:
+        ValueError: a stream name with braces, or a partition count out of range.
+    """
+    _check_stream(stream)
+    _check_count(partitions)
+    tags = []
+    for index in range(partitions):
+        low = index * _SLOTS // partitions
+        high = (index + 1) * _SLOTS // partitions
+        base = f"{stream}:p{index}"
+        state = _crc16(base.encode("utf-8", "surrogatepass"))
+        salt = 0
+        # About N tries each (a range holds 1/N of the slots); the CRC of the name is
+        # computed once and only the suffix is fed per try.
+        while not low <= _crc16(b".%d" % salt if salt else b"", state) % _SLOTS < high:
+            salt += 1
+        tags.append(f"{base}.{salt}" if salt else base)
+    return tuple(tags)
 
 
 def single_slot(keys: Iterable[str]) -> int:
@@ -140,11 +182,13 @@ class LayoutRecord(msgspec.Struct, frozen=True):
     Attributes:
         partitions: the partition count.
         hash: the key hash's name (:data:`HASH_NAME`).
+        tags: the tag scheme's name (:data:`TAGS_NAME`).
         version: the record's format version.
     """
 
     partitions: int
     hash: str = HASH_NAME
+    tags: str = TAGS_NAME
     version: int = LAYOUT_VERSION
 
 
@@ -174,8 +218,15 @@ def decode_layout_record(data: bytes) -> LayoutRecord:
 
 
 def _check_stream(stream: str) -> None:
-    if not stream or "{" in stream or "}" in stream:
+    if not isinstance(stream, str) or not stream or "{" in stream or "}" in stream:
         raise ValueError(f"stream name {stream!r} must be non-empty and contain no braces")
+
+
+def _check_count(partitions: int) -> None:
+    if isinstance(partitions, bool) or not isinstance(partitions, int):
+        raise ValueError(f"partitions must be an int, not {partitions!r}")
+    if not 1 <= partitions <= MAX_PARTITIONS:
+        raise ValueError(f"partitions must be 1 .. {MAX_PARTITIONS}, not {partitions}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,11 +247,7 @@ class PartitionLayout:
     key: PartitionKey = field(default=default_partition_key, compare=False)
 
     def __post_init__(self) -> None:
-        _check_stream(self.stream)
-        if isinstance(self.partitions, bool) or not isinstance(self.partitions, int):
-            raise ValueError(f"partitions must be an int, not {self.partitions!r}")
-        if not 1 <= self.partitions <= MAX_PARTITIONS:
-            raise ValueError(f"partitions must be 1 .. {MAX_PARTITIONS}, not {self.partitions}")
+        partition_tags(self.stream, self.partitions)  # checks both, and computes the tags once
 
     def partition(self, event: HypervisorEvent) -> int:
         """The partition of ``event``."""
@@ -217,10 +264,11 @@ class PartitionLayout:
     def _tag(self, index: int) -> str:
         if not 0 <= index < self.partitions:
             raise IndexError(f"partition {index} of {self.partitions}")
-        return f"{{{self.stream}:p{index}}}"
+        return f"{{{partition_tags(self.stream, self.partitions)[index]}}}"
 
     def stream_key(self, index: int) -> str:
-        """The stream key of partition ``index``: ``{<stream>:p<index>}``."""
+        """The stream key of partition ``index``: its tag in braces, ``{<stream>:p<index>}``
+        or ``{<stream>:p<index>.<k>}`` (see :func:`partition_tags`)."""
         return self._tag(index)
 
     def dead_letter_key(self, index: int) -> str:
@@ -230,7 +278,7 @@ class PartitionLayout:
 
     def state_prefix(self, index: int, group: str, derivation: str) -> str:
         """The prefix of a derivation's state keys on partition ``index`` (staging, lease,
-        snapshot, ...): ``hvobs:worker:{<stream>:p<index>}:<group>:<derivation>``."""
+        snapshot, ...): ``hvobs:worker:<stream key>:<group>:<derivation>``."""
         return f"hvobs:worker:{self._tag(index)}:{group}:{derivation}"
 
     def keys(self, index: int, states: Iterable[tuple[str, str]] = ()) -> tuple[str, ...]:
