@@ -120,8 +120,9 @@ class RedisCluster:
 
     # --- talking to one node ----------------------------------------------------------------
 
-    def command(self, port: int, *args: Any, timeout_s: float = 5.0) -> Any:
-        """Send one command to the node on ``port`` and return its raw reply (strings decoded).
+    def command(self, port: int, *args: Any, timeout_s: float = 5.0, decode: bool = True) -> Any:
+        """Send one command to the node on ``port`` and return its raw reply (strings decoded
+        unless ``decode`` is false).
 
         No cluster redirection: this talks to exactly that node.
         """
@@ -130,7 +131,7 @@ class RedisCluster:
             port=port,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            decode_responses=True,
+            decode_responses=decode,
         )
         client.response_callbacks.clear()  # the server's reply shapes, whatever redis-py's version
         try:
