@@ -110,3 +110,15 @@ def test_moving_a_slot_takes_its_keys_while_a_client_keeps_writing(
     assert {f"{{{tag}}}:before:{index}" for index in range(300)} <= keys
     assert set(written) <= keys
     assert redis_cluster.command(source.port, "CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+
+
+def test_a_closed_cluster_leaves_no_process_and_no_directory() -> None:
+    """Closing a cluster ends every node's process and removes its directory (a cluster of its
+    own here, so the session's cluster is untouched)."""
+    cluster = RedisCluster()
+    with cluster:
+        processes = [server.process for server in cluster.servers.values()]
+        assert len(processes) == 6
+        assert all(p is not None and p.poll() is None for p in processes)
+    assert all(p is not None and p.poll() is not None for p in processes)
+    assert not cluster.directory.exists()
