@@ -75,9 +75,9 @@ def _writer(
     events: int,
     batch: int,
     start_at: float,
-    results: multiprocessing.Queue[float],
+    results: multiprocessing.Queue[tuple[float, float]],
 ) -> None:
-    async def run() -> float:
+    async def run() -> tuple[float, float]:
         layout = PartitionLayout(stream, partitions)
         payload = [
             encode_event(
@@ -99,6 +99,7 @@ def _writer(
         try:
             await client.ping()
             await asyncio.sleep(max(0.0, start_at - time.time()))
+            cpu = time.process_time()
             written = 0
             while written < events:
                 pipe = client.pipeline(transaction=False)
@@ -106,17 +107,20 @@ def _writer(
                     pipe.xadd(key, {b"e": data})
                 await pipe.execute()
                 written += batch
-            return time.time()
+            return time.time(), time.process_time() - cpu
         finally:
             await client.aclose()
 
     results.put(asyncio.run(run()))
 
 
-def throughput(url: str, cluster: bool, writers: int, args: argparse.Namespace) -> float:
-    """Events/s of ``writers`` processes writing ``args.events`` each."""
+def throughput(
+    url: str, cluster: bool, writers: int, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Events/s of ``writers`` processes writing ``args.events`` each, and the writers' CPU time
+    per event (µs: the client's share of the cost)."""
     context = multiprocessing.get_context("spawn")
-    results: multiprocessing.Queue[float] = context.Queue()
+    results: multiprocessing.Queue[tuple[float, float]] = context.Queue()
     start_at = time.time() + 2.0  # after every process has started and connected
     stream = f"bench:{os.getpid()}:{time.monotonic_ns()}"
     processes = [
@@ -137,11 +141,13 @@ def throughput(url: str, cluster: bool, writers: int, args: argparse.Namespace) 
     ]
     for process in processes:
         process.start()
-    ends = [results.get(timeout=600) for _ in processes]
+    reports = [results.get(timeout=600) for _ in processes]
     for process in processes:
         process.join(timeout=60)
     events: int = args.events
-    return writers * events / (max(ends) - start_at)
+    end = max(report[0] for report in reports)
+    cpu = sum(report[1] for report in reports)
+    return writers * events / (end - start_at), cpu / (writers * events) * 1e6
 
 
 def main() -> None:
@@ -161,12 +167,16 @@ def main() -> None:
             f"\n## XADD events/s ({args.partitions} partitions, pipelines of {args.batch}, "
             f"{args.events} events a writer)\n"
         )
+        print("events/s, and in brackets the writers' CPU time per event\n")
         print("| writers | single redis-server | 3-master cluster |")
         print("|---|---|---|")
         for writers in (1, 2, 3):
-            plain = throughput(single.url, False, writers, args)
-            spread = throughput(cluster.url, True, writers, args)
-            print(f"| {writers} | {plain:,.0f} | {spread:,.0f} |")
+            plain, plain_cpu = throughput(single.url, False, writers, args)
+            spread, spread_cpu = throughput(cluster.url, True, writers, args)
+            print(
+                f"| {writers} | {plain:,.0f} ({plain_cpu:.1f} µs) "
+                f"| {spread:,.0f} ({spread_cpu:.1f} µs) |"
+            )
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
