@@ -11,12 +11,16 @@ What exists so far (issue 12's foundations), measured on real servers started he
    to a single redis-server (plain client) and to the 3-master cluster (``RedisCluster``
    client, whose pipelines go to every master concurrently). Events/s are the total written
    over the wall time from a common start to the last writer's end.
+3. **Failover**: one process writes pipelines over the partitions while the master of
+   partition 0 is SIGKILLed; every acknowledged entry id is looked for afterwards on the
+   promoted replica, and the time partition 0 could not be written is printed.
 
 The bus and the workers do not use partitions yet, so end-to-end figures (emit to applied)
 come with that integration. Every process runs on this machine: the cores are shared by the
 servers and the writers, and the core count is printed beside the figures.
 
-Usage: ``python scripts/bench_cluster.py [--events 100000] [--partitions 12] [--batch 500]``
+Usage: ``python scripts/bench_cluster.py [--events 100000] [--partitions 12] [--batch 500]
+[--failovers 3] [--skip-throughput]``
 """
 
 from __future__ import annotations
@@ -33,10 +37,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from hypervisor.observability._backends.redis_client import make_client
-from hypervisor.observability._backends.redis_cluster import make_cluster_client
+from hypervisor.observability._backends.redis_cluster import (
+    execute_pipeline,
+    make_cluster_client,
+)
 from hypervisor.observability._core.codec import encode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.partition import PartitionLayout
+from hypervisor.observability.errors import LogUnavailableError
 from redis_cluster import RedisCluster
 from redis_server import RedisServer
 
@@ -150,6 +158,71 @@ def throughput(
     return writers * events / (end - start_at), cpu / (writers * events) * 1e6
 
 
+async def _failover_once(
+    cluster: RedisCluster, partitions: int, batch: int
+) -> tuple[int, int, float]:
+    """Write pipelines of ``batch`` XADDs over ``partitions`` streams while the master of
+    partition 0 is SIGKILLed; return (acknowledged entries, acknowledged entries missing after
+    the promotion, seconds from the kill until partition 0 took a write again)."""
+    layout = PartitionLayout(f"failover:{time.monotonic_ns()}", partitions)
+    keys = [layout.stream_key(i % partitions) for i in range(batch)]
+    victim = cluster.master_of_slot(layout.slot(0)).port
+    client = make_cluster_client(cluster.url, socket_timeout_s=5.0, connect_timeout_s=2.0)
+    acked: dict[str, set[bytes]] = {key: set() for key in keys}
+    killed_at = recovered_at = 0.0
+    counter = 0
+
+    async def kill() -> None:
+        nonlocal killed_at
+        await asyncio.sleep(1.0)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(cluster.kill_master, victim)
+
+    try:
+        killer = asyncio.create_task(kill())
+        while not killer.done() or time.monotonic() < killed_at + 1.0 or not recovered_at:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                counter += 1
+                pipe.xadd(key, {b"e": b"%d" % counter})
+            try:
+                replies = await execute_pipeline(client, pipe, "bench", raise_on_error=False)
+            except LogUnavailableError:
+                await asyncio.sleep(0.05)
+                continue
+            for key, reply in zip(keys, replies, strict=True):
+                if isinstance(reply, bytes):
+                    acked[key].add(reply)
+                    if key == keys[0] and killed_at and not recovered_at and killer.done():
+                        recovered_at = time.monotonic()
+                elif not isinstance(reply, Exception):
+                    raise TypeError(f"unexpected XADD reply {reply!r}")
+            if any(isinstance(reply, Exception) for reply in replies):
+                await asyncio.sleep(0.05)
+        await killer
+        lost = 0
+        for key, ids in acked.items():
+            present = {entry_id for entry_id, _ in await client.xrange(key, "-", "+") or []}
+            lost += len(ids - present)
+        return sum(len(ids) for ids in acked.values()), lost, recovered_at - killed_at
+    finally:
+        await client.aclose()
+
+
+def failover(cluster: RedisCluster, args: argparse.Namespace, runs: int) -> None:
+    """Print what SIGKILLing a master mid-stream costs the raw cluster client."""
+    print(
+        f"\n## A master SIGKILLed mid-stream ({args.partitions} partitions, pipelines of "
+        f"{args.batch}, cluster-node-timeout {cluster.node_timeout_ms} ms)\n"
+    )
+    print("| run | acknowledged XADDs | acknowledged, then lost | partition 0 unwritable |")
+    print("|---|---|---|---|")
+    for run in range(1, runs + 1):
+        acked, lost, gap = asyncio.run(_failover_once(cluster, args.partitions, args.batch))
+        print(f"| {run} | {acked:,} | {lost:,} | {gap:.1f} s |")
+        cluster.heal()
+
+
 def main() -> None:
     """Run both parts and print markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -157,10 +230,13 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=12)
     parser.add_argument("--batch", type=int, default=500, help="XADDs per pipeline")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--failovers", type=int, default=3, help="failover runs (0: none)")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     with RedisCluster() as cluster, RedisServer() as single:
         balance(cluster)
+        if args.failovers:
+            failover(cluster, args, args.failovers)
         if args.skip_throughput:
             return
         print(

@@ -13,6 +13,7 @@ from hypervisor.observability._backends.redis_client import make_client
 from hypervisor.observability._backends.redis_cluster import (
     detect_cluster,
     ensure_layout,
+    execute_pipeline,
     make_cluster_client,
     read_layout,
     translate_cluster_errors,
@@ -156,12 +157,13 @@ async def test_a_moved_slot_is_followed_transparently(
 async def test_a_failover_surfaces_as_retryable_and_a_retry_lands_on_the_promoted_replica(
     redis_cluster: RedisCluster, cluster_client: object
 ) -> None:
-    """Writes to a partition whose master was SIGKILLed fail only with the retryable
-    ``LogUnavailableError`` and succeed, retried, on the promoted replica."""
+    """Pipelines and single writes to a partition whose master was SIGKILLed fail only with
+    the retryable ``LogUnavailableError`` and succeed, retried, on the promoted replica (the
+    pipeline through ``execute_pipeline``, which makes the client rediscover the cluster)."""
     from redis.asyncio.cluster import RedisCluster as Client
 
     assert isinstance(cluster_client, Client)
-    layout = PartitionLayout(_stream(), 1)
+    layout = PartitionLayout(_stream(), 3)
     key = layout.stream_key(0)
     await cluster_client.xadd(key, {b"e": b"before"})
     master = redis_cluster.master_of_slot(layout.slot(0))
@@ -171,16 +173,20 @@ async def test_a_failover_surfaces_as_retryable_and_a_retry_lands_on_the_promote
         failures = 0
         with anyio.fail_after(60):
             while True:
+                pipe = cluster_client.pipeline(transaction=False)
+                pipe.xadd(key, {b"e": b"piped"})
+                pipe.xadd(layout.stream_key(1), {b"e": b"elsewhere"})
                 try:
-                    with translate_cluster_errors("test append"):
-                        await cluster_client.xadd(key, {b"e": b"after"})
+                    await execute_pipeline(cluster_client, pipe, "test append")
                     break
                 except LogUnavailableError:
                     failures += 1
                     await anyio.sleep(0.1)
+        assert failures >= 1  # the first pipeline met the dead master's closed connection
+        with translate_cluster_errors("test append"):
+            await cluster_client.xadd(key, {b"e": b"after"})
         entries = redis_cluster.command(promoted, "XRANGE", key, "-", "+")
-        assert [fields[1] for _, fields in entries] == ["before", "after"]
-        assert failures >= 1  # the first write met the dead master's closed connection
+        assert [fields[1] for _, fields in entries] == ["before", "piped", "after"]
     finally:
         redis_cluster.heal()
 

@@ -14,6 +14,10 @@ failover or migration, a master that stopped answering, a slot not covered yet, 
 beyond redis-py's limit) leaves :func:`translate_cluster_errors` as the retryable
 ``LogUnavailableError``, so callers retry it with their backoff and deadline like any
 connection error; everything else goes through the one translator, ``translate_errors``.
+Pipelines go through :func:`execute_pipeline`, which also makes the client rediscover the
+cluster after such a failure (redis-py's cluster pipeline does not by itself when it may not
+retry, and would keep sending to a dead master after its replica took over: found by the
+failover test).
 
 The layout record (:func:`ensure_layout`) holds a partitioned stream's partition count at
 ``hvobs:layout:{<stream>}``: the first producer or worker creates it (``SET NX``), every later
@@ -50,6 +54,7 @@ from hypervisor.observability.errors import LogError, LogUnavailableError, Parti
 __all__ = [
     "detect_cluster",
     "ensure_layout",
+    "execute_pipeline",
     "make_cluster_client",
     "read_layout",
     "translate_cluster_errors",
@@ -175,6 +180,58 @@ def make_cluster_client(
         **limit,
         **{**default_client_options(), **options},
     )
+
+
+_TRANSIENT = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    OSError,
+    rexc.AskError,
+    rexc.TryAgainError,
+    rexc.ClusterError,
+    rexc.SlotNotCoveredError,
+)
+
+
+async def execute_pipeline(
+    client: RedisCluster,
+    pipe: Any,
+    what: str,
+    *,
+    user: str = "default",
+    raise_on_error: bool = True,
+) -> list[Any]:
+    """Send a cluster pipeline of ``client``; after a transient failure, make ``client``
+    rediscover the cluster before its next call.
+
+    redis-py's cluster pipeline, when it may not retry (this package's clients never do), raises
+    a dead master's connection error without marking its slot map stale, so every later
+    pipeline would go to the dead node again, even after its replica took over (its single
+    commands do mark it). Closing the client's connections here marks it (``aclose`` keeps the
+    client usable: the next call reconnects and reloads the slot map).
+
+    Args:
+        client: the cluster client that made ``pipe``.
+        pipe: ``client.pipeline(transaction=False)`` with its commands queued.
+        what: the operation, for error messages.
+        user: the Redis user, for the message of a refusal.
+        raise_on_error: raise the first failed command's error (translated); when false, return
+            every command's reply or redis-py exception, as ``pipe.execute`` does.
+
+    Raises:
+        LogUnavailableError: the pipeline (or, with ``raise_on_error``, a command) failed
+            transiently: retry it; some of its commands may have been applied.
+        LogError: any other failure (see :func:`translate_cluster_errors`).
+    """
+    try:
+        with translate_cluster_errors(what, user=user, command="pipeline"):
+            replies: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+    except LogUnavailableError:
+        await client.aclose()
+        raise
+    if any(isinstance(reply, _TRANSIENT) for reply in replies):
+        await client.aclose()
+    return replies
 
 
 async def read_layout(
