@@ -105,8 +105,7 @@ async def test_a_pipeline_over_twelve_partitions_lands_each_entry_on_its_master(
     for index, group in groups.items():
         for event in group:
             pipe.xadd(layout.stream_key(index), {b"e": encode_event(event)})
-    with translate_cluster_errors("test append"):
-        ids = await pipe.execute()
+    ids = await execute_pipeline(cluster_client, pipe, "test append")
     assert len(ids) == len(events)
     masters = redis_cluster.masters()
     used = set()
@@ -147,7 +146,7 @@ async def test_a_moved_slot_is_followed_transparently(
         pipe = cluster_client.pipeline(transaction=False)
         pipe.xadd(key, {b"e": b"piped"})
         pipe.xadd(layout.stream_key(1), {b"e": b"elsewhere"})
-        await pipe.execute()
+        await execute_pipeline(cluster_client, pipe, "test append")
     entries = redis_cluster.command(target.port, "XRANGE", key, "-", "+")
     assert [fields[1] for _, fields in entries] == ["before", "after", "piped"]
 
