@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the anyio backend and real redis-server processes."""
+"""Shared pytest fixtures: the anyio backend, real redis-server processes and a real cluster."""
 
 from __future__ import annotations
 
@@ -8,23 +8,28 @@ from collections.abc import Iterator
 
 import pytest
 
+from redis_cluster import RedisCluster, redis_cli_binary
 from redis_server import RedisServer, redis_server_binary
+
+_REDIS_FIXTURES = ("redis_server", "redis_cluster")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse a test that asks for ``redis_server`` without the ``redis`` marker: under
-    ``-m "not redis"`` (no redis-server installed) it would be skipped instead of deselected.
+    """Refuse a test that asks for ``redis_server`` or ``redis_cluster`` without the ``redis``
+    marker: under ``-m "not redis"`` (no redis-server installed) it would be skipped instead of
+    deselected.
     (A fixture that asks for the server only for some parameters, with ``getfixturevalue``,
     marks those parameters with ``pytest.param(..., marks=pytest.mark.redis)``.)"""
     unmarked = [
         item.nodeid
         for item in items
-        if "redis_server" in getattr(item, "fixturenames", ())
+        if any(name in getattr(item, "fixturenames", ()) for name in _REDIS_FIXTURES)
         and item.get_closest_marker("redis") is None
     ]
     if unmarked:
         raise pytest.UsageError(
-            "tests using the redis_server fixture must be marked redis: " + ", ".join(unmarked)
+            "tests using the redis_server or redis_cluster fixture must be marked redis: "
+            + ", ".join(unmarked)
         )
 
 
@@ -46,6 +51,19 @@ def redis_server() -> Iterator[RedisServer]:
         pytest.skip("redis-server is not installed")
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """One Redis Cluster (3 masters, 3 replicas, ``cluster-node-timeout`` 2 s) for the whole
+    session. Tests that kill or restart nodes call ``heal()`` when done, so the next test finds
+    3 masters with a replica each (a former master may now be a replica)."""
+    if redis_server_binary() is None or redis_cli_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server or redis-cli is not installed (scripts/test.sh installs it)")
+        pytest.skip("redis-server or redis-cli is not installed")
+    with RedisCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ __all__ = [
     "LogPermissionError",
     "LogUnavailableError",
     "MetricsExportError",
+    "PartitionLayoutError",
     "PermissionDeniedError",
     "ServeError",
     "WorkerStateError",
@@ -248,6 +249,29 @@ class LogPermissionError(PermissionDeniedError):
 
     Not a ``LogError`` on purpose: nothing may retry it.
     """
+
+
+class PartitionLayoutError(HypervisorObservabilityError, ValueError):
+    """A partitioned stream's recorded layout differs from the one a process was started with
+    (another partition count or key hash), or its record in Redis is unreadable.
+
+    Retrying cannot help: start the process with the recorded count. The message names the
+    stream and both counts.
+
+    Attributes:
+        stream: the stream's name.
+        recorded: the partition count recorded in Redis (``None`` when unreadable).
+        requested: the partition count this process was started with (``None`` for a process
+            that only read the record).
+    """
+
+    def __init__(
+        self, message: str, *, stream: str, recorded: int | None, requested: int | None
+    ) -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.recorded = recorded
+        self.requested = requested
 
 
 class BadRequestError(HypervisorObservabilityError, ValueError):

@@ -1,0 +1,260 @@
+"""Partitions on Redis Cluster: hash-tag balance over masters and raw per-partition XADD rates.
+
+What exists so far (issue 12's foundations), measured on real servers started here:
+
+1. **Balance**: how the partitions of a few stream names fall on the masters of a fresh
+   3-master cluster (slots from ``CLUSTER KEYSLOT``, owners from ``CLUSTER NODES``), for
+   several partition counts: with the layout's tags (spread over the slot space) and with plain
+   ``{<stream>:p<i>}`` tags.
+2. **XADD throughput**: pre-encoded events written in non-transactional pipelines of
+   ``--batch`` XADDs spread over ``--partitions`` partition streams, by 1..3 writer processes,
+   to a single redis-server (plain client) and to the 3-master cluster (``RedisCluster``
+   client, whose pipelines go to every master concurrently). Events/s are the total written
+   over the wall time from a common start to the last writer's end.
+3. **Failover**: one process writes pipelines over the partitions while the master of
+   partition 0 is SIGKILLed; every acknowledged entry id is looked for afterwards on the
+   promoted replica, and the time partition 0 could not be written is printed.
+
+The bus and the workers do not use partitions yet, so end-to-end figures (emit to applied)
+come with that integration. Every process runs on this machine: the cores are shared by the
+servers and the writers, and the core count is printed beside the figures.
+
+Usage: ``python scripts/bench_cluster.py [--events 100000] [--partitions 12] [--batch 500]
+[--failovers 3] [--skip-throughput]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from hypervisor.observability._backends.redis_client import make_client
+from hypervisor.observability._backends.redis_cluster import (
+    execute_pipeline,
+    make_cluster_client,
+)
+from hypervisor.observability._core.codec import encode_event
+from hypervisor.observability._core.events import EventType, HypervisorEvent
+from hypervisor.observability._core.partition import PartitionLayout
+from hypervisor.observability.errors import LogUnavailableError
+from redis_cluster import RedisCluster
+from redis_server import RedisServer
+
+STREAMS = ("hvobs:events", "events", "fleet-a", "tenant-7:events")
+COUNTS = (3, 6, 12, 24, 64)
+
+
+def balance(cluster: RedisCluster) -> None:
+    """Print how many partitions each master serves, per stream name and partition count, for
+    the layout's tags and for plain ``{<stream>:p<i>}`` tags."""
+    masters = cluster.masters()
+    print(f"\n## Partitions per master ({len(masters)} masters, a fresh cluster)\n")
+    print("| stream | tags | " + " | ".join(f"N={n}" for n in COUNTS) + " |")
+    print("|---|---|" + "---|" * len(COUNTS))
+    for stream in STREAMS:
+        for scheme in ("layout", "plain"):
+            cells = []
+            for n in COUNTS:
+                layout = PartitionLayout(stream, n)
+                keys = [
+                    layout.stream_key(i) if scheme == "layout" else f"{{{stream}:p{i}}}"
+                    for i in range(n)
+                ]
+                owners = Counter(
+                    next(m.port for m in masters if m.owns(cluster.keyslot(key))) for key in keys
+                )
+                cells.append("/".join(str(owners.get(m.port, 0)) for m in masters))
+            print(f"| `{stream}` | {scheme} | " + " | ".join(cells) + " |")
+
+
+def _writer(
+    url: str,
+    cluster: bool,
+    stream: str,
+    partitions: int,
+    events: int,
+    batch: int,
+    start_at: float,
+    results: multiprocessing.Queue[tuple[float, float]],
+) -> None:
+    async def run() -> tuple[float, float]:
+        layout = PartitionLayout(stream, partitions)
+        payload = [
+            encode_event(
+                HypervisorEvent(
+                    event_type=EventType.RING_ASSIGNED,
+                    agent_did=f"did:agent:{os.getpid()}:{i}",
+                    session_id=f"session-{i % 50}",
+                    payload={"to_ring": 2, "reason": "bench"},
+                )
+            )
+            for i in range(batch)
+        ]
+        keys = [layout.stream_key(i % partitions) for i in range(batch)]
+        client = (
+            make_cluster_client(url, socket_timeout_s=30.0, connect_timeout_s=5.0)
+            if cluster
+            else make_client(url, socket_timeout_s=30.0, connect_timeout_s=5.0)
+        )
+        try:
+            await client.ping()
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            cpu = time.process_time()
+            written = 0
+            while written < events:
+                pipe = client.pipeline(transaction=False)
+                for key, data in zip(keys, payload, strict=True):
+                    pipe.xadd(key, {b"e": data})
+                await pipe.execute()
+                written += batch
+            return time.time(), time.process_time() - cpu
+        finally:
+            await client.aclose()
+
+    results.put(asyncio.run(run()))
+
+
+def throughput(
+    url: str, cluster: bool, writers: int, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Events/s of ``writers`` processes writing ``args.events`` each, and the writers' CPU time
+    per event (µs: the client's share of the cost)."""
+    context = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue[tuple[float, float]] = context.Queue()
+    start_at = time.time() + 2.0  # after every process has started and connected
+    stream = f"bench:{os.getpid()}:{time.monotonic_ns()}"
+    processes = [
+        context.Process(
+            target=_writer,
+            args=(
+                url,
+                cluster,
+                stream,
+                args.partitions,
+                args.events,
+                args.batch,
+                start_at,
+                results,
+            ),
+        )
+        for _ in range(writers)
+    ]
+    for process in processes:
+        process.start()
+    reports = [results.get(timeout=600) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    events: int = args.events
+    end = max(report[0] for report in reports)
+    cpu = sum(report[1] for report in reports)
+    return writers * events / (end - start_at), cpu / (writers * events) * 1e6
+
+
+async def _failover_once(
+    cluster: RedisCluster, partitions: int, batch: int
+) -> tuple[int, int, float]:
+    """Write pipelines of ``batch`` XADDs over ``partitions`` streams while the master of
+    partition 0 is SIGKILLed; return (acknowledged entries, acknowledged entries missing after
+    the promotion, seconds from the kill until partition 0 took a write again)."""
+    layout = PartitionLayout(f"failover:{time.monotonic_ns()}", partitions)
+    keys = [layout.stream_key(i % partitions) for i in range(batch)]
+    victim = cluster.master_of_slot(layout.slot(0)).port
+    client = make_cluster_client(cluster.url, socket_timeout_s=5.0, connect_timeout_s=2.0)
+    acked: dict[str, set[bytes]] = {key: set() for key in keys}
+    killed_at = recovered_at = 0.0
+    counter = 0
+
+    async def kill() -> None:
+        nonlocal killed_at
+        await asyncio.sleep(1.0)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(cluster.kill_master, victim)
+
+    try:
+        killer = asyncio.create_task(kill())
+        while not killer.done() or time.monotonic() < killed_at + 1.0 or not recovered_at:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                counter += 1
+                pipe.xadd(key, {b"e": b"%d" % counter})
+            try:
+                replies = await execute_pipeline(client, pipe, "bench", raise_on_error=False)
+            except LogUnavailableError:
+                await asyncio.sleep(0.05)
+                continue
+            for key, reply in zip(keys, replies, strict=True):
+                if isinstance(reply, bytes):
+                    acked[key].add(reply)
+                    if key == keys[0] and killed_at and not recovered_at and killer.done():
+                        recovered_at = time.monotonic()
+                elif not isinstance(reply, Exception):
+                    raise TypeError(f"unexpected XADD reply {reply!r}")
+            if any(isinstance(reply, Exception) for reply in replies):
+                await asyncio.sleep(0.05)
+        await killer
+        lost = 0
+        for key, ids in acked.items():
+            present = {entry_id for entry_id, _ in await client.xrange(key, "-", "+") or []}
+            lost += len(ids - present)
+        return sum(len(ids) for ids in acked.values()), lost, recovered_at - killed_at
+    finally:
+        await client.aclose()
+
+
+def failover(cluster: RedisCluster, args: argparse.Namespace, runs: int) -> None:
+    """Print what SIGKILLing a master mid-stream costs the raw cluster client."""
+    print(
+        f"\n## A master SIGKILLed mid-stream ({args.partitions} partitions, pipelines of "
+        f"{args.batch}, cluster-node-timeout {cluster.node_timeout_ms} ms)\n"
+    )
+    print("| run | acknowledged XADDs | acknowledged, then lost | partition 0 unwritable |")
+    print("|---|---|---|---|")
+    for run in range(1, runs + 1):
+        acked, lost, gap = asyncio.run(_failover_once(cluster, args.partitions, args.batch))
+        print(f"| {run} | {acked:,} | {lost:,} | {gap:.1f} s |")
+        cluster.heal()
+
+
+def main() -> None:
+    """Run both parts and print markdown tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000, help="events per writer")
+    parser.add_argument("--partitions", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=500, help="XADDs per pipeline")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--failovers", type=int, default=3, help="failover runs (0: none)")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    with RedisCluster() as cluster, RedisServer() as single:
+        balance(cluster)
+        if args.failovers:
+            failover(cluster, args, args.failovers)
+        if args.skip_throughput:
+            return
+        print(
+            f"\n## XADD events/s ({args.partitions} partitions, pipelines of {args.batch}, "
+            f"{args.events} events a writer)\n"
+        )
+        print("events/s, and in brackets the writers' CPU time per event\n")
+        print("| writers | single redis-server | 3-master cluster |")
+        print("|---|---|---|")
+        for writers in (1, 2, 3):
+            plain, plain_cpu = throughput(single.url, False, writers, args)
+            spread, spread_cpu = throughput(cluster.url, True, writers, args)
+            print(
+                f"| {writers} | {plain:,.0f} ({plain_cpu:.1f} µs) "
+                f"| {spread:,.0f} ({spread_cpu:.1f} µs) |"
+            )
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
