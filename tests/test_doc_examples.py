@@ -2,7 +2,9 @@
 
 Each fenced ``python`` block is run on its own, in a fresh interpreter, as a reader would paste
 it into a file. Only what points at the reader's machine is redirected: the Redis URL
-``redis://localhost:6379/0`` to a test server, and the example metrics port 8000 to a free port.
+``redis://localhost:6379/0`` to a database of its own on a test server (emptied after each
+example, so the examples' streams never meet other tests), and the example metrics port 8000
+to a free port.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from redis_server import RedisServer, free_port
 from worker_procs import child_env
@@ -20,6 +23,7 @@ from worker_procs import child_env
 ROOT = Path(__file__).resolve().parents[1]
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 _REDIS_URL = "redis://localhost:6379/0"
+_EXAMPLES_DB = 9  # the other tests use database 0 of the shared test server
 
 
 def _examples() -> list[tuple[str, str]]:
@@ -52,9 +56,14 @@ def test_example_runs_as_written(
     where: str, code: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """The example exits 0 (its own prints aside, nothing is checked but that it runs)."""
+    database: redis.Redis | None = None
     if _REDIS_URL in code:
         server: RedisServer = request.getfixturevalue("redis_server")
-        code = code.replace(_REDIS_URL, server.url)
+        url = f"redis://127.0.0.1:{server.port}/{_EXAMPLES_DB}"
+        code = code.replace(_REDIS_URL, url)
+        database = redis.Redis.from_url(url)
+        request.addfinalizer(database.close)
+        request.addfinalizer(database.flushdb)
     code = code.replace('"127.0.0.1", 8000', f'"127.0.0.1", {free_port()}')
     script = tmp_path / "example.py"
     script.write_text(code)
