@@ -78,13 +78,14 @@ async def test_reader_stores_one_object_per_session_agent_and_short_value(
 
 
 def test_store_shares_keys_only_for_its_own_events() -> None:
-    """``extend(own_events=True)`` gives later events of a key the index's key object; without
-    it, the events a user passes keep their own strings."""
+    """``extend(own_events=True)`` gives later own events of a key the index's key object;
+    without it, the events a user passes keep their own strings."""
     first = HypervisorEvent(session_id=_copy("sess-a"), agent_did=_copy("did:mesh:a"))
     user = HypervisorEvent(session_id=_copy("sess-a"), agent_did=_copy("did:mesh:a"))
     session, agent = user.session_id, user.agent_did
     store = EventStore(None)
-    store.extend([first, user])
+    store.extend([first], own_events=True)
+    store.extend([user])
     assert user.session_id is session
     assert user.agent_did is agent
     own = HypervisorEvent(session_id=_copy("sess-a"), agent_did=_copy("did:mesh:a"))

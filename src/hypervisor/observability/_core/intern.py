@@ -51,21 +51,20 @@ class StringPool:
         equal string (pooling it when new). The events must be the caller's own, seen by no
         one yet: their payload dicts are changed in place (values only, never keys)."""
         strings = self._strings
+        get = strings.get
         max_chars = self.max_chars
         for event in events:
             payload = event.payload
-            if type(payload) is not dict:
-                continue
             for key, value in payload.items():
                 # Exact str only (a decoded value is never a subclass; a user's could be).
-                if type(value) is not str or len(value) > max_chars:
-                    continue
-                shared = strings.get(value)
-                if shared is None:
-                    if len(strings) >= self.max_size:
-                        strings.clear()
-                    strings[value] = value
-                elif shared is not value:
-                    # Replacing the value of an existing key: the dict's size does not change,
-                    # so iterating it stays valid.
-                    payload[key] = shared
+                if type(value) is str and len(value) <= max_chars:
+                    shared = get(value)
+                    if shared is not value:
+                        if shared is None:
+                            if len(strings) >= self.max_size:
+                                strings.clear()
+                            strings[value] = value
+                        else:
+                            # Replacing the value of an existing key: the dict's size does not
+                            # change, so iterating it stays valid.
+                            payload[key] = shared
