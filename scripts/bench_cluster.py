@@ -15,18 +15,23 @@ What exists so far (issue 12's foundations), measured on real servers started he
    partition 0 is SIGKILLed; every acknowledged entry id is looked for afterwards on the
    promoted replica, and the time partition 0 could not be written is printed.
 
+4. **Local index bytes per event**: ``bench_index_memory.py``'s measurement (a bus's reader
+   backfilling 100k events of distinct session and agent strings with a two-key payload, traced
+   with ``tracemalloc``) against the single server, with the issue's target of 450 B.
+
 The bus and the workers do not use partitions yet, so end-to-end figures (emit to applied)
 come with that integration. Every process runs on this machine: the cores are shared by the
 servers and the writers, and the core count is printed beside the figures.
 
 Usage: ``python scripts/bench_cluster.py [--events 100000] [--partitions 12] [--batch 500]
-[--failovers 3] [--skip-throughput]``
+[--failovers 3] [--skip-throughput] [--index-events 100000]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import multiprocessing
 import os
 import sys
@@ -223,6 +228,15 @@ def failover(cluster: RedisCluster, args: argparse.Namespace, runs: int) -> None
         cluster.heal()
 
 
+def index_memory(url: str, events: int) -> None:
+    """Print the local index's bytes per stored event (``bench_index_memory``'s workload)."""
+    # A sibling script, not a package module: imported from this file's folder (sys.path[0]).
+    bench_index_memory = importlib.import_module("bench_index_memory")
+    args = bench_index_memory.parser().parse_args(["--events", str(events), "--top", "0"])
+    print("\n## Local index bytes per event")
+    bench_index_memory.report(asyncio.run(bench_index_memory.measure(url, args)), args)
+
+
 def main() -> None:
     """Run both parts and print markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -231,10 +245,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500, help="XADDs per pipeline")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--failovers", type=int, default=3, help="failover runs (0: none)")
+    parser.add_argument(
+        "--index-events", type=int, default=100_000, help="local index bytes/event (0: skip)"
+    )
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     with RedisCluster() as cluster, RedisServer() as single:
         balance(cluster)
+        if args.index_events:
+            index_memory(single.url, args.index_events)
         if args.failovers:
             failover(cluster, args, args.failovers)
         if args.skip_throughput:

@@ -62,14 +62,16 @@ def matches(event: HypervisorEvent, f: dict[str, object]) -> bool:
     cap=st.none() | st.integers(min_value=1, max_value=40),
     f=filters,
     limit=st.integers(min_value=1, max_value=7),
+    own=st.booleans(),
 )
 def test_pages_equal_a_scan_of_the_stored_events(
-    batch: list[HypervisorEvent], cap: int | None, f: dict[str, object], limit: int
+    batch: list[HypervisorEvent], cap: int | None, f: dict[str, object], limit: int, own: bool
 ) -> None:
     """Every page is the newest ``limit`` matches below its cursor, oldest first, and the pages
-    together are every stored match, newest page first, each once."""
+    together are every stored match, newest page first, each once (with posting lists or, for
+    events the store owns, posting arrays)."""
     store = EventStore(cap)
-    store.extend(batch)
+    store.extend(batch, own_events=own)
     kept = batch if cap is None else batch[-cap:]
     expected = [e for e in kept if matches(e, f)]
     seen: list[HypervisorEvent] = []

@@ -90,6 +90,22 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.extend(batch)
         self.model.extend(batch)
 
+    @rule(batch=st.lists(events, max_size=12))
+    def extend_own(self, batch: list[HypervisorEvent]) -> None:
+        """Events the store owns (as the Redis bus's reader's): their posting lists are arrays
+        and their session and agent strings become the index's objects, equal to theirs."""
+        copies = [
+            msgspec.structs.replace(
+                e,
+                session_id=None if e.session_id is None else "".join(list(e.session_id)),
+                agent_did=None if e.agent_did is None else "".join(list(e.agent_did)),
+            )
+            for e in batch
+        ]
+        self.store.extend(copies, own_events=True)
+        assert copies == batch
+        self.model.extend(copies)
+
     @rule(
         batch=st.lists(events, max_size=8),
         bad_at=st.integers(min_value=0, max_value=8),

@@ -39,6 +39,7 @@ from hypervisor.observability._backends.log import (
 from hypervisor.observability._core.codec import decode_events
 from hypervisor.observability._core.dispatch import Dispatcher
 from hypervisor.observability._core.events import HypervisorEvent
+from hypervisor.observability._core.intern import StringPool
 from hypervisor.observability._core.recent import RecentIds
 from hypervisor.observability._core.store import EventStore
 from hypervisor.observability._core.trace_context import TraceContext, decode_entry_context
@@ -108,6 +109,9 @@ class BusReader:
         # The trace contexts of the newest events that carried one, by event id (oldest first).
         self.contexts: OrderedDict[str, TraceContext] = OrderedDict()
         self.max_contexts = max(1, max_contexts)
+        # The decoded events are the reader's own until stored: they share short payload
+        # values (this pool) and their session and agent strings (the store's index keys).
+        self.strings = StringPool()
 
         # Read through the bus's properties of the same names (documented there).
         self.applied = 0
@@ -271,7 +275,8 @@ class BusReader:
             self.decode_errors += len(bad)
         if self.dedup_window:
             events = self._drop_copies(events)
-        self.store.extend(events)
+        self.strings.share_payloads(events)
+        self.store.extend(events, own_events=True)
         self.applied += len(events)
         self.last_applied = parse_id(entries[-1].id)
         if self.dispatcher.has_handlers:

@@ -12,6 +12,7 @@ here too, so that ``store.py`` imports this module and never the other way round
 from __future__ import annotations
 
 import sys
+from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Hashable, Iterable
 from datetime import UTC, datetime
@@ -21,7 +22,51 @@ from hypervisor.observability._core.events import EventType, HypervisorEvent
 
 __all__ = ["EventPage", "EventSlice"]
 
-_Index: TypeAlias = "dict[Hashable, list[int]]"
+# A posting list: a list, or an array("q") for the events a store owns (EventStore.extend).
+_Postings: TypeAlias = "list[int] | array[int]"
+_Index: TypeAlias = "dict[Hashable, _Postings]"
+
+
+def _query_limit(limit: int | None) -> int | None:
+    """``query``'s limit as the published module reads it: ``None`` or ``0`` (``[-0:]`` keeps
+    everything) means all matches; a negative limit is returned as is (the caller drops that
+    many of the oldest matches, as ``matches[-limit:]`` does).
+
+    Raises:
+        TypeError: not an int (a bool included), as the published slice raises for a float or
+            a string.
+    """
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int or None, got {type(limit).__name__} {limit!r}")
+    return None if limit == 0 else limit
+
+
+def _matching(
+    events: Iterable[HypervisorEvent],
+    event_type: Hashable | None,
+    session_id: str | None,
+    agent_did: str | None,
+) -> list[HypervisorEvent]:
+    """The events matching every filter that is not ``None``."""
+    if event_type is None:
+        if session_id is None:
+            return [e for e in events if e.agent_did == agent_did]
+        if agent_did is None:
+            return [e for e in events if e.session_id == session_id]
+        return [e for e in events if e.session_id == session_id and e.agent_did == agent_did]
+    if session_id is None:
+        if agent_did is None:
+            return [e for e in events if e.event_type == event_type]
+        return [e for e in events if e.event_type == event_type and e.agent_did == agent_did]
+    if agent_did is None:
+        return [e for e in events if e.event_type == event_type and e.session_id == session_id]
+    return [
+        e
+        for e in events
+        if e.event_type == event_type and e.session_id == session_id and e.agent_did == agent_did
+    ]
 
 
 class EventPage(NamedTuple):
@@ -198,7 +243,7 @@ class _PositionReads:
                 late_above.sort()
                 late_below.sort()
             hi = max(lo, upper)
-        candidates: list[tuple[int, list[int], int, int]] = []
+        candidates: list[tuple[int, _Postings, int, int]] = []
         for which, (index, key) in enumerate(
             (
                 (self._by_type, event_type),
@@ -213,7 +258,7 @@ class _PositionReads:
                 return EventPage([], None, [])
             head = seqs[0]
             candidates.append((len(seqs) - head, seqs, head, which))
-        main: list[int] | range
+        main: _Postings | range
         if candidates:
             _, posting, head, walked = min(candidates, key=lambda c: c[0])
             start = bisect_left(posting, lo, head)
@@ -259,7 +304,7 @@ class _PositionReads:
 
     def _walk_newest(
         self,
-        seqs: list[int] | range,
+        seqs: _Postings | range,
         wanted: int,
         found: list[int],
         event_type: EventType | None,
