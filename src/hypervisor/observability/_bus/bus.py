@@ -29,6 +29,7 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, Self
 
 import anyio
@@ -44,7 +45,7 @@ from hypervisor.observability._backends.partition_set import PartitionSet, memor
 from hypervisor.observability._bus.emitting import BusEmitting
 from hypervisor.observability._bus.queries import BusQueries, IndexLag
 from hypervisor.observability._bus.readers import ReaderGroup
-from hypervisor.observability._bus.support import durable_wait, reader_lag, retention_policy
+from hypervisor.observability._bus.support import all_of, durable_wait, reader_lag, retention_policy
 from hypervisor.observability._bus.writer import BusWriter
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
 from hypervisor.observability._core.dispatch import Dispatcher
@@ -363,8 +364,8 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
             if self._parts is not None:
                 # Detects a cluster and checks (or records) the partition count.
                 await self._writer.with_retry(self._parts.prepare)
-            starts = await asyncio.gather(
-                *(self._start_after(reader.log) for reader in self._reader.readers)
+            starts = await all_of(
+                [partial(self._start_after, reader.log) for reader in self._reader.readers]
             )
             if self._durable:
                 self._writer.durable = await self._durable_wait()
@@ -512,8 +513,8 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
             raise BusClosedError("this bus runs without a reader (reader=False)")
         readers = self._reader.readers
         read_nos = [reader.read_no for reader in readers]
-        heads = await asyncio.gather(
-            *(self._writer.with_retry(reader.log.head_id) for reader in readers)
+        heads = await all_of(
+            [partial(self._writer.with_retry, reader.log.head_id) for reader in readers]
         )
         await asyncio.gather(
             *(
@@ -527,7 +528,7 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         trimmed before the reader read them)."""
         self._check_running()
         readers = self._reader.readers
-        lags = await asyncio.gather(*(reader_lag(reader, limit) for reader in readers))
+        lags = await all_of([partial(reader_lag, reader, limit) for reader in readers])
         if len(lags) == 1:
             return lags[0]
         # Over the partitions: counts add up; the ids are the newest head and the oldest

@@ -4,6 +4,10 @@ wait a flush makes, and one partition reader's lag."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import anyio
 
 from hypervisor.observability._backends.log import (
     DurableWait,
@@ -17,7 +21,30 @@ from hypervisor.observability._bus.reader import BusReader
 from hypervisor.observability._bus.writer import BusWriter
 from hypervisor.observability.errors import BusDurabilityError
 
-__all__ = ["durable_wait", "reader_lag", "retention_policy"]
+__all__ = ["all_of", "durable_wait", "reader_lag", "retention_policy"]
+
+T = TypeVar("T")
+
+
+async def all_of(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run ``calls`` concurrently and return their results in order; the first to raise
+    cancels the others (unlike ``asyncio.gather``, which leaves them running against logs a
+    failed start is about to close), and its exception is raised as it is."""
+    if len(calls) == 1:
+        return [await calls[0]()]
+    results: list[T | None] = [None] * len(calls)
+
+    async def run(index: int) -> None:
+        results[index] = await calls[index]()
+
+    try:
+        async with anyio.create_task_group() as group:
+            for index in range(len(calls)):
+                group.start_soon(run, index)
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None
+    return results  # type: ignore[return-value]
+
 
 _log = logging.getLogger("hypervisor.observability.redis_bus")
 
