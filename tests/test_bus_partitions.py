@@ -10,9 +10,12 @@ import pytest
 import redis
 
 from hypervisor.observability import EventType, HypervisorEvent, RedisEventBus
+from hypervisor.observability._backends.log import DurableWait, LogError
+from hypervisor.observability._backends.memory_log import MemoryStreamLog
 from hypervisor.observability._backends.partition_set import PartitionSet
+from hypervisor.observability._backends.redis_partitions import _parse_slots
 from hypervisor.observability._core.partition import PartitionLayout
-from hypervisor.observability.errors import PartitionLayoutError
+from hypervisor.observability.errors import BusUnavailableError, PartitionLayoutError
 from redis_cluster import RedisCluster
 from redis_server import RedisServer
 
@@ -208,3 +211,79 @@ async def test_cluster_twelve_partitions_land_on_their_masters_and_read_back(
         total += int(redis_cluster.command(master.port, "XLEN", layout.stream_key(part)))
     assert total == len(events)
     assert len(masters) == 3
+
+
+class _RefusingLog(MemoryStreamLog):
+    """A partition log whose appends fail for good (a non-transient error)."""
+
+    async def append_many(
+        self, entries: list[bytes], durable: DurableWait | None = None
+    ) -> list[str]:
+        raise LogError("refused for the test")
+
+
+async def test_a_failed_partition_group_fails_only_its_events() -> None:
+    """When one partition's append fails, ``emit_many``'s error carries exactly that
+    partition's events (stored_unknown: a LogError may come after a request was sent), and
+    the other partitions' events are stored."""
+    layout = PartitionLayout("fleet", 4)
+    logs = [MemoryStreamLog(layout.stream_key(i)) for i in range(4)]
+    logs[2] = _RefusingLog(layout.stream_key(2))
+    events = fleet(200)
+    async with RedisEventBus(PartitionSet(layout, logs), max_events=None) as bus:
+        with pytest.raises(BusUnavailableError) as caught:
+            await bus.emit_many(events)
+        expected = [e.event_id for e in events if layout.partition(e) == 2]
+        assert [e.event_id for e in caught.value.events] == expected
+        assert caught.value.stored_unknown
+        stored = sum([await logs[i].length() for i in (0, 1, 3)])
+        assert stored == len(events) - len(expected)
+        assert bus.failed == len(expected)
+
+
+def test_a_hostile_slot_map_reply_is_read_safely() -> None:
+    """``CLUSTER SLOTS`` replies are server input: malformed ranges and nodes are skipped, an
+    empty host means the node asked, and ranges come back sorted."""
+    raw = [
+        [b"5461", b"10922", [b"", b"7001", b"id"], [b"127.0.0.1", b"7004", b"id"]],
+        [b"0", b"5460", [b"127.0.0.1", b"7000", b"id"]],
+        [b"x", b"5", [b"h", b"1"]],
+        [b"10923", b"99999", [b"h", b"7002"]],
+        [b"10923", b"16383"],
+        b"garbage",
+    ]
+    ranges, known = _parse_slots(raw, "10.0.0.9")
+    assert ranges == [(0, 5460, "127.0.0.1", 7000), (5461, 10922, "10.0.0.9", 7001)]
+    assert ("127.0.0.1", 7004) in known
+    assert _parse_slots(b"not a list", "h") == ([], [])
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_durable_partitions_on_the_cluster_wait_for_each_masters_replica(
+    redis_cluster: RedisCluster,
+) -> None:
+    """``durable=True`` with partitions on a cluster: each partition group's pipeline ends
+    with WAIT on its own master, so every emit returns confirmed by a replica, and each
+    master's replica holds its partitions' entries at once."""
+    stream = _stream()
+    layout = PartitionLayout(stream, 12)
+    events = fleet(300)
+    url = redis_cluster.url
+    async with RedisEventBus.from_url(
+        url, stream, partitions=12, reader=False, durable=True, durable_timeout_s=5.0
+    ) as bus:
+        assert bus._writer.durable is not None
+        assert bus._writer.durable.replicas == 1
+        await bus.emit_many(events)
+    nodes = redis_cluster.nodes()
+    for part in range(12):
+        master = redis_cluster.master_of_slot(layout.slot(part))
+        replica = next(n for n in nodes if n.master_id == master.node_id)
+        wanted = sum(1 for e in events if layout.partition(e) == part)
+        client = redis.Redis(port=replica.port)
+        try:
+            client.execute_command("READONLY")  # type: ignore[no-untyped-call]
+            assert client.xlen(layout.stream_key(part)) == wanted
+        finally:
+            client.close()
