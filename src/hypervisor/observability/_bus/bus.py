@@ -516,11 +516,11 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         heads = await all_of(
             [partial(self._writer.with_retry, reader.log.head_id) for reader in readers]
         )
-        await asyncio.gather(
-            *(
-                reader.wait_applied(parse_id(head), read_no)
+        await all_of(
+            [
+                partial(reader.wait_applied, parse_id(head), read_no)
                 for reader, head, read_no in zip(readers, heads, read_nos, strict=True)
-            )
+            ]
         )
 
     async def index_lag(self, limit: int = 1_000_000) -> IndexLag:
