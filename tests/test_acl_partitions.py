@@ -134,3 +134,29 @@ async def test_partitioned_producer_and_reader_users_on_the_cluster(
     """On the cluster (the lines loaded on every node), the same users run partitions=12
     buses: slot map, cluster client for the layout record, per-node pipelines."""
     await _producer_and_reader(redis_cluster.url, redis_cluster.ports, 12)
+
+
+def test_cli_prints_the_partitioned_grants() -> None:
+    """``hvobs acl --partitions 4`` prints the partitioned rules; a count out of range ends
+    with one line and exit status 2."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "hypervisor.observability.cli", "acl", "--role", "producer"]
+    done = subprocess.run(
+        [*base, "--stream", "fleet", "--user", "u", "--password", "p", "--partitions", "4"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "%W~{fleet:p*} +xadd" in done.stdout
+    assert "(~hvobs:layout:{fleet} +get +set)" in done.stdout
+    bad = subprocess.run(
+        [*base, "--stream", "fleet", "--user", "u", "--password", "p", "--partitions", "999"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("hvobs acl: partitions must be 1 .. 256")
