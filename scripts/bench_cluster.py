@@ -18,13 +18,20 @@ What exists so far (issue 12's foundations), measured on real servers started he
 4. **Local index bytes per event**: ``bench_index_memory.py``'s measurement (a bus's reader
    backfilling 100k events of distinct session and agent strings with a two-key payload, traced
    with ``tracemalloc``) against the single server, with the issue's target of 450 B.
+5. **The bus end to end** (producer and reader): one process emits ``--bus-events`` events
+   with ``emit_many`` through ``RedisEventBus.from_url(..., partitions=N)`` (its defaults:
+   batches of 1,024 split per partition, one plain pipeline per partition to the node of its
+   slot, all sent concurrently) on the single redis-server with 1 and ``--partitions``
+   partitions and on the cluster with ``--partitions``; then a reader bus started afterwards
+   indexes them all (one reader per partition merged into the local index): its merge rate.
 
-The bus and the workers do not use partitions yet, so end-to-end figures (emit to applied)
-come with that integration. Every process runs on this machine: the cores are shared by the
+The workers do not use partitions yet, so emit-to-applied figures come with their integration.
+Every process runs on this machine: the cores are shared by the
 servers and the writers, and the core count is printed beside the figures.
 
 Usage: ``python scripts/bench_cluster.py [--events 100000] [--partitions 12] [--batch 500]
-[--failovers 3] [--skip-throughput] [--index-events 100000]``
+[--failovers 3] [--skip-throughput] [--index-events 100000] [--bus-events 100000]
+[--skip-bus]``
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from hypervisor.observability import RedisEventBus
 from hypervisor.observability._backends.redis_client import make_client
 from hypervisor.observability._backends.redis_cluster import (
     execute_pipeline,
@@ -237,6 +245,51 @@ def index_memory(url: str, events: int) -> None:
     bench_index_memory.report(asyncio.run(bench_index_memory.measure(url, args)), args)
 
 
+async def _bus_run(url: str, partitions: int, events: int) -> tuple[float, float, float]:
+    """Emit ``events`` through a partitioned bus, then index them with a new reader bus:
+    emitted events/s, the producer's CPU µs per event, and indexed events/s."""
+    stream = f"bench-bus-{os.getpid()}-{time.monotonic_ns()}"
+    fleet = [
+        HypervisorEvent(
+            event_type=EventType.RING_ASSIGNED,
+            agent_did=f"did:agent:{i % 5000}",
+            session_id=f"session-{i % 50}",
+            payload={"to_ring": 2, "reason": "bench"},
+        )
+        for i in range(events)
+    ]
+    async with RedisEventBus.from_url(url, stream, partitions=partitions, reader=False) as bus:
+        await bus.emit_many(fleet[:1000])  # connections made before the clock starts
+        wall, cpu = time.perf_counter(), time.process_time()
+        await bus.emit_many(fleet[1000:])
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    emitted = (events - 1000) / wall
+    start = time.perf_counter()
+    async with RedisEventBus.from_url(url, stream, partitions=partitions, max_events=None) as bus:
+        indexed = bus.applied
+    merged = indexed / (time.perf_counter() - start)
+    if indexed != events:
+        raise RuntimeError(f"the reader indexed {indexed} of {events} events")
+    return emitted, cpu / (events - 1000) * 1e6, merged
+
+
+def bus_figures(single: RedisServer, cluster: RedisCluster, args: argparse.Namespace) -> None:
+    """Print the bus's producer and reader rates on the single server and on the cluster."""
+    print(
+        f"\n## The bus end to end ({args.bus_events:,} events, one producer process, emit_many)\n"
+    )
+    print("| deployment | partitions | emitted events/s (CPU µs/event) | reader indexed events/s |")
+    print("|---|---|---|---|")
+    runs = [
+        ("single redis-server", single.url, 1),
+        ("single redis-server", single.url, args.partitions),
+        ("3-master cluster", cluster.url, args.partitions),
+    ]
+    for name, url, partitions in runs:
+        emitted, cpu, merged = asyncio.run(_bus_run(url, partitions, args.bus_events))
+        print(f"| {name} | {partitions} | {emitted:,.0f} ({cpu:.1f} µs) | {merged:,.0f} |")
+
+
 def main() -> None:
     """Run both parts and print markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -248,12 +301,16 @@ def main() -> None:
     parser.add_argument(
         "--index-events", type=int, default=100_000, help="local index bytes/event (0: skip)"
     )
+    parser.add_argument("--bus-events", type=int, default=100_000, help="events through the bus")
+    parser.add_argument("--skip-bus", action="store_true")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     with RedisCluster() as cluster, RedisServer() as single:
         balance(cluster)
         if args.index_events:
             index_memory(single.url, args.index_events)
+        if not args.skip_bus:
+            bus_figures(single, cluster, args)
         if args.failovers:
             failover(cluster, args, args.failovers)
         if args.skip_throughput:

@@ -13,10 +13,16 @@ workers' state of the named consumer groups) and to the commands this package ru
   resetting state (``--reset-state``), ``hvobs dlq replay`` and retention trimming.
 
 The key patterns come from the functions that name the keys (``dlq_name``, ``state_prefix``), so
-they cannot drift from what the workers use. Names are glob-escaped, so a stream called ``a*``
-grants ``a*`` and not ``ab``. The rules are Redis 7.0 syntax (``%R~``/``%W~`` key permissions,
-selectors in parentheses, ``command|subcommand``) and start with ``reset``, so running a line
-again replaces the user's permissions instead of adding to them.
+they cannot drift from what the workers use. For a partitioned stream (``partitions`` > 1) the
+patterns cover every partition's keys (``{S:p*}``, its dead letters ``{S:p*}:dlq``, the state
+``hvobs:worker:{S:p*}:<group>:*``: the names of ``PartitionLayout``), and every role may also
+read and create the layout record (``GET``/``SET`` on ``hvobs:layout:{S}``) and run what
+finding the partitions' nodes takes: ``INFO`` (cluster detection), ``CLUSTER SLOTS`` (the slot
+map), ``COMMAND`` (redis-py's cluster client, for the layout record) and ``ASKING``. Names
+are glob-escaped, so a stream called ``a*`` grants ``a*`` and not ``ab``. The rules are Redis
+7.0 syntax (``%R~``/``%W~`` key permissions, selectors in parentheses, ``command|subcommand``)
+and start with ``reset``, so running a line again replaces the user's permissions instead of
+adding to them.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from hypervisor.observability._backends.state import state_prefix
+from hypervisor.observability._core.partition import MAX_PARTITIONS
 from hypervisor.observability.errors import AclArgumentError
 from hypervisor.observability.workers._dlq import dlq_name
 
@@ -97,6 +104,13 @@ _ADMIN_EXTRA: Final = ("@stream", "unlink", "exists", "type", "scan", "time")
 """Every stream command (trim, delete entries, destroy groups, replay), deleting keys, the
 ``SCAN`` of ``--reset-state`` and the ``TIME`` of the retention script."""
 
+_PARTITIONED: Final = ("info", "cluster|slots", "command", "asking")
+"""What a partitioned bus runs besides its keys' commands: cluster detection (``INFO``), the
+slot map (``CLUSTER SLOTS``), and redis-py's cluster client for the layout record (``COMMAND``
+at its start, ``ASKING`` after an ``ASK`` redirection)."""
+_LAYOUT: Final = ("get", "set")
+"""The layout record: read it, create it with ``SET NX``."""
+
 _GLOB: Final = re.compile(r"([*?\[\]\\])")
 # Characters that cannot be written in one unquoted token of a redis-cli line or an ACL file
 # (both split on whitespace and treat quotes specially), or that would end a selector early.
@@ -142,17 +156,22 @@ def _glob_escape(value: str) -> str:
     return _GLOB.sub(r"\\\1", value)
 
 
-def role_grants(role: str, stream: str, groups: Sequence[str] = ()) -> list[Grant]:
+def role_grants(
+    role: str, stream: str, groups: Sequence[str] = (), *, partitions: int = 1
+) -> list[Grant]:
     """Return the root grant and the selectors of ``role`` on ``stream``.
 
     Args:
         role: one of :data:`ROLES`.
-        stream: the bus stream key.
+        stream: the bus stream key (the stream's name when partitioned).
         groups: the consumer groups whose worker state the role may use (worker and admin
             roles: at least one; the other roles take none).
+        partitions: the stream's partition count; above 1 the grants cover every partition's
+            keys and the layout record, on a single Redis or a cluster.
 
     Raises:
-        AclArgumentError: an unknown role, an unusable name, or groups missing or misplaced.
+        AclArgumentError: an unknown role, an unusable name, a partition count out of range,
+            or groups missing or misplaced.
     """
     if role not in ROLES:
         raise AclArgumentError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
@@ -168,6 +187,14 @@ def role_grants(role: str, stream: str, groups: Sequence[str] = ()) -> list[Gran
         )
     if groups and not needs_groups:
         raise AclArgumentError(f"--group applies to the worker and admin roles, not to {role}")
+    if isinstance(partitions, bool) or not isinstance(partitions, int):
+        raise AclArgumentError(f"partitions must be a number, not {partitions!r}")
+    if not 1 <= partitions <= MAX_PARTITIONS:
+        raise AclArgumentError(f"partitions must be 1 .. {MAX_PARTITIONS}, not {partitions}")
+    if partitions > 1:
+        if "{" in stream or "}" in stream:
+            raise AclArgumentError(f"a partitioned stream name {stream!r} cannot contain braces")
+        return _partitioned_grants(role, stream, groups)
     stream_key = _glob_escape(stream)
     dlq_key = _glob_escape(dlq_name(stream))
     # Every key of a group's state starts with state_prefix(stream, group, derivation) + ":";
@@ -193,7 +220,37 @@ def role_grants(role: str, stream: str, groups: Sequence[str] = ()) -> list[Gran
     ]
 
 
-def acl_rules(role: str, stream: str, groups: Sequence[str] = ()) -> list[str]:
+def _partitioned_grants(role: str, stream: str, groups: Sequence[str]) -> list[Grant]:
+    """``role_grants`` of a partitioned stream: the keys of every partition (``PartitionLayout``'s
+    names, ``{S:p<i>}`` or ``{S:p<i>.<k>}``, matched by ``{S:p*}``) and the layout record."""
+    name = _glob_escape(stream)
+    stream_key = f"{{{name}:p*}}"
+    dlq_key = dlq_name(stream_key)
+    state_keys = tuple(f"~hvobs:worker:{stream_key}:{_glob_escape(g)}:*" for g in groups)
+    layout = Grant((f"~hvobs:layout:{{{name}}}",), _LAYOUT)
+    if role == "producer":
+        return [Grant((f"%W~{stream_key}",), (*_APPEND, *_PARTITIONED)), layout]
+    if role == "reader":
+        keys = (f"%R~{stream_key}", f"%R~{dlq_key}")
+        return [Grant(keys, (*_READ_STREAM, *_PARTITIONED)), layout]
+    if role == "worker":
+        return [
+            Grant((f"~{stream_key}",), (*_CONSUME, *_KEYLESS_WORKER, *_PARTITIONED)),
+            Grant(state_keys, _STATE),
+            Grant((f"~{dlq_key}",), _DEAD_LETTER),
+            layout,
+        ]
+    return [
+        Grant(
+            (f"~{stream_key}", f"~{dlq_key}", *state_keys, *layout.keys),
+            (*_ADMIN_EXTRA, *_STATE, *_KEYLESS_WORKER, *_PARTITIONED),
+        )
+    ]
+
+
+def acl_rules(
+    role: str, stream: str, groups: Sequence[str] = (), *, partitions: int = 1
+) -> list[str]:
     """Return the ACL rules of ``role`` on ``stream``, without user and password.
 
     The first rules reset the user (``reset``, no channels, no commands); selectors are single
@@ -202,7 +259,7 @@ def acl_rules(role: str, stream: str, groups: Sequence[str] = ()) -> list[str]:
     Raises:
         AclArgumentError: see :func:`role_grants`.
     """
-    root, *selectors = role_grants(role, stream, groups)
+    root, *selectors = role_grants(role, stream, groups, partitions=partitions)
     rules = ["resetchannels", "-@all", *root.rules()]
     rules.extend("(" + " ".join(selector.rules()) + ")" for selector in selectors)
     return rules
@@ -238,6 +295,7 @@ def acl_line(
     groups: Sequence[str] = (),
     form: str = "setuser",
     plaintext: bool = False,
+    partitions: int = 1,
 ) -> str:
     """Return one line that creates or replaces ``user`` with ``role`` on ``stream``.
 
@@ -250,6 +308,7 @@ def acl_line(
         form: ``"setuser"`` for ``ACL SETUSER ...`` (redis-cli), ``"aclfile"`` for a
             ``user ...`` line of an ACL file (``aclfile`` in redis.conf).
         plaintext: write ``>password`` instead of ``#<sha256>``.
+        partitions: the stream's partition count (see :func:`role_grants`).
 
     Raises:
         AclArgumentError: an unusable argument; the message never contains the password.
@@ -261,7 +320,7 @@ def acl_line(
             f"the user name {user!r} is not usable: 1-128 characters, letters, digits and "
             "_ . : @ - (starting with a letter or digit)"
         )
-    rules = acl_rules(role, stream, groups)
+    rules = acl_rules(role, stream, groups, partitions=partitions)
     head = "ACL SETUSER" if form == "setuser" else "user"
     return " ".join(
         [head, user, "reset", "on", password_rule(password, plaintext=plaintext), *rules]

@@ -172,6 +172,14 @@ def add_acl_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         help="a consumer group whose worker state the role may use (worker and admin; repeat "
         "for several; default: none)",
     )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the stream's partition count: above 1 the user gets every partition's keys, the "
+        "layout record and the cluster commands a partitioned bus runs (default: 1)",
+    )
     parser.add_argument("--user", required=True, help="the Redis user name (required)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -234,6 +242,7 @@ def run_acl(args: argparse.Namespace) -> int:
             groups=args.group,
             form=args.format,
             plaintext=args.plaintext,
+            partitions=args.partitions,
         )
     except (AclArgumentError, ValueError) as exc:
         print(f"hvobs acl: {exc}", file=sys.stderr)

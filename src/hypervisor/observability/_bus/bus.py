@@ -28,7 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, Self
 
 import anyio
@@ -37,17 +38,24 @@ from hypervisor.observability._backends.log import (
     DurableWait,
     StreamLog,
     TrimPolicy,
-    format_id,
     parse_id,
     previous_id,
 )
+from hypervisor.observability._backends.partition_set import PartitionSet, memory_partitions
 from hypervisor.observability._bus.emitting import BusEmitting
 from hypervisor.observability._bus.queries import BusQueries, IndexLag
-from hypervisor.observability._bus.reader import BusReader
+from hypervisor.observability._bus.readers import ReaderGroup
+from hypervisor.observability._bus.support import all_of, durable_wait, reader_lag, retention_policy
 from hypervisor.observability._bus.writer import BusWriter
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
 from hypervisor.observability._core.dispatch import Dispatcher
-from hypervisor.observability._core.events import EventHandler, EventType
+from hypervisor.observability._core.events import EventHandler, EventType, HypervisorEvent
+from hypervisor.observability._core.partition import (
+    PartitionKey,
+    PartitionLayout,
+    default_partition_key,
+    partition_index,
+)
 from hypervisor.observability._core.store import (
     DEFAULT_MAX_EVENTS,
     EventStore,
@@ -56,7 +64,6 @@ from hypervisor.observability._util.aio import AsyncResource
 from hypervisor.observability._util.retry import Backoff
 from hypervisor.observability.errors import (
     BusClosedError,
-    BusDurabilityError,
 )
 
 __all__ = ["DEFAULT_STREAM", "IndexLag", "RedisEventBus", "TrimPolicy", "live_buses"]
@@ -75,20 +82,6 @@ def live_buses(loop: asyncio.AbstractEventLoop | None = None) -> list[RedisEvent
     """The buses started and not closed yet, those closing included (on ``loop`` when
     given)."""
     return [bus for bus in list(_LIVE) if loop is None or bus._loop is loop]
-
-
-def _retention(
-    max_len: int | None, max_age_s: float | None, retention: TrimPolicy | None
-) -> TrimPolicy | None:
-    if retention is not None:
-        if max_len is not None or max_age_s is not None:
-            raise ValueError("pass either retention or max_len/max_age_s, not both")
-        return retention
-    if max_len is None and max_age_s is None:
-        return None
-    if (max_len is not None and max_len < 1) or (max_age_s is not None and max_age_s <= 0):
-        raise ValueError("max_len must be >= 1 and max_age_s > 0")
-    return TrimPolicy(max_len=max_len, max_age_s=max_age_s)
 
 
 class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
@@ -147,7 +140,7 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
 
     def __init__(
         self,
-        log: StreamLog,
+        log: StreamLog | PartitionSet,
         *,
         max_events: int | None = DEFAULT_MAX_EVENTS,
         buffer_size: int = 65_536,
@@ -167,6 +160,7 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         durable: bool = False,
         durable_timeout_s: float = 1.0,
         durable_replicas: int = 1,
+        read_partitions: Sequence[int] | None = None,
     ) -> None:
         if buffer_size < 1 or batch_size < 1:
             raise ValueError("buffer_size and batch_size must be >= 1")
@@ -181,7 +175,26 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         self._durable = durable
         self._durable_timeout_s = durable_timeout_s
         self._durable_replicas = durable_replicas
-        self._stream_log = log
+        if isinstance(log, PartitionSet):
+            self._parts: PartitionSet | None = log
+            logs: tuple[StreamLog, ...] = log.logs
+            layout = log.layout
+            self._route: Callable[[HypervisorEvent], int] | None = layout.partition
+            chosen = range(layout.partitions) if read_partitions is None else read_partitions
+            read = sorted(set(chosen))
+            if not read or not all(0 <= p < layout.partitions for p in read):
+                raise ValueError(
+                    f"read_partitions must name some of partitions 0..{layout.partitions - 1}"
+                )
+        else:
+            if read_partitions is not None:
+                raise ValueError("read_partitions needs a partitioned bus (partitions > 1)")
+            self._parts = None
+            logs = (log,)
+            self._route = None
+            read = [0]
+        self._logs = logs
+        self._stream_log = logs[0]
         self._store = EventStore(max_events)
         self._dispatcher = Dispatcher()
         self._buffer_size = buffer_size
@@ -191,15 +204,15 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
 
         backoff = Backoff(retry_base_s, retry_cap_s)
         self._writer = BusWriter(
-            log,
+            logs,
             batch_size=batch_size,
             linger_s=linger_s,
             retry_deadline_s=retry_deadline_s,
             backoff=backoff,
             keep_failed=buffer_size,
         )
-        self._reader = BusReader(
-            log,
+        self._reader = ReaderGroup(
+            [(p, logs[p]) for p in read],
             self._store,
             self._dispatcher,
             read_count=read_count,
@@ -230,9 +243,12 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         max_age_s: float | None = None,
         retention: TrimPolicy | None = None,
         log_options: dict[str, Any] | None = None,
+        partitions: int = 1,
+        partition_key: PartitionKey | None = None,
         **options: Any,
     ) -> RedisEventBus:
-        """Build a bus on a Redis stream.
+        """Build a bus on a Redis stream, or on ``partitions`` partition streams (on a single
+        Redis or a Redis Cluster, detected at start from the URL's node).
 
         Args:
             url: ``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS; the ACL
@@ -241,18 +257,33 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
             max_len: keep about this many entries in the stream (trimmed with ``~``, never
                 past entries a consumer group has not acknowledged).
             max_age_s: drop entries older than this (same guarantee).
-            retention: the full retention policy instead of ``max_len``/``max_age_s``.
+            retention: the full retention policy instead of ``max_len``/``max_age_s``. With
+                partitions, ``max_len`` bounds the whole stream: each partition keeps
+                ``ceil(max_len / partitions)``; ``max_age_s`` applies to each partition.
             log_options: extra ``RedisStreamLog`` options (timeouts, TLS files, ...).
-            **options: ``RedisEventBus`` options.
+            partitions: 1 (the default) is one stream key named ``stream`` on a single Redis,
+                as before; N > 1 spreads the events over N partition streams
+                (``docs/scaling.md``), on a single Redis or a Redis Cluster (the URL names any
+                of its nodes). The count is recorded in Redis by the first process; a bus
+                started with another count raises ``PartitionLayoutError`` at ``start()``.
+            partition_key: the ``(event) -> str`` whose value picks an event's partition
+                (default: by event family, see :func:`default_partition_key`); every
+                producer of a stream must use the same.
+            **options: ``RedisEventBus`` options (``read_partitions`` among them).
         """
-        from hypervisor.observability._backends.redis_log import RedisStreamLog
-
-        retention = _retention(max_len, max_age_s, retention)
+        retention = retention_policy(max_len, max_age_s, retention)
         block_s = float(options.get("block_s", 1.0))
         settings: dict[str, Any] = {"max_block_s": max(5.0, block_s)}
         settings.update(log_options or {})
-        log = RedisStreamLog(url, stream, retention=retention, **settings)
-        return cls(log, **options)
+        if partitions == 1 and partition_key is None:
+            from hypervisor.observability._backends.redis_log import RedisStreamLog
+
+            log = RedisStreamLog(url, stream, retention=retention, **settings)
+            return cls(log, **options)
+        from hypervisor.observability._backends.redis_partitions import redis_partitions
+
+        layout = PartitionLayout(stream, partitions, partition_key or default_partition_key)
+        return cls(redis_partitions(url, layout, retention=retention, **settings), **options)
 
     @classmethod
     def in_memory(
@@ -262,21 +293,50 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         max_len: int | None = None,
         max_age_s: float | None = None,
         retention: TrimPolicy | None = None,
+        partitions: int = 1,
+        partition_key: PartitionKey | None = None,
         **options: Any,
     ) -> RedisEventBus:
-        """Build a bus on a process-local ``MemoryStreamLog`` (tests, demos, one process).
+        """Build a bus on a process-local ``MemoryStreamLog`` (tests, demos, one process), or
+        on ``partitions`` of them (one per partition key name, routed as ``from_url`` does).
 
-        Retention arguments as for ``from_url`` (applied exactly here).
+        Retention and partition arguments as for ``from_url`` (retention applied exactly).
         """
         from hypervisor.observability._backends.memory_log import MemoryStreamLog
 
-        policy = _retention(max_len, max_age_s, retention)
-        return cls(MemoryStreamLog(stream, retention=policy), **options)
+        policy = retention_policy(max_len, max_age_s, retention)
+        if partitions == 1 and partition_key is None:
+            return cls(MemoryStreamLog(stream, retention=policy), **options)
+        layout = PartitionLayout(stream, partitions, partition_key or default_partition_key)
+        return cls(memory_partitions(layout, policy), **options)
 
     @property
     def log(self) -> StreamLog:
-        """The underlying log."""
+        """The underlying log (of partition 0 on a partitioned bus: see :attr:`logs`)."""
         return self._stream_log
+
+    @property
+    def logs(self) -> tuple[StreamLog, ...]:
+        """The log of each partition, in partition order (one log when unpartitioned)."""
+        return self._logs
+
+    @property
+    def partitions(self) -> int:
+        """How many partitions the stream has (1 when unpartitioned)."""
+        return len(self._logs)
+
+    @property
+    def read_partitions(self) -> tuple[int, ...]:
+        """The partitions this bus's reader tails into its local index."""
+        return self._reader.partitions
+
+    def partition_of(self, event_or_key: HypervisorEvent | str) -> int:
+        """The partition of an event, or of a partition key: with the default key function,
+        a session id (session events), an ``agent_did`` (ring and agent events) or a saga id
+        (saga events); what to pass as ``read_partitions`` to index only those keys' events."""
+        if isinstance(event_or_key, HypervisorEvent):
+            return 0 if self._route is None else self._route(event_or_key)
+        return partition_index(event_or_key, len(self._logs))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -300,23 +360,21 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         self._loop = asyncio.get_running_loop()
         _LIVE.add(self)
         self._writer.open()
-        start_after = "0-0"
         try:
-            if self._run_reader and not self._backfill:
-                start_after = await self._writer.with_retry(self._stream_log.head_id)
-            elif self._run_reader and self._store.max_events is not None:
-                # Older entries would be evicted from the index at once: skip reading them.
-                first = await self._writer.with_retry(
-                    self._stream_log.id_from_end, self._store.max_events
-                )
-                start_after = "0-0" if first is None else previous_id(first)
+            if self._parts is not None:
+                # Detects a cluster and checks (or records) the partition count.
+                await self._writer.with_retry(self._parts.prepare)
+            starts = await all_of(
+                [partial(self._start_after, reader.log) for reader in self._reader.readers]
+            )
             if self._durable:
                 self._writer.durable = await self._durable_wait()
         except BaseException:
             # A start that fails leaves nothing open (``async with`` never reaches __aexit__).
             await self.aclose(flush_timeout_s=0.0)
             raise
-        self._reader.last_applied = parse_id(start_after)
+        for reader, start_after in zip(self._reader.readers, starts, strict=True):
+            reader.last_applied = parse_id(start_after)
         # Plain asyncio tasks rather than a task group held open across calls, so aclose()
         # works from any scope or task; each runs in an anyio cancel scope because that
         # cancellation is level-triggered: redis-py can swallow a one-shot task.cancel() in
@@ -330,6 +388,16 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
             except BaseException:
                 await self.aclose(flush_timeout_s=0.0)
                 raise
+
+    async def _start_after(self, log: StreamLog) -> str:
+        """Where the reader of ``log`` starts (after this id)."""
+        if self._run_reader and not self._backfill:
+            return await self._writer.with_retry(log.head_id)
+        if self._run_reader and self._store.max_events is not None:
+            # Older entries would be evicted from the index at once: skip reading them.
+            first = await self._writer.with_retry(log.id_from_end, self._store.max_events)
+            return "0-0" if first is None else previous_id(first)
+        return "0-0"
 
     async def aclose(self, *, flush_timeout_s: float | None = None) -> int:
         """Flush what is buffered, stop the tasks and close the log. Idempotent.
@@ -379,7 +447,10 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
                 )
             if self._owns_log:
                 with anyio.CancelScope(shield=True):
-                    await self._stream_log.aclose()
+                    if self._parts is not None:
+                        await self._parts.aclose()
+                    else:
+                        await self._stream_log.aclose()
         return self._unstored
 
     def abort_flush(self) -> None:
@@ -396,42 +467,10 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         return self._unstored
 
     async def _durable_wait(self) -> DurableWait:
-        """What each flush of a durable bus waits for, from what the server offers (logged)."""
-        offer = await self._writer.with_retry(self._stream_log.durability)
-        name = self._stream_log.name
-        server = f"redis {'.'.join(map(str, offer.version))}"
-        if offer.version == (0, 0, 0):
-            no_fsync = "an in-process log has no append-only file"
-        elif not offer.waitaof:
-            no_fsync = f"{server} has no WAITAOF (Redis 7.2 and later)"
-        else:
-            no_fsync = f"{server} has appendonly off"
-        wait = DurableWait(
-            local=offer.local_fsync,
-            replicas=self._durable_replicas if offer.replicas else 0,
-            timeout_s=self._durable_timeout_s,
+        """What each flush of a durable bus waits for (see :func:`durable_wait`)."""
+        return await durable_wait(
+            self._writer, self._stream_log, self._durable_replicas, self._durable_timeout_s
         )
-        if not wait.local and not wait.replicas:
-            raise BusDurabilityError(
-                f"{name}: durable=True, but there is nothing to wait for: {no_fsync}, and no "
-                "replica is connected (WAIT). Turn appendonly on (Redis 7.2+), connect a "
-                "replica, or drop durable=True"
-            )
-        waits = []
-        if wait.local:
-            waits.append(f"the append-only file's fsync ({server}, WAITAOF)")
-        if wait.replicas:
-            plural = "" if wait.replicas == 1 else "s"
-            waits.append(f"{wait.replicas} replica{plural} (WAIT; {offer.replicas} connected now)")
-        unawaited = "" if wait.local else f"; the fsync is not awaited: {no_fsync}"
-        _log.info(
-            "%s: durable: each flush waits for %s, at most %g s each%s",
-            name,
-            " and ".join(waits),
-            wait.timeout_s,
-            unawaited,
-        )
-        return wait
 
     def _spawn(self, body: Callable[[], Awaitable[None]], name: str) -> None:
         scope = anyio.CancelScope()
@@ -472,23 +511,38 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
         self._check_running()
         if not self._run_reader:
             raise BusClosedError("this bus runs without a reader (reader=False)")
-        read_no = self._reader.read_no
-        head = parse_id(await self._writer.with_retry(self._stream_log.head_id))
-        await self._reader.wait_applied(head, read_no)
+        readers = self._reader.readers
+        read_nos = [reader.read_no for reader in readers]
+        heads = await all_of(
+            [partial(self._writer.with_retry, reader.log.head_id) for reader in readers]
+        )
+        await all_of(
+            [
+                partial(reader.wait_applied, parse_id(head), read_no)
+                for reader, head, read_no in zip(readers, heads, read_nos, strict=True)
+            ]
+        )
 
     async def index_lag(self, limit: int = 1_000_000) -> IndexLag:
         """How far the local index is behind the log's head (entries, seconds, and entries
         trimmed before the reader read them)."""
         self._check_running()
-        reader = self._reader
-        applied = format_id(*reader.last_applied)
-        info = await self._stream_log.stream_info()
-        head = info.head_id
-        entries = await self._stream_log.count_after(applied, limit)
-        trimmed = reader.pending_gap(info)
-        behind = entries or trimmed
-        seconds = max(0.0, (parse_id(head)[0] - reader.last_applied[0]) / 1000) if behind else 0.0
-        return IndexLag(entries, seconds, head, applied, trimmed, reader.gap_entries)
+        readers = self._reader.readers
+        lags = await all_of([partial(reader_lag, reader, limit) for reader in readers])
+        if len(lags) == 1:
+            return lags[0]
+        # Over the partitions: counts add up; the ids are the newest head and the oldest
+        # applied id (of different streams: each partition's pair is in ``partitions``).
+        return IndexLag(
+            entries=min(limit, sum(lag.entries for lag in lags)),
+            seconds=max(lag.seconds for lag in lags),
+            head_id=max(lags, key=lambda lag: parse_id(lag.head_id)).head_id,
+            applied_id=min(lags, key=lambda lag: parse_id(lag.applied_id)).applied_id,
+            trimmed=sum(lag.trimmed for lag in lags),
+            gap_entries=sum(lag.gap_entries for lag in lags),
+            partitions=tuple(lags),
+            partition_ids=self._reader.partitions,
+        )
 
     # -- counters -----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ call, so an unencodable or too large event raises there and changes nothing else
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from hypervisor.observability._bus.writer import BusWriter, Tracker, decode_all
 from hypervisor.observability._core.codec import encode_event
@@ -31,6 +31,8 @@ class BusEmitting:
     """Mixin: the emit paths of ``RedisEventBus`` and ``flush()``."""
 
     _writer: BusWriter
+    # The partition of an event (None: one partition, every event goes to partition 0).
+    _route: Callable[[HypervisorEvent], int] | None
     _buffer_size: int
     _max_event_bytes: int
     _trace_context: bool
@@ -80,7 +82,8 @@ class BusEmitting:
                 raise BusFullError(f"emit buffer full ({self._buffer_size} events)")
             await self._wait_space()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._writer.enqueue(data, future)
+        route = self._route
+        self._writer.enqueue(data, future, 0 if route is None else route(event))
         await future
 
     async def emit_many(self, events: Iterable[HypervisorEvent]) -> None:
@@ -99,6 +102,8 @@ class BusEmitting:
                 (re-emitting them is safe: readers and workers drop copies).
             BusClosedError: the bus is closed or not started.
         """
+        if self._route is not None:
+            events = list(events)  # read twice: encoded, then routed
         limit = self._max_event_bytes
         encoded: list[bytes] = []
         # One context for the call: every event is encoded here, inside the caller's span.
@@ -124,14 +129,16 @@ class BusEmitting:
         self._check_running()
         if not encoded:
             return
+        route = self._route
+        parts = [0] * len(encoded) if route is None else [route(event) for event in events]
         tracker = Tracker()
         step = max(1, min(self._buffer_size, self._writer.batch_size * 4))
         for offset in range(0, len(encoded), step):
             chunk = encoded[offset : offset + step]
             if len(self._writer.buffer) + len(chunk) > self._buffer_size:
                 await self._wait_space(len(chunk))
-            for data in chunk:
-                self._writer.enqueue(data, tracker)
+            for data, part in zip(chunk, parts[offset : offset + step], strict=True):
+                self._writer.enqueue(data, tracker, part)
         await self._writer.wait_done(self._writer.enqueued)
         error = tracker.error
         if error is not None:
@@ -160,7 +167,8 @@ class BusEmitting:
             raise BusFullError(
                 f"emit buffer full ({self._buffer_size} events); await emit() or flush()"
             )
-        self._writer.enqueue(data, None)
+        route = self._route
+        self._writer.enqueue(data, None, 0 if route is None else route(event))
 
     def _too_large(self, event: HypervisorEvent, size: int) -> EventTooLargeError:
         limit = self._max_event_bytes

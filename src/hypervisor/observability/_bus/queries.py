@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from hypervisor.observability._backends.log import format_id
-from hypervisor.observability._bus.reader import BusReader
+from hypervisor.observability._bus.readers import ReaderGroup
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.store import EventPage, EventSlice, EventStore
 from hypervisor.observability._core.trace_context import TraceContext
@@ -34,6 +34,9 @@ class IndexLag(msgspec.Struct, frozen=True):
             and in memory; 0 on Redis 6.2, which does not count its entries.
         gap_entries: entries the reader has found trimmed before it read them, since start
             (the bus's :attr:`~BusQueries.gap_entries`).
+        partitions: on a partitioned bus, each partition's lag (the fields above are then
+            summed, or the newest head id and the oldest applied id); empty otherwise.
+        partition_ids: the partition number of each of ``partitions``.
     """
 
     entries: int
@@ -42,13 +45,15 @@ class IndexLag(msgspec.Struct, frozen=True):
     applied_id: str
     trimmed: int = 0
     gap_entries: int = 0
+    partitions: tuple[IndexLag, ...] = ()
+    partition_ids: tuple[int, ...] = ()
 
 
 class BusQueries:
     """Mixin: the reads ``RedisEventBus`` answers from its local index and its reader."""
 
     _store: EventStore
-    _reader: BusReader
+    _reader: ReaderGroup
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import ParamSpec, TypeVar
 
 import anyio
@@ -94,6 +94,8 @@ def with_events(error: BaseException, datas: Iterable[bytes]) -> BaseException:
 # Who waits for a buffered event: an awaited emit's future, an emit_many call's tracker, or
 # nobody (emit_nowait; its failure is reported by the next flush()).
 Waiter = asyncio.Future[None] | Tracker | None
+# A buffered event: its bytes, its waiter and its partition (0 on an unpartitioned bus).
+Item = tuple[bytes, Waiter, int]
 
 
 class BusWriter:
@@ -107,7 +109,7 @@ class BusWriter:
 
     def __init__(
         self,
-        log: StreamLog,
+        log: StreamLog | Sequence[StreamLog],
         *,
         batch_size: int,
         linger_s: float,
@@ -115,13 +117,15 @@ class BusWriter:
         backoff: Backoff,
         keep_failed: int = 65_536,
     ) -> None:
-        self.log = log
+        # One log per partition; a flush's partition groups are appended concurrently.
+        self.logs: tuple[StreamLog, ...] = (log,) if isinstance(log, StreamLog) else tuple(log)
+        self.log = self.logs[0]
         self.batch_size = batch_size
         self.linger_s = linger_s
         self.retry_deadline_s = retry_deadline_s
         self._backoff = backoff
 
-        self.buffer: deque[tuple[bytes, Waiter]] = deque()
+        self.buffer: deque[Item] = deque()
         self.enqueued = 0  # sequence number of the last event put into the buffer
         self.done = 0  # sequence number of the last event whose batch finished (ok or failed)
         self.unreported_failures = 0
@@ -145,9 +149,10 @@ class BusWriter:
         self.wake = asyncio.Event()
         self.space = asyncio.Event()
 
-    def enqueue(self, data: bytes, future: Waiter) -> None:
-        """Buffer one encoded event and wake the flusher (room was checked by the caller)."""
-        self.buffer.append((data, future))
+    def enqueue(self, data: bytes, future: Waiter, part: int = 0) -> None:
+        """Buffer one encoded event of partition ``part`` and wake the flusher (room was
+        checked by the caller)."""
+        self.buffer.append((data, future, part))
         self.enqueued += 1
         wake = self.wake
         if wake is not None and not wake.is_set():
@@ -185,17 +190,30 @@ class BusWriter:
             count = min(len(buffer), self.batch_size)
             batch = [buffer.popleft() for _ in range(count)]
             space.set()
-            await self._append_batch(batch)
+            if len(self.logs) == 1:
+                await self._append_batch(self.log, batch)
+            else:
+                await self._append_partitions(batch)
 
-    async def _append_batch(self, batch: list[tuple[bytes, Waiter]]) -> None:
-        datas = [data for data, _ in batch]
+    async def _append_partitions(self, batch: list[Item]) -> None:
+        """Append a flush's events, grouped by partition (each group in emit order), one
+        ``append_many`` per partition, concurrently; each group succeeds, is retried or fails
+        on its own (its emitters are told which)."""
+        groups: dict[int, list[Item]] = {}
+        for item in batch:
+            groups.setdefault(item[2], []).append(item)
+        logs = self.logs
+        await asyncio.gather(*(self._append_batch(logs[p], items) for p, items in groups.items()))
+
+    async def _append_batch(self, log: StreamLog, batch: list[Item]) -> None:
+        datas = [data for data, _, _ in batch]
         sent = [False]  # set when an attempt's request may have reached the backend
         durable = self.durable
         try:
             if durable is None:
-                await self._retrying(lambda: self.log.append_many(datas), sent)
+                await self._retrying(lambda: log.append_many(datas), sent, log.name)
             else:
-                await self._retrying(lambda: self.log.append_many(datas, durable), sent)
+                await self._retrying(lambda: log.append_many(datas, durable), sent, log.name)
         except (BusPermissionError, BusDurabilityError) as exc:
             self._fail_batch(batch, exc)
             return
@@ -203,10 +221,8 @@ class BusWriter:
             self._fail_batch(batch, self._fate(exc, sent[0]))
             return
         except Exception as exc:  # a bug below us must not kill the flusher and hang emitters
-            _log.exception("%s: append failed unexpectedly", self.log.name)
-            error = self._fate(
-                BusUnavailableError(f"{self.log.name}: append failed: {exc!r}"), True
-            )
+            _log.exception("%s: append failed unexpectedly", log.name)
+            error = self._fate(BusUnavailableError(f"{log.name}: append failed: {exc!r}"), True)
             error.__cause__ = exc
             self._fail_batch(batch, error)
             return
@@ -218,7 +234,7 @@ class BusWriter:
             raise
         self.emitted += len(batch)
         self.batches += 1
-        for _, waiter in batch:
+        for _, waiter, _ in batch:
             if isinstance(waiter, asyncio.Future) and not waiter.done():
                 waiter.set_result(None)
         self._advance(len(batch))
@@ -242,14 +258,14 @@ class BusWriter:
         return fated
 
     def _fail_batch(
-        self, batch: list[tuple[bytes, Waiter]], error: BaseException, *, unknown: bool = False
+        self, batch: list[Item], error: BaseException, *, unknown: bool = False
     ) -> None:
         if not batch:
             return
         self.failed += len(batch)
         self.last_error = error
         unknown = unknown or (isinstance(error, BusUnavailableError) and error.stored_unknown)
-        for data, waiter in batch:
+        for data, waiter, _ in batch:
             if waiter is None:
                 self.unreported_failures += 1
                 self.unreported.append(data)
@@ -287,9 +303,12 @@ class BusWriter:
         """
         return await self._retrying(lambda: call(*args, **kwargs), None)
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]], sent: list[bool] | None) -> T:
+    async def _retrying(
+        self, call: Callable[[], Awaitable[T]], sent: list[bool] | None, name: str = ""
+    ) -> T:
         # ``sent[0]`` becomes true when an attempt may have reached the backend: its reply was
         # lost (LogOutcomeUnknownError) or it failed in a way that does not say (a LogError).
+        name = name or self.log.name
         deadline = time.monotonic() + self.retry_deadline_s
         attempt = 0
         while True:
@@ -301,25 +320,24 @@ class BusWriter:
                 now = time.monotonic()
                 if now >= deadline:
                     raise BusUnavailableError(
-                        f"{self.log.name}: backend unavailable for "
-                        f"{self.retry_deadline_s:g} s: {exc}"
+                        f"{name}: backend unavailable for {self.retry_deadline_s:g} s: {exc}"
                     ) from exc
                 self.retries += 1
                 if attempt == 0:
-                    _log.warning("%s: append failed, retrying: %s", self.log.name, exc)
+                    _log.warning("%s: append failed, retrying: %s", name, exc)
                 await self._backoff.wait(attempt, limit_s=deadline - now)
                 attempt += 1
             except LogDurabilityError as exc:  # stored: retrying would store it again
                 raise BusDurabilityError(
-                    f"{self.log.name}: {exc}; re-emitting the events (error.events) is safe: "
+                    f"{name}: {exc}; re-emitting the events (error.events) is safe: "
                     "readers and workers drop an event id they already applied",
                     stored_unknown=True,
                 ) from exc
             except LogError as exc:  # not transient: retrying cannot help
                 if sent is not None:
                     sent[0] = True  # e.g. an error reply to one command of a pipeline
-                raise BusUnavailableError(f"{self.log.name}: {exc}") from exc
+                raise BusUnavailableError(f"{name}: {exc}") from exc
             except LogPermissionError as exc:
                 raise BusPermissionError(
-                    f"{self.log.name}: {exc}", user=exc.user, command=exc.command
+                    f"{name}: {exc}", user=exc.user, command=exc.command
                 ) from exc
