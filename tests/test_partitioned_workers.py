@@ -1,0 +1,239 @@
+"""Workers on a partitioned stream (issue 12): the union of the partitions' ring states, the
+assignment of partitions to live workers, and worker processes on a real redis-server with
+four producers writing the partition streams, SIGKILLs, and workers added and removed."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from hypervisor.observability._core.partition import PartitionLayout
+from hypervisor.observability._core.ring import RingBounds, RingMetricsState
+from hypervisor.observability._core.ring_union import partition_bounds, union_ring_states
+from hypervisor.observability.workers import span_to_dict
+from hypervisor.observability.workers._partitioned import assign_partitions
+from partition_procs import (
+    kill_holding,
+    partition_events,
+    partitions_settled,
+    start_partition_producers,
+)
+from redis_server import RedisServer
+from worker_procs import (
+    WorkerProc,
+    child_env,
+    cli,
+    expected_samples,
+    procs as procs,
+    scrape,
+    worker_argv,
+)
+from workers_support import random_events, reference
+
+_N = 4
+
+
+def test_union_of_partition_states_equals_the_in_process_collector() -> None:
+    """Folding each partition's events (in order) into its own bounded state and taking the
+    union gives the in-process collector's counters, rings, elevations (open ones measured
+    against the newest time of all partitions) and counts."""
+    events = random_events(random.Random(7), 4000, agents=20)
+    layout = PartitionLayout("u", _N)
+    bounds = RingBounds()
+    states = []
+    for part in layout.split(events).values():
+        state = RingMetricsState(partition_bounds(bounds, _N))
+        for event in part:
+            state.apply(event)
+        states.append(state)
+    assert len(states) == _N
+    union = union_ring_states(states, bounds)
+    ref = reference(events)
+    ring = ref.ring
+    assert union.transitions == ring["agent_hypervisor_ring_transitions_total"]
+    assert union.breaches == ring["agent_hypervisor_ring_breaches_total"]
+    assert union.current_rings == ring["agent_hypervisor_ring_current"]
+    assert union.elevation_durations == ring["agent_hypervisor_ring_elevation_duration_seconds"]
+    assert union.open_elevations() == ref.open_elevations
+    assert union.events_processed == ring["events_processed"]
+    assert union.bad_events == ref.bad_events
+
+
+def test_partition_bounds_divide_the_limits() -> None:
+    """Each partition folds with its share of the agent and session limits (rounded up, at
+    least one), so the union stays within the configured limits up to the rounding."""
+    bounds = RingBounds(max_agents=10, max_sessions=3, max_tracked_agents=100)
+    share = partition_bounds(bounds, 4)
+    assert (share.max_agents, share.max_sessions, share.max_tracked_agents) == (3, 1, 25)
+    assert share.agent_idle_s == bounds.agent_idle_s
+    assert partition_bounds(bounds, 1) == bounds
+
+
+def test_assignment_is_round_robin_over_the_sorted_live_names() -> None:
+    """Partition i belongs to live[i % W] of the sorted names, whatever order they came in."""
+    assert assign_partitions(["b", "a", "c"], 5) == ["a", "b", "c", "a", "b"]
+    assert assign_partitions(["w"], 3) == ["w", "w", "w"]
+    assert assign_partitions([], 2) == ["", ""]
+
+
+def _pargv(kind: str, url: str, stream: str, consumer: str, *extra: str) -> list[str]:
+    return worker_argv(
+        kind, url, stream, consumer, "--partitions", str(_N), "--lease-ttl", "1.5", *extra
+    )
+
+
+def _health(worker: WorkerProc) -> dict[str, Any]:
+    status, body = worker.get("/healthz")
+    document: dict[str, Any] = json.loads(body)
+    assert status in (200, 503), status
+    return document
+
+
+def _wait_owners(workers: list[WorkerProc], names: list[str], timeout_s: float = 30) -> None:
+    """Wait until the workers run exactly the partitions the sorted live names give them."""
+    want = assign_partitions(names, _N)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        docs = [_health(w) for w in workers]
+        runs = {d["consumer"]: sorted(d["owned"]) for d in docs}
+        expected = {n: [i for i, o in enumerate(want) if o == n] for n in names}
+        if runs == expected and all(d["live"] == sorted(names) for d in docs):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"owners {runs}, wanted {expected}")
+        time.sleep(0.1)
+
+
+def _assert_reference(url: str, layout: PartitionLayout, workers: list[WorkerProc]) -> None:
+    anyio.run(partitions_settled, url, layout, "ring-metrics", "ring-metrics")
+    expected = expected_samples(reference(anyio.run(partition_events, url, layout)))
+    assert sum(expected["agent_hypervisor_ring_transitions_total"].values()) > 100
+    for worker in workers:
+        deadline = time.monotonic() + 10
+        while True:  # the views follow the committed states
+            got = scrape(worker)
+            if all(got.get(name, {}) == samples for name, samples in expected.items()):
+                break
+            if time.monotonic() > deadline:
+                for name, samples in expected.items():
+                    assert got.get(name, {}) == samples, name
+            time.sleep(0.1)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_partitioned_ring_workers_killed_and_restarted_equal_reference(
+    redis_server: RedisServer, procs: list[WorkerProc], tmp_path: Path
+) -> None:
+    """Four producers write four partitions; three ring-metrics workers divide them; one is
+    SIGKILLed mid-stream and restarted under its name. Every worker serves the union equal to
+    the in-process collector, and the partitions are owned as the live names give them."""
+    url, stream = redis_server.url, f"pp{uuid.uuid4().hex[:8]}"
+    layout = PartitionLayout(stream, _N)
+    events = random_events(random.Random(303), 6000, agents=16)
+    for name in ("r0", "r1", "r2"):
+        procs.append(WorkerProc(_pargv("ring-metrics", url, stream, name)))
+    _wait_owners(procs, ["r0", "r1", "r2"])
+    producers = start_partition_producers(url, layout, events, tmp_path)
+    assert kill_holding(url, layout, "ring-metrics", procs[1], "r1") > 0
+    procs.append(WorkerProc(_pargv("ring-metrics", url, stream, "r1")))
+    for producer in producers:
+        assert producer.wait(timeout=120) == 0
+    live = [procs[0], procs[2], procs[3]]
+    _wait_owners(live, ["r0", "r1", "r2"])
+    _assert_reference(url, layout, live)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_worker_added_and_removed_mid_stream_reassigns_partitions(
+    redis_server: RedisServer, procs: list[WorkerProc], tmp_path: Path
+) -> None:
+    """Two workers run the four partitions; a third joins mid-stream and the partitions are
+    divided over three; then one is stopped (SIGTERM) and another SIGKILLed, and the one left
+    takes every partition within a few lease periods. The union served is still exact."""
+    url, stream = redis_server.url, f"pa{uuid.uuid4().hex[:8]}"
+    layout = PartitionLayout(stream, _N)
+    events = random_events(random.Random(404), 6000, agents=16)
+    procs.append(WorkerProc(_pargv("ring-metrics", url, stream, "a")))
+    procs.append(WorkerProc(_pargv("ring-metrics", url, stream, "b")))
+    _wait_owners(procs, ["a", "b"])
+    producers = start_partition_producers(url, layout, events, tmp_path)
+    procs.append(WorkerProc(_pargv("ring-metrics", url, stream, "c")))
+    _wait_owners(procs, ["a", "b", "c"])
+    assert procs[0].terminate() == 0
+    _wait_owners(procs[1:], ["b", "c"])
+    procs[1].kill()
+    _wait_owners(procs[2:], ["c"])
+    for producer in producers:
+        assert producer.wait(timeout=120) == 0
+    _assert_reference(url, layout, procs[2:])
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_partitioned_saga_workers_export_reference_spans(
+    redis_server: RedisServer, procs: list[WorkerProc], tmp_path: Path
+) -> None:
+    """Two saga-spans workers on four partitions, one SIGKILLed mid-stream and restarted: the
+    spans written (each span id once, repeated lines identical) equal the in-process
+    exporter's."""
+    url, stream = redis_server.url, f"ps{uuid.uuid4().hex[:8]}"
+    layout = PartitionLayout(stream, _N)
+    events = random_events(random.Random(505), 5000, sagas=30)
+    files = [tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"]
+    for name, path in zip(("s0", "s1"), files, strict=True):
+        procs.append(WorkerProc(_pargv("saga-spans", url, stream, name, "--jsonl", str(path))))
+    producers = start_partition_producers(url, layout, events, tmp_path)
+    assert kill_holding(url, layout, "saga-spans", procs[1], "s1") > 0
+    procs.append(WorkerProc(_pargv("saga-spans", url, stream, "s1", "--jsonl", str(files[1]))))
+    for producer in producers:
+        assert producer.wait(timeout=120) == 0
+    anyio.run(partitions_settled, url, layout, "saga-spans", "saga-spans")
+    assert procs[0].terminate() == 0
+    assert procs[2].terminate() == 0
+    by_id: dict[str, dict[str, Any]] = {}
+    for path in files:
+        for line in path.read_text().splitlines():
+            span = json.loads(line)
+            assert by_id.setdefault(span["span_id"], span) == span
+    ref = reference(anyio.run(partition_events, url, layout))
+    expected = {r.span_id: json.loads(json.dumps(span_to_dict(r))) for r in ref.spans}
+    assert len(expected) == len(ref.spans) > 100
+    assert by_id == expected
+
+
+@pytest.mark.redis
+def test_another_partition_count_is_refused_naming_both(redis_server: RedisServer) -> None:
+    """A worker started with 3 partitions on a stream recorded with 4 exits with status 78 and
+    one line naming both counts; --agent-spans with partitions is refused with one line."""
+    url, stream = redis_server.url, f"pc{uuid.uuid4().hex[:8]}"
+    from hypervisor.observability._backends.redis_partitions import check_layout
+
+    anyio.run(check_layout, url, PartitionLayout(stream, 4))
+    argv = worker_argv("ring-metrics", url, stream, "x", "--partitions", "3")
+    done = subprocess.run(argv, capture_output=True, env=child_env(), timeout=60)
+    assert done.returncode == 78
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "4 partitions" in lines[0], lines
+    assert "with 3" in lines[0], lines
+    argv = cli("worker", "saga-spans", "--redis", url, "--stream", stream, "--group", "g")
+    done = subprocess.run(
+        [*argv, "--partitions", "4", "--agent-spans", "--metrics-port", "0"],
+        capture_output=True,
+        env=child_env(),
+        timeout=60,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "--agent-spans" in lines[0], lines
