@@ -14,6 +14,7 @@ import msgspec
 
 from hypervisor.observability._backends.log import parse_id
 from hypervisor.observability._backends.redis_log import RedisStreamLog
+from hypervisor.observability._backends.redis_partitions import SlotRouter
 from hypervisor.observability._backends.redis_state import RedisStateStore
 from hypervisor.observability._core.codec import decode_event, encode_event
 from hypervisor.observability._core.events import HypervisorEvent
@@ -22,9 +23,11 @@ from hypervisor.observability.workers import watermark
 from worker_procs import WorkerProc, child_env, children, pending_of
 
 __all__ = [
+    "homes",
     "kill_holding",
     "partition_events",
     "partitions_settled",
+    "start_cluster_producers",
     "start_partition_producers",
 ]
 
@@ -33,6 +36,7 @@ __all__ = [
 _PRODUCER = """
 import sys, random, anyio, msgspec
 from hypervisor.observability._backends.redis_log import RedisStreamLog
+from hypervisor.observability._backends.redis_partitions import SlotRouter
 from hypervisor.observability._core.partition import PartitionLayout
 url, stream, path = sys.argv[1], sys.argv[2], sys.argv[4]
 n, seed = int(sys.argv[3]), int(sys.argv[5])
@@ -74,12 +78,22 @@ def start_partition_producers(
     return producers
 
 
-async def partition_events(url: str, layout: PartitionLayout) -> list[HypervisorEvent]:
+async def homes(url: str, layout: PartitionLayout, cluster: bool) -> list[str]:
+    """The URL of the node holding each partition (``url`` itself on a single Redis)."""
+    if not cluster:
+        return [url] * layout.partitions
+    router = SlotRouter(url)
+    return await router.homes([layout.stream_key(i) for i in range(layout.partitions)])
+
+
+async def partition_events(
+    url: str, layout: PartitionLayout, cluster: bool = False
+) -> list[HypervisorEvent]:
     """Every partition's events, each partition in stream order, partitions one after another
     (an order the in-process reference may take: a derivation's order lives in one partition)."""
     out: list[HypervisorEvent] = []
-    for index in range(layout.partitions):
-        async with RedisStreamLog(url, layout.stream_key(index)) as log:
+    for index, home in enumerate(await homes(url, layout, cluster)):
+        async with RedisStreamLog(home, layout.stream_key(index)) as log:
             after = "0-0"
             while entries := await log.read(after, 1000):
                 after = entries[-1].id
@@ -88,15 +102,20 @@ async def partition_events(url: str, layout: PartitionLayout) -> list[Hypervisor
 
 
 async def partitions_settled(
-    url: str, layout: PartitionLayout, group: str, derivation: str, timeout_s: float = 60
+    url: str,
+    layout: PartitionLayout,
+    group: str,
+    derivation: str,
+    timeout_s: float = 60,
+    cluster: bool = False,
 ) -> None:
     """Wait until the group acknowledged every entry of every partition and every staged entry
     is applied."""
     with anyio.fail_after(timeout_s):
-        for index in range(layout.partitions):
+        for index, home in enumerate(await homes(url, layout, cluster)):
             async with (
-                RedisStreamLog(url, layout.stream_key(index)) as log,
-                RedisStateStore(url, layout.state_prefix(index, group, derivation)) as store,
+                RedisStreamLog(home, layout.stream_key(index)) as log,
+                RedisStateStore(home, layout.state_prefix(index, group, derivation)) as store,
             ):
                 head = parse_id(await log.head_id())
                 while True:
@@ -105,27 +124,101 @@ async def partitions_settled(
                     await anyio.sleep(0.05)
 
 
-async def _held(url: str, layout: PartitionLayout, group: str, consumer: str) -> int:
-    return sum(
-        [
-            await pending_of(url, layout.stream_key(i), group, consumer)
-            for i in range(layout.partitions)
-        ]
-    )
+async def _held(url: str, layout: PartitionLayout, group: str, consumer: str, cluster: bool) -> int:
+    held = 0
+    for index, home in enumerate(await homes(url, layout, cluster)):
+        held += await pending_of(home, layout.stream_key(index), group, consumer)
+    return held
 
 
 def kill_holding(
-    url: str, layout: PartitionLayout, group: str, worker: WorkerProc, consumer: str
+    url: str,
+    layout: PartitionLayout,
+    group: str,
+    worker: WorkerProc,
+    consumer: str,
+    cluster: bool = False,
 ) -> int:
     """Freeze the worker until it is caught holding pending entries on some partition, then
     SIGKILL it; return how many it held (producers must be writing meanwhile)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         worker.proc.send_signal(signal.SIGSTOP)
-        held = anyio.run(_held, url, layout, group, consumer)
+        held = anyio.run(_held, url, layout, group, consumer, cluster)
         if held:
             worker.kill()
             return held
         worker.proc.send_signal(signal.SIGCONT)
         time.sleep(0.002)
     raise AssertionError("the worker never held pending entries")
+
+
+# A producer on a Redis Cluster: each chunk split per partition into one cluster pipeline of
+# XADDs (the client sends each node its commands); a failed pipeline is sent again (the
+# applier drops a copy of an event by its id, as the reference does). After a failure the
+# client is made again from the next node of the cluster: redis-py's cluster client was seen
+# to stay stuck on a SIGKILLed seed node ("cannot be connected") after the failover.
+_CLUSTER_PRODUCER = """
+import sys, random, anyio, msgspec
+from hypervisor.observability._backends.redis_cluster import execute_pipeline, make_cluster_client
+from hypervisor.observability._core.partition import PartitionLayout
+from hypervisor.observability.errors import LogUnavailableError
+seeds, stream, path = sys.argv[1].split(","), sys.argv[2], sys.argv[4]
+n, seed = int(sys.argv[3]), int(sys.argv[5])
+items = msgspec.msgpack.decode(open(path, "rb").read(), type=list[tuple[int, bytes]])
+layout = PartitionLayout(stream, n)
+rng = random.Random(seed)
+def make(attempt):
+    seed = seeds[attempt % len(seeds)]
+    return make_cluster_client(seed, socket_timeout_s=5.0, connect_timeout_s=2.0)
+async def main():
+    client = make(0)
+    try:
+        i = 0
+        while i < len(items):
+            chunk = items[i:i + rng.randint(1, 60)]
+            i += len(chunk)
+            for attempt in range(200):
+                pipe = client.pipeline(transaction=False)
+                for index, data in chunk:
+                    pipe.xadd(layout.stream_key(index), {b"e": data})
+                try:
+                    await execute_pipeline(client, pipe, "producer")
+                    break
+                except LogUnavailableError as exc:
+                    error = exc
+                    await client.aclose()
+                    client = make(attempt + 1)
+                    await anyio.sleep(0.1)
+            else:
+                raise SystemExit(f"the cluster stayed unavailable: {error}")
+            await anyio.sleep(rng.random() * 0.004)
+    finally:
+        await client.aclose()
+anyio.run(main)
+"""
+
+
+def start_cluster_producers(
+    urls: list[str],
+    layout: PartitionLayout,
+    events: list[HypervisorEvent],
+    tmp: Path,
+    count: int = 4,
+) -> list[subprocess.Popen[bytes]]:
+    """``count`` producer processes writing their share of ``events`` to a cluster's
+    partitions through cluster pipelines (``urls``: the cluster's nodes)."""
+    url = ",".join(urls)
+    producers = []
+    for index in range(count):
+        path = tmp / f"cproducer-{index}.bin"
+        items = [(layout.partition(e), encode_event(e)) for e in events[index::count]]
+        path.write_bytes(msgspec.msgpack.encode(items))
+        argv = [sys.executable, "-c", _CLUSTER_PRODUCER, url, layout.stream]
+        producers.append(
+            subprocess.Popen(
+                [*argv, str(layout.partitions), str(path), str(index)], env=child_env()
+            )
+        )
+    children.extend(producers)
+    return producers

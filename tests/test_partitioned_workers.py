@@ -24,8 +24,10 @@ from partition_procs import (
     kill_holding,
     partition_events,
     partitions_settled,
+    start_cluster_producers,
     start_partition_producers,
 )
+from redis_cluster import RedisCluster
 from redis_server import RedisServer
 from worker_procs import (
     WorkerProc,
@@ -112,9 +114,11 @@ def _wait_owners(workers: list[WorkerProc], names: list[str], timeout_s: float =
         time.sleep(0.1)
 
 
-def _assert_reference(url: str, layout: PartitionLayout, workers: list[WorkerProc]) -> None:
-    anyio.run(partitions_settled, url, layout, "ring-metrics", "ring-metrics")
-    expected = expected_samples(reference(anyio.run(partition_events, url, layout)))
+def _assert_reference(
+    url: str, layout: PartitionLayout, workers: list[WorkerProc], cluster: bool = False
+) -> None:
+    anyio.run(partitions_settled, url, layout, "ring-metrics", "ring-metrics", 60, cluster)
+    expected = expected_samples(reference(anyio.run(partition_events, url, layout, cluster)))
     assert sum(expected["agent_hypervisor_ring_transitions_total"].values()) > 100
     for worker in workers:
         deadline = time.monotonic() + 10
@@ -237,3 +241,104 @@ def test_another_partition_count_is_refused_naming_both(redis_server: RedisServe
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1, lines
     assert "--agent-spans" in lines[0], lines
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_cluster_ring_workers_killed_and_restarted_equal_reference(
+    redis_cluster: RedisCluster, procs: list[WorkerProc], tmp_path: Path
+) -> None:
+    """On a 3-master Redis Cluster (the URL names one node): four producers write the
+    partitions through cluster pipelines, three ring-metrics workers divide them, one is
+    SIGKILLed mid-stream and restarted. Every worker serves the in-process collector's
+    numbers."""
+    url, stream = redis_cluster.url, f"cp{uuid.uuid4().hex[:8]}"
+    layout = PartitionLayout(stream, _N)
+    # The partitions live on more than one master (4 spread tags over 3 equal ranges).
+    assert len({redis_cluster.master_of_slot(layout.slot(i)).port for i in range(_N)}) >= 2
+    events = random_events(random.Random(606), 6000, agents=16)
+    for name in ("r0", "r1", "r2"):
+        procs.append(WorkerProc(_pargv("ring-metrics", url, stream, name)))
+    _wait_owners(procs, ["r0", "r1", "r2"])
+    producers = start_cluster_producers(_node_urls(redis_cluster), layout, events, tmp_path)
+    assert kill_holding(url, layout, "ring-metrics", procs[1], "r1", cluster=True) > 0
+    procs.append(WorkerProc(_pargv("ring-metrics", url, stream, "r1")))
+    for producer in producers:
+        assert producer.wait(timeout=120) == 0
+    live = [procs[0], procs[2], procs[3]]
+    _wait_owners(live, ["r0", "r1", "r2"])
+    _assert_reference(url, layout, live, cluster=True)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_cluster_master_killed_mid_stream_workers_keep_going(
+    redis_cluster: RedisCluster, procs: list[WorkerProc], tmp_path: Path
+) -> None:
+    """A master serving a partition is SIGKILLed while producers write and two workers apply;
+    its replica is promoted. The workers follow the partition to the new master and keep
+    going; their union equals the in-process collector over the events that survived in the
+    streams (replication is asynchronous: an acknowledged write the replica had not received
+    is lost, and the state of that partition goes back with it, consistently)."""
+    url, stream = redis_cluster.url, f"cf{uuid.uuid4().hex[:8]}"
+    layout = PartitionLayout(stream, _N)
+    events = random_events(random.Random(707), 6000, agents=16)
+    try:
+        for name in ("f0", "f1"):
+            procs.append(WorkerProc(_pargv("ring-metrics", url, stream, name)))
+        _wait_owners(procs, ["f0", "f1"])
+        producers = start_cluster_producers(_node_urls(redis_cluster), layout, events, tmp_path)
+        victim = redis_cluster.master_of_slot(layout.slot(0)).port
+        _wait_applied(procs[0], 500)
+        redis_cluster.kill_master(victim)
+        for producer in producers:
+            assert producer.wait(timeout=120) == 0
+        url = redis_cluster.url  # a live master
+        _assert_reference(url, layout, procs, cluster=True)
+        assert all(w.proc.poll() is None for w in procs)
+    finally:
+        redis_cluster.heal()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_cluster_slot_resharded_while_events_flow(
+    redis_cluster: RedisCluster, procs: list[WorkerProc], tmp_path: Path
+) -> None:
+    """A partition's slot (its stream, dead letters and worker state) is moved to another
+    master while producers write and two workers apply: the workers reopen the partition on
+    its new master and the union stays exact."""
+    url, stream = redis_cluster.url, f"cr{uuid.uuid4().hex[:8]}"
+    layout = PartitionLayout(stream, _N)
+    events = random_events(random.Random(808), 6000, agents=16)
+    for name in ("m0", "m1"):
+        procs.append(WorkerProc(_pargv("ring-metrics", url, stream, name)))
+    _wait_owners(procs, ["m0", "m1"])
+    producers = start_cluster_producers(_node_urls(redis_cluster), layout, events, tmp_path)
+    slot = layout.slot(1)
+    source = redis_cluster.master_of_slot(slot).port
+    target = next(m.port for m in redis_cluster.masters() if m.port != source)
+    _wait_applied(procs[0], 500)
+    assert redis_cluster.move_slot(slot, target) > 0
+    for producer in producers:
+        assert producer.wait(timeout=120) == 0
+    assert redis_cluster.master_of_slot(slot).port == target
+    _assert_reference(url, layout, procs, cluster=True)
+    moved = [_health(w) for w in procs]
+    assert all(w.proc.poll() is None for w in procs), moved
+
+
+def _node_urls(cluster: RedisCluster) -> list[str]:
+    return [f"redis://{host}:{port}/0" for host, port in cluster.addresses]
+
+
+def _wait_applied(worker: WorkerProc, count: int, timeout_s: float = 30) -> None:
+    """Wait until the union the worker serves counts ``count`` ring events (mid-stream)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = scrape(worker).get("agent_hypervisor_ring_events_processed_total", {})
+        if sum(got.values()) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the workers applied {got} ring events")
+        time.sleep(0.05)

@@ -24,7 +24,7 @@ what it runs (correctness never depends on the assignment, only throughput does)
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -88,6 +88,27 @@ class Partition:
     """Times this process started a worker on the partition."""
     applied: dict[str, int] = field(default_factory=dict)
     """Entries applied per derivation by this process's finished runs on the partition."""
+    home: str = ""
+    """The node its keys live on (on a Redis Cluster: the master of its slot)."""
+    generation: int = 0
+    """Times the partition was reopened on another node (its logs and stores replaced)."""
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """What releases its logs and stores."""
+
+    async def aclose(self) -> None:
+        """Close its logs and stores (errors are logged: the node may be gone)."""
+        for close in reversed(self.closers):
+            try:
+                await close()
+            except (LogError, OSError) as exc:
+                _log.debug("closing partition %d: %s", self.index, exc)
+        self.closers.clear()
+
+
+Router = Callable[[], Awaitable[list[str]]]
+"""Returns the node (URL) each partition's keys live on now (a Redis Cluster's slot map)."""
+Opener = Callable[[int, str], Awaitable[Partition]]
+"""Opens partition ``index``'s logs and stores on the node at a URL."""
 
 
 class PartitionedWorker(AsyncResource):
@@ -100,6 +121,12 @@ class PartitionedWorker(AsyncResource):
             registry entries live ``lease_ttl_s``).
         registry: the group's registry; ``None`` runs every partition (one worker alone).
         heartbeat_s: time between heartbeats (default: a third of ``lease_ttl_s``).
+        router: on a Redis Cluster, where each partition lives now (checked every heartbeat);
+            a partition whose slot moved (a reshard, a failover) is drained and reopened on
+            its new node with ``opener``.
+        opener: opens a partition on a node (with ``router``).
+        registry_home: on a Redis Cluster, where the registry key lives now (checked with the
+            partitions; the registry is moved there).
     """
 
     def __init__(
@@ -109,6 +136,9 @@ class PartitionedWorker(AsyncResource):
         *,
         registry: WorkerRegistry | None = None,
         heartbeat_s: float | None = None,
+        router: Router | None = None,
+        opener: Opener | None = None,
+        registry_home: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         if not partitions:
             raise ValueError("a partitioned worker needs at least one partition")
@@ -116,6 +146,13 @@ class PartitionedWorker(AsyncResource):
         self.config = config
         self.registry = registry
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else config.lease_ttl_s / 3
+        if (router is None) != (opener is None):
+            raise ValueError("pass both a router and an opener, or neither")
+        self.router = router
+        self.opener = opener
+        self.registry_home = registry_home
+        self.moves = 0
+        """Partitions reopened on another node (a slot moved or failed over)."""
         self.live: list[str] = []
         """The live workers of the group at the last heartbeat, sorted."""
         self.owners: list[str] = []
@@ -208,9 +245,55 @@ class PartitionedWorker(AsyncResource):
         self.connected = True
         return live
 
+    async def _route(self) -> None:
+        """Follow the partitions (and the registry) to the nodes that serve their slots now."""
+        if self.router is None or self.opener is None:
+            return
+        try:
+            homes = await self.router()
+        except _PERMANENT:
+            raise
+        except LogError as exc:
+            _log.warning("cluster slot map: %s; keeping the partitions where they are", exc)
+            return
+        *partition_homes, registry_home = homes
+        if self.registry_home is not None:
+            await self.registry_home(registry_home)
+        for partition, home in zip(self.partitions, partition_homes, strict=True):
+            if home == partition.home:
+                continue
+            running = partition.worker
+            if running is not None:
+                if not running.stopping:
+                    _log.info("partition %d moved to another node: draining it", partition.index)
+                    running.stop()
+                continue  # reopened at a beat after its worker stopped
+            try:
+                fresh = await self.opener(partition.index, home)
+            except _PERMANENT:
+                raise
+            except LogError as exc:
+                _log.warning("reopening partition %d: %s; retrying", partition.index, exc)
+                continue
+            old = (partition.log, partition.dlq, partition.derivations, partition.closers)
+            partition.log, partition.dlq, partition.derivations = (
+                fresh.log,
+                fresh.dlq,
+                fresh.derivations,
+            )
+            partition.closers, partition.home = fresh.closers, home
+            partition.generation += 1
+            self.moves += 1
+            for close in reversed(old[3]):
+                try:
+                    await close()
+                except (LogError, OSError) as exc:
+                    _log.debug("closing partition %d: %s", partition.index, exc)
+
     async def _assign_loop(self, tg: anyio.abc.TaskGroup) -> None:
         consumer = self.config.consumer
         while not self.stopping:
+            await self._route()
             live = await self._beat()
             if live is not None and not self.stopping:
                 owners = assign_partitions(live, len(self.partitions))

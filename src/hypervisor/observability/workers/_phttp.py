@@ -202,15 +202,12 @@ class PartitionedHttpServer(HttpServerBase):
         super().__init__(host=host, port=port, view_refresh_s=view_refresh_s)
         self.worker = worker
         self._session_label = session_label
-        self._ring_views: list[SnapshotView | None] = []
-        for partition in worker.partitions:
-            ring = next(
-                (d for d in partition.derivations if isinstance(d, RingMetricsDerivation)), None
-            )
-            view = None if ring is None else SnapshotView(ring)
-            self._ring_views.append(view)
-            if view is not None:
-                self.views[f"{RING_METRICS}/{partition.index}"] = view
+        self._rendered: dict[str, bytes] = {}
+        self._resets = 0  # resets of the views replaced by a reopening
+        self._seen_resets = 0
+        self._ring_views: list[SnapshotView | None] = [None] * len(worker.partitions)
+        self._generations = [-1] * len(worker.partitions)
+        self._sync_views()
         self._has_ring = any(view is not None for view in self._ring_views)
         self._bounds = bounds if bounds is not None else RingBounds()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -218,8 +215,34 @@ class PartitionedHttpServer(HttpServerBase):
         self._ring_collector = _RingCollector(LabelGuard(), session_label)
         self._ring_registry = CollectorRegistry(auto_describe=False)
         self._ring_registry.register(self._ring_collector)
-        self._rendered: dict[str, bytes] = {}
-        self._resets = 0
+
+    def _sync_views(self) -> None:
+        """A new view for each partition reopened on another node (its store replaced): the
+        union is served from the last rendered one until the new view is loaded."""
+        for partition in self.worker.partitions:
+            if self._generations[partition.index] == partition.generation:
+                continue
+            self._generations[partition.index] = partition.generation
+            ring = next(
+                (d for d in partition.derivations if isinstance(d, RingMetricsDerivation)), None
+            )
+            view = None if ring is None else SnapshotView(ring)
+            old = self._ring_views[partition.index]
+            if old is not None:
+                self._resets += old.state_resets  # keep the sum of resets where it was
+            self._ring_views[partition.index] = view
+            name = f"{RING_METRICS}/{partition.index}"
+            if view is None:
+                self.views.pop(name, None)
+            else:
+                self.views[name] = view
+
+    async def _refresh_views(self) -> None:
+        self._sync_views()
+        for view in self._ring_views:
+            if view is not None:
+                with suppress(WorkerStateError, LogError):
+                    await view.refresh()
 
     def union(self) -> RingMetricsState | None:
         """The union of the partitions' ring views, if every one may be served."""
@@ -237,9 +260,10 @@ class PartitionedHttpServer(HttpServerBase):
         views = [view for view in self._ring_views if view is not None]
         if not views or any(view.unreadable for view in views):
             return b""
-        resets = sum(view.state_resets for view in views)
-        if resets != self._resets:  # a partition's state was lost: what was rendered is void
-            self._resets = resets
+        # A partition's state lost (its epoch changed): what was rendered from it is void.
+        resets = self._resets + sum(view.state_resets for view in views)
+        if resets != self._seen_resets:
+            self._seen_resets = resets
             self._rendered.clear()
         union = self.union()
         if union is None:
@@ -260,10 +284,7 @@ class PartitionedHttpServer(HttpServerBase):
             for partition in self.worker.partitions:
                 with suppress(LogError):  # the connected gauge and the views say so
                     await refresh_partition(self.worker, partition)
-            for view in self._ring_views:
-                if view is not None:
-                    with suppress(WorkerStateError, LogError):
-                        await view.refresh()
+            await self._refresh_views()
             encode, content_type = choose_encoder(accept)
             openmetrics = content_type.startswith("application/openmetrics-text")
             ring = (
@@ -280,6 +301,7 @@ class PartitionedHttpServer(HttpServerBase):
                 return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry) + ring
             return "200 OK", content_type, encode(self.registry).removesuffix(_EOF) + ring + _EOF
         if path in (b"/healthz", b"/health"):
+            self._sync_views()
             document = await partitioned_health(self.worker, self._ring_views)
             healthy = document["connected"] and document["keeping_up"]
             status = "200 OK" if healthy else "503 Service Unavailable"
