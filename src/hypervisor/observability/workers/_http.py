@@ -301,6 +301,9 @@ class HttpServerBase:
     async def _respond(self, path: bytes, accept: str = "") -> tuple[str, str, bytes]:
         raise NotImplementedError
 
+    def _prepare_views(self) -> None:
+        """Bring :attr:`views` up to date with the worker before a background refresh."""
+
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; reports the bound port through ``task_status``.
 
@@ -318,6 +321,7 @@ class HttpServerBase:
     async def _follow_views(self) -> None:
         while True:
             await anyio.sleep(self.view_refresh_s)
+            self._prepare_views()
             for view in list(self.views.values()):
                 try:
                     await view.refresh()

@@ -237,8 +237,25 @@ class PartitionedHttpServer(HttpServerBase):
             else:
                 self.views[name] = view
 
-    async def _refresh_views(self) -> None:
+    def _follow_appliers(self) -> None:
+        """A partition this worker applies is served from its applier's state (no replay)."""
+        for partition, view in zip(self.worker.partitions, self._ring_views, strict=True):
+            if view is None:
+                continue
+            running = partition.worker
+            applier = None
+            if running is not None:
+                applier = next(
+                    (a for a in running.appliers if a.derivation.name == RING_METRICS), None
+                )
+            view.follow(applier)
+
+    def _prepare_views(self) -> None:
         self._sync_views()
+        self._follow_appliers()
+
+    async def _refresh_views(self) -> None:
+        self._prepare_views()
         for view in self._ring_views:
             if view is not None:
                 with suppress(WorkerStateError, LogError):
@@ -301,7 +318,7 @@ class PartitionedHttpServer(HttpServerBase):
                 return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry) + ring
             return "200 OK", content_type, encode(self.registry).removesuffix(_EOF) + ring + _EOF
         if path in (b"/healthz", b"/health"):
-            self._sync_views()
+            self._prepare_views()
             document = await partitioned_health(self.worker, self._ring_views)
             healthy = document["connected"] and document["keeping_up"]
             status = "200 OK" if healthy else "503 Service Unavailable"
