@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import anyio
@@ -42,6 +42,8 @@ __all__ = ["Partition", "PartitionedWorker", "WorkerRegistry", "assign_partition
 
 _log = logging.getLogger("hypervisor.observability.workers")
 _PERMANENT = (LogPermanentError, PermissionDeniedError)
+_PARTITION_APPLY_INTERVAL_S = 0.05
+"""The shortest idle time between a partition's apply rounds (see ``PartitionedWorker``)."""
 
 
 class WorkerRegistry(Protocol):
@@ -150,6 +152,12 @@ class PartitionedWorker(AsyncResource):
             raise ValueError("pass both a router and an opener, or neither")
         self.router = router
         self.opener = opener
+        # A partition's applier is woken at once by its own worker's batches and by the
+        # others' notifications; the idle poll is only a fallback, and N partitions would poll
+        # N times as often: it is stretched to at least _PARTITION_APPLY_INTERVAL_S.
+        self._partition_config = replace(
+            config, apply_interval_s=max(config.apply_interval_s, _PARTITION_APPLY_INTERVAL_S)
+        )
         self.registry_home = registry_home
         self.moves = 0
         """Partitions reopened on another node (a slot moved or failed over)."""
@@ -322,7 +330,7 @@ class PartitionedWorker(AsyncResource):
         return Worker(
             partition.log,
             partition.derivations,
-            self.config,
+            self._partition_config,
             dlq=partition.dlq,
             stats=partition.stats,
         )
