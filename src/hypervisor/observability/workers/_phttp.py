@@ -99,7 +99,13 @@ class _PartitionCollector(Collector):
                 key,
                 stats.oldest_pending_age_s,
             )
-            add("gauge", "partition_owned", "1 while this worker runs it", key, running is not None)
+            add(
+                "gauge",
+                "partition_owned",
+                "1 while this worker runs it",
+                key,
+                float(running is not None),
+            )
             appliers = {a.derivation.name: a for a in running.appliers} if running else {}
             for derivation in partition.derivations:
                 dkey = (*key, derivation.name)
