@@ -1,6 +1,6 @@
 """Partitions on Redis Cluster: hash-tag balance over masters and raw per-partition XADD rates.
 
-What exists so far (issue 12's foundations), measured on real servers started here:
+What it measures, on real servers started here:
 
 1. **Balance**: how the partitions of a few stream names fall on the masters of a fresh
    3-master cluster (slots from ``CLUSTER KEYSLOT``, owners from ``CLUSTER NODES``), for
@@ -14,7 +14,6 @@ What exists so far (issue 12's foundations), measured on real servers started he
 3. **Failover**: one process writes pipelines over the partitions while the master of
    partition 0 is SIGKILLed; every acknowledged entry id is looked for afterwards on the
    promoted replica, and the time partition 0 could not be written is printed.
-
 4. **Local index bytes per event**: ``bench_index_memory.py``'s measurement (a bus's reader
    backfilling 100k events of distinct session and agent strings with a two-key payload, traced
    with ``tracemalloc``) against the single server, with the issue's target of 450 B.
@@ -24,14 +23,17 @@ What exists so far (issue 12's foundations), measured on real servers started he
    slot, all sent concurrently) on the single redis-server with 1 and ``--partitions``
    partitions and on the cluster with ``--partitions``; then a reader bus started afterwards
    indexes them all (one reader per partition merged into the local index): its merge rate.
+6. **Workers**: ring events written to the partitions as fast as the server takes them while
+   1, 2 or 3 ``hvobs worker ring-metrics --partitions N`` processes divide the partitions;
+   events/s from the first write until a worker's union ``/metrics`` counts every event, on a
+   single redis-server and on the cluster; and one worker on one stream (today's layout).
 
-The workers do not use partitions yet, so emit-to-applied figures come with their integration.
 Every process runs on this machine: the cores are shared by the
 servers and the writers, and the core count is printed beside the figures.
 
 Usage: ``python scripts/bench_cluster.py [--events 100000] [--partitions 12] [--batch 500]
 [--failovers 3] [--skip-throughput] [--index-events 100000] [--bus-events 100000]
-[--skip-bus]``
+[--skip-bus] [--skip-workers] [--worker-events 60000] [--worker-partitions 12]``
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import multiprocessing
 import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -60,6 +64,7 @@ from hypervisor.observability._core.partition import PartitionLayout
 from hypervisor.observability.errors import LogUnavailableError
 from redis_cluster import RedisCluster
 from redis_server import RedisServer
+from worker_procs import WorkerProc, cli
 
 STREAMS = ("hvobs:events", "events", "fleet-a", "tenant-7:events")
 COUNTS = (3, 6, 12, 24, 64)
@@ -290,6 +295,148 @@ def bus_figures(single: RedisServer, cluster: RedisCluster, args: argparse.Names
         print(f"| {name} | {partitions} | {emitted:,.0f} ({cpu:.1f} µs) | {merged:,.0f} |")
 
 
+# --- workers: emit to applied ----------------------------------------------------------------
+
+
+def _ring_events(count: int, agents: int) -> list[bytes]:
+    """Pre-encoded ring events over ``agents`` agents (an elevation and a revert each)."""
+    out = []
+    for i in range(count):
+        kind = EventType.RING_ELEVATED if i % 2 == 0 else EventType.RING_DEMOTED
+        ring = 1 if i % 2 == 0 else 2
+        out.append(
+            encode_event(
+                HypervisorEvent(
+                    event_type=kind,
+                    agent_did=f"did:agent:{i % agents}",
+                    session_id=f"session-{i % 50}",
+                    payload={"from_ring": 3 - ring, "to_ring": ring},
+                )
+            )
+        )
+    return out
+
+
+def _owners_ready(workers: list[WorkerProc], partitions: int) -> bool:
+    owned: list[int] = []
+    for worker in workers:
+        status, body = worker.get("/healthz")
+        if status not in (200, 503):
+            return False
+        document = json.loads(body)
+        if partitions == 1:  # today's worker: no assignment
+            return bool(document["connected"])
+        if len(document["live"]) != len(workers):
+            return False
+        owned.extend(document["owned"])
+    return sorted(owned) == list(range(partitions))
+
+
+def _applied(worker: WorkerProc) -> float:
+    status, body = worker.get("/metrics")
+    if status != 200:
+        return 0.0
+    for line in body.decode().splitlines():
+        if line.startswith("agent_hypervisor_ring_events_processed_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def _emit(url: str, cluster: bool, layout: PartitionLayout, entries: list[bytes]) -> None:
+    """Write ``entries`` to their partitions in pipelines of 500 (cluster pipelines on a
+    cluster), as fast as the server takes them."""
+    from hypervisor.observability._core.codec import decode_event
+
+    if layout.partitions == 1:  # today's layout: the stream key is the stream's name
+        routed = [(layout.stream, e) for e in entries]
+    else:
+        routed = [(layout.stream_key(layout.partition(decode_event(e))), e) for e in entries]
+    client: Any = (
+        make_cluster_client(url, socket_timeout_s=30.0, connect_timeout_s=5.0)
+        if cluster
+        else make_client(url, socket_timeout_s=30.0, connect_timeout_s=5.0)
+    )
+    try:
+        for start in range(0, len(routed), 500):
+            pipe = client.pipeline(transaction=False)
+            for key, data in routed[start : start + 500]:
+                pipe.xadd(key, {b"e": data})
+            if cluster:
+                await execute_pipeline(client, pipe, "bench")
+            else:
+                await pipe.execute()
+    finally:
+        await client.aclose()
+
+
+def end_to_end(url: str, cluster: bool, workers: int, partitions: int, events: int) -> float:
+    """Events/s from the first emit until a worker's union /metrics counts every event, with
+    ``workers`` ring-metrics worker processes dividing ``partitions`` partitions."""
+    stream = f"e2e{os.getpid()}x{time.monotonic_ns()}"
+    layout = PartitionLayout(stream, partitions)
+    entries = _ring_events(events, agents=2000)
+    argv_extra = ["--partitions", str(partitions), "--batch-size", "500"]
+    procs = [
+        WorkerProc(
+            cli(
+                "worker",
+                "ring-metrics",
+                "--redis",
+                url,
+                "--stream",
+                stream,
+                "--group",
+                "ring",
+                "--consumer",
+                f"w{i}",
+                "--metrics-port",
+                "0",
+                "--log-level",
+                "WARNING",
+                *argv_extra,
+            )
+        )
+        for i in range(workers)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not _owners_ready(procs, partitions):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers never divided the partitions")
+            time.sleep(0.1)
+        started = time.monotonic()
+        asyncio.run(_emit(url, cluster, layout, entries))
+        while _applied(procs[0]) < events:
+            if time.monotonic() > started + 600:
+                raise RuntimeError("the workers never applied every event")
+            time.sleep(0.05)
+        return events / (time.monotonic() - started)
+    finally:
+        for proc in procs:
+            proc.close()
+
+
+def workers_table(cluster: RedisCluster, single: RedisServer, args: argparse.Namespace) -> None:
+    """Print emit-to-applied events/s, single Redis against the cluster, 1 to 3 workers, and
+    one worker's rate on one stream against the same worker on partitions."""
+    cores = os.cpu_count()
+    print(
+        f"\n## Workers: emit to applied ({args.worker_events:,} ring events, "
+        f"{args.worker_partitions} partitions, {cores} cores)\n"
+    )
+    print("| ring-metrics workers | single redis-server | 3-master cluster |")
+    print("|---|---|---|")
+    for workers in (1, 2, 3):
+        plain = end_to_end(single.url, False, workers, args.worker_partitions, args.worker_events)
+        spread = end_to_end(cluster.url, True, workers, args.worker_partitions, args.worker_events)
+        print(f"| {workers} | {plain:,.0f} events/s | {spread:,.0f} events/s |")
+    one = end_to_end(single.url, False, 1, 1, args.worker_events)
+    print(
+        f"\none worker, one stream (--partitions 1, today's layout), single redis-server: "
+        f"{one:,.0f} events/s; per partition above, with 1 worker: the same code per partition"
+    )
+
+
 def main() -> None:
     """Run both parts and print markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -303,6 +450,9 @@ def main() -> None:
     )
     parser.add_argument("--bus-events", type=int, default=100_000, help="events through the bus")
     parser.add_argument("--skip-bus", action="store_true")
+    parser.add_argument("--skip-workers", action="store_true")
+    parser.add_argument("--worker-events", type=int, default=60_000)
+    parser.add_argument("--worker-partitions", type=int, default=12)
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     with RedisCluster() as cluster, RedisServer() as single:
@@ -313,6 +463,8 @@ def main() -> None:
             bus_figures(single, cluster, args)
         if args.failovers:
             failover(cluster, args, args.failovers)
+        if not args.skip_workers:
+            workers_table(cluster, single, args)
         if args.skip_throughput:
             return
         print(

@@ -38,6 +38,12 @@ from hypervisor.observability.workers._dlq import (
     list_dead_letters,
     replay_dead_letters,
 )
+from hypervisor.observability.workers._partitioned import (
+    Partition,
+    PartitionedWorker,
+    WorkerRegistry,
+    assign_partitions,
+)
 from hypervisor.observability.workers._runtime import (
     Worker,
     WorkerConfig,
@@ -65,6 +71,8 @@ __all__ = [
     "Derivation",
     "JsonLinesSpanSink",
     "MemoryStateStore",
+    "Partition",
+    "PartitionedWorker",
     "RingBounds",
     "RingMetricsDerivation",
     "SagaSpansDerivation",
@@ -72,9 +80,11 @@ __all__ = [
     "StateStore",
     "Worker",
     "WorkerConfig",
+    "WorkerRegistry",
     "WorkerStateError",
     "WorkerStats",
     "agent_span_to_dict",
+    "assign_partitions",
     "decode_dead_letter",
     "default_consumer_name",
     "dlq_name",

@@ -15,6 +15,7 @@ from anyio.abc import TaskStatus
 
 from hypervisor.observability._core.agent_spans import DEFAULT_IDLE_TIMEOUT_S, AgentSpanSink
 from hypervisor.observability._core.codec import DEFAULT_MAX_EVENT_BYTES
+from hypervisor.observability._core.partition import MAX_PARTITIONS
 from hypervisor.observability._core.ring import RingBounds
 from hypervisor.observability._core.spans import SpanRecordSink
 from hypervisor.observability._util.cli import (
@@ -42,6 +43,7 @@ from hypervisor.observability.workers._derivations import (
     SagaSpansDerivation,
 )
 from hypervisor.observability.workers._dlq import dlq_name
+from hypervisor.observability.workers._partitioned import PartitionedWorker
 from hypervisor.observability.workers._runtime import Worker, WorkerConfig, default_consumer_name
 
 __all__ = ["add_worker_command", "run_worker", "serve_worker"]
@@ -192,6 +194,23 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
                 "sums them over sessions: the first thing to turn off in a large fleet",
             )
         sub.add_argument(
+            "--partitions",
+            type=whole_number(1, MAX_PARTITIONS, "partitions"),
+            default=1,
+            metavar="N",
+            help="partitions of the stream, as recorded by its first producer or worker; the "
+            "workers of the group divide them among themselves (default: %(default)s, one "
+            "stream key)",
+        )
+        sub.add_argument(
+            "--lease-ttl",
+            type=seconds(600),
+            default=5.0,
+            metavar="SECONDS",
+            help="applier lease time to live; with --partitions, a worker unseen this long "
+            "loses its partitions (default: %(default)g seconds)",
+        )
+        sub.add_argument(
             "--batch-size",
             type=whole_number(1, 100_000, "entries"),
             default=500,
@@ -290,17 +309,19 @@ def _config(args: argparse.Namespace) -> WorkerConfig:
         max_event_bytes=args.max_event_bytes,
         apply_interval_s=args.apply_interval,
         max_pending_age_s=args.max_pending_age,
+        lease_ttl_s=args.lease_ttl,
         drain_timeout_s=args.drain_timeout,
     )
 
 
 async def serve_worker(
-    worker: Worker,
+    worker: Worker | PartitionedWorker,
     *,
     metrics_port: int | None,
     metrics_host: str = "127.0.0.1",
     handle_signals: bool = True,
     session_label: bool = True,
+    bounds: RingBounds | None = None,
 ) -> None:
     """Run ``worker`` with its HTTP endpoints until SIGTERM/SIGINT (or ``worker.stop()``).
 
@@ -310,6 +331,8 @@ async def serve_worker(
     Raises:
         CommandError: the metrics port cannot be bound (in use, not allowed).
     ``session_label=False`` sums the ring counters over sessions (no ``session_id`` label).
+    A ``PartitionedWorker`` serves the union of its partitions' ring states, with ``bounds``
+    (the configured label limits) applied to the union.
     """
     async with anyio.create_task_group() as tg:
         if handle_signals:
@@ -317,11 +340,22 @@ async def serve_worker(
             # and SIGTERM must then drain it rather than kill it.
             await tg.start(_stop_on_signal, worker.stop)
         if metrics_port is not None:
-            from hypervisor.observability.workers._http import WorkerHttpServer
+            from hypervisor.observability.workers._http import HttpServerBase, WorkerHttpServer
+            from hypervisor.observability.workers._phttp import PartitionedHttpServer
 
-            server = WorkerHttpServer(
-                worker, host=metrics_host, port=metrics_port, session_label=session_label
-            )
+            server: HttpServerBase
+            if isinstance(worker, PartitionedWorker):
+                server = PartitionedHttpServer(
+                    worker,
+                    bounds=bounds,
+                    host=metrics_host,
+                    port=metrics_port,
+                    session_label=session_label,
+                )
+            else:
+                server = WorkerHttpServer(
+                    worker, host=metrics_host, port=metrics_port, session_label=session_label
+                )
             try:
                 bound = await tg.start(server.serve)
             except OSError as exc:
@@ -358,7 +392,7 @@ class _SignalStop:
 
     def __init__(self) -> None:
         self.starting = anyio.CancelScope()
-        self.worker: Worker | None = None
+        self.worker: Worker | PartitionedWorker | None = None
 
     def __call__(self) -> None:
         if self.worker is not None:
@@ -388,6 +422,11 @@ async def _serve(args: argparse.Namespace, stop: _SignalStop) -> None:
 
     tls: dict[str, Any] = args.tls
     await check_redis(args.redis, timeout_s=args.connect_timeout, **tls)
+    if args.partitions > 1:
+        from hypervisor.observability.workers._pcli import serve_partitioned
+
+        await serve_partitioned(args, stop)
+        return
     if args.kind == SAGA_SPANS and not (args.jsonl or args.otlp_endpoint):
         print(
             "hvobs worker saga-spans: warning: no span sink, so the spans are derived and "

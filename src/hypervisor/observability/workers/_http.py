@@ -280,7 +280,89 @@ def _view_document(view: SnapshotView) -> dict[str, Any]:
     }
 
 
-class WorkerHttpServer:
+class HttpServerBase:
+    """The small anyio HTTP server both worker kinds serve ``/metrics`` and ``/healthz`` with.
+
+    Subclasses set :attr:`views` and implement :meth:`_respond`.
+
+    Args:
+        host: address to bind.
+        port: port to bind (0: any free port; see :attr:`port` once started).
+        view_refresh_s: how often the views follow the committed state in the background.
+    """
+
+    def __init__(self, *, host: str, port: int, view_refresh_s: float) -> None:
+        self.host = host
+        self.port = port
+        self.view_refresh_s = view_refresh_s
+        self._last_failure = ""
+        self.views: dict[str, SnapshotView] = {}
+
+    async def _respond(self, path: bytes, accept: str = "") -> tuple[str, str, bytes]:
+        raise NotImplementedError
+
+    def _prepare_views(self) -> None:
+        """Bring :attr:`views` up to date with the worker before a background refresh."""
+
+    async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled; reports the bound port through ``task_status``.
+
+        Meanwhile the views follow the committed state every ``view_refresh_s``, so a scrape
+        folds at most that much of the group's traffic instead of rebuilding a view that fell
+        more than a checkpoint behind (on a worker that is not the applier, after a burst).
+        """
+        listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
+        async with listener, anyio.create_task_group() as tg:
+            self.port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
+            task_status.started(self.port)
+            tg.start_soon(self._follow_views)
+            await listener.serve(self._handle)
+
+    async def _follow_views(self) -> None:
+        while True:
+            await anyio.sleep(self.view_refresh_s)
+            self._prepare_views()
+            for view in list(self.views.values()):
+                try:
+                    await view.refresh()
+                except (LogError, WorkerStateError):
+                    pass  # counted and reported where they happen; a scrape retries
+                except Exception as exc:  # a bad state must never take the worker down
+                    self._failed(b"(view refresh)", exc)
+
+    async def _handle(self, stream: SocketStream) -> None:
+        async with stream:
+            try:
+                with anyio.fail_after(10):
+                    request = b""
+                    while b"\r\n\r\n" not in request and len(request) < 8192:
+                        request += await stream.receive(4096)
+                    path = request.split(b" ", 2)[1].split(b"?")[0] if b" " in request else b""
+                    try:
+                        status, ctype, body = await self._respond(path, _accept(request))
+                    except Exception as exc:  # a bad state must never take the worker down
+                        self._failed(path, exc)
+                        status, ctype, body = "500 Internal Server Error", "text/plain", b"error\n"
+                    head = (
+                        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                    )
+                    await stream.send(head.encode() + body)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError, IndexError):
+                return
+
+    def _failed(self, path: bytes, exc: Exception) -> None:
+        """Log a failed request: with its traceback the first time, briefly while it repeats
+        (every scrape meets the same bad state until it changes)."""
+        failure = f"serving {path.decode(errors='replace')} failed: {exc!r}"
+        if failure == self._last_failure:
+            _log.debug("%s", failure)
+            return
+        self._last_failure = failure
+        _log.error("%s", failure, exc_info=exc)
+
+
+class WorkerHttpServer(HttpServerBase):
     """Serves ``/metrics`` and ``/healthz`` for one worker.
 
     Args:
@@ -305,13 +387,10 @@ class WorkerHttpServer:
         session_label: bool = True,
         view_refresh_s: float = 0.5,
     ) -> None:
+        super().__init__(host=host, port=port, view_refresh_s=view_refresh_s)
         self.worker = worker
-        self.view_refresh_s = view_refresh_s
-        self.host = host
-        self.port = port
         self.registry = CollectorRegistry(auto_describe=False)
-        self._last_failure = ""
-        self.views: dict[str, SnapshotView] = {
+        self.views = {
             applier.derivation.name: SnapshotView(applier.derivation, applier)
             for applier in worker.appliers
         }
@@ -350,62 +429,6 @@ class WorkerHttpServer:
                 self._ring_collector.state = None
         view.remember(kind, body)
         return body
-
-    async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Listen until cancelled; reports the bound port through ``task_status``.
-
-        Meanwhile the views follow the committed state every ``view_refresh_s``, so a scrape
-        folds at most that much of the group's traffic instead of rebuilding a view that fell
-        more than a checkpoint behind (on a worker that is not the applier, after a burst).
-        """
-        listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
-        async with listener, anyio.create_task_group() as tg:
-            self.port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
-            task_status.started(self.port)
-            tg.start_soon(self._follow_views)
-            await listener.serve(self._handle)
-
-    async def _follow_views(self) -> None:
-        while True:
-            await anyio.sleep(self.view_refresh_s)
-            for view in self.views.values():
-                try:
-                    await view.refresh()
-                except (LogError, WorkerStateError):
-                    pass  # counted and reported where they happen; a scrape retries
-                except Exception as exc:  # a bad state must never take the worker down
-                    self._failed(b"(view refresh)", exc)
-
-    async def _handle(self, stream: SocketStream) -> None:
-        async with stream:
-            try:
-                with anyio.fail_after(10):
-                    request = b""
-                    while b"\r\n\r\n" not in request and len(request) < 8192:
-                        request += await stream.receive(4096)
-                    path = request.split(b" ", 2)[1].split(b"?")[0] if b" " in request else b""
-                    try:
-                        status, ctype, body = await self._respond(path, _accept(request))
-                    except Exception as exc:  # a bad state must never take the worker down
-                        self._failed(path, exc)
-                        status, ctype, body = "500 Internal Server Error", "text/plain", b"error\n"
-                    head = (
-                        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                    )
-                    await stream.send(head.encode() + body)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError, IndexError):
-                return
-
-    def _failed(self, path: bytes, exc: Exception) -> None:
-        """Log a failed request: with its traceback the first time, briefly while it repeats
-        (every scrape meets the same bad state until it changes)."""
-        failure = f"serving {path.decode(errors='replace')} failed: {exc!r}"
-        if failure == self._last_failure:
-            _log.debug("%s", failure)
-            return
-        self._last_failure = failure
-        _log.error("%s", failure, exc_info=exc)
 
     async def _refresh_for_scrape(self) -> None:
         """Bring the group gauges and the views up to date, as far as the backend lets us."""

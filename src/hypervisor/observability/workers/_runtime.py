@@ -70,6 +70,8 @@ class Worker(AsyncResource, BatchProcessor):
         config: group, consumer name and tuning.
         dlq: the dead-letter log (``<log name>:dlq`` in memory by default; pass a Redis log
             for a Redis deployment).
+        stats: where to count (a new ``WorkerStats`` by default; a partitioned worker passes
+            one per partition that outlives the partition's successive runs).
 
     Use as an async context manager and ``await run()``; call :meth:`stop` (or send SIGTERM to
     the CLI) to drain and return.
@@ -82,6 +84,7 @@ class Worker(AsyncResource, BatchProcessor):
         config: WorkerConfig,
         *,
         dlq: StreamLog | None = None,
+        stats: WorkerStats | None = None,
     ) -> None:
         if not derivations:
             raise ValueError("a worker needs at least one derivation")
@@ -94,7 +97,7 @@ class Worker(AsyncResource, BatchProcessor):
             dlq = MemoryStreamLog(dlq_name(log.name))
         self.dlq = dlq
         token = f"{config.consumer}:{os.getpid()}:{os.urandom(4).hex()}"
-        self.stats = WorkerStats()
+        self.stats = WorkerStats() if stats is None else stats
         self.gaps = GroupGaps(log, config.group)
         """Entries trimmed before the group read them (``_gaps.py``)."""
         self.appliers = [

@@ -100,6 +100,16 @@ class SnapshotView:
         """When a refresh last brought the view up to date (``clock`` seconds), if ever."""
         self._stale_since: float | None = None
 
+    def follow(self, applier: Applier | None) -> None:
+        """Share the state of ``applier`` from now on (``None``: of none), for a worker whose
+        applier of the derivation changes (a partitioned worker's run of a partition)."""
+        if applier is not self._applier:
+            self._applier = applier
+            if self._shared:  # the old applier's state moves on without us: load a copy
+                self._shared = False
+                self.state = None
+                self._loaded_version = -1
+
     @property
     def stale(self) -> bool:
         """Whether the last refresh failed, so what is served is the last good view."""
