@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis
 
 from hypervisor.observability._core.partition import PartitionLayout
 from hypervisor.observability._core.ring import RingBounds, RingMetricsState
@@ -343,3 +344,47 @@ def _wait_applied(worker: WorkerProc, count: int, timeout_s: float = 30) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"the workers applied {got} ring events")
         time.sleep(0.05)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_partitioned_bus_and_worker_under_their_acl_users(
+    redis_server: RedisServer, procs: list[WorkerProc]
+) -> None:
+    """The whole partitioned pipeline under least privilege: a ``RedisEventBus(partitions=4)``
+    as the ``producer`` user of ``hvobs acl --partitions 4`` and a partitioned ring-metrics
+    worker as its ``worker`` user (state, dead letters, layout record and the group's
+    registry): the worker's union equals the in-process collector over the stream."""
+    from hypervisor.observability import RedisEventBus
+    from hypervisor.observability.acl import acl_line
+
+    url, stream = redis_server.url, f"pa{uuid.uuid4().hex[:8]}"
+    layout = PartitionLayout(stream, _N)
+    tag = uuid.uuid4().hex[:6]
+    admin = redis.Redis.from_url(url)
+    try:
+        for role, groups in (("producer", ()), ("worker", ("ring-metrics",))):
+            line = acl_line(
+                role, stream, f"{role}-{tag}", f"pw-{tag}", groups=groups, partitions=_N
+            )
+            admin.execute_command(*line.split())  # type: ignore[no-untyped-call]
+    finally:
+        admin.close()
+
+    def as_user(role: str) -> str:
+        return url.replace("redis://", f"redis://{role}-{tag}:pw-{tag}@", 1)
+
+    worker = WorkerProc(_pargv("ring-metrics", as_user("worker"), stream, "r0"))
+    procs.append(worker)
+    _wait_owners([worker], ["r0"])
+    events = random_events(random.Random(404), 2000, agents=12)
+
+    async def produce() -> None:
+        async with RedisEventBus.from_url(
+            as_user("producer"), stream, partitions=_N, reader=False
+        ) as bus:
+            await bus.emit_many(events)
+
+    anyio.run(produce)
+    _assert_reference(url, layout, [worker])
+    assert worker.proc.poll() is None

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from hypervisor.observability._backends.state import state_prefix
-from hypervisor.observability._core.partition import MAX_PARTITIONS
+from hypervisor.observability._core.partition import MAX_PARTITIONS, registry_key
 from hypervisor.observability.errors import AclArgumentError
 from hypervisor.observability.workers._dlq import dlq_name
 
@@ -110,6 +110,9 @@ slot map (``CLUSTER SLOTS``), and redis-py's cluster client for the layout recor
 at its start, ``ASKING`` after an ``ASK`` redirection)."""
 _LAYOUT: Final = ("get", "set")
 """The layout record: read it, create it with ``SET NX``."""
+_REGISTRY: Final = ("evalsha", "time", "zadd", "zremrangebyscore", "pexpire", "zrange", "zrem")
+"""A partitioned worker's heartbeat in its group's registry (one script: the server's clock,
+stamp, drop the silent, list the live) and its leaving (``ZREM``)."""
 
 _GLOB: Final = re.compile(r"([*?\[\]\\])")
 # Characters that cannot be written in one unquoted token of a redis-cli line or an ACL file
@@ -227,6 +230,7 @@ def _partitioned_grants(role: str, stream: str, groups: Sequence[str]) -> list[G
     stream_key = f"{{{name}:p*}}"
     dlq_key = dlq_name(stream_key)
     state_keys = tuple(f"~hvobs:worker:{stream_key}:{_glob_escape(g)}:*" for g in groups)
+    registries = tuple(f"~{registry_key(name, _glob_escape(g))}" for g in groups)
     layout = Grant((f"~hvobs:layout:{{{name}}}",), _LAYOUT)
     if role == "producer":
         return [Grant((f"%W~{stream_key}",), (*_APPEND, *_PARTITIONED)), layout]
@@ -239,10 +243,11 @@ def _partitioned_grants(role: str, stream: str, groups: Sequence[str]) -> list[G
             Grant(state_keys, _STATE),
             Grant((f"~{dlq_key}",), _DEAD_LETTER),
             layout,
+            *([Grant(registries, _REGISTRY)] if registries else []),
         ]
     return [
         Grant(
-            (f"~{stream_key}", f"~{dlq_key}", *state_keys, *layout.keys),
+            (f"~{stream_key}", f"~{dlq_key}", *state_keys, *registries, *layout.keys),
             (*_ADMIN_EXTRA, *_STATE, *_KEYLESS_WORKER, *_PARTITIONED),
         )
     ]

@@ -18,7 +18,12 @@ from redis import asyncio as aioredis
 
 from hypervisor.observability._backends.redis_client import make_client, translate_errors, url_user
 from hypervisor.observability._backends.redis_cluster import ensure_layout
-from hypervisor.observability._core.partition import LayoutRecord, PartitionLayout, key_hash_slot
+from hypervisor.observability._core.partition import (
+    LayoutRecord,
+    PartitionLayout,
+    key_hash_slot,
+    registry_key,
+)
 from hypervisor.observability.errors import LogError, LogPermanentError, LogUnavailableError
 
 __all__ = ["RedisWorkerRegistry", "SlotRouter", "check_layout", "node_url", "registry_key"]
@@ -34,11 +39,6 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 _MAX_NAME = 256
 """Longest consumer name accepted back from the registry (anything else is ignored)."""
-
-
-def registry_key(stream: str, group: str) -> str:
-    """The registry key of ``group`` on ``stream`` (the layout record's hash tag)."""
-    return f"hvobs:workers:{{{stream}}}:{group}"
 
 
 class RedisWorkerRegistry:

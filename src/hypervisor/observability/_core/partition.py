@@ -57,6 +57,7 @@ __all__ = [
     "key_hash_slot",
     "partition_index",
     "partition_tags",
+    "registry_key",
     "single_slot",
 ]
 
@@ -217,6 +218,12 @@ def decode_layout_record(data: bytes) -> LayoutRecord:
     return record
 
 
+def registry_key(stream: str, group: str) -> str:
+    """The key of the live-worker registry of ``group`` on the partitioned ``stream``
+    (``hvobs:workers:{<stream>}:<group>``, the layout record's hash tag)."""
+    return f"hvobs:workers:{{{stream}}}:{group}"
+
+
 def _check_stream(stream: str) -> None:
     if not isinstance(stream, str) or not stream or "{" in stream or "}" in stream:
         raise ValueError(f"stream name {stream!r} must be non-empty and contain no braces")
@@ -292,6 +299,11 @@ class PartitionLayout:
     def layout_key(self) -> str:
         """The key of the layout record: ``hvobs:layout:{<stream>}`` (a tag of its own)."""
         return f"hvobs:layout:{{{self.stream}}}"
+
+    def registry_key(self, group: str) -> str:
+        """The key of ``group``'s live-worker registry: ``hvobs:workers:{<stream>}:<group>``
+        (the layout record's tag)."""
+        return registry_key(self.stream, group)
 
     def slot(self, index: int) -> int:
         """The hash slot of partition ``index`` (of all its keys)."""
