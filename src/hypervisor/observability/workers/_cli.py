@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -45,6 +45,10 @@ from hypervisor.observability.workers._derivations import (
 from hypervisor.observability.workers._dlq import dlq_name
 from hypervisor.observability.workers._partitioned import PartitionedWorker
 from hypervisor.observability.workers._runtime import Worker, WorkerConfig, default_consumer_name
+from hypervisor.observability.workers._sinks import JsonLinesSpanSink
+
+if TYPE_CHECKING:
+    from hypervisor.observability.exporters.otel import OTelSpanSink
 
 __all__ = ["add_worker_command", "run_worker", "serve_worker"]
 
@@ -415,29 +419,33 @@ async def _run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(args: argparse.Namespace, stop: _SignalStop) -> None:
-    from hypervisor.observability._backends.redis_log import RedisStreamLog
-    from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
-    from hypervisor.observability.workers._sinks import JsonLinesSpanSink
+def ring_bounds(args: argparse.Namespace) -> RingBounds:
+    """The ring-metrics worker's label limits and agent retirement from its options."""
+    return RingBounds(
+        max_agents=args.max_agents,
+        max_sessions=args.max_sessions,
+        max_tracked_agents=args.max_tracked_agents,
+        agent_idle_s=args.agent_idle,
+        clock_window=args.agent_clock_window,
+    )
 
-    tls: dict[str, Any] = args.tls
-    await check_redis(args.redis, timeout_s=args.connect_timeout, **tls)
-    if args.partitions > 1:
-        from hypervisor.observability.workers._pcli import serve_partitioned
 
-        await serve_partitioned(args, stop)
-        return
-    if args.kind == SAGA_SPANS and not (args.jsonl or args.otlp_endpoint):
+def span_sinks(args: argparse.Namespace) -> tuple[JsonLinesSpanSink | None, OTelSpanSink | None]:
+    """The saga-spans worker's sinks from its options: the JSON-lines file and the OTLP
+    exporter, each ``None`` when not asked for (a warning says so when neither is).
+
+    Raises:
+        CommandError: ``--otlp-endpoint`` without the ``otel`` extra installed.
+    """
+    if not (args.jsonl or args.otlp_endpoint):
         print(
             "hvobs worker saga-spans: warning: no span sink, so the spans are derived and "
             "counted but written nowhere; add --jsonl PATH or --otlp-endpoint URL",
             file=sys.stderr,
             flush=True,
         )
-    sink = None
     otlp_sink = None
-    derivations: list[Derivation] = []
-    if args.kind == SAGA_SPANS and args.otlp_endpoint:
+    if args.otlp_endpoint:
         try:
             from hypervisor.observability.exporters.otel import otlp_http_span_sink
         except ImportError as exc:
@@ -447,19 +455,28 @@ async def _serve(args: argparse.Namespace, stop: _SignalStop) -> None:
                 exit_status=2,
             ) from None
         otlp_sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-hypervisor")
+    sink = JsonLinesSpanSink(args.jsonl, fsync=args.fsync) if args.jsonl else None
+    return sink, otlp_sink
+
+
+async def _serve(args: argparse.Namespace, stop: _SignalStop) -> None:
+    from hypervisor.observability._backends.redis_log import RedisStreamLog
+    from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
+
+    tls: dict[str, Any] = args.tls
+    await check_redis(args.redis, timeout_s=args.connect_timeout, **tls)
+    if args.partitions > 1:
+        from hypervisor.observability.workers._pcli import serve_partitioned
+
+        await serve_partitioned(args, stop)
+        return
+    sink, otlp_sink = span_sinks(args) if args.kind == SAGA_SPANS else (None, None)
+    derivations: list[Derivation] = []
     store = RedisStateStore(args.redis, state_prefix(args.stream, args.group, args.kind), **tls)
     stores = [store]
     if args.kind == RING_METRICS:
-        bounds = RingBounds(
-            max_agents=args.max_agents,
-            max_sessions=args.max_sessions,
-            max_tracked_agents=args.max_tracked_agents,
-            agent_idle_s=args.agent_idle,
-            clock_window=args.agent_clock_window,
-        )
-        derivations.append(RingMetricsDerivation(store, bounds=bounds))
+        derivations.append(RingMetricsDerivation(store, bounds=ring_bounds(args)))
     else:
-        sink = JsonLinesSpanSink(args.jsonl, fsync=args.fsync) if args.jsonl else None
         sinks: list[SpanRecordSink] = [s for s in (sink, otlp_sink) if s is not None]
         derivations.append(SagaSpansDerivation(store, sinks))
         if args.agent_spans:

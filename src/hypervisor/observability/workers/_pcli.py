@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 from hypervisor.observability._core.partition import PartitionLayout
-from hypervisor.observability._core.ring import RingBounds
 from hypervisor.observability._core.ring_union import partition_bounds
 from hypervisor.observability._core.spans import SpanRecordSink
 from hypervisor.observability.errors import (
@@ -33,16 +31,6 @@ if TYPE_CHECKING:
     from hypervisor.observability.workers._cli import _SignalStop
 
 __all__ = ["serve_partitioned"]
-
-
-def _bounds(args: argparse.Namespace) -> RingBounds:
-    return RingBounds(
-        max_agents=args.max_agents,
-        max_sessions=args.max_sessions,
-        max_tracked_agents=args.max_tracked_agents,
-        agent_idle_s=args.agent_idle,
-        clock_window=args.agent_clock_window,
-    )
 
 
 async def _start_layout(args: argparse.Namespace, layout: PartitionLayout) -> Router | None:
@@ -97,8 +85,7 @@ async def serve_partitioned(args: argparse.Namespace, stop: _SignalStop) -> None
     from hypervisor.observability._backends.redis_log import RedisStreamLog
     from hypervisor.observability._backends.redis_registry import RedisWorkerRegistry
     from hypervisor.observability._backends.redis_state import RedisStateStore
-    from hypervisor.observability.workers._cli import _config, serve_worker
-    from hypervisor.observability.workers._sinks import JsonLinesSpanSink
+    from hypervisor.observability.workers._cli import _config, ring_bounds, serve_worker, span_sinks
 
     if getattr(args, "agent_spans", False):
         raise CommandError(
@@ -109,28 +96,8 @@ async def serve_partitioned(args: argparse.Namespace, stop: _SignalStop) -> None
     tls: dict[str, Any] = args.tls
     layout = PartitionLayout(args.stream, args.partitions)
     router = await _start_layout(args, layout)
-    bounds = _bounds(args) if args.kind == RING_METRICS else None
-    sink = None
-    otlp_sink = None
-    if args.kind == SAGA_SPANS:
-        if not (args.jsonl or args.otlp_endpoint):
-            print(
-                "hvobs worker saga-spans: warning: no span sink, so the spans are derived and "
-                "counted but written nowhere; add --jsonl PATH or --otlp-endpoint URL",
-                file=sys.stderr,
-                flush=True,
-            )
-        if args.otlp_endpoint:
-            try:
-                from hypervisor.observability.exporters.otel import otlp_http_span_sink
-            except ImportError as exc:
-                raise CommandError(
-                    "--otlp-endpoint needs the otel extra (pip install "
-                    f"'hypervisor-observability[otel]'): {exc}",
-                    exit_status=2,
-                ) from None
-            otlp_sink = otlp_http_span_sink(args.otlp_endpoint, service_name="agent-hypervisor")
-        sink = JsonLinesSpanSink(args.jsonl, fsync=args.fsync) if args.jsonl else None
+    bounds = ring_bounds(args) if args.kind == RING_METRICS else None
+    sink, otlp_sink = span_sinks(args) if args.kind == SAGA_SPANS else (None, None)
     sinks: list[SpanRecordSink] = [s for s in (sink, otlp_sink) if s is not None]
 
     async def open_partition(index: int, home: str) -> Partition:
