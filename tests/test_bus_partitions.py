@@ -13,7 +13,7 @@ from hypervisor.observability import EventType, HypervisorEvent, RedisEventBus
 from hypervisor.observability._backends.log import DurableWait, LogError
 from hypervisor.observability._backends.memory_log import MemoryStreamLog
 from hypervisor.observability._backends.partition_set import PartitionSet
-from hypervisor.observability._backends.redis_partitions import _parse_slots
+from hypervisor.observability._backends.redis_cluster import parse_cluster_slots
 from hypervisor.observability._core.partition import PartitionLayout
 from hypervisor.observability.errors import BusUnavailableError, PartitionLayoutError
 from redis_cluster import RedisCluster
@@ -252,10 +252,10 @@ def test_a_hostile_slot_map_reply_is_read_safely() -> None:
         [b"10923", b"16383"],
         b"garbage",
     ]
-    ranges, known = _parse_slots(raw, "10.0.0.9")
+    ranges, known = parse_cluster_slots(raw, "10.0.0.9")
     assert ranges == [(0, 5460, "127.0.0.1", 7000), (5461, 10922, "10.0.0.9", 7001)]
     assert ("127.0.0.1", 7004) in known
-    assert _parse_slots(b"not a list", "h") == ([], [])
+    assert parse_cluster_slots(b"not a list", "h") == ([], [])
 
 
 @pytest.mark.redis

@@ -56,9 +56,52 @@ __all__ = [
     "ensure_layout",
     "execute_pipeline",
     "make_cluster_client",
+    "node_url",
+    "parse_cluster_slots",
     "read_layout",
     "translate_cluster_errors",
 ]
+
+
+def node_url(url: str, host: str, port: int) -> str:
+    """``url`` pointed at the node ``host:port`` (scheme, credentials and query kept), db 0."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    host_text = f"[{host}]" if ":" in host else host
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host_text}:{port}", path="/0"))
+
+
+def _slots_text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def parse_cluster_slots(
+    raw: Any, asked: str
+) -> tuple[list[tuple[int, int, str, int]], list[tuple[str, int]]]:
+    """``CLUSTER SLOTS``'s reply as ``(first slot, last slot, master host, master port)``
+    ranges, sorted, and every node it names. The reply is server input: anything malformed is
+    skipped; an empty or unknown (``?``) host means the node asked, ``asked`` (Redis's
+    ``cluster-preferred-endpoint``)."""
+    ranges: list[tuple[int, int, str, int]] = []
+    known: list[tuple[str, int]] = []
+    if not isinstance(raw, list):
+        return ranges, known
+    for item in raw:
+        try:
+            first, last = int(item[0]), int(item[1])
+            nodes = []
+            for node in item[2:]:
+                host = _slots_text(node[0]) or asked
+                nodes.append((asked if host == "?" else host, int(node[1])))
+        except (TypeError, ValueError, IndexError):
+            continue
+        nodes = [(host, port) for host, port in nodes if 0 < port < 65536]
+        if not nodes or not 0 <= first <= last < 16384:
+            continue
+        ranges.append((first, last, *nodes[0]))
+        known.extend(nodes)
+    ranges.sort()
+    return ranges, known
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Self, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis.exceptions as rexc
 
@@ -40,6 +40,8 @@ from hypervisor.observability._backends.redis_cluster import (
     detect_cluster,
     ensure_layout,
     make_cluster_client,
+    node_url,
+    parse_cluster_slots,
     translate_cluster_errors,
 )
 from hypervisor.observability._backends.redis_log import RedisStreamLog
@@ -54,15 +56,6 @@ T = TypeVar("T")
 _REFRESH_MIN_S: Final = 0.05
 """The shortest interval between two slot map reads (a failover marks every partition of the
 dead master stale at once: one read serves them all)."""
-
-
-def _node_url(url: str, host: str, port: int) -> str:
-    """``url`` with its host and port replaced (credentials, scheme and query kept), db 0."""
-    parts = urlsplit(url)
-    userinfo, at, _ = parts.netloc.rpartition("@")
-    host_text = f"[{host}]" if ":" in host else host
-    netloc = f"{userinfo}{at}{host_text}:{port}"
-    return urlunsplit(parts._replace(netloc=netloc, path="/0"))
 
 
 class SlotMap:
@@ -115,7 +108,7 @@ class SlotMap:
         assert self._ranges is not None
         for first, last, host, port in self._ranges:
             if first <= slot <= last:
-                return _node_url(self.url, host, port)
+                return node_url(self.url, host, port)
         self._stale = True
         raise LogUnavailableError(f"redis cluster: no node serves slot {slot} now")
 
@@ -137,7 +130,7 @@ class SlotMap:
                 except LogError as exc:
                     last_error = exc
                     continue
-                ranges, known = _parse_slots(raw, host)
+                ranges, known = parse_cluster_slots(raw, host)
                 if ranges:
                     self._ranges = ranges
                     self._known = known
@@ -150,7 +143,7 @@ class SlotMap:
 
     async def _slots_of(self, host: str, port: int) -> Any:
         client = make_client(
-            _node_url(self.url, host, port),
+            node_url(self.url, host, port),
             socket_timeout_s=self._timeout_s,
             connect_timeout_s=self._timeout_s,
             max_connections=1,
@@ -164,36 +157,6 @@ class SlotMap:
                 return await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
         finally:
             await client.aclose()
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _parse_slots(
-    raw: Any, asked: str
-) -> tuple[list[tuple[int, int, str, int]], list[tuple[str, int]]]:
-    """``CLUSTER SLOTS``'s reply (server input: checked) as master ranges and every node seen;
-    an empty or unknown host means the node asked (Redis's ``cluster-preferred-endpoint``)."""
-    ranges: list[tuple[int, int, str, int]] = []
-    known: list[tuple[str, int]] = []
-    if not isinstance(raw, list):
-        return ranges, known
-    for item in raw:
-        try:
-            first, last = int(item[0]), int(item[1])
-            nodes = []
-            for node in item[2:]:
-                host = _text(node[0]) or asked
-                nodes.append((asked if host == "?" else host, int(node[1])))
-        except (TypeError, ValueError, IndexError):
-            continue
-        if not nodes or not 0 <= first <= last < 16384:
-            continue
-        ranges.append((first, last, *nodes[0]))
-        known.extend(nodes)
-    ranges.sort()
-    return ranges, known
 
 
 # What says "the slot is elsewhere now, or the cluster is changing": retry after re-reading.

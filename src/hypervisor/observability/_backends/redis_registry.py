@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from redis import asyncio as aioredis
 
 from hypervisor.observability._backends.redis_client import make_client, translate_errors, url_user
-from hypervisor.observability._backends.redis_cluster import ensure_layout
+from hypervisor.observability._backends.redis_cluster import (
+    ensure_layout,
+    node_url,
+    parse_cluster_slots,
+)
 from hypervisor.observability._core.partition import (
     LayoutRecord,
     PartitionLayout,
@@ -26,7 +30,7 @@ from hypervisor.observability._core.partition import (
 )
 from hypervisor.observability.errors import LogError, LogPermanentError, LogUnavailableError
 
-__all__ = ["RedisWorkerRegistry", "SlotRouter", "check_layout", "node_url", "registry_key"]
+__all__ = ["RedisWorkerRegistry", "SlotRouter", "check_layout", "registry_key"]
 
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -118,36 +122,6 @@ async def check_layout(url: str, layout: PartitionLayout, **options: Any) -> Lay
         await client.aclose()
 
 
-def node_url(url: str, host: str, port: int) -> str:
-    """``url`` (scheme, credentials) pointed at the node ``host:port``, database 0."""
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    netloc = f"[{host}]" if ":" in host else host
-    netloc = f"{netloc}:{port}"
-    if credentials:
-        netloc = f"{credentials}@{netloc}"
-    return urlunsplit(parts._replace(netloc=netloc, path="/0"))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def parse_cluster_slots(reply: Any) -> list[tuple[int, int, str, int]]:
-    """``CLUSTER SLOTS`` as ``(first slot, last slot, master host, master port)`` ranges; the
-    reply is server input, so anything malformed is skipped."""
-    ranges: list[tuple[int, int, str, int]] = []
-    for item in reply if isinstance(reply, list) else ():
-        try:
-            first, last, master = int(item[0]), int(item[1]), item[2]
-            host, port = _text(master[0]), int(master[1])
-        except (TypeError, ValueError, IndexError, UnicodeDecodeError):
-            continue
-        if 0 <= first <= last < 16384 and 0 < port < 65536:
-            ranges.append((first, last, host, port))
-    return ranges
-
-
 class SlotRouter:
     """Which master serves each of some hash slots, read from the cluster (``CLUSTER SLOTS``).
 
@@ -178,7 +152,8 @@ class SlotRouter:
                 reply = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
         finally:
             await client.aclose()
-        return parse_cluster_slots(reply)
+        ranges, _ = parse_cluster_slots(reply, urlsplit(url).hostname or "127.0.0.1")
+        return ranges
 
     async def homes(self, keys: Sequence[str]) -> list[str]:
         """The URL of the master serving each of ``keys``' slots.
@@ -199,9 +174,6 @@ class SlotRouter:
                 failure = exc
                 continue
             if ranges:
-                # A node that does not know its own address announces it empty.
-                seed = urlsplit(candidate).hostname or "127.0.0.1"
-                ranges = [(a, b, h if h not in ("", "?") else seed, p) for a, b, h, p in ranges]
                 break
         if not ranges:
             raise LogUnavailableError(f"cluster slots: no node answered ({failure})")
