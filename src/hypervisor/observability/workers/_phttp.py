@@ -29,9 +29,14 @@ from hypervisor.observability._backends.log import LogError
 from hypervisor.observability._core.ring import RingBounds, RingMetricsState
 from hypervisor.observability._core.ring_union import union_ring_states
 from hypervisor.observability.errors import WorkerStateError
-from hypervisor.observability.exporters.prometheus import LabelGuard, render_ring_metrics
 from hypervisor.observability.workers._derivations import RING_METRICS, RingMetricsDerivation
-from hypervisor.observability.workers._http import HttpServerBase, _RingCollector
+from hypervisor.observability.workers._http import (
+    _EOF,
+    _OPENMETRICS,
+    _TEXT,
+    HttpServerBase,
+    RingExposition,
+)
 from hypervisor.observability.workers._partitioned import Partition, PartitionedWorker
 from hypervisor.observability.workers._view import SnapshotView
 
@@ -39,9 +44,6 @@ __all__ = ["PartitionedHttpServer", "partitioned_health"]
 
 _log = logging.getLogger("hypervisor.observability.workers")
 _json = msgspec.json.Encoder()
-_TEXT = "text"
-_OPENMETRICS = "openmetrics"
-_EOF = b"# EOF\n"
 
 
 async def refresh_partition(worker: PartitionedWorker, partition: Partition) -> None:
@@ -207,7 +209,6 @@ class PartitionedHttpServer(HttpServerBase):
     ) -> None:
         super().__init__(host=host, port=port, view_refresh_s=view_refresh_s)
         self.worker = worker
-        self._session_label = session_label
         self._rendered: dict[str, bytes] = {}
         self._resets = 0  # resets of the views replaced by a reopening
         self._seen_resets = 0
@@ -218,9 +219,7 @@ class PartitionedHttpServer(HttpServerBase):
         self._bounds = bounds if bounds is not None else RingBounds()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_PartitionCollector(worker, self._ring_views))
-        self._ring_collector = _RingCollector(LabelGuard(), session_label)
-        self._ring_registry = CollectorRegistry(auto_describe=False)
-        self._ring_registry.register(self._ring_collector)
+        self._ring = RingExposition(session_label)
 
     def _sync_views(self) -> None:
         """A new view for each partition reopened on another node (its store replaced): the
@@ -291,14 +290,7 @@ class PartitionedHttpServer(HttpServerBase):
         union = self.union()
         if union is None:
             return self._rendered.get(kind)
-        if kind == _TEXT and self._session_label:
-            body = render_ring_metrics(union)
-        else:
-            self._ring_collector.state = union
-            try:
-                body = encode(self._ring_registry).removesuffix(_EOF)
-            finally:
-                self._ring_collector.state = None
+        body = self._ring.render(union, kind, encode)
         self._rendered[kind] = body
         return body
 
