@@ -23,10 +23,13 @@ What it measures, on real servers started here:
    slot, all sent concurrently) on the single redis-server with 1 and ``--partitions``
    partitions and on the cluster with ``--partitions``; then a reader bus started afterwards
    indexes them all (one reader per partition merged into the local index): its merge rate.
-6. **Workers**: ring events written to the partitions as fast as the server takes them while
-   1, 2 or 3 ``hvobs worker ring-metrics --partitions N`` processes divide the partitions;
-   events/s from the first write until a worker's union ``/metrics`` counts every event, on a
-   single redis-server and on the cluster; and one worker on one stream (today's layout).
+6. **Workers**: ring events emitted through the bus (``emit_many``, no reader) while 1, 2 or 3
+   ``hvobs worker ring-metrics --partitions N`` processes divide the partitions; events/s from
+   the first emit until every partition's committed state holds its last entry (then a
+   worker's union ``/metrics`` is checked to count every event), on a single redis-server, on
+   a 3-master cluster without replicas and on one with a replica per master. Per partition:
+   one worker on one stream (today's layout), on one partition of N holding every event, and on
+   N partitions with the events spread.
 
 Every process runs on this machine: the cores are shared by the
 servers and the writers, and the core count is printed beside the figures.
@@ -53,15 +56,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from hypervisor.observability import RedisEventBus
+from hypervisor.observability._backends.log import parse_id
 from hypervisor.observability._backends.redis_client import make_client
 from hypervisor.observability._backends.redis_cluster import (
     execute_pipeline,
     make_cluster_client,
 )
+from hypervisor.observability._backends.state import state_prefix
 from hypervisor.observability._core.codec import encode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
 from hypervisor.observability._core.partition import PartitionLayout
 from hypervisor.observability.errors import LogUnavailableError
+from hypervisor.observability.workers import RING_METRICS
 from redis_cluster import RedisCluster
 from redis_server import RedisServer
 from worker_procs import WorkerProc, cli
@@ -298,20 +304,28 @@ def bus_figures(single: RedisServer, cluster: RedisCluster, args: argparse.Names
 # --- workers: emit to applied ----------------------------------------------------------------
 
 
-def _ring_events(count: int, agents: int) -> list[bytes]:
-    """Pre-encoded ring events over ``agents`` agents (an elevation and a revert each)."""
+def _ring_events(count: int, agents: int, partition: int | None = None) -> list[HypervisorEvent]:
+    """Ring events over ``agents`` agents (an elevation and a revert each); with ``partition``,
+    only agents whose events route to that partition of 12."""
+    layout = PartitionLayout("bench", 12)
+    names: list[str] = []
+    number = 0
+    while len(names) < agents:
+        name = f"did:agent:{number}"
+        number += 1
+        probe = HypervisorEvent(event_type=EventType.RING_ELEVATED, agent_did=name)
+        if partition is None or layout.partition(probe) == partition:
+            names.append(name)
     out = []
     for i in range(count):
         kind = EventType.RING_ELEVATED if i % 2 == 0 else EventType.RING_DEMOTED
         ring = 1 if i % 2 == 0 else 2
         out.append(
-            encode_event(
-                HypervisorEvent(
-                    event_type=kind,
-                    agent_did=f"did:agent:{i % agents}",
-                    session_id=f"session-{i % 50}",
-                    payload={"from_ring": 3 - ring, "to_ring": ring},
-                )
+            HypervisorEvent(
+                event_type=kind,
+                agent_did=names[i % agents],
+                session_id=f"session-{i % 50}",
+                payload={"from_ring": 3 - ring, "to_ring": ring},
             )
         )
     return out
@@ -333,6 +347,7 @@ def _owners_ready(workers: list[WorkerProc], partitions: int) -> bool:
 
 
 def _applied(worker: WorkerProc) -> float:
+    """The events counted by a worker's ``/metrics`` (the union it serves)."""
     status, body = worker.get("/metrics")
     if status != 200:
         return 0.0
@@ -342,39 +357,78 @@ def _applied(worker: WorkerProc) -> float:
     return 0.0
 
 
-async def _emit(url: str, cluster: bool, layout: PartitionLayout, entries: list[bytes]) -> None:
-    """Write ``entries`` to their partitions in pipelines of 500 (cluster pipelines on a
-    cluster), as fast as the server takes them."""
-    from hypervisor.observability._core.codec import decode_event
+def _client(url: str, cluster: bool) -> Any:
+    if cluster:
+        return make_cluster_client(url, socket_timeout_s=30.0, connect_timeout_s=5.0)
+    return make_client(url, socket_timeout_s=30.0, connect_timeout_s=5.0)
 
-    if layout.partitions == 1:  # today's layout: the stream key is the stream's name
-        routed = [(layout.stream, e) for e in entries]
-    else:
-        routed = [(layout.stream_key(layout.partition(decode_event(e))), e) for e in entries]
-    client: Any = (
-        make_cluster_client(url, socket_timeout_s=30.0, connect_timeout_s=5.0)
-        if cluster
-        else make_client(url, socket_timeout_s=30.0, connect_timeout_s=5.0)
+
+async def _committed(url: str, cluster: bool, layout: PartitionLayout, deadline: float) -> None:
+    """Wait until every partition's committed ring state folds up to the partition's last
+    entry (the workers applied and committed every event)."""
+    client = _client(url, cluster)
+    streams = (
+        [layout.stream]
+        if layout.partitions == 1
+        else [layout.stream_key(i) for i in range(layout.partitions)]
+    )
+    metas = (
+        [state_prefix(layout.stream, "ring", RING_METRICS) + ":meta"]
+        if layout.partitions == 1
+        else [
+            layout.state_prefix(i, "ring", RING_METRICS) + ":meta" for i in range(layout.partitions)
+        ]
     )
     try:
-        for start in range(0, len(routed), 500):
-            pipe = client.pipeline(transaction=False)
-            for key, data in routed[start : start + 500]:
-                pipe.xadd(key, {b"e": data})
-            if cluster:
-                await execute_pipeline(client, pipe, "bench")
-            else:
-                await pipe.execute()
+        last: list[tuple[int, int] | None] = []
+        for key in streams:
+            newest = await client.xrevrange(key, count=1)
+            last.append(parse_id(newest[0][0].decode()) if newest else None)
+        waiting = [i for i, entry in enumerate(last) if entry is not None]
+        while waiting:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers never applied every event")
+            still = []
+            for i in waiting:
+                applied = await client.hget(metas[i], "applied")
+                if applied is None or parse_id(applied.decode()) < last[i]:  # type: ignore[operator]
+                    still.append(i)
+            waiting = still
+            if waiting:
+                await asyncio.sleep(0.01)
     finally:
         await client.aclose()
 
 
-def end_to_end(url: str, cluster: bool, workers: int, partitions: int, events: int) -> float:
-    """Events/s from the first emit until a worker's union /metrics counts every event, with
-    ``workers`` ring-metrics worker processes dividing ``partitions`` partitions."""
+async def _emit_and_wait(
+    url: str, cluster: bool, layout: PartitionLayout, events: list[HypervisorEvent]
+) -> float:
+    """Emit ``events`` through the bus (``emit_many``, no reader), then wait until every
+    partition committed them: the seconds from the first emit."""
+    async with RedisEventBus.from_url(
+        url, layout.stream, partitions=layout.partitions, reader=False
+    ) as bus:
+        started = time.monotonic()
+        for first in range(0, len(events), 10_000):
+            await bus.emit_many(events[first : first + 10_000])
+    await _committed(url, cluster, layout, started + 600)
+    return time.monotonic() - started
+
+
+def end_to_end(
+    url: str,
+    cluster: bool,
+    workers: int,
+    partitions: int,
+    events: int,
+    only_partition: int | None = None,
+) -> float:
+    """Events/s from the first emit until the workers committed every event, with ``workers``
+    ring-metrics worker processes dividing ``partitions`` partitions (all events in one
+    partition with ``only_partition``); then checks that a worker serves them all."""
     stream = f"e2e{os.getpid()}x{time.monotonic_ns()}"
     layout = PartitionLayout(stream, partitions)
-    entries = _ring_events(events, agents=2000)
+    fleet = _ring_events(events, agents=2000, partition=only_partition)
     argv_extra = ["--partitions", str(partitions), "--batch-size", "500"]
     procs = [
         WorkerProc(
@@ -404,37 +458,50 @@ def end_to_end(url: str, cluster: bool, workers: int, partitions: int, events: i
             if time.monotonic() > deadline:
                 raise RuntimeError("the workers never divided the partitions")
             time.sleep(0.1)
-        started = time.monotonic()
-        asyncio.run(_emit(url, cluster, layout, entries))
-        while _applied(procs[0]) < events:
-            if time.monotonic() > started + 600:
-                raise RuntimeError("the workers never applied every event")
-            time.sleep(0.05)
-        return events / (time.monotonic() - started)
+        seconds = asyncio.run(_emit_and_wait(url, cluster, layout, fleet))
+        deadline = time.monotonic() + 30
+        while _applied(procs[-1]) < events:  # served once the checkpoints caught up
+            if time.monotonic() > deadline:
+                raise RuntimeError("a worker never served every event")
+            time.sleep(0.1)
+        return events / seconds
     finally:
         for proc in procs:
             proc.close()
 
 
 def workers_table(cluster: RedisCluster, single: RedisServer, args: argparse.Namespace) -> None:
-    """Print emit-to-applied events/s, single Redis against the cluster, 1 to 3 workers, and
-    one worker's rate on one stream against the same worker on partitions."""
+    """Print emit-to-committed events/s, single Redis against 3-master clusters (without and
+    with replicas), 1 to 3 workers; and one partition's rate against one stream's."""
     cores = os.cpu_count()
     print(
-        f"\n## Workers: emit to applied ({args.worker_events:,} ring events, "
+        f"\n## Workers: emit to applied ({args.worker_events:,} ring events through the bus, "
         f"{args.worker_partitions} partitions, {cores} cores)\n"
     )
-    print("| ring-metrics workers | single redis-server | 3-master cluster |")
-    print("|---|---|---|")
-    for workers in (1, 2, 3):
-        plain = end_to_end(single.url, False, workers, args.worker_partitions, args.worker_events)
-        spread = end_to_end(cluster.url, True, workers, args.worker_partitions, args.worker_events)
-        print(f"| {workers} | {plain:,.0f} events/s | {spread:,.0f} events/s |")
-    one = end_to_end(single.url, False, 1, 1, args.worker_events)
     print(
-        f"\none worker, one stream (--partitions 1, today's layout), single redis-server: "
-        f"{one:,.0f} events/s; per partition above, with 1 worker: the same code per partition"
+        "events/s from the first emit until every partition's committed state holds every event\n"
     )
+    print("| ring-metrics workers | single redis-server | 3 masters | 3 masters + 3 replicas |")
+    print("|---|---|---|---|")
+    n, parts = args.worker_events, args.worker_partitions
+    with RedisCluster(replicas=0) as bare:
+        for workers in (1, 2, 3):
+            plain = end_to_end(single.url, False, workers, parts, n)
+            spread = end_to_end(bare.url, True, workers, parts, n)
+            replicated = end_to_end(cluster.url, True, workers, parts, n)
+            print(
+                f"| {workers} | {plain:,.0f} events/s | {spread:,.0f} events/s "
+                f"| {replicated:,.0f} events/s |"
+            )
+    print("\n### Per partition: one worker, single redis-server\n")
+    print("| stream | events/s |")
+    print("|---|---|")
+    one = end_to_end(single.url, False, 1, 1, n)
+    print(f"| one stream (`--partitions 1`, today's layout) | {one:,.0f} |")
+    alone = end_to_end(single.url, False, 1, parts, n, only_partition=0)
+    print(f"| partition 0 of {parts}, every event in it | {alone:,.0f} |")
+    every = end_to_end(single.url, False, 1, parts, n)
+    print(f"| all {parts} partitions, events spread | {every:,.0f} |")
 
 
 def main() -> None:

@@ -103,6 +103,10 @@ class FlakyStore(MemoryStateStore):
         self._check()
         return await super().replay(*args)
 
+    async def checkpoint(self, *args: Any) -> Any:
+        self._check()
+        return await super().checkpoint(*args)
+
     async def commit(self, commit: Commit) -> bool:
         self._check()
         if self.commits_fail:

@@ -71,9 +71,11 @@ from hypervisor.observability._backends.redis_state_records import (
     merge_batches as merge_batches,
 )
 from hypervisor.observability._backends.state import (
+    Checkpoint,
     Commit,
     Restored,
     StateMeta,
+    checkpoint_newer,
     sort_key,
     state_prefix,
 )
@@ -359,6 +361,20 @@ class RedisStateStore(AsyncResource):
         async with self._op("load state", "hgetall"):
             raw, snapshot = await retry_read(self._client, self._meta_and_snapshot)
             return _meta(raw, self._meta_key), snapshot
+
+    async def checkpoint(self, newer_than: str = MIN_ID, epoch: str = "") -> Checkpoint:
+        """Read the meta; the snapshot too (meta and snapshot in one transaction) only when
+        the checkpoint is not the known one. See ``StateStore.checkpoint``."""
+        async with self._op("read checkpoint", "hgetall"):
+            raw: Any = await retry_read(self._client, lambda: self._client.hgetall(self._meta_key))
+            meta = _meta(raw, self._meta_key)  # checks the checkpoint field too
+            checkpoint_id = bytes(raw.get(b"checkpoint", MIN_ID.encode())).decode()
+            if not checkpoint_newer(meta, checkpoint_id, newer_than, epoch):
+                return Checkpoint(meta, checkpoint_id, None)
+            raw, snapshot = await retry_read(self._client, self._meta_and_snapshot)
+            meta = _meta(raw, self._meta_key)
+            checkpoint_id = bytes(raw.get(b"checkpoint", MIN_ID.encode())).decode()
+            return Checkpoint(meta, checkpoint_id, snapshot)
 
     def _skipped_ids(self, keys: list[Any]) -> frozenset[str]:
         """The skipped ids of sort keys read back; a member no worker wrote is left out."""

@@ -41,11 +41,13 @@ from hypervisor.observability._backends.state_errors import StateErrors
 from hypervisor.observability._util.aio import AsyncResource
 
 __all__ = [
+    "Checkpoint",
     "Commit",
     "MemoryStateStore",
     "Restored",
     "StateMeta",
     "StateStore",
+    "checkpoint_newer",
     "new_epoch",
     "sort_key",
     "state_prefix",
@@ -142,6 +144,29 @@ class Restored:
     skipped: frozenset[str]
 
 
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A derivation's last checkpoint, read with the committed meta (see
+    :meth:`StateStore.checkpoint`).
+
+    Attributes:
+        meta: the committed meta, read together with the checkpoint.
+        checkpoint_id: the id the checkpoint folds up to (``"0-0"``: none yet).
+        snapshot: the checkpoint; ``None`` when there is none, or when it is the one the
+            caller said it holds (not sent again).
+    """
+
+    meta: StateMeta
+    checkpoint_id: str
+    snapshot: bytes | None
+
+
+def checkpoint_newer(meta: StateMeta, checkpoint_id: str, newer_than: str, epoch: str) -> bool:
+    """Whether a checkpoint at ``checkpoint_id`` of ``meta``'s state is one a reader holding a
+    copy up to ``newer_than`` of ``epoch`` lacks (see :meth:`StateStore.checkpoint`)."""
+    return meta.epoch != epoch or parse_id(checkpoint_id) > parse_id(newer_than)
+
+
 @runtime_checkable
 class StateStore(Protocol):
     """Shared state of one derivation of one consumer group (see the module docstring).
@@ -188,6 +213,15 @@ class StateStore(Protocol):
 
     async def restore(self) -> Restored:
         """Return everything needed to rebuild the committed state, read atomically."""
+        ...
+
+    async def checkpoint(self, newer_than: str = MIN_ID, epoch: str = "") -> Checkpoint:
+        """Return the committed meta with the last checkpoint, read atomically.
+
+        The snapshot is sent only if the checkpoint folds past ``newer_than`` or the state's
+        epoch is not ``epoch`` (else ``None``: a reader holding a copy at least that new does
+        not fetch it again), so polling costs one small read until a newer checkpoint exists.
+        """
         ...
 
     async def replay(
@@ -334,6 +368,14 @@ class MemoryStateStore(AsyncResource):
         """Return meta and checkpoint snapshot."""
         await anyio.lowlevel.checkpoint()
         return self._meta, self._snapshot
+
+    async def checkpoint(self, newer_than: str = MIN_ID, epoch: str = "") -> Checkpoint:
+        """Return meta and checkpoint; see ``StateStore.checkpoint``."""
+        await anyio.lowlevel.checkpoint()
+        meta, checkpoint_id = self._meta, self._checkpoint
+        if not checkpoint_newer(meta, checkpoint_id, newer_than, epoch):
+            return Checkpoint(meta, checkpoint_id, None)
+        return Checkpoint(meta, checkpoint_id, self._snapshot)
 
     def _skipped_in(self, low: tuple[int, int], high: tuple[int, int]) -> frozenset[str]:
         return frozenset(i for k, i in self._skipped.items() if low < k <= high)

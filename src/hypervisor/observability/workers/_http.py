@@ -253,7 +253,7 @@ async def health_document(worker: Worker, views: dict[str, SnapshotView]) -> dic
         "events": stats.events,
         "gap_entries": stats.gap_entries,
         "dead_lettered": dict(stats.dead_lettered),
-        "applied_id": {name: view.meta.applied_id for name, view in views.items()},
+        "applied_id": {name: view.applied_id for name, view in views.items()},
         "views": {name: _view_document(view) for name, view in views.items()},
         "backlog": backlog,
         "server_version": ".".join(map(str, version)) if version else None,

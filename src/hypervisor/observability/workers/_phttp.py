@@ -3,7 +3,12 @@
 Every worker follows the committed ring state of **every** partition (one ``SnapshotView`` per
 partition, whoever applies it) and serves their union (``_core/ring_union.py``): counters add
 up exactly, the newest event time is the maximum, the label limits are divided among the
-partitions. So every worker of a group serves the same numbers. The union is served only when
+partitions. A partition this worker applies is served from its applier's state; every other
+one from that partition's checkpoints (``checkpoints_only``: no worker folds the events
+another applies; such a partition is served at most a checkpoint interval behind), so every
+worker of a group serves the same numbers once the checkpoints caught up (within about a
+checkpoint interval of the last event), and a worker's cost does not grow with the events of
+the partitions it does not run. The union is served only when
 every partition's view is servable; otherwise the last union rendered is served (the views say
 which one is stale), or 503 when there is none: never a partial sum, which Prometheus would
 read as a counter reset.
@@ -163,7 +168,7 @@ async def partitioned_health(
                 "pending": stats.pending,
                 "oldest_pending_age_seconds": stats.oldest_pending_age_s,
                 "events": stats.events,
-                "applied_id": None if view is None else view.meta.applied_id,
+                "applied_id": None if view is None else view.applied_id,
                 "stale": None if view is None else view.stale,
             }
         )
@@ -231,7 +236,7 @@ class PartitionedHttpServer(HttpServerBase):
             ring = next(
                 (d for d in partition.derivations if isinstance(d, RingMetricsDerivation)), None
             )
-            view = None if ring is None else SnapshotView(ring)
+            view = None if ring is None else SnapshotView(ring, checkpoints_only=True)
             old = self._ring_views[partition.index]
             if old is not None:
                 self._resets += old.state_resets  # keep the sum of resets where it was

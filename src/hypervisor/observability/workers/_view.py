@@ -24,8 +24,8 @@ from typing import Any
 
 import anyio
 
-from hypervisor.observability._backends.log import LogError, parse_id
-from hypervisor.observability._backends.state import StateMeta
+from hypervisor.observability._backends.log import MIN_ID, LogError, parse_id
+from hypervisor.observability._backends.state import Restored, StateMeta
 from hypervisor.observability.errors import WorkerStateError
 from hypervisor.observability.workers._apply import (
     Applier,
@@ -61,10 +61,21 @@ class SnapshotView:
     builds the new copy before it lets the old one go (two copies meanwhile), so a failed
     rebuild leaves the last good one. Use :meth:`servable` for what may be served.
 
+    With ``checkpoints_only`` (a partitioned worker's view of a partition another worker
+    applies) the view folds nothing after its first load: it follows the state's
+    **checkpoints** (the applier writes one about every ``checkpoint_interval_s``, and when it
+    goes idle), taking each newer one whole. Its copy is then an earlier committed state, at
+    most a checkpoint interval and a refresh behind, never a wrong one and never older than
+    the copy it replaces (a counter served from it never goes back). So a worker's view costs
+    a small read per refresh and a snapshot decode per checkpoint, whatever the partition's
+    event rate, instead of folding every event the partition's applier folds. The first load
+    (and one after the state was lost or the copy dropped) restores the exact committed state.
+
     Args:
         derivation: the derivation whose committed state is shown (its ``store``).
         applier: this worker's applier of that derivation, whose state the view may share.
         clock: seconds on a monotonic clock (the view's age).
+        checkpoints_only: follow the checkpoints rather than fold the redo records.
     """
 
     def __init__(
@@ -73,12 +84,17 @@ class SnapshotView:
         applier: Applier | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        checkpoints_only: bool = False,
     ) -> None:
         self._derivation = derivation
         self._store = derivation.store
         self._applier = applier
         self._clock = clock
+        self._checkpoints_only = checkpoints_only
         self.meta = StateMeta()
+        """The committed meta read last (the copy may be an earlier state: :attr:`applied_id`)."""
+        self.applied_id = MIN_ID
+        """The stream id the copy folds up to."""
         self.state: Any = None
         self._loaded_version = -1
         self._shared = False
@@ -86,6 +102,8 @@ class SnapshotView:
         self._rendered: dict[str, bytes] = {}
         self.rebuilds = 0
         """Rebuilds from the checkpoint (first refresh, records dropped, epoch changed)."""
+        self.checkpoint_loads = 0
+        """Newer checkpoints taken whole (``checkpoints_only``)."""
         self.shared_refreshes = 0
         """Refreshes that took the applier's state."""
         self.error: WorkerStateError | None = None
@@ -104,9 +122,21 @@ class SnapshotView:
         """Share the state of ``applier`` from now on (``None``: of none), for a worker whose
         applier of the derivation changes (a partitioned worker's run of a partition)."""
         if applier is not self._applier:
-            self._applier = applier
+            old, self._applier = self._applier, applier
             if self._shared:  # the old applier's state moves on without us: load a copy
                 self._shared = False
+                found = None if old is None else old.committed_state()
+                if (
+                    self._checkpoints_only
+                    and applier is None
+                    and found is not None
+                    and found[1] is self.state
+                    and found[0] == self.meta
+                ):
+                    # Its run ended (the partition was handed over): nothing changes the
+                    # state any more, and it is exactly a committed state: keep it as the copy
+                    # (a checkpoint would be older).
+                    return
                 self.state = None
                 self._loaded_version = -1
 
@@ -200,11 +230,15 @@ class SnapshotView:
         log_state_reset(self._derivation.name, self.meta, meta)
         self.state = None
         self.meta = StateMeta()
+        self.applied_id = MIN_ID
         self._rendered.clear()
         self._shared = False
         self._loaded_version = -1
 
     async def _refresh(self) -> None:
+        if self._checkpoints_only:
+            await self._refresh_checkpointed()
+            return
         meta = await self._store.meta()
         if self._loaded_version >= 0 and (
             epoch_lost(self.meta, meta) or went_back(self.meta, meta)
@@ -228,8 +262,13 @@ class SnapshotView:
             if replay is not None:
                 fold(self._derivation, self.state, *replay)
                 self.meta = meta
+                self.applied_id = meta.applied_id
                 self._loaded_version = meta.version
                 return
+        await self._rebuild()
+
+    async def _rebuild(self) -> None:
+        """Restore the exact committed state (checkpoint and redo records)."""
         # Built aside and swapped in whole: a failure before the swap leaves the last good copy.
         restored = await self._store.restore()
         state = restore_state(self._derivation, restored)
@@ -237,7 +276,43 @@ class SnapshotView:
         if restored.meta.epoch != self.meta.epoch:
             self._rendered.clear()  # rendered from another epoch's state
         self.state, self.meta = state, restored.meta
+        self.applied_id = restored.meta.applied_id
         self._loaded_version = restored.meta.version
+
+    async def _refresh_checkpointed(self) -> None:
+        """``checkpoints_only``: take a newer checkpoint whole, or the applier's state."""
+        found = None
+        if self._loaded_version < 0 or self.state is None:
+            meta = await self._store.meta()  # a copy is restored (or shared) below
+        else:
+            found = await self._store.checkpoint(self.applied_id, self.meta.epoch)
+            meta = found.meta
+            if epoch_lost(self.meta, meta) or went_back(self.meta, meta):
+                self._void(meta)
+        if await self._share(meta):
+            return
+        if self._shared:
+            applier = self._applier
+            if applier is not None and applier.leader and meta.epoch == self.meta.epoch:
+                # Mid-round (its state is ahead of its commit): what was rendered last is
+                # served meanwhile (``servable``); a copy would cost a replay per busy scrape.
+                return
+            self._shared = False
+            self._loaded_version = -1
+        if self._loaded_version < 0 or self.state is None or meta.epoch != self.meta.epoch:
+            await self._rebuild()
+            return
+        if (
+            found is not None
+            and found.snapshot is not None
+            and parse_id(found.checkpoint_id) > parse_id(self.applied_id)
+        ):
+            restored = Restored(meta, found.snapshot, found.checkpoint_id, [], frozenset())
+            self.state = restore_state(self._derivation, restored)
+            self.applied_id = found.checkpoint_id
+            self.checkpoint_loads += 1
+        self.meta = meta
+        self._loaded_version = meta.version
 
     async def _share(self, meta: StateMeta) -> bool:
         """Take the applier's state if it is the committed state of ``meta``'s version or a
@@ -257,6 +332,7 @@ class SnapshotView:
         if found[0].epoch != self.meta.epoch:
             self._rendered.clear()
         self.meta, self.state = found
+        self.applied_id = found[0].applied_id
         self._loaded_version = found[0].version
         self._shared = True
         self.shared_refreshes += 1
