@@ -415,3 +415,42 @@ async def test_a_stop_before_the_worker_is_ready_ends_run_promptly() -> None:
         await worker.run()
     assert worker.stopped.is_set()
     assert not worker.ready.is_set()
+
+
+async def test_an_idle_applier_backs_off_and_a_batch_still_wakes_it_at_once() -> None:
+    """An idle applier's fallback poll doubles after each empty round up to a quarter of a
+    second (it was one round every ``apply_interval_s``: hundreds of round trips a second per
+    derivation), and it still polls (the lease is extended); events appended afterwards are
+    all applied."""
+    log = MemoryStreamLog("events")
+    store = MemoryStateStore()
+    worker = Worker(log, [RingMetricsDerivation(store)], config("w0"))
+    applier = worker.appliers[0]
+    rounds = 0
+    real_round = applier.round
+
+    async def counted() -> int:
+        nonlocal rounds
+        rounds += 1
+        return await real_round()
+
+    applier.round = counted  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await worker.ready.wait()
+        await anyio.sleep(0.5)
+        rounds = 0
+        await anyio.sleep(1.0)
+        idle_rounds = rounds
+        events = [
+            e for e in random_events(random.Random(3), 200) if e.event_type.startswith("ring")
+        ]
+        await log.append_many([encode_event(e) for e in events])
+        with anyio.fail_after(10):  # a bound on a hang, not a speed target
+            head = await log.head_id()
+            while (await store.meta()).applied_id != head:  # noqa: ASYNC110 - a store poll
+                await anyio.sleep(0.005)
+        worker.stop()
+    # 1 s at the ceiling of 0.25 s is 4 rounds; at apply_interval_s (2 ms here) about 500.
+    assert 1 <= idle_rounds <= 8
+    assert applier.state.snapshot() == reference(events).ring

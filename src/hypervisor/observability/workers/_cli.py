@@ -264,7 +264,8 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
             type=seconds(60),
             default=0.005,
             metavar="SECONDS",
-            help="longest time between apply rounds while idle (default: %(default)g seconds)",
+            help="fallback poll between apply rounds, doubled while idle up to 0.25 s "
+            "(default: %(default)g seconds)",
         )
         sub.add_argument(
             "--max-pending-age",

@@ -42,7 +42,8 @@ class WorkerConfig:
         max_deliveries: deliveries after which an entry is dead-lettered.
         max_event_bytes: a longer entry is dead-lettered (``oversized``) without being decoded,
             by the worker and by the applier; give every worker of a group the same value.
-        apply_interval_s: longest time between apply rounds while idle.
+        apply_interval_s: the fallback poll of an applier between rounds (wake-ups come at
+            once); doubled after each idle round, up to a quarter of a second.
         max_apply_batch: staged entries applied per round at most.
         checkpoint_interval_s: shortest time between snapshots of the state (in between, the
             staged entries since the last snapshot are the committed state's redo log).

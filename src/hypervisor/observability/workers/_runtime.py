@@ -55,6 +55,10 @@ __all__ = ["BATCH_BUCKETS", "Worker", "WorkerConfig", "WorkerStats", "default_co
 _log = logging.getLogger("hypervisor.observability.workers")
 
 _RETRY_BASE_S = 0.05
+_IDLE_APPLY_MAX_S = 0.25
+"""The longest fallback poll of an idle applier (wake-ups end every wait at once)."""
+_LISTEN_IDLE_S = 0.1
+"""How often a listener checks whether its applier took the lease."""
 """Upper bound of the first backoff after a backend error; doubles up to ``retry_max_s``."""
 
 _PERMANENT = (LogPermanentError, PermissionDeniedError)
@@ -452,7 +456,7 @@ class Worker(AsyncResource, BatchProcessor):
         interval = self.config.apply_interval_s
         while True:
             if not applier.leader:
-                await anyio.sleep(interval)
+                await anyio.sleep(max(interval, _LISTEN_IDLE_S))
                 continue
             try:
                 if await applier.store.wait_notified(0.1):
@@ -464,9 +468,17 @@ class Worker(AsyncResource, BatchProcessor):
                 await anyio.sleep(interval)
 
     async def _apply_rounds(self, index: int) -> None:
+        """Apply rounds until the drain is done: at once after a full round, on a wake-up
+        (this worker's batches, other workers' notifications), else after ``apply_interval_s``,
+        doubled after each idle round up to ``_IDLE_APPLY_MAX_S`` (a quarter of the lease time
+        at most, so a held lease is extended in time): the fallback poll of an idle applier
+        costs a few round trips a second, not hundreds."""
         applier = self.appliers[index]
         attempt = 0
         final_errors = 0
+        interval = self.config.apply_interval_s
+        ceiling = max(interval, min(_IDLE_APPLY_MAX_S, self.config.lease_ttl_s / 4))
+        idle_s = interval
         while True:
             draining = self._consume_done.is_set()
             applier.final = draining
@@ -499,7 +511,8 @@ class Worker(AsyncResource, BatchProcessor):
                 return
             if applied >= applier.max_batch:
                 continue
-            with anyio.move_on_after(self.config.apply_interval_s):
+            idle_s = min(idle_s * 2, ceiling) if applied == 0 else interval
+            with anyio.move_on_after(idle_s if applied == 0 else interval):
                 await wake.wait()
 
     # -- health --------------------------------------------------------------------------------
