@@ -272,3 +272,34 @@ async def test_a_checkpoint_view_waits_out_its_applier_mid_round(store: StateSto
     await view.refresh()
     assert view.servable().snapshot() == reference(events).ring
     assert counting.calls == {}
+
+
+async def test_a_checkpoint_view_from_before_the_first_commit_is_not_rebuilt(
+    store: StateStore,
+) -> None:
+    """A view that loaded the state before anything was committed (no epoch yet) keeps that
+    empty copy when the first commit writes the epoch (it begins no new state: restoring
+    would fold every record committed so far), and takes the first checkpoint whole."""
+    log = MemoryStreamLog("events")
+    await log.ensure_group("g", "0")
+    clock = ManualClock()
+    applier = Applier(
+        log, "g", RingMetricsDerivation(store), checkpoint_interval_s=1.0, clock=clock
+    )
+    counting = Counting(store)
+    view = SnapshotView(RingMetricsDerivation(counting), checkpoints_only=True)
+    await view.refresh()
+    assert counting.calls == {"restore": 1}
+    events = _events(14, 80)
+    await _feed(log, store, events[:40])
+    await _apply_all(applier)  # the first commit: the epoch appears, no checkpoint yet
+    await view.refresh()
+    assert (await store.meta()).epoch
+    assert view.state.snapshot() == reference([]).ring
+    assert counting.calls == {"restore": 1}
+    clock.advance(1.0)
+    await _feed(log, store, events[40:])
+    await _apply_all(applier)
+    await view.refresh()
+    assert view.state.snapshot() == reference(events).ring
+    assert counting.calls == {"restore": 1, "snapshot": 1}

@@ -293,13 +293,20 @@ class SnapshotView:
             return
         if self._shared:
             applier = self._applier
-            if applier is not None and applier.leader and meta.epoch == self.meta.epoch:
+            same = meta.epoch == self.meta.epoch or not self.meta.epoch  # see `born` below
+            if applier is not None and applier.leader and same:
                 # Mid-round (its state is ahead of its commit): what was rendered last is
                 # served meanwhile (``servable``); a copy would cost a replay per busy scrape.
                 return
             self._shared = False
             self._loaded_version = -1
-        if self._loaded_version < 0 or self.state is None or meta.epoch != self.meta.epoch:
+        # A copy without an epoch is of the state before its first commit (or of one written
+        # before epochs): the epoch that appears begins no new state, so the copy stays an
+        # earlier committed state of it, and only a newer checkpoint replaces it.
+        born = not self.meta.epoch and meta.version >= self.meta.version
+        if self._loaded_version < 0 or self.state is None or not (
+            meta.epoch == self.meta.epoch or born
+        ):
             await self._rebuild()
             return
         if (
