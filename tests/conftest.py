@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from redis_cluster import RedisCluster, redis_cli_binary
-from redis_server import RedisServer, redis_server_binary
+from redis_server import RedisServer, redis_server_binary, replicated_servers
 
 _REDIS_FIXTURES = ("redis_server", "redis_cluster")
 
@@ -64,6 +64,13 @@ def redis_cluster() -> Iterator[RedisCluster]:
         pytest.skip("redis-server or redis-cli is not installed")
     with RedisCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture
+def replicated() -> Iterator[tuple[RedisServer, RedisServer]]:
+    """A primary and one replica of it, the link up (for tests of ``durable=True``)."""
+    with replicated_servers() as pair:
+        yield pair
 
 
 @pytest.fixture

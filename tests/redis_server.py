@@ -16,11 +16,20 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-__all__ = ["RedisServer", "free_port", "redis_server_binary", "redis_server_version"]
+__all__ = [
+    "RedisServer",
+    "free_port",
+    "redis_server_binary",
+    "redis_server_version",
+    "replicated_servers",
+    "server_info",
+    "wait_until",
+]
 
 
 def redis_server_binary() -> str | None:
@@ -167,3 +176,41 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def wait_until(condition: str, check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll ``check`` until it holds; fail naming ``condition`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not {condition} within {timeout_s} s")
+
+
+def server_info(url: str, section: str) -> dict[str, str]:
+    """One ``INFO`` section of the server at ``url``, values as strings."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return {k: str(v) for k, v in client.info(section).items()}
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def replicated_servers() -> Iterator[tuple[RedisServer, RedisServer]]:
+    """A primary and one replica of it, the link up."""
+    with (
+        RedisServer() as primary,
+        RedisServer("--replicaof", "127.0.0.1", str(primary.port)) as replica,
+    ):
+        wait_until(
+            "replica linked",
+            lambda: (
+                server_info(replica.url, "replication").get("master_link_status") == "up"
+                and server_info(primary.url, "replication").get("connected_slaves") == "1"
+            ),
+        )
+        yield primary, replica

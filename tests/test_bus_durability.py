@@ -4,11 +4,8 @@ primary with a replica); a server that offers neither is refused at start in one
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator
 
 import pytest
-import redis
 
 from hypervisor.observability._backends import RedisStreamLog
 from hypervisor.observability._backends.log import DurableWait, LogDurabilityError
@@ -17,43 +14,9 @@ from hypervisor.observability._core.codec import decode_events
 from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability.errors import BusDurabilityError
 from hypervisor.observability.redis_bus import RedisEventBus
-from redis_server import RedisServer, redis_server_version
+from redis_server import RedisServer, redis_server_version, server_info, wait_until
 
 pytestmark = pytest.mark.anyio
-
-
-def _wait_until(condition: str, check: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not {condition} within {timeout_s} s")
-
-
-def _info(url: str, section: str) -> dict[str, str]:
-    client = redis.Redis.from_url(url)
-    try:
-        return {k: str(v) for k, v in client.info(section).items()}
-    finally:
-        client.close()
-
-
-@pytest.fixture
-def replicated() -> Iterator[tuple[RedisServer, RedisServer]]:
-    """A primary and one replica of it, the link up."""
-    with (
-        RedisServer() as primary,
-        RedisServer("--replicaof", "127.0.0.1", str(primary.port)) as replica,
-    ):
-        _wait_until(
-            "replica linked",
-            lambda: (
-                _info(replica.url, "replication").get("master_link_status") == "up"
-                and _info(primary.url, "replication").get("connected_slaves") == "1"
-            ),
-        )
-        yield primary, replica
 
 
 async def _stored(url: str, stream: str) -> list[HypervisorEvent]:
@@ -93,9 +56,9 @@ async def test_durable_bus_waits_for_the_replica_and_reports_a_missing_one(
             assert await _stored(replica.url, stream_name) == events
 
             replica.stop()
-            _wait_until(
+            wait_until(
                 "replica gone",
-                lambda: _info(primary.url, "replication").get("connected_slaves") == "0",
+                lambda: server_info(primary.url, "replication").get("connected_slaves") == "0",
             )
             lost = HypervisorEvent(session_id="unconfirmed")
             with pytest.raises(BusDurabilityError) as caught:

@@ -258,27 +258,55 @@ def test_a_hostile_slot_map_reply_is_read_safely() -> None:
     assert parse_cluster_slots(b"not a list", "h") == ([], [])
 
 
+def _wait_calls(cluster: RedisCluster, port: int) -> int:
+    """How many ``WAIT``s the node on ``port`` ran (``INFO commandstats``)."""
+    text = cluster.command(port, "INFO", "commandstats")
+    for line in text.splitlines():
+        name, _, stats = line.partition(":")
+        if name == "cmdstat_wait":
+            return int(dict(field.split("=", 1) for field in stats.split(","))["calls"])
+    return 0
+
+
 @pytest.mark.redis
 @pytest.mark.slow
 async def test_durable_partitions_on_the_cluster_wait_for_each_masters_replica(
     redis_cluster: RedisCluster,
 ) -> None:
-    """``durable=True`` with partitions on a cluster: each partition group's pipeline ends
-    with WAIT on its own master, so every emit returns confirmed by a replica, and each
-    master's replica holds its partitions' entries at once."""
+    """``durable=True`` with partitions on a cluster: each flush is one pipeline per master,
+    ending with one WAIT on it (each master runs one WAIT per flush that wrote to it, not one
+    per partition), so every emit returns confirmed by a replica, and each master's replica
+    holds its partitions' entries at once."""
     stream = _stream()
     layout = PartitionLayout(stream, 12)
     events = fleet(300)
     url = redis_cluster.url
+    masters = {m.port: m for m in redis_cluster.masters()}
+    owner = {p: redis_cluster.master_of_slot(layout.slot(p)).port for p in range(12)}
+    flushes = [events[i : i + 100] for i in range(0, len(events), 100)]
+    expected = {
+        port: sum(1 for flush in flushes if port in {owner[layout.partition(e)] for e in flush})
+        for port in masters
+    }
     async with RedisEventBus.from_url(
-        url, stream, partitions=12, reader=False, durable=True, durable_timeout_s=5.0
+        url,
+        stream,
+        partitions=12,
+        reader=False,
+        durable=True,
+        durable_timeout_s=5.0,
+        batch_size=100,
     ) as bus:
         assert bus._writer.durable is not None
         assert bus._writer.durable.replicas == 1
+        before = {port: _wait_calls(redis_cluster, port) for port in masters}
         await bus.emit_many(events)
+        waits = {port: _wait_calls(redis_cluster, port) - before[port] for port in masters}
+        assert waits == expected
+        assert sum(waits.values()) == 3 * len(flushes)  # every flush wrote to every master
     nodes = redis_cluster.nodes()
     for part in range(12):
-        master = redis_cluster.master_of_slot(layout.slot(part))
+        master = masters[owner[part]]
         replica = next(n for n in nodes if n.master_id == master.node_id)
         wanted = sum(1 for e in events if layout.partition(e) == part)
         client = redis.Redis(port=replica.port)

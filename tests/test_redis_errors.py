@@ -117,6 +117,21 @@ async def test_unknown_host_is_transient_and_named() -> None:
 
 
 @pytest.mark.redis
+async def test_a_write_to_a_replica_is_transient(
+    replicated: tuple[RedisServer, RedisServer],
+) -> None:
+    """A replica refuses the write (``READONLY``, what a failed-over primary answers): the
+    retryable ``LogUnavailableError`` naming the server, not a permanent error (redis-py drops
+    the error's code from its text, so the class decides)."""
+    _, replica = replicated
+    async with RedisStreamLog(replica.url, "readonly") as log:
+        with pytest.raises(LogUnavailableError) as caught:
+            await log.append_many([b"x"])
+    assert f"127.0.0.1:{replica.port}" in str(caught.value)
+    assert "read only replica" in str(caught.value)
+
+
+@pytest.mark.redis
 async def test_wrong_password_is_permanent(password_server: RedisServer) -> None:
     """A wrong password: permanent (cause ``authentication``), naming the user, host and port,
     and never the password given."""

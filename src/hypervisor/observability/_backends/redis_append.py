@@ -7,6 +7,12 @@ a failure while the pipeline runs may come after Redis applied some of it
 ``WAITAOF 1 0``: both wait for the writes of *their own connection*, so they must follow the
 ``XADD``s on it, and in one round trip they cost no extra latency beyond the wait itself.
 
+``append_streams`` is the same round trip for several streams of one server (the partitions a
+node serves): one pipeline with every stream's ``XADD``s and the waits once at its end. Replies
+are read whole, a refused command's error in its place, so a refused ``XADD`` (a ``MOVED``
+reply for a slot that left the node) fails its own stream only, and a round trip that fails
+fails them all.
+
 ``durability`` reads what the server offers: ``WAITAOF`` (``COMMAND INFO``, or the version where
 that is refused), the append-only file (``INFO persistence``) and the connected replicas
 (``INFO replication``).
@@ -15,7 +21,7 @@ that is refused), the append-only file (``INFO persistence``) and the connected 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final
 
@@ -31,7 +37,7 @@ from hypervisor.observability._backends.log import (
     LogUnavailableError,
 )
 
-__all__ = ["append", "check_waits", "durability"]
+__all__ = ["append", "append_streams", "check_waits", "durability"]
 
 Errors = Callable[[str, str], AbstractContextManager[None]]
 """``errors(what, command)``: the log's translator of redis-py errors for one operation."""
@@ -60,6 +66,89 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+async def _round_trip(
+    client: aioredis.Redis,
+    streams: Sequence[tuple[bytes, list[bytes]]],
+    *,
+    field: bytes,
+    timeout_s: float,
+    durable: DurableWait | None,
+    errors: Errors,
+) -> list[Any]:
+    """Send every stream's ``XADD``s, then the durable waits, in one pipeline on ``client``;
+    return the replies in order, a refused command's error in its place."""
+    with errors("append", "xadd"):
+        connection = await client.connection_pool.get_connection(*_GET_CONNECTION_ARGS)  # type: ignore[no-untyped-call]
+    pipe = client.pipeline(transaction=False)
+    pipe.connection = connection  # the pipeline's reset() gives it back to the pool
+    command = pipe.execute_command
+    count = 0
+    for key, entries in streams:
+        for data in entries:
+            command(b"XADD", key, b"*", field, data)
+        count += len(entries)
+    deadline_s = timeout_s
+    if durable is not None:
+        if durable.replicas:
+            command(b"WAIT", durable.replicas, _ms(durable.timeout_s))
+            deadline_s += durable.timeout_s
+        if durable.local:
+            command(b"WAITAOF", 1, 0, _ms(durable.timeout_s))
+            deadline_s += durable.timeout_s
+    try:
+        with errors("append", "xadd"):
+            try:
+                with anyio.fail_after(deadline_s):
+                    return await pipe.execute(raise_on_error=False)
+            except BaseException:
+                # Interrupted mid-pipeline, the connection may still owe replies: drop it so
+                # no later command reads a stale one.
+                with anyio.CancelScope(shield=True):
+                    await client.connection_pool.disconnect()
+                raise
+    except LogUnavailableError as exc:
+        raise LogOutcomeUnknownError(
+            f"{exc}; the request was sent, so some of the {count} entries may be stored"
+        ) from exc
+
+
+def _translated(reply: Exception, errors: Errors, command: str) -> Exception:
+    """A refused command's error reply as the log's error (``LogError``, ``LogPermissionError``)."""
+    try:
+        with errors("append", command):
+            raise reply
+    except Exception as exc:
+        return exc
+
+
+def _refused(replies: list[Any], errors: Errors) -> Exception | None:
+    """The first refused ``XADD`` among one stream's replies, translated by ``errors``;
+    ``None`` when none was. Refused after others of the stream were stored, a retryable error
+    takes its outcome-unknown form (a retry stores those again; readers drop the copies)."""
+    failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+    if failed is None:
+        return None
+    error = _translated(failed, errors, "xadd")
+    stored = sum(1 for reply in replies if not isinstance(reply, Exception))
+    if stored and isinstance(error, LogUnavailableError):
+        partly = LogOutcomeUnknownError(
+            f"{error}; {stored} of the {len(replies)} entries were stored"
+        )
+        partly.__cause__ = error
+        return partly
+    return error
+
+
+def _confirm(durable: DurableWait, replies: list[Any], count: int, errors: Errors) -> None:
+    """Raise a refused wait's error, or ``LogDurabilityError`` unless the waits met ``durable``
+    (``check_waits``)."""
+    commands = ["wait"] * bool(durable.replicas) + ["waitaof"] * durable.local
+    for command, reply in zip(commands, replies, strict=False):
+        if isinstance(reply, Exception):
+            raise _translated(reply, errors, command)
+    check_waits(durable, replies, count)
+
+
 async def append(
     client: aioredis.Redis,
     entries: list[bytes],
@@ -73,45 +162,67 @@ async def append(
     """Append ``entries`` (``XADD``) in one pipeline on ``client``; return their ids.
 
     Raises:
-        LogUnavailableError: nothing was sent (no connection).
+        LogUnavailableError: nothing was sent (no connection), or Redis refused every entry
+            for a transient reason.
         LogOutcomeUnknownError: sent, and the reply lost (a timeout covers the round trip,
-            ``timeout_s`` plus the durable waits).
+            ``timeout_s`` plus the durable waits), or some entries stored and the rest refused.
         LogDurabilityError: stored, and not confirmed as ``durable`` asks.
     """
-    with errors("append", "xadd"):
-        connection = await client.connection_pool.get_connection(*_GET_CONNECTION_ARGS)  # type: ignore[no-untyped-call]
-    pipe = client.pipeline(transaction=False)
-    pipe.connection = connection  # the pipeline's reset() gives it back to the pool
-    command = pipe.execute_command
-    for data in entries:
-        command(b"XADD", key, b"*", field, data)
-    deadline_s = timeout_s
-    if durable is not None:
-        if durable.replicas:
-            command(b"WAIT", durable.replicas, _ms(durable.timeout_s))
-            deadline_s += durable.timeout_s
-        if durable.local:
-            command(b"WAITAOF", 1, 0, _ms(durable.timeout_s))
-            deadline_s += durable.timeout_s
-    try:
-        with errors("append", "xadd"):
-            try:
-                with anyio.fail_after(deadline_s):
-                    replies: list[Any] = await pipe.execute()
-            except BaseException:
-                # Interrupted mid-pipeline, the connection may still owe replies: drop it so
-                # no later command reads a stale one.
-                with anyio.CancelScope(shield=True):
-                    await client.connection_pool.disconnect()
-                raise
-    except LogUnavailableError as exc:
-        raise LogOutcomeUnknownError(
-            f"{exc}; the request was sent, so some of the {len(entries)} entries may be stored"
-        ) from exc
+    streams = [(key, entries)]
+    replies = await _round_trip(
+        client, streams, field=field, timeout_s=timeout_s, durable=durable, errors=errors
+    )
     ids = replies[: len(entries)]
+    refused = _refused(ids, errors)
+    if refused is not None:
+        raise refused
     if durable is not None:
-        check_waits(durable, replies[len(entries) :], len(entries))
+        _confirm(durable, replies[len(entries) :], len(entries), errors)
     return ids
+
+
+async def append_streams(
+    client: aioredis.Redis,
+    streams: Sequence[tuple[bytes, list[bytes], Errors]],
+    *,
+    field: bytes,
+    timeout_s: float,
+    durable: DurableWait | None,
+    errors: Errors,
+) -> list[list[bytes] | Exception]:
+    """Append to several streams of one server in one pipeline on ``client`` (each stream's
+    ``XADD``s in order, then the durable waits once for all of them).
+
+    Args:
+        streams: ``(key, entries, errors)``: each stream's key, entries and the translator of
+            its refusals (a refused ``XADD`` fails its stream only).
+        errors: the translator of the round trip's errors (they fail every stream).
+
+    Returns:
+        Per stream, its ids or the error ``append`` would have raised for it alone (a refused
+        wait or ``LogDurabilityError`` for every stream stored).
+
+    Raises:
+        LogUnavailableError: nothing was sent (no connection).
+        LogOutcomeUnknownError: sent, and the reply lost.
+    """
+    sent = [(key, entries) for key, entries, _ in streams]
+    replies = await _round_trip(
+        client, sent, field=field, timeout_s=timeout_s, durable=durable, errors=errors
+    )
+    outcomes: list[list[bytes] | Exception] = []
+    at = 0
+    for _, entries, stream_errors in streams:
+        own = replies[at : at + len(entries)]
+        at += len(entries)
+        refused = _refused(own, stream_errors)
+        outcomes.append(own if refused is None else refused)
+    if durable is not None:
+        try:
+            _confirm(durable, replies[at:], at, errors)
+        except Exception as exc:  # LogDurabilityError, or the wait's refusal
+            return [o if isinstance(o, Exception) else exc for o in outcomes]
+    return outcomes
 
 
 def check_waits(durable: DurableWait, replies: list[Any], count: int) -> None:

@@ -76,6 +76,11 @@ _HANDSHAKE_HINTS: Final = (
 )
 
 
+# Error replies of a server that cannot take writes for now (a replica, a failover, a slot
+# being migrated), as redis-py types them.
+_TRANSIENT_REPLIES: Final = (rexc.ReadOnlyError, rexc.MasterDownError, rexc.TryAgainError)
+
+
 def url_user(url: str) -> str:
     """Return the ACL user name of a Redis URL (``"default"`` when it names none)."""
     name = urlsplit(url).username
@@ -226,7 +231,10 @@ def translate_errors(
             ) from exc
         if message.startswith(("NOGROUP", "no such key")):
             raise LogGroupMissingError(f"{what}: {message}") from exc
-        if message.startswith(("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")):
+        # redis-py drops the code of the errors it knows from the text: go by their class too.
+        if isinstance(exc, _TRANSIENT_REPLIES) or message.startswith(
+            ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")
+        ):
             raise LogUnavailableError(
                 f"{what}: Redis at {_where(location, exc)}: {message}"
             ) from exc

@@ -106,7 +106,7 @@ def parse_cluster_slots(
 
 @contextmanager
 def translate_cluster_errors(
-    what: str, *, user: str = "default", command: str = "", key: str = ""
+    what: str, *, user: str = "default", command: str = "", key: str = "", location: str = ""
 ) -> Iterator[None]:
     """Translate a cluster client's errors, as ``translate_errors`` does for any client.
 
@@ -114,9 +114,10 @@ def translate_cluster_errors(
     (and ``MASTERDOWN``), redis-py's other cluster errors and a slot it knows no node for become
     ``LogUnavailableError`` (retryable: a failover or a migration is under way); a cluster
     client that reaches no node at all is unavailable too. ``CROSSSLOT`` stays a ``LogError``:
-    the keys are wrong, and retrying cannot fix them. The rest is ``translate_errors``'s.
+    the keys are wrong, and retrying cannot fix them. The rest is ``translate_errors``'s
+    (``location`` too: the ``host:port`` of a plain client's node).
     """
-    with translate_errors(what, user=user, command=command, key=key):
+    with translate_errors(what, user=user, command=command, key=key, location=location):
         try:
             yield
         except (rexc.AskError, rexc.TryAgainError, rexc.ClusterError) as exc:

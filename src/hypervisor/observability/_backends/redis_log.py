@@ -252,10 +252,15 @@ class RedisStreamLog(AsyncResource):
             durable=durable,
             errors=self._errors,
         )
-        schedule = self._schedule
-        if self._retention is not None and schedule is not None and schedule.appended(len(ids)):
-            await self._auto_trim(self._retention)
+        await self.appended(len(ids))
         return [entry_id.decode() for entry_id in ids]
+
+    async def appended(self, count: int) -> None:
+        """Count ``count`` entries appended to the stream, by ``append_many`` or by a pipeline
+        that serves several streams of the server: run the automatic trim when it is due."""
+        schedule = self._schedule
+        if self._retention is not None and schedule is not None and schedule.appended(count):
+            await self._auto_trim(self._retention)
 
     async def _auto_trim(self, retention: TrimPolicy) -> None:
         try:

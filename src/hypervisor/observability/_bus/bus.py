@@ -204,7 +204,7 @@ class RedisEventBus(BusEmitting, BusQueries, AsyncResource):
 
         backoff = Backoff(retry_base_s, retry_cap_s)
         self._writer = BusWriter(
-            logs,
+            log,
             batch_size=batch_size,
             linger_s=linger_s,
             retry_deadline_s=retry_deadline_s,

@@ -2,7 +2,10 @@
 
 Emitters put ``(bytes, waiter)`` into the buffer (``enqueue``); the flusher drains it into one
 ``append_many`` per batch, retrying transient log errors with exponential backoff and full
-jitter until the retry deadline, and then tells every waiter of the batch how it went. Two
+jitter until the retry deadline, and then tells every waiter of the batch how it went. On
+partitions a batch is split into one group per partition, all sent with one
+``PartitionSet.append_groups`` per attempt (on Redis one pipeline per node); each group is
+stored, retried (the next attempt sends only the groups that failed) or fails on its own. Two
 sequence numbers, of the last event buffered and of the last one whose batch finished, let
 ``flush()``, ``emit_many`` and ``aclose()`` wait for everything buffered before them.
 
@@ -17,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from typing import ParamSpec, TypeVar
 
 import anyio
@@ -31,6 +34,7 @@ from hypervisor.observability._backends.log import (
     LogUnavailableError,
     StreamLog,
 )
+from hypervisor.observability._backends.partition_set import GroupOutcome, PartitionSet
 from hypervisor.observability._core.codec import decode_event
 from hypervisor.observability._core.events import HypervisorEvent
 from hypervisor.observability._util.retry import Backoff
@@ -109,7 +113,7 @@ class BusWriter:
 
     def __init__(
         self,
-        log: StreamLog | Sequence[StreamLog],
+        log: StreamLog | PartitionSet,
         *,
         batch_size: int,
         linger_s: float,
@@ -117,8 +121,9 @@ class BusWriter:
         backoff: Backoff,
         keep_failed: int = 65_536,
     ) -> None:
-        # One log per partition; a flush's partition groups are appended concurrently.
-        self.logs: tuple[StreamLog, ...] = (log,) if isinstance(log, StreamLog) else tuple(log)
+        # One log per partition; a flush's partition groups are appended with one call.
+        self.parts = log if isinstance(log, PartitionSet) else None
+        self.logs: tuple[StreamLog, ...] = (log,) if isinstance(log, StreamLog) else log.logs
         self.log = self.logs[0]
         self.batch_size = batch_size
         self.linger_s = linger_s
@@ -190,20 +195,64 @@ class BusWriter:
             count = min(len(buffer), self.batch_size)
             batch = [buffer.popleft() for _ in range(count)]
             space.set()
-            if len(self.logs) == 1:
+            if self.parts is None or len(self.logs) == 1:
                 await self._append_batch(self.log, batch)
             else:
                 await self._append_partitions(batch)
 
     async def _append_partitions(self, batch: list[Item]) -> None:
-        """Append a flush's events, grouped by partition (each group in emit order), one
-        ``append_many`` per partition, concurrently; each group succeeds, is retried or fails
-        on its own (its emitters are told which)."""
+        """Append a flush's events, grouped by partition (each group in emit order), with one
+        ``append_groups`` per attempt; each group is stored, retried (only the groups that
+        failed, with the one backoff and deadline) or fails on its own (its emitters are told
+        which)."""
+        parts = self.parts
+        assert parts is not None
         groups: dict[int, list[Item]] = {}
         for item in batch:
             groups.setdefault(item[2], []).append(item)
-        logs = self.logs
-        await asyncio.gather(*(self._append_batch(logs[p], items) for p, items in groups.items()))
+        pending = {part: [data for data, _, _ in items] for part, items in groups.items()}
+        sent = {part: [False] for part in groups}  # as _retrying's, per group
+        warned: set[int] = set()
+        deadline = time.monotonic() + self.retry_deadline_s
+        attempt = 0
+        try:
+            while True:
+                try:
+                    outcomes = await parts.append_groups(pending, self.durable)
+                except Exception as exc:  # a bug below us: it fails the attempt's groups
+                    outcomes = dict.fromkeys(pending, exc)
+                retry = time.monotonic() < deadline
+                again: dict[int, list[bytes]] = {}
+                for part in list(pending):
+                    outcome: GroupOutcome | None = outcomes.get(part)
+                    if outcome is None:  # a bug below us
+                        outcome = RuntimeError(f"append_groups gave no outcome for {part}")
+                    name = self.logs[part].name
+                    if isinstance(outcome, list):
+                        del pending[part]
+                        self._stored(groups[part])
+                        continue
+                    error = self._judge(outcome, name, sent[part], retry=retry)
+                    if error is None:
+                        again[part] = pending[part]
+                        if part not in warned:
+                            warned.add(part)
+                            _log.warning("%s: append failed, retrying: %s", name, outcome)
+                        continue
+                    del pending[part]
+                    self._fail_group(groups[part], error, sent[part][0], name)
+                pending = again
+                if not pending:
+                    return
+                self.retries += len(pending)
+                await self._backoff.wait(attempt, limit_s=deadline - time.monotonic())
+                attempt += 1
+        except BaseException:
+            # Cancelled mid-append (see _append_batch): the groups not yet settled fail.
+            closed = BusClosedError("the bus was closed while storing the event")
+            for part in pending:
+                self._fail_batch(groups[part], closed, unknown=True)
+            raise
 
     async def _append_batch(self, log: StreamLog, batch: list[Item]) -> None:
         datas = [data for data, _, _ in batch]
@@ -214,17 +263,8 @@ class BusWriter:
                 await self._retrying(lambda: log.append_many(datas), sent, log.name)
             else:
                 await self._retrying(lambda: log.append_many(datas, durable), sent, log.name)
-        except (BusPermissionError, BusDurabilityError) as exc:
-            self._fail_batch(batch, exc)
-            return
-        except BusUnavailableError as exc:
-            self._fail_batch(batch, self._fate(exc, sent[0]))
-            return
-        except Exception as exc:  # a bug below us must not kill the flusher and hang emitters
-            _log.exception("%s: append failed unexpectedly", log.name)
-            error = self._fate(BusUnavailableError(f"{log.name}: append failed: {exc!r}"), True)
-            error.__cause__ = exc
-            self._fail_batch(batch, error)
+        except Exception as exc:
+            self._fail_group(batch, exc, sent[0], log.name)
             return
         except BaseException:
             # Cancelled mid-append (aclose past its flush timeout): whether Redis stored the
@@ -232,12 +272,30 @@ class BusWriter:
             closed = BusClosedError("the bus was closed while storing the event")
             self._fail_batch(batch, closed, unknown=True)
             raise
+        self._stored(batch)
+
+    def _stored(self, batch: list[Item]) -> None:
+        """A batch (or partition group) is stored: count it and tell its emitters."""
         self.emitted += len(batch)
         self.batches += 1
         for _, waiter, _ in batch:
             if isinstance(waiter, asyncio.Future) and not waiter.done():
                 waiter.set_result(None)
         self._advance(len(batch))
+
+    def _fail_group(self, batch: list[Item], error: Exception, sent: bool, name: str) -> None:
+        """A batch (or partition group) failed with ``error``: a bus error from the retries
+        (``sent``: an attempt's request may have reached the backend), or a bug below us, which
+        must not kill the flusher and hang emitters."""
+        if isinstance(error, BusPermissionError | BusDurabilityError):
+            self._fail_batch(batch, error)
+        elif isinstance(error, BusUnavailableError):
+            self._fail_batch(batch, self._fate(error, sent))
+        else:
+            _log.error("%s: append failed unexpectedly", name, exc_info=error)
+            fated = self._fate(BusUnavailableError(f"{name}: append failed: {error!r}"), True)
+            fated.__cause__ = error
+            self._fail_batch(batch, fated)
 
     @staticmethod
     def _fate(error: BusUnavailableError, sent: bool) -> BusUnavailableError:
@@ -306,38 +364,54 @@ class BusWriter:
     async def _retrying(
         self, call: Callable[[], Awaitable[T]], sent: list[bool] | None, name: str = ""
     ) -> T:
-        # ``sent[0]`` becomes true when an attempt may have reached the backend: its reply was
-        # lost (LogOutcomeUnknownError) or it failed in a way that does not say (a LogError).
+        # ``sent[0]`` becomes true when an attempt may have reached the backend (see _judge).
         name = name or self.log.name
         deadline = time.monotonic() + self.retry_deadline_s
         attempt = 0
         while True:
             try:
                 return await call()
-            except LogUnavailableError as exc:
-                if sent is not None and isinstance(exc, LogOutcomeUnknownError):
-                    sent[0] = True
+            except (LogError, LogPermissionError) as exc:
                 now = time.monotonic()
-                if now >= deadline:
-                    raise BusUnavailableError(
-                        f"{name}: backend unavailable for {self.retry_deadline_s:g} s: {exc}"
-                    ) from exc
+                error = self._judge(exc, name, sent, retry=now < deadline)
+                if error is not None:
+                    raise error from exc
                 self.retries += 1
                 if attempt == 0:
                     _log.warning("%s: append failed, retrying: %s", name, exc)
                 await self._backoff.wait(attempt, limit_s=deadline - now)
                 attempt += 1
-            except LogDurabilityError as exc:  # stored: retrying would store it again
-                raise BusDurabilityError(
-                    f"{name}: {exc}; re-emitting the events (error.events) is safe: "
-                    "readers and workers drop an event id they already applied",
-                    stored_unknown=True,
-                ) from exc
-            except LogError as exc:  # not transient: retrying cannot help
-                if sent is not None:
-                    sent[0] = True  # e.g. an error reply to one command of a pipeline
-                raise BusUnavailableError(f"{name}: {exc}") from exc
-            except LogPermissionError as exc:
-                raise BusPermissionError(
-                    f"{name}: {exc}", user=exc.user, command=exc.command
-                ) from exc
+
+    def _judge(
+        self, exc: Exception, name: str, sent: list[bool] | None, *, retry: bool
+    ) -> Exception | None:
+        """``None`` to retry a call that failed with ``exc`` (a transient log error while
+        ``retry``), else the bus error that ends it, raised from ``exc``; anything but a log
+        error comes back as it is. ``sent[0]`` becomes true when the attempt may have reached
+        the backend: its reply was lost (``LogOutcomeUnknownError``) or it failed in a way that
+        does not say (a ``LogError``)."""
+        error: Exception
+        if isinstance(exc, LogUnavailableError):
+            if sent is not None and isinstance(exc, LogOutcomeUnknownError):
+                sent[0] = True
+            if retry:
+                return None
+            error = BusUnavailableError(
+                f"{name}: backend unavailable for {self.retry_deadline_s:g} s: {exc}"
+            )
+        elif isinstance(exc, LogDurabilityError):  # stored: retrying would store it again
+            error = BusDurabilityError(
+                f"{name}: {exc}; re-emitting the events (error.events) is safe: "
+                "readers and workers drop an event id they already applied",
+                stored_unknown=True,
+            )
+        elif isinstance(exc, LogError):  # not transient: retrying cannot help
+            if sent is not None:
+                sent[0] = True  # e.g. an error reply to one command of a pipeline
+            error = BusUnavailableError(f"{name}: {exc}")
+        elif isinstance(exc, LogPermissionError):
+            error = BusPermissionError(f"{name}: {exc}", user=exc.user, command=exc.command)
+        else:
+            return exc
+        error.__cause__ = exc
+        return error
