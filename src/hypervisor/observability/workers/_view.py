@@ -304,8 +304,10 @@ class SnapshotView:
         # before epochs): the epoch that appears begins no new state, so the copy stays an
         # earlier committed state of it, and only a newer checkpoint replaces it.
         born = not self.meta.epoch and meta.version >= self.meta.version
-        if self._loaded_version < 0 or self.state is None or not (
-            meta.epoch == self.meta.epoch or born
+        if (
+            self._loaded_version < 0
+            or self.state is None
+            or not (meta.epoch == self.meta.epoch or born)
         ):
             await self._rebuild()
             return
