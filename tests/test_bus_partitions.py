@@ -315,3 +315,20 @@ async def test_durable_partitions_on_the_cluster_wait_for_each_masters_replica(
             assert client.xlen(layout.stream_key(part)) == wanted
         finally:
             client.close()
+
+
+async def test_an_unreachable_start_names_the_stream_not_a_partition_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A partitioned bus that cannot reach Redis at start fails (and warns) naming the stream
+    the user gave, not the first partition's key, and says what failed (not "append")."""
+    url = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    with pytest.raises(BusUnavailableError) as raised:
+        async with RedisEventBus.from_url(url, "fleet-x", partitions=4, retry_deadline_s=0.3):
+            pass
+    message = str(raised.value)
+    assert message.startswith("fleet-x: backend unavailable for 0.3 s:"), message
+    assert "{fleet-x:p" not in message
+    warned = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert warned
+    assert all(m.startswith("fleet-x: request failed, retrying") for m in warned)

@@ -125,6 +125,8 @@ class BusWriter:
         self.parts = log if isinstance(log, PartitionSet) else None
         self.logs: tuple[StreamLog, ...] = (log,) if isinstance(log, StreamLog) else log.logs
         self.log = self.logs[0]
+        # What errors of the bus's own calls name: the stream (not a partition's key).
+        self.name = log.layout.stream if isinstance(log, PartitionSet) else log.name
         self.batch_size = batch_size
         self.linger_s = linger_s
         self.retry_deadline_s = retry_deadline_s
@@ -359,13 +361,18 @@ class BusWriter:
         The bus runs its own log calls of ``start()`` and ``sync()`` through here as well; their
         retries count in ``retries`` too.
         """
-        return await self._retrying(lambda: call(*args, **kwargs), None)
+        return await self._retrying(lambda: call(*args, **kwargs), None, what="request")
 
     async def _retrying(
-        self, call: Callable[[], Awaitable[T]], sent: list[bool] | None, name: str = ""
+        self,
+        call: Callable[[], Awaitable[T]],
+        sent: list[bool] | None,
+        name: str = "",
+        *,
+        what: str = "append",
     ) -> T:
         # ``sent[0]`` becomes true when an attempt may have reached the backend (see _judge).
-        name = name or self.log.name
+        name = name or self.name
         deadline = time.monotonic() + self.retry_deadline_s
         attempt = 0
         while True:
@@ -378,7 +385,7 @@ class BusWriter:
                     raise error from exc
                 self.retries += 1
                 if attempt == 0:
-                    _log.warning("%s: append failed, retrying: %s", name, exc)
+                    _log.warning("%s: %s failed, retrying: %s", name, what, exc)
                 await self._backoff.wait(attempt, limit_s=deadline - now)
                 attempt += 1
 
