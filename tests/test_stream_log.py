@@ -23,7 +23,7 @@ from hypervisor.observability._backends import (
     previous_id,
     trimmed_before_first,
 )
-from hypervisor.observability._backends.log import DurableWait, LogDurabilityError
+from hypervisor.observability._backends.log import DurableWait, GroupPosition, LogDurabilityError
 from manual_clock import ManualClock
 from redis_server import RedisServer
 
@@ -179,6 +179,28 @@ async def test_pending_reread_ack_and_summary(log: StreamLog) -> None:
     assert await log.ack("g", [ids[0]]) == 0
     assert (await log.pending_summary("g")).count == 2
     assert await log.read_group("g", "a", 10, pending=True) == [again[1]]
+
+
+async def test_group_position_reads_last_delivered_and_oldest_pending(log: StreamLog) -> None:
+    """A group's position: its last delivered id and its lowest pending id (``None`` when
+    nothing is pending), of that group only; a missing group or log raises."""
+    with pytest.raises(LogGroupMissingError):
+        await log.group_position("g")  # no log yet
+    await log.ensure_group("g")
+    await log.ensure_group("other")
+    assert await log.group_position("g") == GroupPosition("0-0", None)
+    ids = await log.append_many(_payloads(5))
+    await log.read_group("g", "a", 2)
+    await log.read_group("g", "b", 2)
+    await log.read_group("other", "a", 5)
+    assert await log.group_position("g") == GroupPosition(ids[3], ids[0])
+    await log.ack("g", [ids[0], ids[2]])
+    assert await log.group_position("g") == GroupPosition(ids[3], ids[1])
+    await log.ack("g", [ids[1], ids[3]])
+    assert await log.group_position("g") == GroupPosition(ids[3], None)
+    assert await log.group_position("other") == GroupPosition(ids[4], ids[0])
+    with pytest.raises(LogGroupMissingError):
+        await log.group_position("nope")
 
 
 async def test_missing_group_raises(log: StreamLog) -> None:

@@ -134,6 +134,19 @@ class PendingSummary(msgspec.Struct, frozen=True):
     consumers: tuple[ConsumerPending, ...]
 
 
+class GroupPosition(msgspec.Struct, frozen=True):
+    """Where a consumer group is: what the watermark of an apply round is computed from.
+
+    Attributes:
+        last_delivered_id: the id of the last entry delivered to the group (``"0-0"``: none).
+        oldest_pending_id: the lowest id delivered and not yet acknowledged (``None``: none),
+            read after ``last_delivered_id``.
+    """
+
+    last_delivered_id: str
+    oldest_pending_id: str | None
+
+
 class GroupInfo(msgspec.Struct, frozen=True):
     """One consumer group of the log.
 
@@ -388,6 +401,17 @@ class StreamLog(Protocol):
 
     async def pending_summary(self, group: str) -> PendingSummary:
         """Summarise the group's pending entries list.
+
+        Raises:
+            LogGroupMissingError: the group or log does not exist.
+        """
+        ...
+
+    async def group_position(self, group: str) -> GroupPosition:
+        """Return the group's last delivered id and its lowest pending id, in one request.
+
+        The last delivered id is read first: an entry delivered between the two reads is then
+        above it and cannot be missed by the second.
 
         Raises:
             LogGroupMissingError: the group or log does not exist.

@@ -21,6 +21,7 @@ from hypervisor.observability._backends.log import (
     DurableWait,
     Entry,
     GroupInfo,
+    GroupPosition,
     LogDurabilityError,
     LogError,
     LogGroupMissingError,
@@ -387,6 +388,14 @@ class MemoryStreamLog(AsyncResource):
             if item is not None:
                 counts[entry_id] = item.deliveries
         return counts
+
+    async def group_position(self, group: str) -> GroupPosition:
+        """Return the group's position; see ``StreamLog.group_position``."""
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        state = self._group(group)
+        oldest = format_id(*min(state.pel)) if state.pel else None
+        return GroupPosition(format_id(*state.last_delivered), oldest)
 
     async def group_info(self) -> list[GroupInfo]:
         """Describe every group; see ``StreamLog.group_info``."""

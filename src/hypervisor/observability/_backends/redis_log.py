@@ -32,6 +32,7 @@ from hypervisor.observability._backends.log import (
     DurableWait,
     Entry,
     GroupInfo,
+    GroupPosition,
     LogError,
     LogGroupMissingError,
     LogPermissionError,
@@ -508,6 +509,29 @@ class RedisStreamLog(AsyncResource):
         idle_s = int(oldest[0][2]) / 1000 if oldest else 0.0
         consumers = tuple(ConsumerPending(_text(name), int(n)) for name, n in sorted(raw[3] or []))
         return PendingSummary(count, _text(raw[1]), _text(raw[2]), idle_s, consumers)
+
+    async def group_position(self, group: str) -> GroupPosition:
+        """``XINFO GROUPS`` then ``XPENDING`` (summary) in one pipeline; see
+        ``StreamLog.group_position``. Redis runs the two one after the other, in that order."""
+        self._check_open()
+        with self._errors("group_position", "xpending"):
+
+            async def both() -> list[Any]:
+                pipe = self._control.pipeline(transaction=False)
+                pipe.execute_command(b"XINFO", b"GROUPS", self._key)
+                pipe.execute_command(b"XPENDING", self._key, group)
+                return await pipe.execute(raise_on_error=False)
+
+            groups, pending = await retry_read(self._control, both)
+            for reply in (groups, pending):
+                if isinstance(reply, Exception):
+                    raise reply
+        for item in groups:
+            fields = _pairs(item)
+            if _text(fields["name"]) == group:
+                oldest = None if int(pending[0]) == 0 else _text(pending[1])
+                return GroupPosition(_text(fields["last-delivered-id"]), oldest)
+        raise LogGroupMissingError(f"no group {group!r} on log {self._name!r}")
 
     async def delivery_counts(self, group: str, ids: list[str]) -> dict[str, int]:
         """Return delivery counts of pending ids (``XPENDING`` over each id's range)."""

@@ -30,6 +30,7 @@ from hypervisor.observability._backends.log import (
     DurableWait,
     Entry,
     GroupInfo,
+    GroupPosition,
     LogError,
     LogUnavailableError,
     PendingSummary,
@@ -337,6 +338,10 @@ class RoutedStreamLog(AsyncResource):
     async def pending_summary(self, group: str) -> PendingSummary:
         """See ``StreamLog.pending_summary``."""
         return await self._run(lambda log: log.pending_summary(group))
+
+    async def group_position(self, group: str) -> GroupPosition:
+        """See ``StreamLog.group_position``."""
+        return await self._run(lambda log: log.group_position(group))
 
     async def delivery_counts(self, group: str, ids: list[str]) -> dict[str, int]:
         """See ``StreamLog.delivery_counts``."""

@@ -26,7 +26,6 @@ from dataclasses import replace
 from typing import Any
 
 from hypervisor.observability._backends.log import (
-    LogGroupMissingError,
     StreamLog,
     next_id,
     parse_id,
@@ -180,23 +179,17 @@ async def watermark(log: StreamLog, group: str) -> str:
     """Return the lowest id that may not be acknowledged yet by ``group``.
 
     Every entry below it was delivered and acknowledged. The last-delivered id is read before
-    the pending list: an entry delivered between the two reads is then above the first and
-    cannot be missed by the second.
+    the pending list (one request, ``StreamLog.group_position``): an entry delivered between
+    the two reads is then above the first and cannot be missed by the second.
 
     Raises:
         LogGroupMissingError: the group does not exist.
     """
-    last = None
-    for info in await log.group_info():
-        if info.name == group:
-            last = info.last_delivered_id
-            break
-    if last is None:
-        raise LogGroupMissingError(f"no group {group!r} on log {log.name!r}")
-    mark = next_id(last)
-    summary = await log.pending_summary(group)
-    if summary.oldest_id is not None and parse_id(summary.oldest_id) < parse_id(mark):
-        mark = summary.oldest_id
+    position = await log.group_position(group)
+    mark = next_id(position.last_delivered_id)
+    oldest = position.oldest_pending_id
+    if oldest is not None and parse_id(oldest) < parse_id(mark):
+        mark = oldest
     return mark
 
 
