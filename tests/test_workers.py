@@ -454,3 +454,34 @@ async def test_an_idle_applier_backs_off_and_a_batch_still_wakes_it_at_once() ->
     # 1 s at the ceiling of 0.25 s is 4 rounds; at apply_interval_s (2 ms here) about 500.
     assert 1 <= idle_rounds <= 8
     assert applier.state.snapshot() == reference(events).ring
+
+
+async def test_a_trickle_is_coalesced_into_few_reads_and_rounds() -> None:
+    """Under a steady trickle (a few entries every 2 ms) a worker lets entries gather for
+    ``coalesce_s`` before its next read and its next apply round: reads and commits are
+    bounded by the elapsed time over ``coalesce_s`` (a read per trickle chunk without it),
+    and every event is applied."""
+    log = MemoryStreamLog("events")
+    store = MemoryStateStore()
+    settings = config("w0", batch_size=500, max_apply_batch=20_000, coalesce_s=0.05)
+    worker = Worker(log, [RingMetricsDerivation(store)], settings)
+    events = [e for e in random_events(random.Random(5), 2_400) if e.event_type.startswith("ring")]
+    chunks = [events[i : i + 4] for i in range(0, len(events), 4)]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await worker.ready.wait()
+        started = anyio.current_time()
+        for chunk in chunks:
+            await log.append_many([encode_event(e) for e in chunk])
+            await anyio.sleep(0.002)
+        elapsed = anyio.current_time() - started
+        head = await log.head_id()
+        with anyio.fail_after(10):  # a bound on a hang, not a speed target
+            while (await store.meta()).applied_id != head:  # noqa: ASYNC110 - a store poll
+                await anyio.sleep(0.01)
+        worker.stop()
+    bound = elapsed / 0.05 + 5
+    assert len(chunks) > 2 * bound  # without coalescing, about a read per chunk
+    assert worker.stats.batches <= bound
+    assert store.commits <= bound
+    assert worker.appliers[0].state.snapshot() == reference(events).ring

@@ -268,6 +268,16 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
             "(default: %(default)g seconds)",
         )
         sub.add_argument(
+            "--coalesce",
+            type=seconds(1, allow_zero=True),
+            default=0.03,
+            metavar="SECONDS",
+            help="let entries gather this long before the next read after a small one and "
+            "before the next apply round after one that applied some: fewer, larger batches "
+            "under load for up to about twice this in latency; 0: off (default: %(default)g "
+            "seconds)",
+        )
+        sub.add_argument(
             "--max-pending-age",
             type=seconds(),
             default=60.0,
@@ -313,6 +323,7 @@ def _config(args: argparse.Namespace) -> WorkerConfig:
         max_deliveries=args.max_deliveries,
         max_event_bytes=args.max_event_bytes,
         apply_interval_s=args.apply_interval,
+        coalesce_s=args.coalesce,
         max_pending_age_s=args.max_pending_age,
         lease_ttl_s=args.lease_ttl,
         drain_timeout_s=args.drain_timeout,

@@ -314,6 +314,11 @@ class Worker(AsyncResource, BatchProcessor):
                         self._read_scope = None
                         if entries:
                             await self._process(entries, redelivered=False)
+                            if len(entries) < config.batch_size // 4 and config.coalesce_s:
+                                # A trickle, not a backlog: let entries gather into the next
+                                # read (a round trip per few entries costs more than the wait).
+                                with anyio.move_on_after(config.coalesce_s):
+                                    await self._stop.wait()
                     self.connected = True
                     attempt = 0
                 except LogGroupMissingError:
@@ -468,11 +473,12 @@ class Worker(AsyncResource, BatchProcessor):
                 await anyio.sleep(interval)
 
     async def _apply_rounds(self, index: int) -> None:
-        """Apply rounds until the drain is done: at once after a full round, on a wake-up
-        (this worker's batches, other workers' notifications), else after ``apply_interval_s``,
-        doubled after each idle round up to ``_IDLE_APPLY_MAX_S`` (a quarter of the lease time
-        at most, so a held lease is extended in time): the fallback poll of an idle applier
-        costs a few round trips a second, not hundreds."""
+        """Apply rounds until the drain is done: at once after a full round, ``coalesce_s``
+        after a round that applied some (what was staged meanwhile goes into the next one),
+        else on a wake-up (this worker's batches, other workers' notifications) or after
+        ``apply_interval_s``, doubled after each idle round up to ``_IDLE_APPLY_MAX_S`` (a
+        quarter of the lease time at most, so a held lease is extended in time): the fallback
+        poll of an idle applier costs a few round trips a second, not hundreds."""
         applier = self.appliers[index]
         attempt = 0
         final_errors = 0
@@ -510,6 +516,10 @@ class Worker(AsyncResource, BatchProcessor):
             if draining and applied == 0:
                 return
             if applied >= applier.max_batch:
+                continue
+            if applied > 0 and not draining and self.config.coalesce_s:
+                # Entries staged meanwhile are applied together in the next round.
+                await anyio.sleep(self.config.coalesce_s)
                 continue
             idle_s = min(idle_s * 2, ceiling) if applied == 0 else interval
             with anyio.move_on_after(idle_s if applied == 0 else interval):
