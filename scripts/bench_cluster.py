@@ -36,7 +36,8 @@ servers and the writers, and the core count is printed beside the figures.
 
 Usage: ``python scripts/bench_cluster.py [--events 100000] [--partitions 12] [--batch 500]
 [--failovers 3] [--skip-throughput] [--index-events 100000] [--bus-events 100000]
-[--skip-bus] [--skip-workers] [--worker-events 60000] [--worker-partitions 12]``
+[--skip-bus] [--skip-workers] [--worker-events 200000] [--worker-partitions 12]
+[--repeat 3]``
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -401,17 +403,23 @@ async def _committed(url: str, cluster: bool, layout: PartitionLayout, deadline:
 
 
 async def _emit_and_wait(
-    url: str, cluster: bool, layout: PartitionLayout, events: list[HypervisorEvent]
+    url: str,
+    cluster: bool,
+    layout: PartitionLayout,
+    events: list[HypervisorEvent],
+    *,
+    wait: bool = True,
 ) -> float:
-    """Emit ``events`` through the bus (``emit_many``, no reader), then wait until every
-    partition committed them: the seconds from the first emit."""
+    """Emit ``events`` through the bus (``emit_many``, no reader), then (with ``wait``) wait
+    until every partition committed them: the seconds from the first emit."""
     async with RedisEventBus.from_url(
         url, layout.stream, partitions=layout.partitions, reader=False
     ) as bus:
         started = time.monotonic()
         for first in range(0, len(events), 10_000):
             await bus.emit_many(events[first : first + 10_000])
-    await _committed(url, cluster, layout, started + 600)
+    if wait:
+        await _committed(url, cluster, layout, started + 600)
     return time.monotonic() - started
 
 
@@ -422,10 +430,16 @@ def end_to_end(
     partitions: int,
     events: int,
     only_partition: int | None = None,
+    *,
+    backlog: bool = False,
 ) -> float:
     """Events/s from the first emit until the workers committed every event, with ``workers``
     ring-metrics worker processes dividing ``partitions`` partitions (all events in one
-    partition with ``only_partition``); then checks that a worker serves them all."""
+    partition with ``only_partition``); then checks that a worker serves them all.
+
+    With ``backlog`` the apply rate alone: the workers are stopped (SIGSTOP) while every
+    event is written, and the clock runs from their SIGCONT until everything is committed (no
+    producer shares the cores meanwhile)."""
     stream = f"e2e{os.getpid()}x{time.monotonic_ns()}"
     layout = PartitionLayout(stream, partitions)
     fleet = _ring_events(events, agents=2000, partition=only_partition)
@@ -458,7 +472,17 @@ def end_to_end(
             if time.monotonic() > deadline:
                 raise RuntimeError("the workers never divided the partitions")
             time.sleep(0.1)
-        seconds = asyncio.run(_emit_and_wait(url, cluster, layout, fleet))
+        if backlog:
+            for proc in procs:
+                proc.proc.send_signal(signal.SIGSTOP)
+            asyncio.run(_emit_and_wait(url, cluster, layout, fleet, wait=False))
+            started = time.monotonic()
+            for proc in procs:
+                proc.proc.send_signal(signal.SIGCONT)
+            asyncio.run(_committed(url, cluster, layout, started + 600))
+            seconds = time.monotonic() - started
+        else:
+            seconds = asyncio.run(_emit_and_wait(url, cluster, layout, fleet))
         deadline = time.monotonic() + 30
         while _applied(procs[-1]) < events:  # served once the checkpoints caught up
             if time.monotonic() > deadline:
@@ -470,38 +494,76 @@ def end_to_end(
             proc.close()
 
 
+def _median(runs: list[float]) -> float:
+    ordered = sorted(runs)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _spread(runs: list[float]) -> str:
+    return f"{_median(runs):,.0f} ({min(runs):,.0f} to {max(runs):,.0f})"
+
+
 def workers_table(cluster: RedisCluster, single: RedisServer, args: argparse.Namespace) -> None:
     """Print emit-to-committed events/s, single Redis against 3-master clusters (without and
-    with replicas), 1 to 3 workers; and one partition's rate against one stream's."""
+    with replicas), 1 to 3 workers; and one partition's rate against one stream's. Each cell is
+    the median of ``--repeat`` runs (the range in brackets), the deployments taking turns so
+    that they share the machine's moods."""
     cores = os.cpu_count()
+    repeat = args.repeat
     print(
         f"\n## Workers: emit to applied ({args.worker_events:,} ring events through the bus, "
         f"{args.worker_partitions} partitions, {cores} cores)\n"
     )
     print(
-        "events/s from the first emit until every partition's committed state holds every event\n"
+        "events/s from the first emit until every partition's committed state holds every "
+        f"event; median of {repeat} runs (range)\n"
     )
     print("| ring-metrics workers | single redis-server | 3 masters | 3 masters + 3 replicas |")
     print("|---|---|---|---|")
     n, parts = args.worker_events, args.worker_partitions
+    ratios: dict[int, float] = {}
     with RedisCluster(replicas=0) as bare:
         for workers in (1, 2, 3):
-            plain = end_to_end(single.url, False, workers, parts, n)
-            spread = end_to_end(bare.url, True, workers, parts, n)
-            replicated = end_to_end(cluster.url, True, workers, parts, n)
+            cells: dict[str, list[float]] = {"plain": [], "spread": [], "replicated": []}
+            for _ in range(repeat):
+                cells["plain"].append(end_to_end(single.url, False, workers, parts, n))
+                cells["spread"].append(end_to_end(bare.url, True, workers, parts, n))
+                cells["replicated"].append(end_to_end(cluster.url, True, workers, parts, n))
+            ratios[workers] = _median(cells["spread"]) / _median(cells["plain"])
             print(
-                f"| {workers} | {plain:,.0f} events/s | {spread:,.0f} events/s "
-                f"| {replicated:,.0f} events/s |"
+                f"| {workers} | {_spread(cells['plain'])} | {_spread(cells['spread'])} "
+                f"| {_spread(cells['replicated'])} |"
             )
-    print("\n### Per partition: one worker, single redis-server\n")
-    print("| stream | events/s |")
-    print("|---|---|")
-    one = end_to_end(single.url, False, 1, 1, n)
-    print(f"| one stream (`--partitions 1`, today's layout) | {one:,.0f} |")
-    alone = end_to_end(single.url, False, 1, parts, n, only_partition=0)
-    print(f"| partition 0 of {parts}, every event in it | {alone:,.0f} |")
-    every = end_to_end(single.url, False, 1, parts, n)
-    print(f"| all {parts} partitions, events spread | {every:,.0f} |")
+    print(
+        f"\n3 masters against the single redis-server, 3 workers: {ratios[3]:.2f}x "
+        f"(target: at least 1.00x; 1 worker {ratios[1]:.2f}x, 2 workers {ratios[2]:.2f}x)"
+    )
+    print(
+        f"\n### Per partition: one worker, single redis-server, median of {repeat} runs\n\n"
+        "apply rate: events/s from the worker's SIGCONT, after every event was written while "
+        "it was stopped, until everything is committed; end to end as above\n"
+    )
+    print("| stream | apply rate | end to end |")
+    print("|---|---|---|")
+    rows = {
+        "one stream (`--partitions 1`, today's layout)": (1, None),
+        f"partition 0 of {parts}, every event in it": (parts, 0),
+        f"all {parts} partitions, events spread": (parts, None),
+    }
+    rates: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in rows}
+    for _ in range(repeat):
+        for name, (count, only) in rows.items():
+            applied, through = rates[name]
+            applied.append(end_to_end(single.url, False, 1, count, n, only, backlog=True))
+            through.append(end_to_end(single.url, False, 1, count, n, only))
+    for name, (applied, through) in rates.items():
+        print(f"| {name} | {_spread(applied)} | {_spread(through)} |")
+    one, alone, every = (_median(rates[name][0]) for name in rows)
+    print(
+        f"\none partition's apply rate against one stream's: {alone / one:.2f}x (target: at "
+        f"least 1.00x); all {parts} partitions in one worker: {every / one:.2f}x"
+    )
 
 
 def main() -> None:
@@ -518,8 +580,9 @@ def main() -> None:
     parser.add_argument("--bus-events", type=int, default=100_000, help="events through the bus")
     parser.add_argument("--skip-bus", action="store_true")
     parser.add_argument("--skip-workers", action="store_true")
-    parser.add_argument("--worker-events", type=int, default=60_000)
+    parser.add_argument("--worker-events", type=int, default=200_000)
     parser.add_argument("--worker-partitions", type=int, default=12)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per workers cell (median)")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     with RedisCluster() as cluster, RedisServer() as single:

@@ -270,7 +270,7 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         sub.add_argument(
             "--coalesce",
             type=seconds(1, allow_zero=True),
-            default=0.03,
+            default=0.05,
             metavar="SECONDS",
             help="let entries gather this long before the next read after a small one and "
             "before the next apply round after one that applied some: fewer, larger batches "

@@ -72,7 +72,7 @@ class WorkerConfig:
     max_deliveries: int = 5
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     apply_interval_s: float = 0.005
-    coalesce_s: float = 0.03
+    coalesce_s: float = 0.05
     max_apply_batch: int = 20_000
     checkpoint_interval_s: float = 1.0
     lease_ttl_s: float = 5.0
