@@ -485,3 +485,16 @@ async def test_a_trickle_is_coalesced_into_few_reads_and_rounds() -> None:
     assert worker.stats.batches <= bound
     assert store.commits <= bound
     assert worker.appliers[0].state.snapshot() == reference(events).ring
+
+
+def test_coalescing_is_on_by_default_only_on_partitions() -> None:
+    """``--coalesce`` unless given: 0 on one stream (the latency target of one stream's
+    workers), 50 ms with ``--partitions`` above 1; given, it is what was given."""
+    from argparse import Namespace
+
+    from hypervisor.observability.workers._cli import coalesce_of
+
+    assert coalesce_of(Namespace(coalesce=None, partitions=1)) == 0.0
+    assert coalesce_of(Namespace(coalesce=None, partitions=12)) == 0.05
+    assert coalesce_of(Namespace(coalesce=0.0, partitions=12)) == 0.0
+    assert coalesce_of(Namespace(coalesce=0.02, partitions=1)) == 0.02

@@ -270,12 +270,12 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         sub.add_argument(
             "--coalesce",
             type=seconds(1, allow_zero=True),
-            default=0.05,
+            default=None,
             metavar="SECONDS",
             help="let entries gather this long before the next read after a small one and "
             "before the next apply round after one that applied some: fewer, larger batches "
-            "under load for up to about twice this in latency; 0: off (default: %(default)g "
-            "seconds)",
+            "under load for up to about twice this in latency; 0: off (default: 0 on one "
+            f"stream, {PARTITIONED_COALESCE_S:g} seconds with --partitions above 1)",
         )
         sub.add_argument(
             "--max-pending-age",
@@ -312,6 +312,19 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         sub.set_defaults(handler=run_worker)
 
 
+PARTITIONED_COALESCE_S = 0.05
+"""``--coalesce`` of a partitioned worker unless given: throughput first (its union view of the
+partitions other workers apply is up to a checkpoint interval behind anyway); one stream keeps
+the lowest latency (0)."""
+
+
+def coalesce_of(args: argparse.Namespace) -> float:
+    """``--coalesce``, or its default for the stream's layout."""
+    if args.coalesce is not None:
+        return float(args.coalesce)
+    return PARTITIONED_COALESCE_S if getattr(args, "partitions", 1) > 1 else 0.0
+
+
 def _config(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         group=args.group,
@@ -323,7 +336,7 @@ def _config(args: argparse.Namespace) -> WorkerConfig:
         max_deliveries=args.max_deliveries,
         max_event_bytes=args.max_event_bytes,
         apply_interval_s=args.apply_interval,
-        coalesce_s=args.coalesce,
+        coalesce_s=coalesce_of(args),
         max_pending_age_s=args.max_pending_age,
         lease_ttl_s=args.lease_ttl,
         drain_timeout_s=args.drain_timeout,
