@@ -46,7 +46,8 @@ class WorkerConfig:
             once); doubled after each idle round, up to a quarter of a second.
         coalesce_s: how long a worker lets entries gather before its next read (after a read
             of fewer than a quarter of ``batch_size``: a trickle, not a backlog) and before its
-            next apply round (after a round that applied some): fewer, larger batches and
+            next apply round (after a round that applied fewer than ``batch_size``): fewer,
+            larger batches and
             rounds under load, at the cost of up to about twice this in latency. 0 (the
             default) turns it off; ``hvobs worker --partitions N`` uses 50 ms.
         max_apply_batch: staged entries applied per round at most.

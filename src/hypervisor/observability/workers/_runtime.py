@@ -474,7 +474,8 @@ class Worker(AsyncResource, BatchProcessor):
 
     async def _apply_rounds(self, index: int) -> None:
         """Apply rounds until the drain is done: at once after a full round, ``coalesce_s``
-        after a round that applied some (what was staged meanwhile goes into the next one),
+        after a round that applied fewer than a read's ``batch_size`` (a trickle: what is
+        staged meanwhile goes into the next one),
         else on a wake-up (this worker's batches, other workers' notifications) or after
         ``apply_interval_s``, doubled after each idle round up to ``_IDLE_APPLY_MAX_S`` (a
         quarter of the lease time at most, so a held lease is extended in time): the fallback
@@ -517,8 +518,8 @@ class Worker(AsyncResource, BatchProcessor):
                 return
             if applied >= applier.max_batch:
                 continue
-            if applied > 0 and not draining and self.config.coalesce_s:
-                # Entries staged meanwhile are applied together in the next round.
+            if 0 < applied < self.config.batch_size and not draining and self.config.coalesce_s:
+                # A trickle, not a backlog: what is staged meanwhile goes into the next round.
                 await anyio.sleep(self.config.coalesce_s)
                 continue
             idle_s = min(idle_s * 2, ceiling) if applied == 0 else interval
