@@ -498,3 +498,20 @@ def test_coalescing_is_on_by_default_only_on_partitions() -> None:
     assert coalesce_of(Namespace(coalesce=None, partitions=12)) == 0.05
     assert coalesce_of(Namespace(coalesce=0.0, partitions=12)) == 0.0
     assert coalesce_of(Namespace(coalesce=0.02, partitions=1)) == 0.02
+
+
+def test_only_a_sustained_trickle_is_coalesced() -> None:
+    """A read is coalesced (the next one waits ``coalesce_s``) only when it is small (under
+    a quarter of a batch) and did not wait long for its entries: the first entries after a
+    quiet spell come back from a long blocking read, and the rest of their burst is read at
+    once; a full read is a backlog; ``coalesce_s=0`` never waits."""
+    log = MemoryStreamLog("events")
+    derivations = [RingMetricsDerivation(MemoryStateStore())]
+    worker = Worker(log, derivations, config("w0", batch_size=500, coalesce_s=0.05))
+    assert worker._trickle(10, 0.002)
+    assert worker._trickle(124, 0.2)
+    assert not worker._trickle(125, 0.002)
+    assert not worker._trickle(500, 0.002)
+    assert not worker._trickle(1, 1.5)  # woken from a long block: a burst may follow
+    off = Worker(log, derivations, config("w1", batch_size=500, coalesce_s=0.0))
+    assert not off._trickle(10, 0.002)

@@ -55,11 +55,13 @@ __all__ = ["BATCH_BUCKETS", "Worker", "WorkerConfig", "WorkerStats", "default_co
 _log = logging.getLogger("hypervisor.observability.workers")
 
 _RETRY_BASE_S = 0.05
+"""Upper bound of the first backoff after a backend error; doubles up to ``retry_max_s``."""
 _IDLE_APPLY_MAX_S = 0.25
 """The longest fallback poll of an idle applier (wake-ups end every wait at once)."""
 _LISTEN_IDLE_S = 0.1
 """How often a listener checks whether its applier took the lease."""
-"""Upper bound of the first backoff after a backend error; doubles up to ``retry_max_s``."""
+_QUIET_S = 0.25
+"""A read that waited this long for its entries ends a quiet spell: no coalescing after it."""
 
 _PERMANENT = (LogPermanentError, PermissionDeniedError)
 """Refusals no loop retries: they stop the worker (the CLI exits with status 78)."""
@@ -144,6 +146,8 @@ class Worker(AsyncResource, BatchProcessor):
         self._wakes = [anyio.Event() for _ in self.appliers]
         self._read_scope: anyio.CancelScope | None = None
         self._reread_own = True
+        self._backlog = False
+        """Whether the last read was a full batch (no coalescing then)."""
         self._errors: dict[str, str] = {}
         self._deadline = math.inf
         """When the drain must end (``anyio.current_time()`` clock); set by :meth:`stop`."""
@@ -305,6 +309,7 @@ class Worker(AsyncResource, BatchProcessor):
                         await self._process(entries, redelivered=True)
                     else:
                         entries = []
+                        asked = anyio.current_time()
                         with anyio.CancelScope() as scope:
                             self._read_scope = scope
                             if not self.stopping:
@@ -312,11 +317,14 @@ class Worker(AsyncResource, BatchProcessor):
                                     config.group, config.consumer, config.batch_size, config.block_s
                                 )
                         self._read_scope = None
+                        waited = anyio.current_time() - asked
+                        # A full read: a backlog, which is read and applied without waits.
+                        self._backlog = len(entries) >= config.batch_size
                         if entries:
                             await self._process(entries, redelivered=False)
-                            if len(entries) < config.batch_size // 4 and config.coalesce_s:
-                                # A trickle, not a backlog: let entries gather into the next
-                                # read (a round trip per few entries costs more than the wait).
+                            if self._trickle(len(entries), waited):
+                                # Let entries gather into the next read (a round trip per few
+                                # entries costs more than the wait).
                                 with anyio.move_on_after(config.coalesce_s):
                                     await self._stop.wait()
                     self.connected = True
@@ -346,6 +354,15 @@ class Worker(AsyncResource, BatchProcessor):
         finally:
             self._consume_done.set()
             self._wake_appliers()
+
+    def _trickle(self, count: int, seconds: float) -> bool:
+        """Whether a read of ``count`` entries that took ``seconds`` is part of a trickle
+        worth coalescing: a small read that did not wait long for its entries (the first
+        entries after a quiet spell of ``_QUIET_S`` or more come back from a long block, and
+        the rest of their burst is read at once)."""
+        if not self.config.coalesce_s or count >= self.config.batch_size // 4:
+            return False
+        return seconds < _QUIET_S
 
     async def _drain_own(self) -> None:
         """Process what the cancelled read had delivered, so nothing stays pending here (until
@@ -474,8 +491,8 @@ class Worker(AsyncResource, BatchProcessor):
 
     async def _apply_rounds(self, index: int) -> None:
         """Apply rounds until the drain is done: at once after a full round, ``coalesce_s``
-        after a round that applied fewer than a read's ``batch_size`` (a trickle: what is
-        staged meanwhile goes into the next one),
+        after a round that applied fewer than a read's ``batch_size`` while the reads are not
+        full (a trickle: what is staged meanwhile goes into the next one),
         else on a wake-up (this worker's batches, other workers' notifications) or after
         ``apply_interval_s``, doubled after each idle round up to ``_IDLE_APPLY_MAX_S`` (a
         quarter of the lease time at most, so a held lease is extended in time): the fallback
@@ -518,8 +535,10 @@ class Worker(AsyncResource, BatchProcessor):
                 return
             if applied >= applier.max_batch:
                 continue
-            if 0 < applied < self.config.batch_size and not draining and self.config.coalesce_s:
+            coalesce = self.config.coalesce_s and not self._backlog and not draining
+            if coalesce and 0 < applied < self.config.batch_size:
                 # A trickle, not a backlog: what is staged meanwhile goes into the next round.
+                # (In a backlog the rounds keep the CPU busy while the reads wait on Redis.)
                 await anyio.sleep(self.config.coalesce_s)
                 continue
             idle_s = min(idle_s * 2, ceiling) if applied == 0 else interval
