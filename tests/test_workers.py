@@ -418,10 +418,10 @@ async def test_a_stop_before_the_worker_is_ready_ends_run_promptly() -> None:
 
 
 async def test_an_idle_applier_backs_off_and_a_batch_still_wakes_it_at_once() -> None:
-    """An idle applier's fallback poll doubles after each empty round up to a quarter of a
-    second (it was one round every ``apply_interval_s``: hundreds of round trips a second per
-    derivation), and it still polls (the lease is extended); events appended afterwards are
-    all applied."""
+    """An idle applier's fallback poll doubles after each empty round up to a second (it was
+    one round every ``apply_interval_s``: hundreds of round trips a second per derivation),
+    and it still polls (the lease, 5 s here, is extended); events appended afterwards are all
+    applied."""
     log = MemoryStreamLog("events")
     store = MemoryStateStore()
     worker = Worker(log, [RingMetricsDerivation(store)], config("w0"))
@@ -438,9 +438,9 @@ async def test_an_idle_applier_backs_off_and_a_batch_still_wakes_it_at_once() ->
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
         await worker.ready.wait()
-        await anyio.sleep(0.5)
+        await anyio.sleep(2.0)
         rounds = 0
-        await anyio.sleep(1.0)
+        await anyio.sleep(3.0)
         idle_rounds = rounds
         events = [
             e for e in random_events(random.Random(3), 200) if e.event_type.startswith("ring")
@@ -451,7 +451,7 @@ async def test_an_idle_applier_backs_off_and_a_batch_still_wakes_it_at_once() ->
             while (await store.meta()).applied_id != head:  # noqa: ASYNC110 - a store poll
                 await anyio.sleep(0.005)
         worker.stop()
-    # 1 s at the ceiling of 0.25 s is 4 rounds; at apply_interval_s (2 ms here) about 500.
+    # 3 s at the ceiling of 1 s is 3 rounds; at apply_interval_s (2 ms here) about 1,500.
     assert 1 <= idle_rounds <= 8
     assert applier.state.snapshot() == reference(events).ring
 

@@ -264,7 +264,7 @@ def add_worker_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
             type=seconds(60),
             default=0.005,
             metavar="SECONDS",
-            help="fallback poll between apply rounds, doubled while idle up to 0.25 s "
+            help="fallback poll between apply rounds, doubled while idle up to 1 s "
             "(default: %(default)g seconds)",
         )
         sub.add_argument(

@@ -43,7 +43,7 @@ class WorkerConfig:
         max_event_bytes: a longer entry is dead-lettered (``oversized``) without being decoded,
             by the worker and by the applier; give every worker of a group the same value.
         apply_interval_s: the fallback poll of an applier between rounds (wake-ups come at
-            once); doubled after each idle round, up to a quarter of a second.
+            once); doubled after each idle round, up to a second (a quarter of the lease time).
         coalesce_s: how long a worker lets entries gather before its next read (after a read
             of fewer than a quarter of ``batch_size``: a trickle, not a backlog) and before its
             next apply round (after a round that applied fewer than ``batch_size``): fewer,

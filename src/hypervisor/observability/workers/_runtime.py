@@ -56,10 +56,14 @@ _log = logging.getLogger("hypervisor.observability.workers")
 
 _RETRY_BASE_S = 0.05
 """Upper bound of the first backoff after a backend error; doubles up to ``retry_max_s``."""
-_IDLE_APPLY_MAX_S = 0.25
-"""The longest fallback poll of an idle applier (wake-ups end every wait at once)."""
+_IDLE_APPLY_MAX_S = 1.0
+"""The longest fallback poll of an idle applier (wake-ups end every wait at once; a quarter
+of the lease time at most)."""
 _LISTEN_IDLE_S = 0.1
 """How often a listener checks whether its applier took the lease."""
+_LISTEN_BLOCK_S = 1.0
+"""A listener's blocking pop (a notification ends it at once; an idle one costs a round trip
+a second)."""
 _QUIET_S = 0.25
 """A read that waited this long for its entries ends a quiet spell: no coalescing after it."""
 
@@ -481,7 +485,7 @@ class Worker(AsyncResource, BatchProcessor):
                 await anyio.sleep(max(interval, _LISTEN_IDLE_S))
                 continue
             try:
-                if await applier.store.wait_notified(0.1):
+                if await applier.store.wait_notified(_LISTEN_BLOCK_S):
                     self._wake_appliers((index,))
             except _PERMANENT:
                 raise
