@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
+from hypervisor.observability._backends.state import MemoryStateStore, StateStore
 from redis_cluster import RedisCluster, redis_cli_binary
 from redis_server import RedisServer, redis_server_binary, replicated_servers
 
@@ -77,3 +79,17 @@ def replicated() -> Iterator[tuple[RedisServer, RedisServer]]:
 def stream_name() -> str:
     """A stream key unique to the test, so tests sharing a server never see each other."""
     return f"test:{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
+    """A fresh state store of each kind (the state store contract runs on both; the Redis one
+    on the session's redis-server, under a key prefix of its own)."""
+    if request.param == "memory":
+        yield MemoryStateStore()
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = state_prefix(f"t{uuid.uuid4().hex[:8]}", "g", "ring")
+    async with RedisStateStore(server.url, prefix) as made:
+        yield made
+        await made.reset()

@@ -6,23 +6,17 @@ when the partition's applier in this process stops (the partition was handed ove
 
 from __future__ import annotations
 
-import random
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from hypervisor.observability._backends.memory_log import MemoryStreamLog
-from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
 from hypervisor.observability._backends.state import Checkpoint
-from hypervisor.observability._core.codec import encode_event
-from hypervisor.observability._core.ring import RING_EVENTS, RingMetricsState
+from hypervisor.observability._core.ring import RingMetricsState
 from hypervisor.observability.errors import LogUnavailableError
 from hypervisor.observability.workers import (
     Applier,
     Commit,
-    MemoryStateStore,
     RingMetricsDerivation,
     StateMeta,
     StateStore,
@@ -30,25 +24,11 @@ from hypervisor.observability.workers import (
 from hypervisor.observability.workers._snapshot import load_state
 from hypervisor.observability.workers._view import SnapshotView
 from manual_clock import ManualClock
-from redis_server import RedisServer
-from workers_support import random_events, reference
+from workers_support import apply_all, feed, reference, ring_events
 
 pytestmark = pytest.mark.anyio
 
 _EPOCH = "0123456789abcdef"
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    """A fresh state store of each kind."""
-    if request.param == "memory":
-        yield MemoryStateStore()
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    prefix = state_prefix(f"t{uuid.uuid4().hex[:8]}", "g", "ring")
-    async with RedisStateStore(server.url, prefix) as made:
-        yield made
-        await made.reset()
 
 
 class Counting:
@@ -78,24 +58,6 @@ class Counting:
         if found.snapshot is not None:
             self._count("snapshot")
         return found
-
-
-def _events(seed: int, count: int) -> list[Any]:
-    events = random_events(random.Random(seed), count * 4)
-    return [e for e in events if e.event_type in RING_EVENTS][:count]
-
-
-async def _feed(log: MemoryStreamLog, store: StateStore, events: list[Any]) -> None:
-    """Append, deliver, stage and acknowledge ``events`` as a worker does."""
-    await log.append_many([encode_event(e) for e in events])
-    batch = await log.read_group("g", "c", len(events))
-    await store.stage([(e.id, e.data) for e in batch if e.data is not None])
-    await log.ack("g", [e.id for e in batch])
-
-
-async def _apply_all(applier: Applier) -> None:
-    while await applier.round():
-        pass
 
 
 async def test_checkpoint_sends_the_snapshot_only_when_newer(store: StateStore) -> None:
@@ -130,29 +92,29 @@ async def test_a_checkpoint_view_restores_once_then_takes_checkpoints_whole(
     applier = Applier(
         log, "g", RingMetricsDerivation(store), checkpoint_interval_s=1.0, clock=clock
     )
-    events = _events(11, 120)
+    events = ring_events(11, 120)
     counting = Counting(store)
     view = SnapshotView(RingMetricsDerivation(counting), checkpoints_only=True)
     clock.advance(1.0)
-    await _feed(log, store, events[:40])
-    await _apply_all(applier)  # checkpointed at 40
-    await _feed(log, store, events[40:60])
-    await _apply_all(applier)  # not checkpointed: the clock stands still
+    await feed(log, store, events[:40])
+    await apply_all(applier)  # checkpointed at 40
+    await feed(log, store, events[40:60])
+    await apply_all(applier)  # not checkpointed: the clock stands still
     await view.refresh()
     assert view.state.snapshot() == reference(events[:60]).ring  # exact at the start
     assert counting.calls == {"restore": 1}
     served = view.state
     for start in range(60, 100, 20):
-        await _feed(log, store, events[start : start + 20])
-        await _apply_all(applier)
+        await feed(log, store, events[start : start + 20])
+        await apply_all(applier)
         await view.refresh()
         assert view.state is served  # nothing folded, nothing fetched
         assert view.state.snapshot() == reference(events[:60]).ring
     assert view.meta == await store.meta()  # the committed meta is followed all the same
     assert counting.calls == {"restore": 1}
     clock.advance(1.0)
-    await _feed(log, store, events[100:])
-    await _apply_all(applier)  # a checkpoint at 120
+    await feed(log, store, events[100:])
+    await apply_all(applier)  # a checkpoint at 120
     await view.refresh()
     assert view.state.snapshot() == reference(events).ring
     assert view.applied_id == (await store.meta()).applied_id
@@ -172,17 +134,17 @@ async def test_a_checkpoint_view_never_goes_back_after_its_applier_stops(
     log = MemoryStreamLog("events")
     await log.ensure_group("g", "0")
     clock = ManualClock()
-    events = _events(12, 120)
+    events = ring_events(12, 120)
     mine = Applier(
         log, "g", RingMetricsDerivation(store), token="a", checkpoint_interval_s=1.0, clock=clock
     )
     counting = Counting(store)
     view = SnapshotView(RingMetricsDerivation(counting), mine, checkpoints_only=True)
     clock.advance(1.0)
-    await _feed(log, store, events[:30])
-    await _apply_all(mine)  # checkpointed at 30
-    await _feed(log, store, events[30:60])
-    await _apply_all(mine)  # committed, not checkpointed
+    await feed(log, store, events[:30])
+    await apply_all(mine)  # checkpointed at 30
+    await feed(log, store, events[30:60])
+    await apply_all(mine)  # committed, not checkpointed
     await view.refresh()
     assert view.shared_refreshes == 1
     assert view.state.snapshot() == reference(events[:60]).ring
@@ -194,13 +156,13 @@ async def test_a_checkpoint_view_never_goes_back_after_its_applier_stops(
     theirs = Applier(
         log, "g", RingMetricsDerivation(store), token="b", checkpoint_interval_s=1.0, clock=clock
     )
-    await _feed(log, store, events[60:75])
-    await _apply_all(theirs)  # committed, not checkpointed
+    await feed(log, store, events[60:75])
+    await apply_all(theirs)  # committed, not checkpointed
     await view.refresh()
     assert view.state.snapshot() == reference(events[:60]).ring
     clock.advance(1.0)
-    await _feed(log, store, events[75:90])
-    await _apply_all(theirs)  # checkpointed at 90
+    await feed(log, store, events[75:90])
+    await apply_all(theirs)  # checkpointed at 90
     await view.refresh()
     assert view.state.snapshot() == reference(events[:90]).ring
     assert (view.checkpoint_loads, counting.calls) == (1, {"snapshot": 1})
@@ -216,11 +178,11 @@ async def test_a_checkpoint_view_of_a_lost_state_rebuilds(store: StateStore) -> 
     log = MemoryStreamLog("events")
     await log.ensure_group("g", "0")
     applier = Applier(log, "g", RingMetricsDerivation(store), clock=ManualClock())
-    await _feed(log, store, _events(5, 30))
-    await _apply_all(applier)
+    await feed(log, store, ring_events(5, 30))
+    await apply_all(applier)
     view = SnapshotView(RingMetricsDerivation(store), checkpoints_only=True)
     await view.refresh()
-    assert view.state.snapshot() == reference(_events(5, 30)).ring
+    assert view.state.snapshot() == reference(ring_events(5, 30)).ring
     await store.reset()
     await view.refresh()
     assert (view.meta, view.state_resets, view.applied_id) == (StateMeta(), 1, "0-0")
@@ -254,13 +216,13 @@ async def test_a_checkpoint_view_waits_out_its_applier_mid_round(store: StateSto
     counting = Counting(failing)
     applier = Applier(log, "g", RingMetricsDerivation(failing), clock=ManualClock())
     view = SnapshotView(RingMetricsDerivation(counting), applier, checkpoints_only=True)
-    events = _events(13, 60)
-    await _feed(log, store, events[:30])
-    await _apply_all(applier)
+    events = ring_events(13, 60)
+    await feed(log, store, events[:30])
+    await apply_all(applier)
     await view.refresh()
     assert view.servable() is not None
     failing.failing = True
-    await _feed(log, store, events[30:])
+    await feed(log, store, events[30:])
     with pytest.raises(LogUnavailableError):
         await applier.round()
     assert applier.leader
@@ -268,7 +230,7 @@ async def test_a_checkpoint_view_waits_out_its_applier_mid_round(store: StateSto
     assert view.servable() is None
     assert counting.calls == {}
     failing.failing = False
-    await _apply_all(applier)
+    await apply_all(applier)
     await view.refresh()
     assert view.servable().snapshot() == reference(events).ring
     assert counting.calls == {}
@@ -290,16 +252,16 @@ async def test_a_checkpoint_view_from_before_the_first_commit_is_not_rebuilt(
     view = SnapshotView(RingMetricsDerivation(counting), checkpoints_only=True)
     await view.refresh()
     assert counting.calls == {"restore": 1}
-    events = _events(14, 80)
-    await _feed(log, store, events[:40])
-    await _apply_all(applier)  # the first commit: the epoch appears, no checkpoint yet
+    events = ring_events(14, 80)
+    await feed(log, store, events[:40])
+    await apply_all(applier)  # the first commit: the epoch appears, no checkpoint yet
     await view.refresh()
     assert (await store.meta()).epoch
     assert view.state.snapshot() == reference([]).ring
     assert counting.calls == {"restore": 1}
     clock.advance(1.0)
-    await _feed(log, store, events[40:])
-    await _apply_all(applier)
+    await feed(log, store, events[40:])
+    await apply_all(applier)
     await view.refresh()
     assert view.state.snapshot() == reference(events).ring
     assert counting.calls == {"restore": 1, "snapshot": 1}

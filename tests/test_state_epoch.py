@@ -6,9 +6,7 @@ a view never lets a failed refresh replace its last good copy."""
 from __future__ import annotations
 
 import logging
-import random
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,13 +15,10 @@ import redis.asyncio as aioredis
 from hypervisor.observability._backends.memory_log import MemoryStreamLog
 from hypervisor.observability._backends.redis_state import RedisStateStore, state_prefix
 from hypervisor.observability._backends.state import Restored
-from hypervisor.observability._core.codec import encode_event
-from hypervisor.observability._core.ring import RING_EVENTS
 from hypervisor.observability.errors import LogUnavailableError, WorkerStateError
 from hypervisor.observability.workers import (
     Applier,
     Commit,
-    MemoryStateStore,
     RingMetricsDerivation,
     StateMeta,
     StateStore,
@@ -31,41 +26,15 @@ from hypervisor.observability.workers import (
 from hypervisor.observability.workers._view import SnapshotView
 from manual_clock import ManualClock
 from redis_server import RedisServer
-from workers_support import random_events, reference
+from workers_support import apply_all, feed, reference, ring_events
 
 pytestmark = pytest.mark.anyio
 
 _EPOCH = "0123456789abcdef"
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    """A fresh state store of each kind."""
-    if request.param == "memory":
-        yield MemoryStateStore()
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    prefix = state_prefix(f"t{uuid.uuid4().hex[:8]}", "g", "ring")
-    async with RedisStateStore(server.url, prefix) as made:
-        yield made
-        await made.reset()
-
-
-def _events(seed: int, count: int) -> list[Any]:
-    events = random_events(random.Random(seed), count * 4)
-    return [e for e in events if e.event_type in RING_EVENTS][:count]
-
-
 # Every applier here runs on a clock that does not move, so when checkpoints are due (and how
 # many commits a round makes) never depends on the machine's speed.
-
-
-async def _feed(log: MemoryStreamLog, store: StateStore, events: list[Any]) -> None:
-    """Append, deliver, stage and acknowledge ``events`` as a worker does."""
-    await log.append_many([encode_event(e) for e in events])
-    batch = await log.read_group("g", "c", len(events))
-    await store.stage([(e.id, e.data) for e in batch if e.data is not None])
-    await log.ack("g", [e.id for e in batch])
 
 
 async def test_the_first_commit_writes_the_epoch_and_later_ones_must_match(
@@ -104,11 +73,6 @@ async def test_replay_of_another_epoch_is_refused(store: StateStore) -> None:
     assert await store.replay("1-0", "2-0", "") is None
 
 
-async def _apply_all(applier: Applier) -> None:
-    while await applier.round():
-        pass
-
-
 async def test_a_lost_state_at_the_same_version_is_never_taken_for_current(
     store: StateStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -119,7 +83,7 @@ async def test_a_lost_state_at_the_same_version_is_never_taken_for_current(
     caplog.set_level(logging.WARNING, logger="hypervisor.observability.workers")
     log = MemoryStreamLog("events")
     await log.ensure_group("g", "0")
-    before, after = _events(3, 60), _events(4, 60)
+    before, after = ring_events(3, 60), ring_events(4, 60)
     first = Applier(
         log,
         "g",
@@ -130,8 +94,8 @@ async def test_a_lost_state_at_the_same_version_is_never_taken_for_current(
     )
     view = SnapshotView(RingMetricsDerivation(store))
     for start in range(0, 60, 20):
-        await _feed(log, store, before[start : start + 20])
-        await _apply_all(first)
+        await feed(log, store, before[start : start + 20])
+        await apply_all(first)
     await view.refresh()
     old = await store.meta()
     assert (old.version, view.meta) == (3, old)
@@ -146,8 +110,8 @@ async def test_a_lost_state_at_the_same_version_is_never_taken_for_current(
         clock=ManualClock(),
     )
     for start in range(0, 60, 20):
-        await _feed(log, store, after[start : start + 20])
-        await _apply_all(second)
+        await feed(log, store, after[start : start + 20])
+        await apply_all(second)
     new = await store.meta()
     assert new.version == old.version
     assert new.epoch not in ("", old.epoch)
@@ -169,11 +133,11 @@ async def test_a_view_of_a_vanished_meta_rebuilds_empty(store: StateStore) -> No
     log = MemoryStreamLog("events")
     await log.ensure_group("g", "0")
     applier = Applier(log, "g", RingMetricsDerivation(store), clock=ManualClock())
-    await _feed(log, store, _events(5, 30))
-    await _apply_all(applier)
+    await feed(log, store, ring_events(5, 30))
+    await apply_all(applier)
     view = SnapshotView(RingMetricsDerivation(store))
     await view.refresh()
-    assert view.state.snapshot() == reference(_events(5, 30)).ring
+    assert view.state.snapshot() == reference(ring_events(5, 30)).ring
     await store.reset()
     await view.refresh()
     assert (view.meta, view.state_resets) == (StateMeta(), 1)
@@ -207,18 +171,18 @@ async def test_a_failed_rebuild_keeps_the_last_good_copy(store: StateStore) -> N
     brings it up to date and clears the staleness."""
     log = MemoryStreamLog("events")
     await log.ensure_group("g", "0")
-    events = _events(6, 80)
+    events = ring_events(6, 80)
     applier = Applier(
         log, "g", RingMetricsDerivation(store), checkpoint_interval_s=0, clock=ManualClock()
     )
     failing = _Failing(store)
     view = SnapshotView(RingMetricsDerivation(failing))
-    await _feed(log, store, events[:40])
-    await _apply_all(applier)
+    await feed(log, store, events[:40])
+    await apply_all(applier)
     await view.refresh()
     good, meta = view.state.snapshot(), view.meta
-    await _feed(log, store, events[40:])
-    await _apply_all(applier)
+    await feed(log, store, events[40:])
+    await apply_all(applier)
     failing.failing = True
     for _ in range(2):
         with pytest.raises(LogUnavailableError):
@@ -240,7 +204,7 @@ async def test_a_meta_written_before_epochs_gets_one_without_a_reset(
     commit of an applier writes one, and a view of the old meta rebuilds once without counting
     a reset. An epoch field that no commit wrote is unreadable state."""
     prefix = state_prefix(f"t{uuid.uuid4().hex[:8]}", "g", "ring")
-    events = _events(7, 40)
+    events = ring_events(7, 40)
     log = MemoryStreamLog("events")
     await log.ensure_group("g", "0")
     async with (
@@ -248,15 +212,15 @@ async def test_a_meta_written_before_epochs_gets_one_without_a_reset(
         aioredis.Redis.from_url(redis_server.url) as client,
     ):
         applier = Applier(log, "g", RingMetricsDerivation(store), clock=ManualClock())
-        await _feed(log, store, events[:20])
-        await _apply_all(applier)
+        await feed(log, store, events[:20])
+        await apply_all(applier)
         await client.hdel(f"{prefix}:meta", "epoch")
         view = SnapshotView(RingMetricsDerivation(store))
         await view.refresh()
         assert view.meta.epoch == ""
         applier.invalidate()
-        await _feed(log, store, events[20:])
-        await _apply_all(applier)
+        await feed(log, store, events[20:])
+        await apply_all(applier)
         assert (await store.meta()).epoch != ""
         await view.refresh()
         assert (view.state_resets, view.meta) == (0, await store.meta())
@@ -295,7 +259,7 @@ async def test_a_state_that_went_back_to_an_older_copy_is_rebuilt(
     logged), and equal the reference over what the stored state now holds."""
     caplog.set_level(logging.WARNING, logger="hypervisor.observability.workers")
     prefix = state_prefix(f"t{uuid.uuid4().hex[:8]}", "g", "ring")
-    first, lost, other = _events(8, 30), _events(9, 30), _events(10, 40)
+    first, lost, other = ring_events(8, 30), ring_events(9, 30), ring_events(10, 40)
     log = MemoryStreamLog("events")
     await log.ensure_group("g", "0")
     async with (
@@ -304,19 +268,19 @@ async def test_a_state_that_went_back_to_an_older_copy_is_rebuilt(
     ):
         applier = Applier(log, "g", RingMetricsDerivation(store), token="a", clock=ManualClock())
         view = SnapshotView(RingMetricsDerivation(store))
-        await _feed(log, store, first)
-        await _apply_all(applier)
+        await feed(log, store, first)
+        await apply_all(applier)
         older = await _keys(client, prefix)
-        await _feed(log, store, lost)
-        await _apply_all(applier)
+        await feed(log, store, lost)
+        await apply_all(applier)
         await view.refresh()
         held = view.meta
         assert held.version == 2
         await _put_back(client, prefix, older)
         await applier.release()
         another = Applier(log, "g", RingMetricsDerivation(store), token="b", clock=ManualClock())
-        await _feed(log, store, other)
-        await _apply_all(another)
+        await feed(log, store, other)
+        await apply_all(another)
         now = await store.meta()
         assert (now.version, now.epoch) == (held.version, held.epoch)
         assert now.applied_id != held.applied_id

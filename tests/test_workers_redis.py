@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -42,19 +41,6 @@ from workers_support import random_events, reference, span_key
 # Per test, not per module: the state store contract runs on the in-memory store without a
 # redis-server too.
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    """A fresh state store of each kind."""
-    if request.param == "memory":
-        yield MemoryStateStore()
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    prefix = state_prefix(f"t{uuid.uuid4().hex[:8]}", "g", "ring")
-    async with RedisStateStore(server.url, prefix) as made:
-        yield made
-        await made.reset()
 
 
 async def test_store_stages_idempotently_in_id_order(store: StateStore) -> None:

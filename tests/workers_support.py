@@ -7,12 +7,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from hypervisor.observability._backends.log import StreamLog
+from hypervisor.observability._backends.state import StateStore
+from hypervisor.observability._core.codec import encode_event
 from hypervisor.observability._core.events import EventType, HypervisorEvent
+from hypervisor.observability._core.ring import RING_EVENTS
 from hypervisor.observability._core.spans import SagaSpanRecord
 from hypervisor.observability.event_bus import HypervisorEventBus
 from hypervisor.observability.prometheus_collector import RingMetricsCollector
 from hypervisor.observability.saga_span_exporter import SagaSpanExporter
 from hypervisor.observability.testing import RecordingSpanSink
+from hypervisor.observability.workers._apply import Applier
 
 _T0 = datetime(2026, 1, 1, tzinfo=UTC)
 _NOISE = (EventType.SESSION_CREATED, EventType.VFS_WRITE, EventType.AUDIT_COMMITTED)
@@ -153,3 +158,24 @@ def span_key(record: SagaSpanRecord) -> tuple[Any, ...]:
         record.status,
         tuple(sorted(record.attributes.items())),
     )
+
+
+def ring_events(seed: int, count: int) -> list[HypervisorEvent]:
+    """``count`` ring events of :func:`random_events` (seeded)."""
+    events = random_events(random.Random(seed), count * 4)
+    return [e for e in events if e.event_type in RING_EVENTS][:count]
+
+
+async def feed(log: StreamLog, store: StateStore, events: list[HypervisorEvent]) -> None:
+    """Append, deliver (group ``g``, consumer ``c``), stage and acknowledge ``events`` as a
+    worker does."""
+    await log.append_many([encode_event(e) for e in events])
+    batch = await log.read_group("g", "c", len(events))
+    await store.stage([(e.id, e.data) for e in batch if e.data is not None])
+    await log.ack("g", [e.id for e in batch])
+
+
+async def apply_all(applier: Applier) -> None:
+    """Run apply rounds until one applies nothing."""
+    while await applier.round():
+        pass
