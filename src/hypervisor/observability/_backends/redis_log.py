@@ -47,6 +47,15 @@ from hypervisor.observability._backends.redis_client import (
     translate_errors,
     url_user,
 )
+from hypervisor.observability._backends.redis_replies import (
+    EMPTY_INFO as _EMPTY_INFO,
+    entries as _entries,
+    int_or_none as _int_or_none,
+    pairs as _pairs,
+    stream_entries as _stream_entries,
+    stream_info as _stream_info,
+    text as _text,
+)
 from hypervisor.observability._backends.redis_trim import TRIM_SCRIPT, TrimSchedule, trim_args
 from hypervisor.observability._util.aio import AsyncResource
 from hypervisor.observability._util.cli import redis_location
@@ -71,74 +80,6 @@ async def _read(client: aioredis.Redis, *args: Any) -> Any:
 _PAGE: Final = 500
 """Entries per ``XRANGE``/``XREVRANGE`` page when ``id_from_end``/``count_after`` walk ids (the
 replies carry the entries' bytes too: a page bounds that transfer)."""
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _entries(raw: Any, field: bytes) -> list[Entry]:
-    """Turn ``[[id, [field, value, ...]] | [id, nil], ...]`` into entries.
-
-    An entry without the expected field (written by something else) gets an empty body so the
-    consumer counts it as undecodable; a nil body means the entry was deleted.
-    """
-    entries: list[Entry] = []
-    for item in raw or ():
-        if item is None:
-            continue
-        entry_id = _text(item[0])
-        fields = item[1] if len(item) > 1 else None
-        if fields is None:
-            entries.append(Entry(entry_id, None))
-            continue
-        data = b""
-        for i in range(0, len(fields) - 1, 2):
-            if fields[i] == field:
-                data = fields[i + 1]
-                break
-        entries.append(Entry(entry_id, data))
-    return entries
-
-
-def _stream_entries(raw: Any, field: bytes) -> list[Entry]:
-    # XREAD / XREADGROUP: [[stream, entries]] (RESP2), or nil when nothing arrived.
-    if not raw:
-        return []
-    if isinstance(raw, dict):
-        return _entries(next(iter(raw.values())), field)
-    return _entries(raw[0][1], field)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _stream_info(raw: Any) -> StreamInfo:
-    """``XINFO STREAM``'s reply as counters (Redis 6.2 lacks the 7.0 ones: ``None``)."""
-    fields = _pairs(raw)
-    first = fields.get("recorded-first-entry-id")
-    if first is None:  # before 7.0: the first entry itself
-        entry = fields.get("first-entry")
-        first = entry[0] if entry else None
-    length = int(fields["length"])
-    deleted = fields.get("max-deleted-entry-id")
-    return StreamInfo(
-        length=length,
-        head_id=_text(fields["last-generated-id"]),
-        first_id=_text(first) if first is not None and length else None,
-        entries_added=_int_or_none(fields.get("entries-added")),
-        max_deleted_id=None if deleted is None else _text(deleted),
-    )
-
-
-_EMPTY_INFO = StreamInfo(0, "0-0", None, 0, "0-0")
-
-
-def _pairs(raw: Any) -> dict[str, Any]:
-    if isinstance(raw, dict):
-        return {_text(k): v for k, v in raw.items()}
-    return {_text(raw[i]): raw[i + 1] for i in range(0, len(raw) - 1, 2)}
 
 
 class RedisStreamLog(AsyncResource):
