@@ -69,13 +69,7 @@ class BusEmitting:
             BusPermissionError: the backend refused the append to this user (at once).
             BusClosedError: the bus is closed or not started.
         """
-        data = encode_event(event, exact=True)
-        if self._trace_context:
-            context = current_trace_context()
-            if context is not None:
-                data = attach_context(data, context)
-        if len(data) > self._max_event_bytes:
-            raise self._too_large(event, len(data))
+        data = self._encoded(event)
         self._check_running()
         if len(self._writer.buffer) >= self._buffer_size:
             if not block:
@@ -155,13 +149,7 @@ class BusEmitting:
             BusFullError: the buffer holds ``buffer_size`` events already.
             BusClosedError: the bus is closed or not started.
         """
-        data = encode_event(event, exact=True)
-        if self._trace_context:
-            context = current_trace_context()
-            if context is not None:
-                data = attach_context(data, context)
-        if len(data) > self._max_event_bytes:
-            raise self._too_large(event, len(data))
+        data = self._encoded(event)
         self._check_running()
         if len(self._writer.buffer) >= self._buffer_size:
             raise BusFullError(
@@ -169,6 +157,18 @@ class BusEmitting:
             )
         route = self._route
         self._writer.enqueue(data, None, 0 if route is None else route(event))
+
+    def _encoded(self, event: HypervisorEvent) -> bytes:
+        """``event``'s bytes on the wire, with the active trace context when the bus carries
+        it, checked against ``max_event_bytes`` (``emit_many`` inlines the same steps)."""
+        data = encode_event(event, exact=True)
+        if self._trace_context:
+            context = current_trace_context()
+            if context is not None:
+                data = attach_context(data, context)
+        if len(data) > self._max_event_bytes:
+            raise self._too_large(event, len(data))
+        return data
 
     def _too_large(self, event: HypervisorEvent, size: int) -> EventTooLargeError:
         limit = self._max_event_bytes
