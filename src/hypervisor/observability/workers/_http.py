@@ -327,9 +327,28 @@ class HttpServerBase:
         self.view_refresh_s = view_refresh_s
         self._last_failure = ""
         self.views: dict[str, SnapshotView] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        """The worker's own families (subclasses register their collectors)."""
 
     async def _respond(self, path: bytes, accept: str = "") -> tuple[str, str, bytes]:
         raise NotImplementedError
+
+    def _metrics_response(
+        self,
+        ring: bytes | None,
+        why: str,
+        encode: Callable[[CollectorRegistry], bytes],
+        content_type: str,
+    ) -> tuple[str, str, bytes]:
+        """``/metrics``: the worker's own families (:attr:`registry`) and the ring metrics
+        ``ring`` in the scrape's format; 503 with one line (``why``, else "not loaded yet")
+        when there is no good ring view to serve, since zeros would read as a counter reset."""
+        if ring is None:
+            line = f"ring metrics unavailable: {why or 'not loaded yet'}".replace("\n", " ")
+            return "503 Service Unavailable", "text/plain; charset=utf-8", line.encode() + b"\n"
+        if not content_type.startswith("application/openmetrics-text"):
+            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry) + ring
+        return "200 OK", content_type, encode(self.registry).removesuffix(_EOF) + ring + _EOF
 
     def _prepare_views(self) -> None:
         """Bring :attr:`views` up to date with the worker before a background refresh."""
@@ -419,7 +438,6 @@ class WorkerHttpServer(HttpServerBase):
     ) -> None:
         super().__init__(host=host, port=port, view_refresh_s=view_refresh_s)
         self.worker = worker
-        self.registry = CollectorRegistry(auto_describe=False)
         self.views = {
             applier.derivation.name: SnapshotView(applier.derivation, applier)
             for applier in worker.appliers
@@ -473,15 +491,9 @@ class WorkerHttpServer(HttpServerBase):
             encode, content_type = choose_encoder(accept)
             openmetrics = content_type.startswith("application/openmetrics-text")
             ring = self._ring_body(_OPENMETRICS if openmetrics else _TEXT, encode)
-            if ring is None:
-                # No good view to serve: zeros would read as a counter reset.
-                view = self._ring_view
-                why = (view.stale_error if view is not None else "") or "not loaded yet"
-                line = f"ring metrics unavailable: {why}".replace("\n", " ")
-                return "503 Service Unavailable", "text/plain; charset=utf-8", line.encode() + b"\n"
-            if not openmetrics:
-                return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry) + ring
-            return "200 OK", content_type, encode(self.registry).removesuffix(_EOF) + ring + _EOF
+            view = self._ring_view
+            why = view.stale_error if view is not None and ring is None else ""
+            return self._metrics_response(ring, why, encode, content_type)
         if path in (b"/healthz", b"/health"):
             document = await health_document(self.worker, self.views)
             healthy = (

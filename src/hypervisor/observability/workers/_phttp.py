@@ -25,7 +25,7 @@ from contextlib import suppress
 from typing import Any
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -36,7 +36,6 @@ from hypervisor.observability._core.ring_union import union_ring_states
 from hypervisor.observability.errors import WorkerStateError
 from hypervisor.observability.workers._derivations import RING_METRICS, RingMetricsDerivation
 from hypervisor.observability.workers._http import (
-    _EOF,
     _OPENMETRICS,
     _TEXT,
     HttpServerBase,
@@ -222,7 +221,6 @@ class PartitionedHttpServer(HttpServerBase):
         self._sync_views()
         self._has_ring = any(view is not None for view in self._ring_views)
         self._bounds = bounds if bounds is not None else RingBounds()
-        self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_PartitionCollector(worker, self._ring_views))
         self._ring = RingExposition(session_label)
 
@@ -312,14 +310,9 @@ class PartitionedHttpServer(HttpServerBase):
                 if self._has_ring
                 else b""
             )
-            if ring is None:
-                stale = [v.stale_error for v in self._ring_views if v is not None and v.stale]
-                why = (stale[0] if stale else "") or "not loaded yet"
-                line = f"ring metrics unavailable: {why}".replace("\n", " ")
-                return "503 Service Unavailable", "text/plain; charset=utf-8", line.encode() + b"\n"
-            if not openmetrics:
-                return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry) + ring
-            return "200 OK", content_type, encode(self.registry).removesuffix(_EOF) + ring + _EOF
+            stale = [v.stale_error for v in self._ring_views if v is not None and v.stale]
+            why = stale[0] if stale and ring is None else ""
+            return self._metrics_response(ring, why, encode, content_type)
         if path in (b"/healthz", b"/health"):
             self._prepare_views()
             document = await partitioned_health(self.worker, self._ring_views)
