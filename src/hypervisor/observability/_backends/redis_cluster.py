@@ -56,6 +56,7 @@ __all__ = [
     "ensure_layout",
     "execute_pipeline",
     "make_cluster_client",
+    "node_command",
     "node_url",
     "parse_cluster_slots",
     "read_layout",
@@ -160,6 +161,34 @@ def _cluster_enabled(reply: Any) -> bool:
     return False
 
 
+async def node_command(
+    url: str, *args: Any, what: str, command: str, timeout_s: float, **options: Any
+) -> Any:
+    """Run one command on the node ``url`` names, through a client of one connection made
+    and closed here (raw replies; ``timeout_s`` to connect and for the reply); its errors
+    translated (``translate_cluster_errors``, naming ``what`` and the ACL ``command``).
+
+    Raises:
+        LogUnavailableError: the node cannot be reached (retryable).
+        LogPermissionError: the URL's user may not run ``command``.
+    """
+    client = make_client(
+        url,
+        socket_timeout_s=timeout_s,
+        connect_timeout_s=timeout_s,
+        max_connections=1,
+        raw_replies=True,
+        **options,
+    )
+    try:
+        with translate_cluster_errors(
+            what, user=str(options.get("username") or url_user(url)), command=command
+        ):
+            return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+    finally:
+        await client.aclose()
+
+
 async def detect_cluster(url: str, *, connect_timeout_s: float = 5.0, **options: Any) -> bool:
     """Whether the node ``url`` names runs in cluster mode (``INFO cluster``).
 
@@ -173,19 +202,15 @@ async def detect_cluster(url: str, *, connect_timeout_s: float = 5.0, **options:
         LogPermissionError: the URL's user may not run ``INFO``.
         LogError: a cluster node named with a database other than 0 (a cluster has only 0).
     """
-    client = make_client(
+    reply = await node_command(
         _with_database_0(url),
-        socket_timeout_s=connect_timeout_s,
-        connect_timeout_s=connect_timeout_s,
-        max_connections=1,
-        raw_replies=True,
+        "INFO",
+        "cluster",
+        what="cluster detection",
+        command="info",
+        timeout_s=connect_timeout_s,
         **options,
     )
-    try:
-        with translate_errors("cluster detection", user=url_user(url), command="info"):
-            reply = await client.execute_command("INFO", "cluster")  # type: ignore[no-untyped-call]
-    finally:
-        await client.aclose()
     enabled = _cluster_enabled(reply)
     if enabled and _database(url) != 0:
         raise LogError("cluster detection: a Redis Cluster has only database 0; use /0 in the URL")

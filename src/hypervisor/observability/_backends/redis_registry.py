@@ -19,6 +19,7 @@ from redis import asyncio as aioredis
 from hypervisor.observability._backends.redis_client import make_client, translate_errors, url_user
 from hypervisor.observability._backends.redis_cluster import (
     ensure_layout,
+    node_command,
     node_url,
     parse_cluster_slots,
 )
@@ -139,19 +140,15 @@ class SlotRouter:
         self._known: list[tuple[str, int]] = []
 
     async def _slots(self, url: str) -> list[tuple[int, int, str, int]]:
-        client = make_client(
+        reply = await node_command(
             url,
-            socket_timeout_s=2.0,
-            connect_timeout_s=2.0,
-            max_connections=1,
-            raw_replies=True,
+            "CLUSTER",
+            "SLOTS",
+            what="cluster slots",
+            command="cluster|slots",
+            timeout_s=2.0,
             **self._options,
         )
-        try:
-            with translate_errors("cluster slots", user=url_user(url), command="cluster|slots"):
-                reply = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-        finally:
-            await client.aclose()
         ranges, _ = parse_cluster_slots(reply, urlsplit(url).hostname or "127.0.0.1")
         return ranges
 

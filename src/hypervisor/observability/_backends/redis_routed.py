@@ -37,12 +37,11 @@ from hypervisor.observability._backends.log import (
     StreamInfo,
     TrimPolicy,
 )
-from hypervisor.observability._backends.redis_client import make_client, url_user
 from hypervisor.observability._backends.redis_cluster import (
     detect_cluster,
+    node_command,
     node_url,
     parse_cluster_slots,
-    translate_cluster_errors,
 )
 from hypervisor.observability._backends.redis_log import RedisStreamLog
 from hypervisor.observability._util.aio import AsyncResource
@@ -74,7 +73,6 @@ class SlotMap:
         self.cluster: bool | None = None
         self._timeout_s = connect_timeout_s
         self._options = options
-        self._user = str(options.get("username") or url_user(url))
         # Sorted (first, last, host, port) ranges of the masters; None until read.
         self._ranges: list[tuple[int, int, str, int]] | None = None
         self._known: list[tuple[str, int]] = []
@@ -143,21 +141,15 @@ class SlotMap:
             )
 
     async def _slots_of(self, host: str, port: int) -> Any:
-        client = make_client(
+        return await node_command(
             node_url(self.url, host, port),
-            socket_timeout_s=self._timeout_s,
-            connect_timeout_s=self._timeout_s,
-            max_connections=1,
-            raw_replies=True,
+            "CLUSTER",
+            "SLOTS",
+            what="cluster slot map",
+            command="cluster|slots",
+            timeout_s=self._timeout_s,
             **self._options,
         )
-        try:
-            with translate_cluster_errors(
-                "cluster slot map", user=self._user, command="cluster|slots"
-            ):
-                return await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-        finally:
-            await client.aclose()
 
 
 # What says "the slot is elsewhere now, or the cluster is changing": retry after re-reading.
